@@ -1,0 +1,335 @@
+"""The agent loop: config -> interface -> backend -> lease -> subnet.env -> watch, renew, resync.
+
+One asyncio loop. The control plane (LeaseManager) hands peers to a DataPlane, which serialises every
+backend call in one worker thread, so that netlink and bpf(2) never run concurrently and never block the
+lease renewal. A backend error on one peer is logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from loguru import logger
+
+from flannel_ebpf import state as state_file
+from flannel_ebpf import subnet_file
+from flannel_ebpf.backends import make_backend
+from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, LocalNetwork
+from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
+from flannel_ebpf.iface import InterfaceError, choose_interface
+from flannel_ebpf.subnet.allocation import OutOfSubnets
+from flannel_ebpf.subnet.lease import Lease
+from flannel_ebpf.subnet.manager import Backoff, LeaseManager, LeaseOptions, PeerSink
+from flannel_ebpf.subnet.registry import ETCD_UNAVAILABLE, EtcdTLS, SubnetRegistry
+
+CONFIG_POLL_SECONDS = 1.0
+HEARTBEAT_SECONDS = 5.0
+
+
+@dataclass
+class AgentOptions:
+    etcd_endpoints: list[str]
+    etcd_prefix: str = "/coreos.com/network"
+    etcd_tls: EtcdTLS = field(default_factory=EtcdTLS)
+    etcd_username: str = ""
+    etcd_password: str = ""
+    ifaces: list[str] = field(default_factory=list)
+    iface_regexes: list[str] = field(default_factory=list)
+    public_ip: str = ""
+    subnet_file: str = "/run/flannel/subnet.env"
+    state_dir: str = "/run/flannel-ebpf"
+    ip_masq: bool = False
+    iptables_forward_rules: bool = True
+    iptables_resync: float = 5.0
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0
+    resync_interval: float = 10.0  # full reconcile of the data path (flanneld re-checks host-gw every 10 s)
+    lease: LeaseOptions = field(default_factory=LeaseOptions)
+    backend: BackendOptions = field(default_factory=BackendOptions)
+
+    def registry(self) -> SubnetRegistry:
+        return SubnetRegistry(
+            self.etcd_endpoints,
+            self.etcd_prefix,
+            tls=self.etcd_tls if self.etcd_tls.enabled else None,
+            username=self.etcd_username,
+            password=self.etcd_password,
+        )
+
+
+class FatalError(RuntimeError):
+    """Stops the agent with a non-zero exit; the message is the one line the operator sees."""
+
+
+class DataPlane(PeerSink):
+    """Drives the backend from the control plane's events, one call at a time, off the event loop."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._lock = asyncio.Lock()
+        self.synced = asyncio.Event()
+        self.errors = 0
+
+    async def call(self, what: str, fn: Any, *args: Any) -> None:
+        async with self._lock:
+            try:
+                await asyncio.to_thread(fn, *args)
+            except Exception as e:  # one bad peer must never stop the agent
+                self.errors += 1
+                logger.opt(exception=not isinstance(e, BackendError)).error("{} failed: {}", what, e)
+
+    async def sync_peers(self, peers: list[Lease]) -> None:
+        await self.call("syncing the data path", self.backend.sync, peers)
+        self.synced.set()
+
+    async def add_peer(self, lease: Lease) -> None:
+        await self.call(f"adding peer {lease.subnet}", self.backend.add_peer, lease)
+
+    async def remove_peer(self, lease: Lease) -> None:
+        await self.call(f"removing peer {lease.subnet}", self.backend.remove_peer, lease)
+
+
+class Agent:
+    def __init__(self, options: AgentOptions) -> None:
+        self.options = options
+        self.state = state_file.AgentState(
+            pid=os.getpid(),
+            etcd_endpoints=options.etcd_endpoints,
+            etcd_prefix=options.etcd_prefix,
+            subnet_file=options.subnet_file,
+            ip_masq=options.ip_masq,
+            backend_options=asdict(options.backend),
+        )
+        self.backend: Backend | None = None
+        self.manager: LeaseManager | None = None
+        self.dataplane: DataPlane | None = None
+        self.local: LocalNetwork | None = None
+        self._stopping = asyncio.Event()
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        st = self.state
+        if self.manager is not None:
+            m = self.manager
+            if m.lease is not None:
+                st.lease = {
+                    "subnet": str(m.lease.subnet),
+                    "expiration": m.lease.expiration,
+                    "lease_id": m.lease.lease_id,
+                    "mod_revision": m.lease.mod_revision,
+                }
+            st.last_revision = m.last_revision
+            st.relists = m.relists
+            st.peers = [
+                {"subnet": str(p.subnet), "public_ip": str(p.public_ip), "backend_type": p.attrs.backend_type}
+                for p in sorted(m.peers.values(), key=lambda p: p.subnet)
+            ]
+            if st.phase in ("ready", "conflict"):
+                st.phase, st.reason = ("conflict", m.problem) if m.problem else ("ready", "")
+        if self.backend is not None:
+            try:
+                st.backend_status = self.backend.status()
+            except Exception as e:
+                st.backend_status = {"error": str(e)}
+        try:
+            state_file.save(self.options.state_dir, st)
+        except OSError as e:
+            logger.warning("cannot write state file in {}: {}", self.options.state_dir, e)
+
+    def set_phase(self, phase: str, reason: str = "") -> None:
+        self.state.phase, self.state.reason = phase, reason
+        self.save_state()
+
+    # --- start-up ------------------------------------------------------------------------------------
+
+    async def wait_for_config(self, registry: SubnetRegistry) -> NetworkConfig:
+        backoff = Backoff("reading the network config", self.options.lease.retry_interval)
+        said_waiting = False
+        while True:
+            try:
+                raw = await registry.get_config()
+                backoff.succeeded()
+            except ETCD_UNAVAILABLE as e:
+                self.set_phase("waiting-config", f"etcd unavailable at {registry.endpoint}")
+                await registry.reconnect()
+                await backoff.failed(e)
+                continue
+            if raw is not None:
+                try:
+                    return parse_config(raw)
+                except ConfigError as e:
+                    raise FatalError(f"invalid network config at {registry.config_key}: {e}") from None
+            if not said_waiting:
+                logger.info("waiting for the network config at {} (write it with etcdctl put)", registry.config_key)
+                said_waiting = True
+                self.set_phase("waiting-config", f"no network config at {registry.config_key}")
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            return await self._run()
+        except FatalError as e:
+            logger.error("{}", e)
+            self.set_phase("failed", str(e))
+            return 1
+
+    async def _run(self) -> int:
+        opts = self.options
+        config_registry = opts.registry()
+        try:
+            config = await self._until_stopped(self.wait_for_config(config_registry))
+        finally:
+            await config_registry.close()
+        if config is None:
+            return 0
+        logger.info(
+            "network {} subnets /{} from {} to {}, backend {}",
+            config.network, config.subnet_len, config.subnet_min, config.subnet_max, config.backend_type,
+        )  # fmt: skip
+        try:
+            ext = choose_interface(opts.ifaces, opts.iface_regexes, opts.public_ip)
+            self.backend = make_backend(config.backend_type, config.backend, opts.backend)
+            attrs = await asyncio.to_thread(self.backend.prepare, ext)
+        except (InterfaceError, BackendError) as e:
+            raise FatalError(str(e)) from None
+        logger.info("using interface {} ({}), public IP {}", ext.name, ext.address, ext.public_ip)
+        self.state.iface = state_file.ext_to_dict(ext)
+        self.state.backend_type = config.backend_type
+        self.state.backend_config = config.backend
+        self.set_phase("acquiring", "acquiring a subnet lease")
+
+        self.manager = LeaseManager(
+            config, attrs, opts.registry(), opts.registry(), opts.lease, on_change=self.save_state
+        )
+        try:
+            previous = subnet_file.previous_subnet(opts.subnet_file)
+            try:
+                lease = await self._until_stopped(self.manager.acquire(previous))
+            except OutOfSubnets as e:
+                raise FatalError(str(e)) from None
+            if lease is None:
+                return 0
+            return await self._serve(config, ext, lease)
+        finally:
+            await self.manager.leases.close()
+            await self.manager.watcher.close()
+
+    async def _serve(self, config: NetworkConfig, ext: Any, lease: Lease) -> int:
+        assert self.backend is not None and self.manager is not None
+        opts = self.options
+        mtu = ext.mtu - self.backend.overhead()
+        self.local = LocalNetwork(config.network, lease.subnet, ext, mtu)
+        self.state.network, self.state.subnet, self.state.mtu = str(config.network), str(lease.subnet), mtu
+        try:
+            await asyncio.to_thread(self.backend.start, self.local)
+        except BackendError as e:
+            raise FatalError(f"backend {config.backend_type}: {e}") from None
+        masq = None
+        if opts.ip_masq or opts.iptables_forward_rules:
+            from flannel_ebpf.ipmasq import IpMasq
+
+            masq = IpMasq(config.network, lease.subnet, masquerade=opts.ip_masq, forward=opts.iptables_forward_rules)
+            await asyncio.to_thread(masq.ensure)
+        subnet_file.write(opts.subnet_file, config.network, lease.subnet, mtu, opts.ip_masq)
+        logger.info("wrote {}: subnet {} mtu {}", opts.subnet_file, lease.subnet, mtu)
+
+        self.dataplane = DataPlane(self.backend)
+        tasks = [
+            asyncio.ensure_future(self.manager.run_watch(self.dataplane)),
+            asyncio.ensure_future(self.manager.run_maintenance()),
+            asyncio.ensure_future(self._resync_loop()),
+            asyncio.ensure_future(self._heartbeat()),
+        ]
+        if masq is not None:
+            tasks.append(asyncio.ensure_future(self._every(opts.iptables_resync, masq.ensure)))
+        if opts.healthz_port:
+            tasks.append(asyncio.ensure_future(self._healthz()))
+        try:
+            await self._until_stopped(self.dataplane.synced.wait())
+            if not self._stopping.is_set():
+                self.state.phase = "ready"
+                self.save_state()
+                logger.info("ready: subnet {} on {}, {} peer(s)", lease.subnet, ext.name, len(self.manager.peers))
+            await self._until_stopped(asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            # Leave the data path (and the lease) in place: traffic keeps flowing until `down`.
+            await asyncio.to_thread(self.backend.stop)
+            self.set_phase("stopped", "agent stopped")
+            logger.info("stopped; the data path stays up (flannel-ebpf down removes it)")
+        return 0
+
+    async def _until_stopped(self, awaitable: Any) -> Any:
+        """Await something unless SIGTERM/SIGINT arrives first (then None)."""
+        task = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            stop.cancel()
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return None
+
+    async def _resync_loop(self) -> None:
+        assert self.manager is not None and self.dataplane is not None
+        while True:
+            await asyncio.sleep(self.options.resync_interval)
+            if self.dataplane.synced.is_set():
+                await self.dataplane.sync_peers(list(self.manager.peers.values()))
+
+    async def _every(self, seconds: float, fn: Any) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await asyncio.to_thread(fn)
+            except Exception as e:
+                logger.error("periodic {} failed: {}", getattr(fn, "__qualname__", fn), e)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            self.save_state()
+
+    async def _healthz(self) -> None:
+        """flanneld's /healthz: 200 while ready, 503 otherwise."""
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reader.readline(), 5)
+                ok = self.state.phase == "ready"
+                body = b"flanneld is running\n" if ok else f"not-ready {self.state.reason}\n".encode()
+                status = b"200 OK" if ok else b"503 Service Unavailable"
+                writer.write(
+                    b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\nContent-Length: "
+                    + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+                )  # fmt: skip
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, self.options.healthz_ip, self.options.healthz_port)
+        async with server:
+            await server.serve_forever()
+
+
+def run_agent(options: AgentOptions) -> int:
+    os.makedirs(options.state_dir, exist_ok=True)
+    started = time.monotonic()
+    code = asyncio.run(Agent(options).run())
+    logger.debug("agent ran {:.1f}s", time.monotonic() - started)
+    return code

@@ -1,0 +1,351 @@
+"""`flannel-ebpf`: up / down / status / health. Flags and FLANNELD_* variables, all in one place.
+
+As with flanneld, every flag can be set in the environment: `--etcd-endpoints` is FLANNELD_ETCD_ENDPOINTS.
+A flag on the command line wins over the environment. With no sub-command, `flannel-ebpf --flags...` runs
+`up`, so that it starts like flanneld.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+
+from flannel_ebpf import state as state_file
+from flannel_ebpf.backends.base import BackendOptions
+from flannel_ebpf.subnet.manager import LeaseOptions
+from flannel_ebpf.subnet.registry import DEFAULT_PREFIX, EtcdTLS
+
+COMMANDS = ("up", "down", "status", "health")
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # without dashes; FLANNELD_<NAME> in the environment
+    default: Any
+    help: str
+    kind: str = "str"  # str | int | float | bool | list | choice
+    choices: tuple[str, ...] = ()
+
+    @property
+    def env(self) -> str:
+        return "FLANNELD_" + self.name.upper().replace("-", "_")
+
+
+# flanneld's flags (the ones that make sense without Kubernetes), then flannel-ebpf's own.
+FLAGS = (
+    Flag("etcd-endpoints", "http://127.0.0.1:4001,http://127.0.0.1:2379", "comma-separated etcd endpoints"),
+    Flag("etcd-prefix", DEFAULT_PREFIX, "etcd prefix"),
+    Flag("etcd-keyfile", "", "TLS key file for etcd"),
+    Flag("etcd-certfile", "", "TLS certificate file for etcd"),
+    Flag("etcd-cafile", "", "TLS CA file for etcd"),
+    Flag("etcd-username", "", "etcd user name"),
+    Flag("etcd-password", "", "etcd password"),
+    Flag("iface", [], "interface (name or IPv4) for inter-host traffic; repeatable, first match wins", "list"),
+    Flag("iface-regex", [], "regex matched against interface names and IPs; repeatable", "list"),
+    Flag("public-ip", "", "IP the other hosts reach this one at (default: the interface's address)"),
+    Flag("subnet-file", "/run/flannel/subnet.env", "where FLANNEL_NETWORK/SUBNET/MTU/IPMASQ are written"),
+    Flag("subnet-lease-renew-margin", 60, "renew the lease this many minutes before it expires (1-1439)", "int"),
+    Flag("ip-masq", False, "masquerade traffic leaving the overlay (iptables FLANNEL-POSTRTG)", "bool"),
+    Flag("iptables-resync", 5, "re-check the iptables rules every N seconds", "int"),
+    Flag("iptables-forward-rules", True, "accept overlay traffic in the FORWARD chain (FLANNEL-FWD)", "bool"),
+    Flag("healthz-ip", "0.0.0.0", "address of the /healthz HTTP endpoint"),
+    Flag("healthz-port", 0, "port of the /healthz HTTP endpoint (0: off)", "int"),
+    # flannel-ebpf's own
+    Flag("state-dir", "/run/flannel-ebpf", "directory of the agent's state file (read by status/health/down)"),
+    Flag("bpf-pin-dir", "/sys/fs/bpf/flannel-ebpf", "where the eBPF udp path pins its maps"),
+    Flag("udp-datapath", "ebpf", "udp backend implementation", "choice", ("ebpf", "tun")),
+    Flag("udp-decap", "xdp", "where the eBPF udp path decapsulates", "choice", ("xdp", "tc")),
+    Flag("xdp-mode", "auto", "XDP attach mode for --udp-decap xdp", "choice", ("auto", "native", "generic")),
+    Flag("loader", "bcc", "how eBPF programs get into the kernel", "choice", ("bcc", "elf")),
+    Flag("subnet-lease-ttl", 24 * 3600, "lease TTL in seconds (flannel: 24 h; short values for labs)", "int"),
+    Flag("lease-check-interval", 10.0, "seconds between checks that our lease is still ours", "float"),
+    Flag("resync-interval", 10.0, "seconds between full reconciles of the data path", "float"),
+    Flag(
+        "allow-subnet-change", False, "take a new subnet if ours is held by another host (breaks containers)", "bool"
+    ),  # fmt: skip
+)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _env_value(flag: Flag, raw: str) -> Any:
+    """Convert a FLANNELD_* value; a bad one is a clear error, not a traceback."""
+    if flag.kind == "bool":
+        if raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+    elif flag.kind == "int":
+        if raw.strip().lstrip("-").isdigit():
+            return int(raw)
+    elif flag.kind == "float":
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+    elif flag.kind == "list":
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    elif flag.kind == "choice":
+        if raw in flag.choices:
+            return raw
+    else:
+        return raw
+    raise SystemExit(f"flannel-ebpf: invalid {flag.env}={raw!r} ({flag.kind} expected)")
+
+
+def _bool_arg(raw: str) -> bool:
+    if raw.lower() in _TRUE | _FALSE:
+        return raw.lower() in _TRUE
+    raise argparse.ArgumentTypeError(f"not a boolean: {raw!r}")
+
+
+def _add_flags(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
+    for flag in FLAGS:
+        default = _env_value(flag, environ[flag.env]) if flag.env in environ else flag.default
+        opt = "--" + flag.name
+        help_text = f"{flag.help} [{flag.env}]"
+        if flag.kind == "bool":
+            # `--ip-masq` alone means true, as in flanneld; `--ip-masq=false` is accepted too.
+            parser.add_argument(opt, type=_bool_arg, nargs="?", const=True, default=default, help=help_text)
+        elif flag.kind == "list":
+            parser.add_argument(opt, action="append", default=None, help=help_text)
+            parser.set_defaults(**{flag.name.replace("-", "_") + "_env": default})
+        elif flag.kind == "choice":
+            parser.add_argument(opt, choices=flag.choices, default=default, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(flag.kind, str)
+            parser.add_argument(opt, type=kind, default=default, help=help_text)
+    parser.add_argument("-v", "--v", dest="verbose", type=int, nargs="?", const=1, default=0, help="log more")
+
+
+def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    environ = dict(os.environ if environ is None else environ)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_flags(common, environ)
+    parser = argparse.ArgumentParser(prog="flannel-ebpf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", parents=[common], help="run the agent (the default)")
+    down = sub.add_parser("down", parents=[common], help="remove everything `up` made on this host")
+    down.add_argument("--release-lease", action="store_true", help="also delete this host's lease in etcd")
+    status = sub.add_parser("status", parents=[common], help="lease, peers, data path and counters")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("health", parents=[common], help="`ready ...` or `not-ready <reason>` (exit 0/1)")
+    return parser
+
+
+def _list_flag(args: argparse.Namespace, name: str) -> list[str]:
+    given = getattr(args, name)
+    if given is None:
+        return list(getattr(args, name + "_env"))
+    return [item.strip() for value in given for item in value.split(",") if item.strip()]
+
+
+def agent_options(args: argparse.Namespace) -> Any:
+    from flannel_ebpf.agent import AgentOptions
+
+    if not 1 <= args.subnet_lease_renew_margin <= 1439:
+        raise SystemExit("flannel-ebpf: --subnet-lease-renew-margin must be between 1 and 1439 minutes")
+    if args.subnet_lease_ttl < 10:
+        raise SystemExit("flannel-ebpf: --subnet-lease-ttl must be at least 10 seconds")
+    return AgentOptions(
+        etcd_endpoints=[e.strip() for e in args.etcd_endpoints.split(",") if e.strip()],
+        etcd_prefix=args.etcd_prefix,
+        etcd_tls=EtcdTLS(cafile=args.etcd_cafile, certfile=args.etcd_certfile, keyfile=args.etcd_keyfile),
+        etcd_username=args.etcd_username,
+        etcd_password=args.etcd_password,
+        ifaces=_list_flag(args, "iface"),
+        iface_regexes=_list_flag(args, "iface_regex"),
+        public_ip=args.public_ip,
+        subnet_file=args.subnet_file,
+        state_dir=args.state_dir,
+        ip_masq=args.ip_masq,
+        iptables_forward_rules=args.iptables_forward_rules,
+        iptables_resync=float(args.iptables_resync),
+        healthz_ip=args.healthz_ip,
+        healthz_port=args.healthz_port,
+        resync_interval=args.resync_interval,
+        lease=LeaseOptions(
+            ttl=args.subnet_lease_ttl,
+            renew_margin=args.subnet_lease_renew_margin * 60.0,
+            check_interval=args.lease_check_interval,
+            allow_subnet_change=args.allow_subnet_change,
+        ),
+        backend=BackendOptions(
+            state_dir=args.state_dir,
+            bpf_pin_dir=args.bpf_pin_dir,
+            udp_datapath=args.udp_datapath,
+            udp_decap=args.udp_decap,
+            xdp_mode=args.xdp_mode,
+            loader=args.loader,
+        ),
+    )
+
+
+def setup_logging(verbose: int) -> None:
+    logger.remove()
+    logger.add(
+        sys.stderr,
+        level="DEBUG" if verbose else "INFO",
+        format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}",
+        backtrace=False,
+        diagnose=False,
+    )
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from flannel_ebpf.agent import run_agent
+
+    return run_agent(agent_options(args))
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    st = state_file.load(args.state_dir)
+    if st is None:
+        print(f"not-ready no agent state in {args.state_dir} (is flannel-ebpf up running?)")
+        return 1
+    if not state_file.pid_alive(st.pid):
+        print(f"not-ready agent (pid {st.pid}) is not running; last phase {st.phase}")
+        return 1
+    if st.phase != "ready":
+        print(f"not-ready {st.phase}: {st.reason}")
+        return 1
+    print(f"ready {st.iface.get('name', '?')} subnet:{st.subnet} mtu:{st.mtu}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = state_file.load(args.state_dir)
+    if st is None:
+        print(f"no agent state in {args.state_dir}: flannel-ebpf is not running here", file=sys.stderr)
+        return 1
+    running = state_file.pid_alive(st.pid)
+    live: dict[str, Any] = {}
+    if st.backend_type:
+        live = _live_backend_status(st)
+    if args.json:
+        doc = {"running": running, **st.__dict__, "live": live}
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    expires = st.lease.get("expiration")
+    left = f"{(expires - time.time()) / 3600:.1f} h left" if expires else "no expiry (reservation)"
+    print(f"agent      pid {st.pid} {'running' if running else 'NOT running'}, phase {st.phase} {st.reason}")
+    print(f"etcd       {','.join(st.etcd_endpoints)} prefix {st.etcd_prefix}")
+    print(f"network    {st.network}  backend {st.backend_type}  mtu {st.mtu}")
+    print(f"lease      {st.subnet or '-'}  {left if st.lease else ''}  (etcd lease {st.lease.get('lease_id', 0):x})")
+    print(
+        f"interface  {st.iface.get('name', '-')} {st.iface.get('address', '')} public {st.iface.get('public_ip', '')}"
+    )
+    print(f"watch      last revision {st.last_revision}, {st.relists} listing(s)")
+    print(f"peers      {len(st.peers)}")
+    for peer in st.peers:
+        print(f"  {peer['subnet']:<18} via {peer['public_ip']:<15} {peer['backend_type']}")
+    shown = live or st.backend_status
+    if shown:
+        print("data path" + ("" if live else " (as of the agent's last update)"))
+        print(json.dumps(shown, indent=2, default=str))
+    return 0
+
+
+def _live_backend_status(st: state_file.AgentState) -> dict[str, Any]:
+    """Ask the backend about the kernel now (counters keep moving while the agent is down)."""
+    from flannel_ebpf.backends import make_backend
+
+    try:
+        backend = make_backend(st.backend_type, st.backend_config, st.options())
+        live_status = getattr(backend, "live_status", None)
+        return live_status(st.local_network()) if live_status else {}
+    except Exception as e:
+        return {"error": f"cannot read the data path: {e}"}
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from flannel_ebpf.backends import make_backend
+
+    st = state_file.load(args.state_dir)
+    if st is not None and state_file.pid_alive(st.pid) and st.pid != os.getpid():
+        print(f"flannel-ebpf: the agent (pid {st.pid}) is still running; stop it first", file=sys.stderr)
+        return 1
+    opts = agent_options(args)
+    if st is None:
+        logger.info("no state in {}; removing what can be found by name", args.state_dir)
+        backend_types = ["udp", "vxlan", "host-gw"]
+        local = None
+        backend_options = opts.backend
+    else:
+        backend_types = [st.backend_type] if st.backend_type else []
+        local = st.local_network()
+        backend_options = st.options()
+    failures = 0
+    for backend_type in backend_types:
+        try:
+            make_backend(backend_type, st.backend_config if st else {}, backend_options).teardown(local)
+            logger.info("removed the {} data path", backend_type)
+        except Exception as e:
+            failures += 1
+            logger.error("removing the {} data path failed: {}", backend_type, e)
+    if local is not None:
+        from flannel_ebpf.ipmasq import IpMasq
+
+        try:
+            IpMasq(local.network, local.subnet).remove()
+        except Exception as e:
+            failures += 1
+            logger.error("removing iptables rules failed: {}", e)
+    if args.release_lease and st is not None and st.subnet:
+        failures += not asyncio.run(_release_lease(opts, st))
+    subnet_path = st.subnet_file if st else args.subnet_file
+    for path in (subnet_path, state_file.path(args.state_dir)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return 1 if failures else 0
+
+
+async def _release_lease(opts: Any, st: state_file.AgentState) -> bool:
+    from ipaddress import IPv4Network
+
+    registry = opts.registry()
+    try:
+        lease = await registry.get_lease(IPv4Network(st.subnet))
+        if lease is None:
+            logger.info("lease {} is already gone from etcd", st.subnet)
+            return True
+        if str(lease.public_ip) != st.iface.get("public_ip"):
+            logger.error("lease {} is held by {} now, not by this host; leaving it", st.subnet, lease.public_ip)
+            return False
+        ok = await registry.delete_lease(lease)
+        logger.info("released lease {}", st.subnet) if ok else logger.error("lease {} changed; kept", st.subnet)
+        return ok
+    except Exception as e:
+        logger.error("releasing lease {} failed: {}", st.subnet, e)
+        return False
+    finally:
+        await registry.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "up")  # `flannel-ebpf --flags` starts the agent, like flanneld
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    handler = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "health": cmd_health}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The network config at `<prefix>/config`: parse, apply flannel's defaults, validate. Pure code.
+
+The rules are flanneld v0.20.2's (subnet/config.go), plus checks flanneld lacks (SubnetMin > SubnetMax,
+unknown backend type at parse time, wrong JSON types). Every problem is one `ConfigError` whose message
+is a single line the operator can act on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "alloc")
+
+
+class ConfigError(ValueError):
+    """The network config is invalid; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    network: IPv4Network
+    subnet_len: int
+    subnet_min: IPv4Address
+    subnet_max: IPv4Address
+    backend_type: str
+    backend: dict[str, Any] = field(default_factory=dict)  # the whole `Backend` object, incl. `Type`
+
+    def contains_subnet(self, subnet: IPv4Network) -> bool:
+        """Whether a (leased) subnet fits this config: right length, inside [SubnetMin, SubnetMax]."""
+        return (
+            subnet.prefixlen == self.subnet_len
+            and subnet.subnet_of(self.network)
+            and self.subnet_min <= subnet.network_address <= self.subnet_max
+        )
+
+
+def _ipv4(value: Any, name: str) -> IPv4Address:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be an IPv4 address string, got {value!r}")
+    try:
+        return IPv4Address(value)
+    except ValueError:
+        raise ConfigError(f"{name} is not an IPv4 address: {value!r}") from None
+
+
+def parse_config(raw: bytes | str) -> NetworkConfig:
+    """Parse and validate the JSON at `<prefix>/config`."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"network config is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError("network config must be a JSON object")
+
+    if doc.get("EnableIPv6"):
+        raise ConfigError("EnableIPv6 is not supported by flannel-ebpf (IPv4 overlays only)")
+    if doc.get("EnableIPv4") is False:
+        raise ConfigError("EnableIPv4 is false: flannel-ebpf only runs IPv4 overlays")
+
+    raw_network = doc.get("Network")
+    if not raw_network:
+        raise ConfigError("please define a correct Network parameter in the network config (e.g. 10.5.0.0/16)")
+    if not isinstance(raw_network, str):
+        raise ConfigError(f"Network must be a CIDR string, got {raw_network!r}")
+    try:
+        network = IPv4Network(raw_network, strict=False)
+    except ValueError:
+        raise ConfigError(f"Network is not an IPv4 CIDR: {raw_network!r}") from None
+
+    subnet_len = doc.get("SubnetLen", 0)
+    if isinstance(subnet_len, bool) or not isinstance(subnet_len, int) or subnet_len < 0:
+        raise ConfigError(f"SubnetLen must be a positive integer, got {subnet_len!r}")
+    if subnet_len:
+        if subnet_len > 30:
+            raise ConfigError(f"SubnetLen must be /30 or shorter, got /{subnet_len}")
+        # The first subnet is never leased, so the network must hold at least four subnets.
+        if subnet_len < network.prefixlen + 2:
+            raise ConfigError(
+                f"SubnetLen /{subnet_len} is too short for Network {network}: it must be at least "
+                f"/{network.prefixlen + 2} (the network must hold at least four subnets)"
+            )
+    elif network.prefixlen > 28:
+        raise ConfigError(f"Network {network} is too small: the smallest useful network is a /28")
+    elif network.prefixlen <= 22:
+        subnet_len = 24
+    else:
+        subnet_len = network.prefixlen + 2
+
+    subnet_size = 1 << (32 - subnet_len)
+    if "SubnetMin" in doc:
+        subnet_min = _ipv4(doc["SubnetMin"], "SubnetMin")
+        if subnet_min not in network:
+            raise ConfigError(f"SubnetMin {subnet_min} is not inside Network {network}")
+    else:
+        # Skip the first subnet: its network address would equal the overlay's own network address.
+        subnet_min = network.network_address + subnet_size
+    if "SubnetMax" in doc:
+        subnet_max = _ipv4(doc["SubnetMax"], "SubnetMax")
+        if subnet_max not in network:
+            raise ConfigError(f"SubnetMax {subnet_max} is not inside Network {network}")
+    else:
+        subnet_max = network.broadcast_address + 1 - subnet_size
+    for name, value in (("SubnetMin", subnet_min), ("SubnetMax", subnet_max)):
+        if int(value) % subnet_size:
+            raise ConfigError(f"{name} {value} is not on a /{subnet_len} boundary")
+    if subnet_min > subnet_max:
+        raise ConfigError(f"SubnetMin {subnet_min} is above SubnetMax {subnet_max}: no subnet can be leased")
+
+    backend = doc.get("Backend")
+    if backend is None:
+        backend = {}
+    if not isinstance(backend, dict):
+        raise ConfigError(f"Backend must be a JSON object, got {backend!r}")
+    backend_type = backend.get("Type") or "udp"
+    if backend_type not in KNOWN_BACKENDS:
+        raise ConfigError(f"unknown backend type {backend_type!r}; known: {', '.join(KNOWN_BACKENDS)}")
+    port = backend.get("Port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+        raise ConfigError(f"Backend.Port must be a UDP port number (1-65535), got {port!r}")
+
+    return NetworkConfig(
+        network=network,
+        subnet_len=subnet_len,
+        subnet_min=subnet_min,
+        subnet_max=subnet_max,
+        backend_type=backend_type,
+        backend=backend,
+    )

@@ -1,0 +1,337 @@
+"""This host's lease and its view of the other hosts' leases. Control plane only: no packets here.
+
+Three duties, each a loop the agent runs:
+- acquire(): get a lease as flanneld would (own PublicIP's lease, else the previous subnet, else a random
+  free one), but only ever through create-only or compare-revision transactions.
+- run_maintenance(): renew before expiry, and check every few seconds that our key is still ours: re-create
+  it (create-only) if it vanished (expiry during an outage, etcd data loss), report loudly and turn
+  not-ready if another host holds it; never overwrite it.
+- run_watch(): list + watch `<prefix>/subnets/`; every event of every response is handled; after an error
+  resume from the last revision handled; if that revision was compacted, or etcd's revision went
+  backwards (data loss), relist and hand the full set of peers to the data plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+from loguru import logger
+
+from flannel_ebpf.config import NetworkConfig
+from flannel_ebpf.subnet.allocation import pick_subnet
+from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent
+from flannel_ebpf.subnet.registry import ETCD_UNAVAILABLE, SubnetRegistry, WatchCompacted
+
+
+@dataclass(frozen=True)
+class LeaseOptions:
+    ttl: int = 24 * 3600  # flannel's subnet TTL
+    renew_margin: float = 3600.0  # renew when less than this is left (--subnet-lease-renew-margin)
+    check_interval: float = 10.0  # how often our own key and etcd's revision are verified
+    retry_interval: float = 1.0  # first back-off after an etcd error (doubles up to 10 s)
+    allow_subnet_change: bool = False  # take a new subnet when our previous one is held by another host
+
+    @property
+    def effective_margin(self) -> float:
+        # A margin longer than the TTL would renew in a tight loop; short test TTLs renew at half-life.
+        return min(self.renew_margin, self.ttl / 2)
+
+
+class PeerSink:
+    """Where the watch delivers peers: the agent's data-plane driver implements it."""
+
+    async def sync_peers(self, peers: list[Lease]) -> None:
+        raise NotImplementedError
+
+    async def add_peer(self, lease: Lease) -> None:
+        raise NotImplementedError
+
+    async def remove_peer(self, lease: Lease) -> None:
+        """`lease` is the peer's last known lease (a delete event carries no value)."""
+        raise NotImplementedError
+
+
+class Backoff:
+    """Exponential back-off that logs an outage once, and its end once."""
+
+    def __init__(self, what: str, first: float, limit: float = 10.0) -> None:
+        self.what, self.first, self.limit = what, first, limit
+        self.delay = first
+        self.failing_since: float | None = None
+
+    async def failed(self, error: BaseException) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            logger.warning("{}: etcd unavailable ({}); retrying", self.what, error or type(error).__name__)
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.limit)
+
+    def succeeded(self) -> None:
+        if self.failing_since is not None:
+            logger.info("{}: etcd reachable again after {:.1f}s", self.what, time.monotonic() - self.failing_since)
+        self.failing_since = None
+        self.delay = self.first
+
+
+class LeaseManager:
+    def __init__(
+        self,
+        config: NetworkConfig,
+        attrs: LeaseAttrs,
+        lease_registry: SubnetRegistry,
+        watch_registry: SubnetRegistry,
+        options: LeaseOptions | None = None,
+        on_change: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.config = config
+        self.attrs = attrs
+        self.leases = lease_registry  # acquire, renew, guard
+        self.watcher = watch_registry  # its own connection, so a reconnect does not disturb the other
+        self.options = options or LeaseOptions()
+        self.lease: Lease | None = None
+        self.problem: str | None = None  # set while the lease is in conflict: health turns not-ready
+        self.peers: dict[IPv4Network, Lease] = {}
+        self.last_revision = 0
+        self.cluster_id = 0
+        self.relists = 0
+        self._relist = asyncio.Event()
+        self._check_now = asyncio.Event()
+        self._on_change = on_change
+
+    async def _changed(self) -> None:
+        if self._on_change is not None:
+            result = self._on_change()
+            if asyncio.iscoroutine(result):
+                await result
+
+    def _set_problem(self, problem: str | None) -> None:
+        if problem and problem != self.problem:
+            logger.error("LEASE CONFLICT: {}", problem)
+        elif not problem and self.problem:
+            logger.info("lease conflict resolved: {}", self.lease.subnet if self.lease else "-")
+        self.problem = problem
+
+    # --- acquisition ---
+
+    async def acquire(self, previous: IPv4Network | None = None) -> Lease:
+        """Hold a lease, retrying through etcd outages and lost races. Raises OutOfSubnets."""
+        backoff = Backoff("acquiring a lease", self.options.retry_interval)
+        while True:
+            try:
+                lease = await self._try_acquire(previous)
+            except ETCD_UNAVAILABLE as e:
+                await self.leases.reconnect()
+                await backoff.failed(e)
+                continue
+            backoff.succeeded()
+            if lease is not None:
+                self.lease = lease
+                await self._changed()
+                return lease
+            await asyncio.sleep(random.uniform(0.05, 0.3))  # lost a race or blocked: try again
+
+    async def _try_acquire(self, previous: IPv4Network | None) -> Lease | None:
+        listing = await self.leases.list_leases()
+        for key, reason in listing.garbage:
+            logger.warning("ignoring invalid lease {}: {}", key, reason)
+        ttl = self.options.ttl
+        mine = [lease for lease in listing.leases if lease.public_ip == self.attrs.public_ip]
+        for lease in mine:
+            if not self.config.contains_subnet(lease.subnet):
+                logger.info(
+                    "lease {} for {} does not fit the network config; deleting it", lease.subnet, lease.public_ip
+                )
+                await self.leases.delete_lease(lease)
+                continue
+            if previous and lease.subnet != previous and any(m.subnet == previous for m in mine):
+                continue  # two leases with our IP: prefer the one our containers use
+            got = await self.leases.update_lease(lease, self.attrs, ttl)
+            if got:
+                logger.info("found lease {} for {}, reusing it", got.subnet, self.attrs.public_ip)
+                self._set_problem(None)
+            return got
+        taken = {lease.subnet: lease for lease in listing.leases}
+        if previous is not None:
+            holder = taken.get(previous)
+            if holder is None and self.config.contains_subnet(previous):
+                got = await self.leases.create_lease(previous, self.attrs, ttl)
+                if got:
+                    logger.info("re-created previous subnet {} from the subnet file", previous)
+                    self._set_problem(None)
+                return got
+            if holder is not None and not self.options.allow_subnet_change:
+                self._set_problem(
+                    f"subnet {previous} (from the subnet file, used by this host's containers) is held by "
+                    f"{holder.public_ip}; not taking another subnet under running containers. Remove the "
+                    f"subnet file or pass --allow-subnet-change to take a new one"
+                )
+                await self._changed()
+                await asyncio.sleep(self.options.check_interval)
+                return None
+            if holder is None:
+                logger.warning("previous subnet {} does not fit the network config; ignoring it", previous)
+        subnet = pick_subnet(self.config, taken)  # raises OutOfSubnets
+        got = await self.leases.create_lease(subnet, self.attrs, ttl)
+        if got:
+            logger.info("allocated lease {} to {}", subnet, self.attrs.public_ip)
+            self._set_problem(None)
+        return got
+
+    # --- renewal and guard ---
+
+    def _due(self) -> float:
+        """Seconds until the lease must be renewed (never negative)."""
+        if self.lease is None or self.lease.expiration is None:
+            return float("inf")
+        return max(0.0, self.lease.expiration - self.options.effective_margin - time.time())
+
+    async def run_maintenance(self) -> None:
+        backoff = Backoff("lease maintenance", self.options.retry_interval)
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._check_now.wait(), min(self.options.check_interval, self._due()))
+            self._check_now.clear()
+            try:
+                await self.check_once()
+                backoff.succeeded()
+            except ETCD_UNAVAILABLE as e:
+                await self.leases.reconnect()
+                await backoff.failed(e)
+
+    async def check_once(self) -> None:
+        """Verify our key and etcd's identity; renew if due. Never overwrites another host's key."""
+        assert self.lease is not None
+        revision, cluster_id = await self.leases.current_revision()
+        if self.cluster_id and (cluster_id != self.cluster_id or revision < self.last_revision):
+            logger.warning(
+                "etcd lost its data or was replaced (cluster {:x} rev {} -> cluster {:x} rev {}); relisting",
+                self.cluster_id, self.last_revision, cluster_id, revision,
+            )  # fmt: skip
+            self.request_relist()
+        self.cluster_id = cluster_id
+        current = await self.leases.get_lease(self.lease.subnet)
+        if current is None:
+            got = await self.leases.create_lease(self.lease.subnet, self.attrs, self.options.ttl)
+            if got:
+                logger.warning("lease {} had vanished from etcd (expired or lost); re-created it", got.subnet)
+                self.lease = got
+                self._set_problem(None)
+            else:
+                self._set_problem(f"lease {self.lease.subnet} vanished and was re-created by another host first")
+        elif current.public_ip != self.attrs.public_ip:
+            self._set_problem(
+                f"subnet {current.subnet} is now held by {current.public_ip}, not by us ({self.attrs.public_ip}); "
+                "keeping the data path as it is and not overwriting the other host's lease"
+            )
+        else:
+            due = current.expiration is not None and (current.expiration - time.time() < self.options.effective_margin)
+            if due or current.attrs != self.attrs:
+                got = await self.leases.update_lease(current, self.attrs, self.options.ttl)
+                if got is None:
+                    return  # changed under us: decide on the next check
+                logger.debug("renewed lease {} until {}", got.subnet, time.ctime(got.expiration or 0))
+                self.lease = got
+            else:
+                self.lease = current
+            self._set_problem(None)
+        await self._changed()
+
+    async def release(self) -> bool:
+        """Delete our lease from etcd (only if it is still ours)."""
+        if self.lease is None:
+            return False
+        return await self.leases.delete_lease(self.lease)
+
+    # --- watch ---
+
+    def request_relist(self) -> None:
+        self._relist.set()
+
+    def _is_own(self, lease: Lease) -> bool:
+        return self.lease is not None and lease.subnet == self.lease.subnet
+
+    async def run_watch(self, sink: PeerSink) -> None:
+        backoff = Backoff("watching subnets", self.options.retry_interval)
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    await self._relist_into(sink)
+                    need_list = False
+                    backoff.succeeded()
+                self._relist.clear()
+                watch_task = asyncio.ensure_future(self._follow(sink, backoff))
+                relist_task = asyncio.ensure_future(self._relist.wait())
+                try:
+                    done, _ = await asyncio.wait({watch_task, relist_task}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in (watch_task, relist_task):
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
+                if watch_task in done:
+                    watch_task.result()  # re-raise what ended the watch
+                else:
+                    need_list = True
+            except WatchCompacted as e:
+                logger.warning("watch fell behind a compaction ({}); relisting and reconciling peers", e)
+                need_list = True
+            except ETCD_UNAVAILABLE as e:
+                await self.watcher.reconnect()
+                await backoff.failed(e)
+
+    async def _relist_into(self, sink: PeerSink) -> None:
+        listing = await self.watcher.list_leases()
+        for key, reason in listing.garbage:
+            logger.warning("ignoring invalid lease {}: {}", key, reason)
+        self.peers = {}
+        for lease in listing.leases:
+            if self._accept_peer(lease):
+                self.peers[lease.subnet] = lease
+        self.last_revision = listing.revision
+        self.relists += 1
+        logger.info("listed {} peer lease(s) at revision {}", len(self.peers), listing.revision)
+        await sink.sync_peers(list(self.peers.values()))
+        await self._changed()
+
+    def _accept_peer(self, lease: Lease) -> bool:
+        if self._is_own(lease):
+            return False
+        if lease.public_ip == self.attrs.public_ip:
+            logger.error(
+                "DUPLICATE PUBLIC IP: lease {} also claims our PublicIP {}: two hosts share one address; "
+                "ignoring that lease", lease.subnet, lease.public_ip,
+            )  # fmt: skip
+            return False
+        return True
+
+    async def _follow(self, sink: PeerSink, backoff: Backoff) -> None:
+        async for revision, event, garbage in self.watcher.watch_leases(self.last_revision + 1):
+            backoff.succeeded()
+            if event is None:
+                logger.warning("ignoring invalid lease {}", garbage)
+            elif event.kind == LeaseEvent.REMOVED:
+                if self.lease is not None and event.lease.subnet == self.lease.subnet:
+                    logger.warning("our lease {} was deleted in etcd; re-creating it", event.lease.subnet)
+                    self._check_now.set()
+                elif (gone := self.peers.pop(event.lease.subnet, None)) is not None:
+                    logger.info("peer {} ({}) left", gone.subnet, gone.public_ip)
+                    await sink.remove_peer(gone)
+            elif self._is_own(event.lease):
+                if event.lease.public_ip != self.attrs.public_ip:
+                    self._set_problem(f"subnet {event.lease.subnet} was overwritten by {event.lease.public_ip}")
+            elif self._accept_peer(event.lease):
+                old = self.peers.get(event.lease.subnet)
+                self.peers[event.lease.subnet] = event.lease
+                if old is None or old.attrs != event.lease.attrs:
+                    logger.info("peer {} at {} ({})", event.lease.subnet, event.lease.public_ip,
+                                event.lease.attrs.backend_type)  # fmt: skip
+                    await sink.add_peer(event.lease)
+            self.last_revision = max(self.last_revision, revision)
+            await self._changed()

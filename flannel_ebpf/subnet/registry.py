@@ -1,0 +1,340 @@
+"""flannel's data in etcd v3: the network config and the subnet leases. Knows keys and JSON, no policy.
+
+Every write is conditional (an etcd transaction): a lease is created only if its key does not exist, and
+changed only if nobody touched it since we read it. So a host never overwrites another host's lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from urllib.parse import urlparse
+
+import aetcd
+import aetcd.exceptions
+import grpc
+from aetcd import rpc
+from loguru import logger
+
+from flannel_ebpf.subnet.lease import (
+    Lease,
+    LeaseAttrs,
+    LeaseEvent,
+    LeaseFormatError,
+    parse_subnet_key,
+    subnet_key,
+)
+
+DEFAULT_PREFIX = "/coreos.com/network"
+
+# Errors that mean "etcd is not reachable right now": retried, never fatal.
+ETCD_UNAVAILABLE = (
+    aetcd.exceptions.ConnectionFailedError,
+    aetcd.exceptions.ConnectionTimeoutError,
+    aetcd.exceptions.InternalError,
+    grpc.RpcError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+# Keepalive pings let a watch notice a dead etcd (or a cut network) instead of waiting forever.
+_CHANNEL_OPTIONS = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+}
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    cafile: str = ""
+    certfile: str = ""
+    keyfile: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cafile or self.certfile or self.keyfile)
+
+
+class _Client(aetcd.Client):
+    """aetcd's client, plus TLS (aetcd itself only opens plaintext channels)."""
+
+    def __init__(self, host: str, port: int, tls: EtcdTLS | None, **kwargs: object) -> None:
+        super().__init__(host=host, port=port, options=_CHANNEL_OPTIONS, **kwargs)  # type: ignore[arg-type]
+        self._tls = tls
+
+    async def connect(self) -> None:
+        if self._tls is None or self._connected.is_set():
+            return await super().connect()
+
+        def read(path: str) -> bytes | None:
+            if not path:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=read(self._tls.cafile),
+            private_key=read(self._tls.keyfile),
+            certificate_chain=read(self._tls.certfile),
+        )
+        self.channel = rpc.secure_channel(f"{self._host}:{self._port}", creds, options=self._options.items())
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout)
+        self._connected.set()
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int, bool]:
+    """`http://10.0.0.1:2379` -> (host, port, is_https)."""
+    if "://" not in endpoint:
+        endpoint = "http://" + endpoint
+    url = urlparse(endpoint)
+    if not url.hostname:
+        raise ValueError(f"not an etcd endpoint: {endpoint!r}")
+    return url.hostname, url.port or 2379, url.scheme == "https"
+
+
+class WatchCompacted(Exception):
+    """The revision a watch wanted to resume from was compacted away: relist."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"revision compacted (oldest kept: {compact_revision})")
+        self.compact_revision = compact_revision
+
+
+@dataclass(frozen=True)
+class Listing:
+    leases: list[Lease]
+    revision: int  # etcd's revision when the listing was taken: watch from revision + 1
+    garbage: list[tuple[str, str]]  # (key, reason) of values that are not valid leases
+
+
+class SubnetRegistry:
+    """flannel's keys under one prefix, on one etcd cluster (tries the endpoints in turn)."""
+
+    def __init__(
+        self,
+        endpoints: list[str],
+        prefix: str = DEFAULT_PREFIX,
+        tls: EtcdTLS | None = None,
+        username: str = "",
+        password: str = "",
+        timeout: float = 5.0,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("no etcd endpoints given")
+        self.endpoints = endpoints
+        self.prefix = prefix.rstrip("/")
+        self._tls = tls
+        self._auth = (username or None, password or None)
+        self._timeout = timeout
+        self._endpoint_index = 0
+        self._client: _Client | None = None
+
+    # --- connection ---
+
+    def _new_client(self) -> _Client:
+        host, port, https = parse_endpoint(self.endpoints[self._endpoint_index])
+        tls = self._tls if (https or (self._tls and self._tls.enabled)) else None
+        if https and tls is None:
+            tls = EtcdTLS()
+        return _Client(host, port, tls, username=self._auth[0], password=self._auth[1], timeout=self._timeout)
+
+    @property
+    def client(self) -> _Client:
+        if self._client is None:
+            self._client = self._new_client()
+        return self._client
+
+    async def reconnect(self) -> None:
+        """Drop the current connection and move to the next endpoint (after a failure)."""
+        await self.close()
+        self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                await client.close()
+            except Exception as e:  # closing a broken channel may fail; nothing to do about it
+                logger.debug("closing etcd client: {}", e)
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[self._endpoint_index]
+
+    # --- keys ---
+
+    @property
+    def config_key(self) -> str:
+        return f"{self.prefix}/config"
+
+    @property
+    def subnets_prefix(self) -> str:
+        return f"{self.prefix}/subnets/"
+
+    def lease_key(self, subnet: IPv4Network) -> str:
+        return self.subnets_prefix + subnet_key(subnet)
+
+    # --- reads ---
+
+    async def get_config(self) -> bytes | None:
+        kv = await self.client.get(self.config_key.encode())
+        return None if kv is None else kv.value
+
+    async def _lease_from_kv(self, kv: aetcd.rtypes.KeyValue, remaining: dict[int, float]) -> Lease:
+        name = kv.key.decode(errors="replace")[len(self.subnets_prefix) :]
+        subnet = parse_subnet_key(name)
+        attrs = LeaseAttrs.from_json(kv.value)
+        expiration = None
+        if kv.lease:
+            if kv.lease not in remaining:
+                info = await self.client.get_lease_info(kv.lease, keys=False)
+                remaining[kv.lease] = time.time() + max(info.TTL, 0)
+            expiration = remaining[kv.lease]
+        return Lease(subnet, attrs, expiration, lease_id=kv.lease, mod_revision=kv.mod_revision)
+
+    async def list_leases(self) -> Listing:
+        """All leases, with the revision to watch from. Garbage values are reported, not raised."""
+        result = await self.client.get_prefix(self.subnets_prefix.encode())
+        leases: list[Lease] = []
+        garbage: list[tuple[str, str]] = []
+        ttl_cache: dict[int, float] = {}
+        for kv in result:
+            try:
+                leases.append(await self._lease_from_kv(kv, ttl_cache))
+            except LeaseFormatError as e:
+                garbage.append((kv.key.decode(errors="replace"), str(e)))
+        # An empty range still has a header; its revision is the store's current revision.
+        return Listing(leases, result.header.revision, garbage)
+
+    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+        kv = await self.client.get(self.lease_key(subnet).encode())
+        if kv is None:
+            return None
+        return await self._lease_from_kv(kv, {})
+
+    async def current_revision(self) -> tuple[int, int]:
+        """(revision, cluster_id) now: a revision lower than one seen before means etcd lost its data."""
+        result = await self.client.get(self.config_key.encode())
+        if result is None:  # no key: read the header through a range request instead
+            rng = await self.client.get_prefix(self.config_key.encode())
+            return rng.header.revision, rng.header.cluster_id
+        return result.header.revision, result.header.cluster_id
+
+    # --- writes (all conditional) --------------------------------------------------------------------------
+
+    async def _grant(self, ttl: int | None) -> int:
+        if not ttl:
+            return 0  # a reservation: no etcd lease, never expires
+        lease = await self.client.lease(ttl)
+        return lease.id
+
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
+        """Create the lease only if its key does not exist. None: somebody else holds it."""
+        key = self.lease_key(subnet).encode()
+        lease_id = await self._grant(ttl)
+        tx = self.client.transactions
+        ok, responses = await self.client.transaction(
+            compare=[tx.version(key) == 0],
+            success=[tx.put(key, attrs.to_json().encode(), lease=lease_id or None)],
+            failure=[],
+        )
+        if not ok:
+            if lease_id:
+                await self.client.revoke_lease(lease_id)
+            return None
+        revision = responses[0].response_put.header.revision
+        expiration = time.time() + ttl if ttl else None
+        return Lease(subnet, attrs, expiration, lease_id=lease_id, mod_revision=revision)
+
+    async def update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
+        """Rewrite our lease (new attrs, a fresh TTL) only if nobody changed it since `lease` was read.
+
+        None: the key changed or vanished meanwhile; the caller re-reads and decides.
+        A reservation (lease_id 0) stays a reservation: it gets no TTL.
+        """
+        key = self.lease_key(lease.subnet).encode()
+        lease_id = 0 if lease.is_reservation else await self._grant(ttl)
+        tx = self.client.transactions
+        ok, responses = await self.client.transaction(
+            compare=[tx.mod(key) == lease.mod_revision, tx.version(key) > 0],
+            success=[tx.put(key, attrs.to_json().encode(), lease=lease_id or None)],
+            failure=[],
+        )
+        if not ok:
+            if lease_id:
+                await self.client.revoke_lease(lease_id)
+            return None
+        if lease.lease_id and lease.lease_id != lease_id:
+            # The key moved to the new etcd lease; the old one would only linger until its TTL.
+            try:
+                await self.client.revoke_lease(lease.lease_id)
+            except aetcd.exceptions.ClientError as e:
+                logger.debug("revoking superseded etcd lease {:x}: {}", lease.lease_id, e)
+        revision = responses[0].response_put.header.revision
+        expiration = None if lease.is_reservation or not ttl else time.time() + ttl
+        return Lease(lease.subnet, attrs, expiration, lease_id=lease_id, mod_revision=revision)
+
+    async def delete_lease(self, lease: Lease) -> bool:
+        """Delete our lease only if it is still the one we hold (same modification revision)."""
+        key = self.lease_key(lease.subnet).encode()
+        tx = self.client.transactions
+        ok, _ = await self.client.transaction(
+            compare=[tx.mod(key) == lease.mod_revision], success=[tx.delete(key)], failure=[]
+        )
+        if ok and lease.lease_id:
+            try:
+                await self.client.revoke_lease(lease.lease_id)
+            except aetcd.exceptions.ClientError as e:
+                logger.debug("revoking etcd lease {:x}: {}", lease.lease_id, e)
+        return ok
+
+    # --- watch ---
+
+    async def watch_leases(self, start_revision: int) -> AsyncIterator[tuple[int, LeaseEvent | None, str]]:
+        """Yield (revision, event, garbage_reason) for every change under subnets/, from start_revision.
+
+        Every event of every watch response is delivered (flanneld v0.20.2 kept only the first).
+        A garbage value yields (revision, None, reason). Raises WatchCompacted when start_revision is gone,
+        and etcd's connection errors when the stream breaks: the caller resumes from the last revision.
+        """
+        prefix = self.subnets_prefix.encode()
+        try:
+            watch = await self.client.watch_prefix(prefix, start_revision=start_revision)
+        except aetcd.exceptions.RevisionCompactedError as e:
+            raise WatchCompacted(e.compacted_revision) from e
+        try:
+            async for event in watch:
+                kv = event.kv
+                revision = kv.mod_revision
+                name = kv.key.decode(errors="replace")[len(self.subnets_prefix) :]
+                try:
+                    subnet = parse_subnet_key(name)
+                    if event.kind == "DELETE":
+                        # A delete (or an expiry) carries no value: the peer is known by its subnet.
+                        yield revision, LeaseEvent(LeaseEvent.REMOVED, Lease(subnet, _NO_ATTRS)), ""
+                        continue
+                    lease = await self._lease_from_kv(kv, {})
+                except LeaseFormatError as e:
+                    yield revision, None, f"{kv.key.decode(errors='replace')}: {e}"
+                    continue
+                yield revision, LeaseEvent(LeaseEvent.ADDED, lease), ""
+        except aetcd.exceptions.RevisionCompactedError as e:
+            raise WatchCompacted(e.compacted_revision) from e
+        finally:
+            try:
+                await watch.cancel()
+            except Exception as e:  # the stream may already be gone
+                logger.debug("cancelling watch: {}", e)
+
+
+# Placeholder attributes for a removed lease (etcd does not send the old value on delete).
+_NO_ATTRS = LeaseAttrs(public_ip=IPv4Address(0), backend_type="")
