@@ -236,10 +236,17 @@ class Agent:
             raise FatalError(f"backend {config.backend_type}: {e}") from None
         masq = None
         if opts.ip_masq or opts.iptables_forward_rules:
-            from flannel_ebpf.ipmasq import IpMasq
+            from flannel_ebpf import ipmasq
 
-            masq = IpMasq(config.network, lease.subnet, masquerade=opts.ip_masq, forward=opts.iptables_forward_rules)
-            await asyncio.to_thread(masq.ensure)
+            if ipmasq.iptables_available():
+                masq = ipmasq.make_manager(
+                    config.network, lease.subnet, ip_masq=opts.ip_masq, forward_rules=opts.iptables_forward_rules
+                )
+                await asyncio.to_thread(masq.setup)
+            elif opts.ip_masq:
+                raise FatalError("--ip-masq needs iptables, which is not installed")
+            else:
+                logger.warning("iptables is not installed: no FLANNEL-FWD forward rules")
         subnet_file.write(opts.subnet_file, config.network, lease.subnet, mtu, opts.ip_masq)
         logger.info("wrote {}: subnet {} mtu {}", opts.subnet_file, lease.subnet, mtu)
 

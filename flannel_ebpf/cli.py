@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -68,9 +69,7 @@ FLAGS = (
     Flag("subnet-lease-ttl", 24 * 3600, "lease TTL in seconds (flannel: 24 h; short values for labs)", "int"),
     Flag("lease-check-interval", 10.0, "seconds between checks that our lease is still ours", "float"),
     Flag("resync-interval", 10.0, "seconds between full reconciles of the data path", "float"),
-    Flag(
-        "allow-subnet-change", False, "take a new subnet if ours is held by another host (breaks containers)", "bool"
-    ),  # fmt: skip
+    Flag("allow-subnet-change", False, "take a new subnet if ours is held by another host", "bool"),
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -241,7 +240,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"agent      pid {st.pid} {'running' if running else 'NOT running'}, phase {st.phase} {st.reason}")
     print(f"etcd       {','.join(st.etcd_endpoints)} prefix {st.etcd_prefix}")
     print(f"network    {st.network}  backend {st.backend_type}  mtu {st.mtu}")
-    print(f"lease      {st.subnet or '-'}  {left if st.lease else ''}  (etcd lease {st.lease.get('lease_id', 0):x})")
+    lease_id = st.lease.get("lease_id", 0)
+    print(f"lease      {st.subnet or '-'}  {left if st.lease else ''}  (etcd lease {lease_id:x})")
     print(
         f"interface  {st.iface.get('name', '-')} {st.iface.get('address', '')} public {st.iface.get('public_ip', '')}"
     )
@@ -293,11 +293,11 @@ def cmd_down(args: argparse.Namespace) -> int:
         except Exception as e:
             failures += 1
             logger.error("removing the {} data path failed: {}", backend_type, e)
-    if local is not None:
-        from flannel_ebpf.ipmasq import IpMasq
+    from flannel_ebpf import ipmasq
 
+    if ipmasq.iptables_available():
         try:
-            IpMasq(local.network, local.subnet).remove()
+            ipmasq.teardown_chains(ipmasq.all_flannel_chains())
         except Exception as e:
             failures += 1
             logger.error("removing iptables rules failed: {}", e)
@@ -305,10 +305,8 @@ def cmd_down(args: argparse.Namespace) -> int:
         failures += not asyncio.run(_release_lease(opts, st))
     subnet_path = st.subnet_file if st else args.subnet_file
     for path in (subnet_path, state_file.path(args.state_dir)):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
     return 1 if failures else 0
 
 

@@ -22,14 +22,6 @@ A = LeaseAttrs(IPv4Address("192.168.50.1"), "host-gw")
 B = LeaseAttrs(IPv4Address("192.168.50.2"), "host-gw")
 
 
-@pytest.fixture(scope="module")
-def etcd():
-    from flannel_ebpf.lab.etcd import EtcdServer
-
-    with EtcdServer() as server:
-        yield server
-
-
 @pytest.fixture
 def prefix():
     return f"/test-{uuid.uuid4().hex[:8]}/network"

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Prepare this host for flannel-ebpf: system packages, kernel headers for bcc, bpffs, the venv.
+# Idempotent; run as root on Debian 12 or Ubuntu (amd64). Says what it changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ "$(id -u)" = 0 ] || { echo "setup: run as root (it installs packages and mounts bpffs)" >&2; exit 1; }
+
+# bcc's Python module is Debian's python3-bpfcc (PyPI's "bcc" is an unrelated package: never install it).
+PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-pyroute2 python3-netaddr
+          etcd-server etcd-client iperf3 iproute2 iptables tcpdump clang llvm libbpf-dev)
+KREL=$(uname -r)
+missing=()
+for p in "${PACKAGES[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+# Kernel headers: the running kernel's own if the distribution has them, else Debian's generic ones.
+headers=""
+if [ ! -e "/lib/modules/$KREL/build" ]; then
+  if ls /usr/src/linux-headers-*-common >/dev/null 2>&1; then :; else headers=1; fi
+fi
+if [ ${#missing[@]} -gt 0 ] || [ -n "$headers" ]; then
+  echo "setup: installing ${missing[*]:-} ${headers:+kernel headers}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # Installing etcd-server must not start a system etcd on this host: the lab runs its own.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d.flannel-ebpf; chmod +x /usr/sbin/policy-rc.d.flannel-ebpf
+  [ -e /usr/sbin/policy-rc.d ] || { cp /usr/sbin/policy-rc.d.flannel-ebpf /usr/sbin/policy-rc.d; own_policy=1; }
+  [ ${#missing[@]} -gt 0 ] && apt-get install -y -qq "${missing[@]}" >/dev/null
+  if [ -n "$headers" ]; then
+    apt-get install -y -qq "linux-headers-$KREL" >/dev/null 2>&1 || apt-get install -y -qq linux-headers-amd64 >/dev/null
+  fi
+  [ -n "${own_policy:-}" ] && rm -f /usr/sbin/policy-rc.d
+  rm -f /usr/sbin/policy-rc.d.flannel-ebpf
+fi
+
+# bcc compiles against /lib/modules/$(uname -r)/build. Kernels without packaged headers (this lab's VM kernel)
+# get the distribution's generic headers linked there: good enough for our programs, which use only stable UAPI.
+if [ ! -e "/lib/modules/$KREL/build" ]; then
+  build=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
+  source=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
+  if [ -z "$build" ]; then
+    echo "setup: no kernel headers for $KREL and no generic ones under /usr/src: bcc cannot compile" >&2; exit 1
+  fi
+  mkdir -p "/lib/modules/$KREL"
+  ln -sfn "$build" "/lib/modules/$KREL/build"
+  [ -n "$source" ] && ln -sfn "$source" "/lib/modules/$KREL/source"
+  echo "setup: kernel $KREL has no headers; linked /lib/modules/$KREL/build -> $build (and source -> ${source:-none})"
+fi
+
+if ! mountpoint -q /sys/fs/bpf; then
+  mount -t bpf bpf /sys/fs/bpf
+  echo "setup: mounted bpffs at /sys/fs/bpf"
+fi
+
+# The venv uses the system interpreter (bcc lives in its dist-packages), with system site-packages.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+  echo "setup: created .venv with /usr/bin/python3 and system site-packages"
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+echo "setup: ready ($(.venv/bin/python -c 'import bcc, pyroute2, aetcd; print("bcc", bcc.__version__, "pyroute2", pyroute2.__version__)'))"
