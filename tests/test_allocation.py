@@ -60,7 +60,17 @@ def test_lease_json_is_flanneld_v0_20_2s():
 def test_lease_json_reads_older_forms_and_ignores_unknown_keys():
     old = LeaseAttrs.from_json('{"PublicIP":"10.0.0.1","BackendType":"udp","BackendData":null,"X":1}')
     assert old == LeaseAttrs(IPv4Address("10.0.0.1"), "udp", None)
-    for bad in ("{", "[]", '{"PublicIP": "nope"}', '{"PublicIP":"10.0.0.1","BackendData":[1]}', "\xff"):
+    bad_values = (
+        "{",
+        "[]",
+        '{"PublicIP": "nope"}',
+        '{"PublicIP": 7}',
+        '{"PublicIP": "0.0.0.0"}',
+        '{"PublicIP": "224.0.0.1"}',
+        '{"PublicIP":"10.0.0.1","BackendData":[1]}',
+        "\xff",
+    )
+    for bad in bad_values:
         with pytest.raises(LeaseFormatError):
             LeaseAttrs.from_json(bad)
 

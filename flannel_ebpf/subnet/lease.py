@@ -63,10 +63,14 @@ class LeaseAttrs:
             raise LeaseFormatError(f"lease value is not JSON: {e}") from e
         if not isinstance(value, dict):
             raise LeaseFormatError("lease value is not a JSON object")
+        raw_ip = value.get("PublicIP")
         try:
-            public_ip = IPv4Address(value.get("PublicIP"))
-        except ValueError as e:
-            raise LeaseFormatError(f"lease has no valid PublicIP: {value.get('PublicIP')!r}") from e
+            # A string only: IPv4Address(7) would happily read the number 7 as 0.0.0.7.
+            public_ip = IPv4Address(raw_ip) if isinstance(raw_ip, str) else None
+        except ValueError:
+            public_ip = None
+        if public_ip is None or public_ip.is_unspecified or public_ip.is_multicast or public_ip.is_loopback:
+            raise LeaseFormatError(f"lease has no usable PublicIP: {raw_ip!r}")
         backend_type = value.get("BackendType") or "udp"
         if not isinstance(backend_type, str):
             raise LeaseFormatError(f"lease BackendType is not a string: {backend_type!r}")

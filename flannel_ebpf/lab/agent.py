@@ -1,0 +1,138 @@
+"""The agent as a user runs it: the real `flannel-ebpf` CLI, as a subprocess inside a host namespace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from .netns import ExecResult
+from .topology import Host
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli_command() -> list[str]:
+    """How to run `flannel-ebpf`: the console script next to this interpreter (the venv's), else the
+    module through this interpreter (a checkout that is not pip-installed)."""
+    exe = Path(sys.executable).parent / "flannel-ebpf"
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-c", "import sys; from flannel_ebpf.cli import main; sys.exit(main())"]
+
+
+def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}  # no stray flags
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass
+class Agent:
+    """The agent of one host: its command lines and, while running, its process."""
+
+    host: Host
+    etcd_endpoint: str
+    pin_dir: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    argv: list[str] = field(default_factory=list)
+    ever_started: bool = False
+
+    def common_flags(self) -> list[str]:
+        """The flags that name this host's files: the same for up, down, status."""
+        return [
+            "--etcd-endpoints", self.etcd_endpoint,
+            "--subnet-file", str(self.host.subnet_file),
+            "--state-dir", str(self.host.state_dir),
+            "--bpf-pin-dir", str(self.pin_dir),
+        ]  # fmt: skip
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+        if self.running:
+            raise RuntimeError(f"agent on {self.host.name} already runs (pid {self.proc.pid})")  # type: ignore[union-attr]
+        self.host.dir.mkdir(parents=True, exist_ok=True)
+        self.argv = [*cli_command(), "up", *self.common_flags(), "--iface", self.host.iface, *extra_args]
+        with open(self.host.agent_log, "ab") as log:
+            log.write(f"\n==== {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.proc = self.host.popen(self.argv, stdout=log, stderr=log, env=cli_env(env), share_bpffs=True)
+        self.ever_started = True
+        logger.debug("agent on {} started, pid {}", self.host.name, self.proc.pid)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM and wait (SIGKILL if it does not exit in time). Returns the exit code."""
+        return self._signal(signal.SIGTERM, timeout)
+
+    def kill(self) -> int | None:
+        return self._signal(signal.SIGKILL, 10.0)
+
+    def _signal(self, sig: signal.Signals, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("agent on {} ignored {} for {}s: SIGKILL", self.host.name, sig.name, timeout)
+                proc.kill()
+                proc.wait(10)
+        logger.debug("agent on {} exited with {}", self.host.name, proc.returncode)
+        return proc.returncode
+
+    def cli(self, *args: str, timeout: float = 30.0, check: bool = False) -> ExecResult:
+        """Any other subcommand (`health`, `status --json`, `down`, ...) in the host's namespace."""
+        return self.host.exec([*cli_command(), *args], timeout=timeout, check=check, env=cli_env(), share_bpffs=True)
+
+    def health(self) -> ExecResult:
+        return self.cli("health", "--state-dir", str(self.host.state_dir), timeout=15)
+
+    def down(self, extra_args: Sequence[str] = (), timeout: float = 60.0, check: bool = False) -> ExecResult:
+        return self.cli("down", *self.common_flags(), *extra_args, timeout=timeout, check=check)
+
+    def wait_ready(self, timeout: float = 30.0) -> str:
+        """Until `health` prints `ready ...` (returned); if this CLI has no `health` yet, until the
+        subnet file exists. Fails early, with the log's tail, if the agent exits."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"agent on {self.host.name} exited with {self.proc.returncode} before ready:\n{self.log_tail()}"
+                )
+            r = self.health()
+            out = r.stdout.strip()
+            if r.ok and out.startswith("ready"):
+                return out
+            if out.startswith("not-ready"):
+                last = out
+            elif self.host.subnet_file.exists():
+                # `health` is missing or broken in this CLI: the subnet file is the next best sign.
+                return f"subnet-file {self.host.subnet_file}"
+            else:
+                msg = (r.stderr.strip() or out).splitlines()
+                last = msg[-1] if msg else f"health exit {r.returncode}"
+            time.sleep(0.3)
+        raise TimeoutError(f"agent on {self.host.name} not ready after {timeout}s ({last}):\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.host.agent_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no agent log)"
+        return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,473 @@
+"""The Lab: hosts on an underlay, etcd, agents, containers and traffic helpers, all in namespaces.
+
+    with Lab(hosts=3, topology="flat") as lab:
+        lab.set_network_config({"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}})
+        for h in lab.hosts.values():
+            lab.start_agent(h)
+        for h in lab.hosts.values():
+            lab.wait_ready(h)
+            lab.add_container(h)
+        assert lab.ping_matrix().all_ok
+
+`close()` always runs (context manager, pytest finalizer, atexit) and removes everything the lab made:
+processes, namespaces, bpffs pins, etcd data, and (unless asked to keep it) the lab directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from .agent import Agent
+from .containers import Container, SubnetEnv, make_container
+from .etcd import EtcdServer
+from .netns import BPFFS, ExecResult, Netns, check_prefix, create_netns, delete_netns, list_netns, new_prefix, run
+from .topology import ETCD_INDEX, HOST_INDEX_BASE, Host, Topology, Underlay, split_segments
+from .traffic import (
+    Endpoint,
+    IperfServer,
+    PingMatrix,
+    PingResult,
+    flood_ping,
+    iperf3_client,
+    ping,
+    ping_matrix,
+)
+
+DEFAULT_ETCD_PREFIX = "/coreos.com/network"
+LAB_DIR_PREFIX = "flannel-ebpf-lab-"  # + <prefix>-<random>, under the temp dir
+PIN_DIR_PREFIX = "flannel-ebpf-"  # + <prefix>-<host>, under /sys/fs/bpf
+OWNER_FILE = "owner.pid"  # the PID of the process that owns a lab: `cleanup` spares live labs
+_HOST_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+_RESERVED = {"sw", "rt", "etcd"}
+
+Target = Host | Container | Netns | str
+
+
+class Lab:
+    """A lab of network namespaces. Build with `up()` (or `with Lab(...) as lab`), end with `close()`."""
+
+    def __init__(
+        self,
+        hosts: int | Sequence[str] = 3,
+        *,
+        topology: Topology = "flat",
+        segments: Sequence[str] | None = None,
+        prefix: str | None = None,
+        base_dir: str | Path | None = None,
+        with_etcd: bool = True,
+        network_config: Mapping[str, Any] | str | None = None,
+        etcd_prefix: str = DEFAULT_ETCD_PREFIX,
+    ) -> None:
+        names = [f"h{i + 1}" for i in range(hosts)] if isinstance(hosts, int) else list(hosts)
+        for n in names:
+            if not _HOST_NAME_RE.match(n) or n in _RESERVED:
+                raise ValueError(f"host name {n!r}: 1-8 of [a-z0-9], starting with a letter, not {_RESERVED}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate host names: {names}")
+        self.topology: Topology = topology
+        self.segment_of = list(segments) if segments is not None else split_segments(len(names), topology)
+        if len(self.segment_of) != len(names):
+            raise ValueError("segments must name one segment per host")
+        allowed = {"a"} if topology == "flat" else {"a", "b"}
+        if not set(self.segment_of) <= allowed:
+            raise ValueError(f"segments for a {topology} lab must be among {sorted(allowed)}")
+        self.host_names = names
+        self.prefix = check_prefix(prefix) if prefix else new_prefix()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{LAB_DIR_PREFIX}{self.prefix}-", dir=base_dir))
+        self.with_etcd = with_etcd
+        self.network_config = network_config
+        self.etcd_prefix = etcd_prefix.rstrip("/")
+        self.underlay = Underlay(self.prefix, self.dir, topology)
+        self.hosts: dict[str, Host] = {}
+        self.agents: dict[str, Agent] = {}
+        self.containers: list[Container] = []
+        self.etcd: EtcdServer | None = None
+        self.etcd_ns: Netns | None = None
+        self._iperf: list[IperfServer] = []
+        self._closed = False
+        self._atexit_registered = False
+
+    # ---------------------------------------------------------------- life cycle
+
+    def up(self) -> Lab:
+        if os.geteuid() != 0:
+            raise PermissionError("the lab needs root (network namespaces)")
+        (self.dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
+        atexit.register(self._atexit)
+        self._atexit_registered = True
+        logger.info("lab {} ({}, {} hosts) in {}", self.prefix, self.topology, len(self.host_names), self.dir)
+        try:
+            _ensure_bpffs()
+            self.underlay.build()
+            for i, (name, seg) in enumerate(zip(self.host_names, self.segment_of, strict=True), start=1):
+                self._add_host(name, seg, HOST_INDEX_BASE + i)
+            if self.with_etcd:
+                self._start_etcd()
+                if self.network_config is not None:
+                    self.set_network_config(self.network_config)
+        except BaseException:
+            self.close(remove_dir=False)
+            raise
+        return self
+
+    def _add_host(self, name: str, segment: str, index: int) -> Host:
+        ns = create_netns(f"{self.prefix}-{name}", self.dir)
+        addr = self.underlay.attach(ns, name, segment, index)
+        # A flannel host routes between its containers and the overlay.
+        ns.sysctl("net.ipv4.ip_forward", "1")
+        host_dir = self.dir / name
+        host_dir.mkdir(parents=True, exist_ok=True)
+        host = Host(name, ns, self.underlay.segments[segment], addr, host_dir)
+        self.hosts[name] = host
+        self.agents[name] = Agent(host, self.etcd_endpoint, self.pin_dir(name))
+        return host
+
+    def _start_etcd(self) -> None:
+        self.etcd_ns = create_netns(f"{self.prefix}-etcd", self.dir)
+        addr = self.underlay.attach(self.etcd_ns, "etcd", "a", ETCD_INDEX)
+        self.etcd = EtcdServer(
+            host=str(addr.ip), netns=self.etcd_ns.name, data_dir=str(self.dir / "etcd"), name=f"{self.prefix}-etcd"
+        )
+        self.etcd.start()
+
+    def close(self, remove_dir: bool = True) -> None:
+        """Tear everything down; never raises (each step is attempted, failures are logged)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._atexit_registered:
+            atexit.unregister(self._atexit)
+        logger.info("closing lab {}", self.prefix)
+
+        def attempt(what: str, fn: Any, *args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as e:
+                logger.warning("lab {}: {} failed: {}", self.prefix, what, e)
+
+        for agent in self.agents.values():
+            attempt(f"stopping agent on {agent.host.name}", agent.stop)
+        for agent in self.agents.values():
+            if agent.ever_started:
+                attempt(f"`down` on {agent.host.name}", self._down_quietly, agent)
+        for srv in self._iperf:
+            attempt("stopping iperf3", srv.stop)
+        if self.etcd is not None:
+            attempt("stopping etcd", self.etcd.stop)
+            shutil.rmtree(Path(self.etcd.data_dir) / "member-data", ignore_errors=True)
+        attempt("deleting namespaces", delete_lab_namespaces, self.prefix)
+        attempt("removing bpffs pins", remove_lab_pins, self.prefix)
+        if remove_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            (self.dir / OWNER_FILE).unlink(missing_ok=True)
+            logger.info("lab {}: logs kept in {}", self.prefix, self.dir)
+
+    def detach(self) -> None:
+        """Leave the lab up after this process exits (`demo --keep`): no close at exit, no owner, so
+        `python -m flannel_ebpf.lab cleanup` removes it later. Agents and etcd run in sessions of their
+        own and outlive us."""
+        self._closed = True
+        if self._atexit_registered:
+            atexit.unregister(self._atexit)
+        (self.dir / OWNER_FILE).unlink(missing_ok=True)
+
+    def _down_quietly(self, agent: Agent) -> None:
+        r = agent.down()
+        if not r.ok:
+            logger.warning("`flannel-ebpf down` on {} exited {}: {}", agent.host.name, r.returncode, r.stderr[-500:])
+
+    def _atexit(self) -> None:
+        self.close()
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- lookup
+
+    def host(self, h: Host | str) -> Host:
+        return h if isinstance(h, Host) else self.hosts[h]
+
+    def node(self, target: Target) -> Netns:
+        """The namespace of a host, a container, a namespace, or any of them by name."""
+        if isinstance(target, Netns):
+            return target
+        if isinstance(target, Host):
+            assert isinstance(target.node, Netns)
+            return target.node
+        if isinstance(target, Container):
+            return target.ns
+        if target in self.hosts:
+            return self.node(self.hosts[target])
+        for c in self.containers:
+            if target == c.name:
+                return c.ns
+        if target == "etcd" and self.etcd_ns is not None:
+            return self.etcd_ns
+        if target.startswith(f"{self.prefix}-") and target in list_netns():
+            return Netns(target, self.dir)
+        raise KeyError(f"no host, container or namespace {target!r} in lab {self.prefix}")
+
+    def pin_dir(self, host: Host | str) -> Path:
+        name = host.name if isinstance(host, Host) else host
+        return BPFFS / f"{PIN_DIR_PREFIX}{self.prefix}-{name}"
+
+    def namespaces(self) -> list[str]:
+        return [n for n in list_netns() if n.startswith(f"{self.prefix}-")]
+
+    # ---------------------------------------------------------------- etcd
+
+    @property
+    def etcd_endpoint(self) -> str:
+        seg_a = self.underlay.segments.get("a")
+        if self.etcd is not None:
+            return self.etcd.endpoint
+        if seg_a is not None:
+            return f"http://{seg_a.address(ETCD_INDEX).ip}:2379"
+        return ""
+
+    def _etcd(self) -> EtcdServer:
+        if self.etcd is None:
+            raise RuntimeError("this lab has no etcd")
+        return self.etcd
+
+    def set_network_config(self, config: Mapping[str, Any] | str) -> None:
+        """Write `<prefix>/config` (a dict is dumped as JSON; a string is written as it is)."""
+        value = config if isinstance(config, str) else json.dumps(config)
+        self.etcd_put(f"{self.etcd_prefix}/config", value)
+
+    def etcd_put(self, key: str, value: str) -> None:
+        self._etcd().ctl("put", key, input=value)  # via stdin: any value, even `-garbage`
+
+    def etcd_get(self, key: str) -> str | None:
+        kv = self.etcd_get_prefix(key, prefix=False)
+        return kv.get(key)
+
+    def etcd_get_prefix(self, key: str, prefix: bool = True) -> dict[str, str]:
+        args = ["get", key, "-w", "json"] + (["--prefix"] if prefix else [])
+        out = json.loads(self._etcd().ctl(*args))
+        return {
+            base64.b64decode(kv["key"]).decode(errors="replace"): base64.b64decode(kv.get("value", "")).decode(
+                errors="replace"
+            )
+            for kv in out.get("kvs", [])
+        }
+
+    def etcd_delete(self, key: str, prefix: bool = False) -> int:
+        out = self._etcd().ctl("del", key, *(["--prefix"] if prefix else []))
+        return int(out.strip() or 0)
+
+    def leases(self) -> dict[str, Any]:
+        """`<prefix>/subnets/*` as {"10.5.34.0-24": parsed JSON value (or the raw text if not JSON)}."""
+        base = f"{self.etcd_prefix}/subnets/"
+        result: dict[str, Any] = {}
+        for k, v in self.etcd_get_prefix(base).items():
+            try:
+                result[k[len(base) :]] = json.loads(v)
+            except json.JSONDecodeError:
+                result[k[len(base) :]] = v
+        return result
+
+    def stop_etcd(self) -> None:
+        self._etcd().stop()
+
+    def start_etcd(self, timeout: float = 20.0) -> None:
+        self._etcd().start(timeout)
+
+    def restart_etcd(self) -> None:
+        self.stop_etcd()
+        self.start_etcd()
+
+    def wipe_etcd(self) -> None:
+        """An empty etcd (stops, forgets all data, starts again); the network config is gone too."""
+        self.stop_etcd()
+        self._etcd().wipe()
+        self.start_etcd()
+
+    # ---------------------------------------------------------------- agents
+
+    def agent(self, host: Host | str) -> Agent:
+        return self.agents[self.host(host).name]
+
+    def start_agent(
+        self, host: Host | str, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> Agent:
+        a = self.agent(host)
+        a.start(extra_args, env)
+        return a
+
+    def start_agents(self, extra_args: Sequence[str] = (), hosts: Sequence[Host | str] | None = None) -> None:
+        for h in hosts if hosts is not None else list(self.hosts):
+            self.start_agent(h, extra_args)
+
+    def stop_agent(self, host: Host | str, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait; returns the exit code (None if it was not running)."""
+        return self.agent(host).stop(timeout)
+
+    def kill_agent(self, host: Host | str) -> int | None:
+        return self.agent(host).kill()
+
+    def agent_running(self, host: Host | str) -> bool:
+        return self.agent(host).running
+
+    def wait_ready(self, host: Host | str, timeout: float = 30.0) -> str:
+        return self.agent(host).wait_ready(timeout)
+
+    def wait_all_ready(self, timeout: float = 30.0, hosts: Sequence[Host | str] | None = None) -> dict[str, str]:
+        return {self.host(h).name: self.wait_ready(h, timeout) for h in (hosts or list(self.hosts))}
+
+    def agent_down(self, host: Host | str, extra_args: Sequence[str] = (), check: bool = False) -> ExecResult:
+        """`flannel-ebpf down` with the host's dirs (e.g. extra_args=["--release-lease"])."""
+        return self.agent(host).down(extra_args, check=check)
+
+    def agent_cli(self, host: Host | str, *args: str, timeout: float = 30.0) -> ExecResult:
+        """Any CLI subcommand in the host's namespace, e.g. `agent_cli("h1", "status", "--json", ...)`."""
+        return self.agent(host).cli(*args, timeout=timeout)
+
+    def agent_status(self, host: Host | str) -> dict[str, Any]:
+        a = self.agent(host)
+        r = a.cli("status", "--json", "--state-dir", str(a.host.state_dir), check=True)
+        return json.loads(r.stdout)
+
+    def agent_log(self, host: Host | str) -> str:
+        try:
+            return self.host(host).agent_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def subnet_env(self, host: Host | str) -> SubnetEnv | None:
+        path = self.host(host).subnet_file
+        return SubnetEnv.read(path) if path.exists() else None
+
+    def write_subnet_env(self, host: Host | str, network: str, subnet: str, mtu: int = 1500) -> SubnetEnv:
+        """A hand-written subnet file, for tests that run without an agent."""
+        path = self.host(host).subnet_file
+        path.write_text(SubnetEnv.render(network, subnet, mtu))
+        return SubnetEnv.read(path)
+
+    # ---------------------------------------------------------------- containers
+
+    def add_container(self, host: Host | str, name: str | None = None) -> Container:
+        """A container on `host`, addressed from its subnet file (written by the agent beforehand)."""
+        h = self.host(host)
+        env = self.subnet_env(h)
+        if env is None:
+            raise RuntimeError(f"{h.name}: no {h.subnet_file} yet (start the agent and wait_ready first)")
+        mine = self.containers_of(h)
+        name = name or f"{h.name}c{len(mine) + 1}"
+        if len(name) > 10 or any(c.name == name for c in self.containers):
+            raise ValueError(f"container name {name!r}: too long or already used")
+        used = {c.ip for c in mine}
+        c = make_container(h, name, env, used)
+        self.containers.append(c)
+        return c
+
+    def containers_of(self, host: Host | str) -> list[Container]:
+        h = self.host(host)
+        return [c for c in self.containers if c.host.name == h.name]
+
+    # ---------------------------------------------------------------- traffic
+
+    def exec(self, target: Target, argv: Sequence[str], *, timeout: float = 30.0, check: bool = True) -> ExecResult:
+        return self.node(target).exec(argv, timeout=timeout, check=check)
+
+    @staticmethod
+    def _ip(dst: Host | Container | IPv4Address | str) -> str:
+        if isinstance(dst, Host):
+            return str(dst.underlay_ip)
+        if isinstance(dst, Container):
+            return str(dst.ip)
+        return str(dst)
+
+    def ping(
+        self,
+        src: Target,
+        dst: Host | Container | IPv4Address | str,
+        count: int = 3,
+        interval: float = 0.2,
+        timeout: float = 2.0,
+        size: int | None = None,
+    ) -> PingResult:
+        """Ping from `src` to `dst` (an address, a container's address or a host's underlay address)."""
+        return ping(self.node(src), self._ip(dst), count, interval, timeout, size)
+
+    def ping_matrix(
+        self, count: int = 3, interval: float = 0.2, timeout: float = 2.0, containers: Sequence[Container] | None = None
+    ) -> PingMatrix:
+        """Every container pings every other container."""
+        cs = list(containers) if containers is not None else self.containers
+        return ping_matrix([Endpoint(c.name, c.ns, str(c.ip)) for c in cs], count, interval, timeout)
+
+    def underlay_ping_matrix(self, count: int = 2, interval: float = 0.2, timeout: float = 2.0) -> PingMatrix:
+        """Every host pings every other host's underlay address."""
+        eps = [Endpoint(h.name, self.node(h), str(h.underlay_ip)) for h in self.hosts.values()]
+        return ping_matrix(eps, count, interval, timeout)
+
+    def flood_ping(
+        self, src: Target, dst: Host | Container | IPv4Address | str, seconds: float = 3.0, size: int = 56
+    ) -> PingResult:
+        return flood_ping(self.node(src), self._ip(dst), seconds, size)
+
+    def iperf3_server(self, target: Target, port: int = 5201) -> IperfServer:
+        """Start an iperf3 server (stopped by its PID on `stop()` or at the latest on `close()`)."""
+        node = self.node(target)
+        srv = IperfServer(node, port, self.dir / f"iperf3-{node.name}-{port}.log").start()
+        self._iperf.append(srv)
+        return srv
+
+    def iperf3(
+        self, src: Target, dst: Host | Container | IPv4Address | str, seconds: float = 5.0, **kw: Any
+    ) -> dict[str, Any]:
+        """An iperf3 client run (see traffic.iperf3_client for options); returns the JSON report."""
+        return iperf3_client(self.node(src), self._ip(dst), seconds, **kw)
+
+
+# -------------------------------------------------------------------- cleanup shared with `cleanup`
+
+
+def _ensure_bpffs() -> None:
+    """The agents pin under /sys/fs/bpf; mount bpffs there if the machine has not (a mount, not a
+    network change)."""
+    r = run(["stat", "-f", "-c", "%T", str(BPFFS)], check=False, timeout=5)
+    if r.stdout.strip() not in ("bpf_fs", "bpf"):
+        logger.info("mounting bpffs on {}", BPFFS)
+        run(["mount", "-t", "bpf", "bpf", str(BPFFS)], timeout=10)
+
+
+def delete_lab_namespaces(prefix: str) -> list[str]:
+    """Delete every namespace of lab `prefix`; containers first, the switch last."""
+    check_prefix(prefix)
+    names = [n for n in list_netns() if n.startswith(f"{prefix}-")]
+    order = {f"{prefix}-sw": 2, f"{prefix}-rt": 1}
+    names.sort(key=lambda n: order.get(n, 0))
+    for n in names:
+        delete_netns(n)
+    return names
+
+
+def remove_lab_pins(prefix: str) -> list[Path]:
+    """Remove `/sys/fs/bpf/flannel-ebpf-<prefix>-*` (what the agents pinned and `down` left)."""
+    check_prefix(prefix)
+    removed = []
+    for p in BPFFS.glob(f"{PIN_DIR_PREFIX}{prefix}-*"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed

@@ -1,0 +1,234 @@
+"""Traffic inside the lab: ping (parsed), a ping matrix, flood ping, iperf3. Every load is bounded in time
+(ping's -w deadline, iperf3's -t, and a hard subprocess timeout above both)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from .netns import ExecResult, Node
+
+_SUMMARY_RE = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received(?:, \+(\d+) errors)?")
+_RTT_RE = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms")
+
+
+@dataclass(frozen=True)
+class PingResult:
+    src: str
+    dst: str
+    sent: int
+    received: int
+    errors: int = 0
+    rtt_min: float | None = None  # milliseconds
+    rtt_avg: float | None = None
+    rtt_max: float | None = None
+    rtt_mdev: float | None = None
+    output: str = field(default="", repr=False)
+
+    @property
+    def loss(self) -> float:
+        """Lost fraction, 0.0 .. 1.0 (1.0 when nothing was sent)."""
+        return 1.0 if self.sent == 0 else (self.sent - self.received) / self.sent
+
+    @property
+    def ok(self) -> bool:
+        """Every probe answered."""
+        return self.sent > 0 and self.received == self.sent
+
+    @property
+    def reachable(self) -> bool:
+        return self.received > 0
+
+    def __str__(self) -> str:
+        rtt = f", rtt {self.rtt_avg:.3f} ms" if self.rtt_avg is not None else ""
+        return f"{self.src} -> {self.dst}: {self.received}/{self.sent}{rtt}"
+
+
+def parse_ping(output: str, src: str = "", dst: str = "") -> PingResult:
+    """Parse iputils ping's summary; an unparsable output counts as nothing sent."""
+    m = _SUMMARY_RE.search(output)
+    if not m:
+        return PingResult(src, dst, 0, 0, output=output)
+    r = _RTT_RE.search(output)
+    rtts = [float(x) for x in r.groups()] if r else [None] * 4
+    return PingResult(src, dst, int(m.group(1)), int(m.group(2)), int(m.group(3) or 0), *rtts, output=output)
+
+
+def ping(
+    node: Node, dst: str, count: int = 3, interval: float = 0.2, timeout: float = 2.0, size: int | None = None
+) -> PingResult:
+    """`count` echo requests from inside `node`; waits at most count*interval + timeout seconds."""
+    deadline = max(1, int(count * interval + timeout + 0.999))
+    argv = ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(timeout), "-w", str(deadline)]
+    if size is not None:
+        argv += ["-s", str(size)]
+    res = node.exec([*argv, str(dst)], timeout=deadline + 10, check=False)
+    return parse_ping(res.stdout + res.stderr, node.name, str(dst))
+
+
+def flood_ping(node: Node, dst: str, seconds: float = 3.0, size: int = 56, df: bool = False) -> PingResult:
+    """`ping -f` for `seconds` (root only; loss and rtt under load). df: forbid fragmentation."""
+    deadline = max(1, int(seconds))
+    argv = ["ping", "-n", "-q", "-f", "-w", str(deadline), "-s", str(size)]
+    if df:
+        argv += ["-M", "do"]
+    res = node.exec([*argv, str(dst)], timeout=deadline + 10, check=False)
+    return parse_ping(res.stdout + res.stderr, node.name, str(dst))
+
+
+@dataclass
+class Endpoint:
+    """One side of a ping: a label, the node to run in and the address others use to reach it."""
+
+    label: str
+    node: Node
+    ip: str
+
+
+@dataclass
+class PingMatrix:
+    endpoints: list[Endpoint]
+    results: dict[tuple[str, str], PingResult]
+
+    @property
+    def all_ok(self) -> bool:
+        return all(r.reachable for r in self.results.values())
+
+    def failures(self) -> list[PingResult]:
+        return [r for r in self.results.values() if not r.reachable]
+
+    def format(self) -> str:
+        """A table: rows are sources, columns destinations; ✓ with the average rtt, or ✗."""
+        labels = [e.label for e in self.endpoints]
+        width = max(12, *(len(x) for x in labels)) + 1
+        lines = ["from \\ to".ljust(width) + "".join(lbl.ljust(width) for lbl in labels)]
+        for src in labels:
+            cells = []
+            for dst in labels:
+                r = self.results.get((src, dst))
+                if r is None:
+                    cells.append("-".ljust(width))
+                elif r.reachable:
+                    loss = f" {r.loss:.0%}" if r.loss else ""
+                    cells.append(f"✓ {r.rtt_avg or 0:.3f}ms{loss}".ljust(width))
+                else:
+                    cells.append("✗".ljust(width))
+            lines.append(src.ljust(width) + "".join(cells))
+        return "\n".join(lines)
+
+
+def ping_matrix(
+    endpoints: Sequence[Endpoint],
+    count: int = 3,
+    interval: float = 0.2,
+    timeout: float = 2.0,
+    include_self: bool = False,
+    parallel: int = 4,
+) -> PingMatrix:
+    pairs = [(s, d) for s in endpoints for d in endpoints if include_self or s.label != d.label]
+
+    def one(pair: tuple[Endpoint, Endpoint]) -> PingResult:
+        s, d = pair
+        r = ping(s.node, d.ip, count, interval, timeout)
+        return PingResult(s.label, d.label, r.sent, r.received, r.errors, r.rtt_min, r.rtt_avg, r.rtt_max,
+                          r.rtt_mdev, r.output)  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        results = list(pool.map(one, pairs))
+    return PingMatrix(list(endpoints), {(r.src, r.dst): r for r in results})
+
+
+@dataclass
+class IperfServer:
+    """An iperf3 server inside a namespace, stopped by its own PID (never by name)."""
+
+    node: Node
+    port: int = 5201
+    log_path: Path | None = None
+    idle_timeout: int = 120  # the server exits by itself if a crashed lab forgets it
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> IperfServer:
+        argv = ["iperf3", "-s", "-p", str(self.port), "--idle-timeout", str(self.idle_timeout)]
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.proc = self.node.popen(argv, stdout=out, stderr=out)
+        finally:
+            if not isinstance(out, int):
+                out.close()
+        time.sleep(0.3)  # let it bind before a client connects
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"iperf3 server in {self.node.name} exited with {self.proc.returncode}")
+        logger.debug("iperf3 server pid {} in {} port {}", self.proc.pid, self.node.name, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def __enter__(self) -> IperfServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def iperf3_client(
+    node: Node,
+    server_ip: str,
+    seconds: float = 5.0,
+    streams: int = 1,
+    port: int = 5201,
+    udp: bool = False,
+    bitrate: str | None = None,
+    length: int | None = None,
+    reverse: bool = False,
+    extra: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run an iperf3 client for `seconds`; returns iperf3's JSON report (raises if it fails)."""
+    t = max(1, int(seconds))
+    argv = ["iperf3", "-c", str(server_ip), "-p", str(port), "-t", str(t), "-P", str(streams), "-J",
+            "--connect-timeout", "3000"]  # fmt: skip
+    if udp:
+        argv.append("-u")
+    if bitrate:
+        argv += ["-b", bitrate]
+    if length:
+        argv += ["-l", str(length)]
+    if reverse:
+        argv.append("-R")
+    argv += list(extra)
+    res: ExecResult = node.exec(argv, timeout=t + 20, check=False)
+    try:
+        report = json.loads(res.stdout)
+    except json.JSONDecodeError as e:
+        raise RuntimeError(f"iperf3 in {node.name}: no JSON report (exit {res.returncode}): {res.stderr}") from e
+    if "error" in report:
+        raise RuntimeError(f"iperf3 in {node.name}: {report['error']}")
+    return report
+
+
+def iperf3_bits_per_second(report: dict[str, Any]) -> float:
+    """The receiver's throughput (TCP), or the sender's for UDP reports."""
+    end = report.get("end", {})
+    if "sum_received" in end:
+        return float(end["sum_received"]["bits_per_second"])
+    return float(end["sum"]["bits_per_second"])

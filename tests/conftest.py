@@ -1,0 +1,88 @@
+"""Shared fixtures: a loopback etcd (`etcd`) and namespace labs that are always torn down (`lab_factory`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from loguru import logger
+
+from flannel_ebpf.lab.etcd import EtcdServer
+
+
+def _missing_for_lab() -> str | None:
+    """Why namespace labs cannot run here (None when they can)."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("ip", "etcd", "etcdctl", "ping", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    # Remember each phase's report on the test item so that fixtures can tell whether the test failed.
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call"))
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """One real etcd on loopback for the whole session (started lazily by the first test needing it)."""
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (Debian: etcd-server)")
+    server = EtcdServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def etcd(etcd_server: EtcdServer) -> EtcdServer:
+    """A running, empty loopback etcd: restarted if a previous test stopped it, every key deleted."""
+    etcd_server.start()  # no-op while it runs
+    etcd_server.ctl("del", "", "--from-key")
+    return etcd_server
+
+
+@pytest.fixture
+def lab_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """`lab_factory(hosts=3, topology="flat", network_config={...}, ...)` -> a Lab that is up.
+
+    Every lab made is closed when the test ends, passed or failed; after a failure the lab directory
+    (agent logs, etcd log) is kept and the agents' log tails are printed.
+    """
+    why = _missing_for_lab()
+    if why:
+        pytest.skip(f"namespace lab {why}")
+    from flannel_ebpf.lab.lab import Lab  # the lab needs root tools; import only when used
+
+    labs: list[Lab] = []
+
+    def make(*args: Any, **kwargs: Any) -> Lab:
+        lab = Lab(*args, **kwargs)
+        labs.append(lab)
+        return lab.up()
+
+    yield make
+
+    failed = _failed(request)
+    for lab in labs:
+        if failed:
+            for name, agent in lab.agents.items():
+                if agent.ever_started:
+                    print(f"\n---- {lab.prefix} agent log of {name} (tail) ----\n{agent.log_tail()}")
+        lab.close(remove_dir=not failed)
+        if failed:
+            logger.warning("lab {} files kept in {}", lab.prefix, lab.dir)
