@@ -1,0 +1,163 @@
+"""The `host-gw` backend: no encapsulation, each peer host is the next hop for its own subnet.
+
+Per peer lease: `<subnet> via <PublicIP> dev <ext iface> proto 102`. That only works when the peer is on
+a network directly connected to our external interface (one L2 segment). flanneld v0.20.2 logs a failure
+to add such a route once and then forgets the peer; here a misplaced peer is refused with a clear reason
+(visible in `status()`), no route is installed for it, and `resync()` (the agent calls it every
+RESYNC_INTERVAL seconds, like flanneld's 10 s route check) retries it and restores routes someone deleted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loguru import logger
+from pyroute2 import IPRoute
+
+from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.backends.routes import (
+    PeerBook,
+    RouteSpec,
+    delete_all_our_routes,
+    delete_route,
+    host_gw_route,
+    lease_problem,
+    list_our_routes,
+    not_direct_reason,
+    reachability,
+    reconcile_routes,
+    replace_route,
+)
+from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
+
+
+class HostGwBackend(Backend):
+    type_name = "host-gw"
+    #: seconds between two `resync()` calls the agent should make (flanneld re-checks routes every 10 s)
+    RESYNC_INTERVAL = 10.0
+
+    def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
+        super().__init__(backend_config, options)
+        self._ipr: IPRoute | None = None
+        self.ext: ExternalInterface | None = None
+        self.local: LocalNetwork | None = None
+        self.book = PeerBook(self.type_name)
+
+    # the netlink socket is opened lazily, in whatever network namespace the agent runs in
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def overhead(self) -> int:
+        return 0
+
+    def prepare(self, ext: ExternalInterface) -> LeaseAttrs:
+        if ext.public_ip != ext.address:
+            # as flanneld: peers would route to an address that is not on our interface (a NAT)
+            raise BackendError(
+                f"host-gw: the public IP {ext.public_ip} differs from the address {ext.address} of "
+                f"{ext.name}, so this host is probably behind NAT; host-gw needs peers to reach this host's "
+                "interface address directly (drop --public-ip or use the vxlan backend)"
+            )
+        self.ext = ext
+        return LeaseAttrs(public_ip=ext.public_ip, backend_type=self.type_name, backend_data=None)
+
+    def start(self, local: LocalNetwork) -> None:
+        self.local = local
+        self.ext = local.ext
+        logger.info("host-gw: routing peer subnets via their hosts on {}", local.ext.name)
+
+    # ------------------------------------------------------------------------------------------------
+    # peers
+
+    def _desired(self, lease: Lease) -> RouteSpec | None:
+        """The route for a peer, or None (then the reason is recorded in the book)."""
+        ext = self._ext()
+        problem = lease_problem(
+            lease, self.type_name, self.local.subnet if self.local else None, {ext.address, ext.public_ip}
+        )
+        if problem:
+            self.book.skip(lease, problem)
+            return None
+        reach = reachability(self.ipr, lease.public_ip)
+        if not reach.directly_connected_on(ext.index):
+            self.book.refuse(lease, not_direct_reason(self.ipr, reach, ext.name))
+            return None
+        return host_gw_route(lease.subnet, lease.public_ip, ext.index)
+
+    def sync(self, peers: list[Lease]) -> None:
+        self.book.leases = {lease.subnet: lease for lease in peers}
+        for subnet in list(self.book.programmed) + list(self.book.refused) + list(self.book.skipped):
+            if subnet not in self.book.leases:
+                self.book.forget(subnet)
+        desired: dict[Any, RouteSpec] = {}
+        for lease in peers:
+            spec = self._desired(lease)
+            if spec is not None:
+                desired[lease.subnet] = spec
+        result = reconcile_routes(self.ipr, desired.values())
+        for lease in peers:
+            spec = desired.get(lease.subnet)
+            if spec is None:
+                continue
+            if lease.subnet in result.failed:
+                self.book.refuse(lease, result.failed[lease.subnet])
+            else:
+                self.book.accept(lease, {"public_ip": str(lease.public_ip), "route": spec.describe()})
+        if result.changed:
+            logger.info(
+                "host-gw: sync: {} routes added, {} replaced, {} removed, {} already right",
+                len(result.added),
+                len(result.replaced),
+                len(result.removed),
+                result.unchanged,
+            )
+
+    def resync(self) -> None:
+        """Periodic re-check: retry refused peers, drop routes to peers no longer on-link, restore routes
+        that disappeared. Idempotent and quiet when nothing changed."""
+        self.sync(list(self.book.leases.values()))
+
+    def add_peer(self, lease: Lease) -> None:
+        self.book.leases[lease.subnet] = lease
+        try:
+            spec = self._desired(lease)
+            if spec is None:
+                # a lease that changed into something we cannot serve must not leave its old route behind
+                delete_route(self.ipr, lease.subnet)
+                return
+            have, _ = list_our_routes(self.ipr)
+            if have.get(lease.subnet) != spec:
+                replace_route(self.ipr, spec)
+            self.book.accept(lease, {"public_ip": str(lease.public_ip), "route": spec.describe()})
+        except Exception as e:  # a peer must never take the agent down: record it, resync retries
+            self.book.refuse(lease, f"programming failed: {e}")
+
+    def remove_peer(self, lease: Lease) -> None:
+        self.book.forget(lease.subnet)
+        if delete_route(self.ipr, lease.subnet):
+            logger.info("host-gw: subnet removed: {}", lease.subnet)
+
+    def stop(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def teardown(self, local: LocalNetwork | None) -> None:
+        count = delete_all_our_routes(self.ipr)
+        logger.info("host-gw: teardown removed {} routes", count)
+        self.stop()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "type": self.type_name,
+            "ext_iface": self.ext.name if self.ext else None,
+            **self.book.status(),
+        }
+
+    def _ext(self) -> ExternalInterface:
+        if self.ext is None:
+            raise BackendError("host-gw: prepare()/start() was not called")
+        return self.ext

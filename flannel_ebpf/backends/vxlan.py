@@ -1,0 +1,540 @@
+"""The `vxlan` backend: the kernel's VXLAN device `flannel.<VNI>`, programmed over netlink.
+
+Device (as flanneld v0.20.2): VNI `VNI` (default 1), UDP port `Port` (default 8472, the Linux default),
+learning off unless `Learning`, `GBP` if asked, local = the external interface's own address (as flanneld:
+with --public-ip behind NAT the outer source must still be an address this host owns), dev = the external
+interface; MTU = underlay MTU - 50; it holds the lease's network address as a /32.
+
+Per peer lease (BackendData `{"VNI":1,"VtepMAC":"…"}`):
+  route  `<subnet> via <subnet network address> dev flannel.<VNI> onlink proto 102`
+  neigh  `<subnet network address> lladdr <VtepMAC> permanent` on flannel.<VNI>
+  fdb    `<VtepMAC> dst <PublicIP> self permanent` on flannel.<VNI>
+With `DirectRouting` and the peer on a network directly connected to the external interface, a host-gw
+route replaces all three.
+
+Every write is compare-then-write against the kernel, so a restarted agent (start + sync) adopts what the
+previous one left without flapping a single entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import secrets
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from socket import AF_INET
+from typing import Any
+
+from loguru import logger
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ndmsg import flags as NTF
+from pyroute2.netlink.rtnl.ndmsg import states as NUD
+
+from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.backends.routes import (
+    PeerBook,
+    RouteSpec,
+    delete_all_our_routes,
+    delete_route,
+    host_gw_route,
+    lease_problem,
+    list_our_routes,
+    reachability,
+    reconcile_routes,
+    replace_route,
+    vxlan_route,
+)
+from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
+
+#: VXLAN (50) = outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+ENCAP_OVERHEAD = 50
+DEFAULT_VNI = 1
+#: the port Linux uses when none is given (IANA's 4789 is not the kernel default); flanneld relies on it
+LINUX_DEFAULT_PORT = 8472
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-])(?:[0-9a-fA-F]{2}\1){4}[0-9a-fA-F]{2}$")
+
+
+def random_vtep_mac() -> str:
+    """A random locally administered unicast MAC (as flanneld's pkg/mac)."""
+    raw = bytearray(secrets.token_bytes(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def parse_mac(value: Any) -> str:
+    """Normalise a VtepMAC from a lease to lower-case `aa:bb:…`; ValueError if it is not a unicast MAC."""
+    if not isinstance(value, str) or not _MAC_RE.match(value):
+        raise ValueError(f"VtepMAC {value!r} is not a MAC address")
+    mac = value.lower().replace("-", ":")
+    first = int(mac[:2], 16)
+    if first & 0x01:
+        raise ValueError(f"VtepMAC {mac} is a multicast/broadcast address")
+    if mac == "00:00:00:00:00:00":
+        raise ValueError("VtepMAC is all zeros")
+    return mac
+
+
+@dataclass(frozen=True)
+class VxlanConfig:
+    """The `Backend` section of the network config, as flanneld reads it for vxlan."""
+
+    vni: int = DEFAULT_VNI
+    port: int = 0  # 0: the kernel's default (8472)
+    gbp: bool = False
+    learning: bool = False
+    direct_routing: bool = False
+
+    @classmethod
+    def from_backend_config(cls, cfg: dict[str, Any]) -> VxlanConfig:
+        def get_int(key: str, default: int, lo: int, hi: int) -> int:
+            value = cfg.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise BackendError(f"vxlan: Backend.{key} must be an integer in [{lo}, {hi}], got {value!r}")
+            return value
+
+        def get_bool(key: str) -> bool:
+            value = cfg.get(key, False)
+            if not isinstance(value, bool):
+                raise BackendError(f"vxlan: Backend.{key} must be true or false, got {value!r}")
+            return value
+
+        return cls(
+            vni=get_int("VNI", DEFAULT_VNI, 0, 0xFFFFFF),
+            port=get_int("Port", 0, 0, 65535),
+            gbp=get_bool("GBP"),
+            learning=get_bool("Learning"),
+            direct_routing=get_bool("DirectRouting"),
+        )
+
+    @property
+    def device_name(self) -> str:
+        return f"flannel.{self.vni}"
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or LINUX_DEFAULT_PORT
+
+
+@dataclass(frozen=True)
+class VxlanPeer:
+    """What one peer lease puts in the kernel."""
+
+    subnet: IPv4Network
+    public_ip: IPv4Address
+    vtep_mac: str | None  # None for a DirectRouting peer
+    route: RouteSpec
+
+    @property
+    def direct(self) -> bool:
+        return self.vtep_mac is None
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "public_ip": str(self.public_ip),
+            "vtep_mac": self.vtep_mac,
+            "direct_routing": self.direct,
+            "route": self.route.describe(),
+        }
+
+
+def _linkinfo(link: Any) -> tuple[str | None, Any]:
+    info = link.get_attr("IFLA_LINKINFO")
+    if info is None:
+        return None, None
+    return info.get_attr("IFLA_INFO_KIND"), info.get_attr("IFLA_INFO_DATA")
+
+
+class VxlanBackend(Backend):
+    type_name = "vxlan"
+    #: seconds between two `resync()` calls (matters with DirectRouting, whose choice depends on routing)
+    RESYNC_INTERVAL = 10.0
+
+    def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
+        super().__init__(backend_config, options)
+        self.cfg = VxlanConfig.from_backend_config(backend_config)
+        self._ipr: IPRoute | None = None
+        self.ext: ExternalInterface | None = None
+        self.local: LocalNetwork | None = None
+        self.ifindex: int | None = None
+        self.vtep_mac: str | None = None
+        self.book = PeerBook(self.type_name)
+        self._peers: dict[IPv4Network, VxlanPeer] = {}  # programmed in the kernel
+        self._vni_warned: set[tuple[IPv4Network, Any]] = set()
+
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def overhead(self) -> int:
+        return ENCAP_OVERHEAD
+
+    # ------------------------------------------------------------------------------------------------
+    # the device
+
+    def _incompatibility(self, link: Any, ext: ExternalInterface) -> str | None:
+        """Why an existing `flannel.<VNI>` cannot be adopted, or None (as flanneld's vxlanLinksIncompat,
+        plus learning, which decides whether unknown MACs are flooded)."""
+        kind, data = _linkinfo(link)
+        if kind != "vxlan" or data is None:
+            return f"it is a {kind or 'non-vxlan'} device"
+        checks: list[tuple[str, Any, Any]] = [
+            ("vni", data.get_attr("IFLA_VXLAN_ID"), self.cfg.vni),
+            ("external interface", data.get_attr("IFLA_VXLAN_LINK"), ext.index),
+            ("local address", data.get_attr("IFLA_VXLAN_LOCAL"), str(ext.address)),
+            ("port", data.get_attr("IFLA_VXLAN_PORT"), self.cfg.effective_port),
+            ("gbp", data.get_attr("IFLA_VXLAN_GBP") is not None, self.cfg.gbp),
+            ("learning", bool(data.get_attr("IFLA_VXLAN_LEARNING")), self.cfg.learning),
+            ("group", data.get_attr("IFLA_VXLAN_GROUP") or None, None),
+            ("l2miss", bool(data.get_attr("IFLA_VXLAN_L2MISS")), False),
+        ]
+        for what, have, want in checks:
+            if have != want:
+                return f"{what} is {have}, want {want}"
+        return None
+
+    def _create_device(self, ext: ExternalInterface, mac: str) -> None:
+        kwargs: dict[str, Any] = {
+            "ifname": self.cfg.device_name,
+            "kind": "vxlan",
+            "address": mac,
+            "mtu": ext.mtu - ENCAP_OVERHEAD,
+            "vxlan_id": self.cfg.vni,
+            "vxlan_link": ext.index,
+            "vxlan_local": str(ext.address),
+            "vxlan_port": self.cfg.effective_port,
+            "vxlan_learning": 1 if self.cfg.learning else 0,
+        }
+        if self.cfg.gbp:
+            kwargs["vxlan_gbp"] = True
+        self.ipr.link("add", **kwargs)
+
+    def prepare(self, ext: ExternalInterface) -> LeaseAttrs:
+        self.ext = ext
+        name = self.cfg.device_name
+        links = self.ipr.get_links(ifname=name) if self.ipr.link_lookup(ifname=name) else []
+        if links:
+            existing = links[0]
+            mac = existing.get_attr("IFLA_ADDRESS")
+            why = self._incompatibility(existing, ext)
+            if why is None:
+                logger.info("vxlan: adopting existing {} (VtepMAC {})", name, mac)
+            else:
+                # recreate, but keep the MAC: peers' FDB entries for us stay valid
+                logger.warning("vxlan: {} exists with an incompatible configuration ({}); recreating it", name, why)
+                self.ipr.link("del", index=existing["index"])
+                self._create_device(ext, mac)
+        else:
+            mac = random_vtep_mac()
+            self._create_device(ext, mac)
+            logger.info(
+                "vxlan: created {} (VNI {}, port {}, local {}, dev {}, VtepMAC {})",
+                name,
+                self.cfg.vni,
+                self.cfg.effective_port,
+                ext.address,
+                ext.name,
+                mac,
+            )
+        self.ifindex = self.ipr.link_lookup(ifname=name)[0]
+        self.vtep_mac = self.ipr.get_links(self.ifindex)[0].get_attr("IFLA_ADDRESS")
+        # IPv6 router advertisements have no business on a tunnel device (flanneld turns them off too)
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "w") as f:
+                f.write("0")
+        except OSError:
+            pass
+        # field names and order as flanneld's vxlanLeaseAttrs: {"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}
+        return LeaseAttrs(
+            public_ip=ext.public_ip,
+            backend_type=self.type_name,
+            backend_data={"VNI": self.cfg.vni, "VtepMAC": self.vtep_mac},
+        )
+
+    def start(self, local: LocalNetwork) -> None:
+        if self.ifindex is None:
+            raise BackendError("vxlan: start() before prepare()")
+        self.local = local
+        self.ext = local.ext
+        want = IPv4Network(f"{local.subnet.network_address}/32")
+        # exactly one address of the overlay on the device: ours. A /32 creates no broadcast/subnet route.
+        have_want = False
+        for addr in self.ipr.get_addr(family=AF_INET, index=self.ifindex):
+            a = IPv4Address(addr.get_attr("IFA_ADDRESS"))
+            if a == want.network_address and addr["prefixlen"] == 32:
+                have_want = True
+            elif a in local.network:
+                logger.info("vxlan: removing stale address {}/{} from {}", a, addr["prefixlen"], self.cfg.device_name)
+                self.ipr.addr("del", index=self.ifindex, address=str(a), prefixlen=addr["prefixlen"])
+        if not have_want:
+            self.ipr.addr("add", index=self.ifindex, address=str(want.network_address), prefixlen=32)
+        mtu = local.ext.mtu - ENCAP_OVERHEAD
+        self.ipr.link("set", index=self.ifindex, mtu=mtu, state="up")
+        logger.info("vxlan: {} up, address {}, mtu {}", self.cfg.device_name, want, mtu)
+
+    # ------------------------------------------------------------------------------------------------
+    # peers: desired state
+
+    def _evaluate(self, lease: Lease, claimed_macs: dict[str, VxlanPeer]) -> VxlanPeer | None:
+        ext = self._ext()
+        problem = lease_problem(
+            lease, self.type_name, self.local.subnet if self.local else None, {ext.address, ext.public_ip}
+        )
+        if problem:
+            self.book.skip(lease, problem)
+            return None
+        data = lease.attrs.backend_data
+        if not isinstance(data, dict):
+            self.book.skip(lease, "its lease has no BackendData (VNI, VtepMAC)")
+            return None
+        try:
+            mac = parse_mac(data.get("VtepMAC"))
+        except ValueError as e:
+            self.book.skip(lease, f"invalid BackendData: {e}")
+            return None
+        vni = data.get("VNI")
+        if vni is not None and vni != self.cfg.vni and (lease.subnet, vni) not in self._vni_warned:
+            self._vni_warned.add((lease.subnet, vni))  # once per lease, not on every resync
+            # flanneld ignores a peer's VNI; so do we, but a mismatch means its packets will not decap here
+            logger.warning("vxlan: peer {} announces VNI {}, this host uses {}", lease.subnet, vni, self.cfg.vni)
+        if self.cfg.direct_routing and reachability(self.ipr, lease.public_ip).directly_connected_on(ext.index):
+            # same L2 segment: no encapsulation needed (flanneld's DirectRouting)
+            route = host_gw_route(lease.subnet, lease.public_ip, ext.index)
+            return VxlanPeer(lease.subnet, lease.public_ip, None, route)
+        other = claimed_macs.get(mac)
+        if other is not None and other.subnet != lease.subnet and other.public_ip != lease.public_ip:
+            # one FDB entry per MAC: two hosts claiming one VtepMAC cannot both be served
+            self.book.refuse(lease, f"VtepMAC {mac} is already used by peer {other.subnet} ({other.public_ip})")
+            return None
+        return VxlanPeer(lease.subnet, lease.public_ip, mac, vxlan_route(lease.subnet, self._index()))
+
+    # ------------------------------------------------------------------------------------------------
+    # kernel reads and writes for neighbours and FDB entries on flannel.<VNI>
+
+    def _kernel_neighbours(self) -> dict[IPv4Address, tuple[str, int]]:
+        out: dict[IPv4Address, tuple[str, int]] = {}
+        for msg in self.ipr.get_neighbours(family=AF_INET, ifindex=self._index()):
+            dst = msg.get_attr("NDA_DST")
+            if dst is not None:
+                out[IPv4Address(dst)] = ((msg.get_attr("NDA_LLADDR") or "").lower(), msg["state"])
+        return out
+
+    def _kernel_fdb(self) -> dict[str, IPv4Address]:
+        out: dict[str, IPv4Address] = {}
+        for msg in self.ipr.fdb("dump", ifindex=self._index()):
+            if msg["ifindex"] != self._index():
+                continue
+            mac = (msg.get_attr("NDA_LLADDR") or "").lower()
+            dst = msg.get_attr("NDA_DST")
+            if dst and mac and mac != "00:00:00:00:00:00":
+                out[mac] = IPv4Address(dst)
+        return out
+
+    def _set_neigh(self, ip: IPv4Address, mac: str) -> None:
+        self.ipr.neigh("replace", dst=str(ip), lladdr=mac, ifindex=self._index(), state=NUD["permanent"])
+
+    def _del_neigh(self, ip: IPv4Address) -> None:
+        try:
+            self.ipr.neigh("del", dst=str(ip), ifindex=self._index())
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.ESRCH):
+                raise
+
+    def _set_fdb(self, mac: str, ip: IPv4Address) -> None:
+        self.ipr.fdb(
+            "replace",
+            ifindex=self._index(),
+            lladdr=mac,
+            dst=str(ip),
+            state=NUD["permanent"],
+            flags=NTF["self"],
+        )
+
+    def _del_fdb(self, mac: str) -> None:
+        # without a dst the whole entry (every remote of that MAC) goes
+        try:
+            self.ipr.fdb("del", ifindex=self._index(), lladdr=mac)
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.ESRCH):
+                raise
+
+    # ------------------------------------------------------------------------------------------------
+    # peers: Backend interface
+
+    def sync(self, peers: list[Lease]) -> None:
+        self.book.leases = {lease.subnet: lease for lease in peers}
+        for subnet in list(self.book.programmed) + list(self.book.refused) + list(self.book.skipped):
+            if subnet not in self.book.leases:
+                self.book.forget(subnet)
+        desired: dict[IPv4Network, VxlanPeer] = {}
+        claimed: dict[str, VxlanPeer] = {}
+        for lease in sorted(peers, key=lambda x: x.subnet):
+            peer = self._evaluate(lease, claimed)
+            if peer is not None:
+                desired[lease.subnet] = peer
+                if peer.vtep_mac:
+                    claimed.setdefault(peer.vtep_mac, peer)
+
+        want_neigh = {p.subnet.network_address for p in desired.values() if p.vtep_mac}
+        want_fdb = {p.vtep_mac for p in desired.values() if p.vtep_mac}
+        # neighbours and FDB first, routes last: a route must never point at an unresolved next hop
+        changes = 0
+        for ip, (_mac, state) in self._kernel_neighbours().items():
+            if ip not in want_neigh and state & NUD["permanent"]:
+                self._del_neigh(ip)
+                changes += 1
+        have_fdb = self._kernel_fdb()
+        for mac in have_fdb:
+            if mac not in want_fdb:
+                self._del_fdb(mac)
+                changes += 1
+        have_neigh = self._kernel_neighbours()
+        failed: dict[IPv4Network, str] = {}
+        for peer in desired.values():
+            if peer.vtep_mac is None:
+                continue
+            ip = peer.subnet.network_address
+            try:
+                if have_neigh.get(ip, ("", 0)) != (peer.vtep_mac, NUD["permanent"]):
+                    self._set_neigh(ip, peer.vtep_mac)
+                    changes += 1
+                if have_fdb.get(peer.vtep_mac) != peer.public_ip:
+                    self._set_fdb(peer.vtep_mac, peer.public_ip)
+                    have_fdb[peer.vtep_mac] = peer.public_ip
+                    changes += 1
+            except NetlinkError as e:
+                # one bad peer must not stop the others; it gets no route (below) and resync retries it
+                failed[peer.subnet] = f"kernel refused its neighbour/FDB entry: {e}"
+        desired = {s: p for s, p in desired.items() if s not in failed}
+        for subnet, reason in failed.items():
+            self.book.refuse(self.book.leases[subnet], reason)
+        result = reconcile_routes(self.ipr, (p.route for p in desired.values()))
+        self._peers = {}
+        for subnet, peer in desired.items():
+            lease = self.book.leases[subnet]
+            if subnet in result.failed:
+                self.book.refuse(lease, result.failed[subnet])
+                continue
+            self._peers[subnet] = peer
+            self.book.accept(lease, peer.info())
+        if changes or result.changed:
+            logger.info(
+                "vxlan: sync: {} neighbour/fdb changes; routes: {} added, {} replaced, {} removed, {} kept",
+                changes,
+                len(result.added),
+                len(result.replaced),
+                len(result.removed),
+                result.unchanged,
+            )
+
+    def resync(self) -> None:
+        """Periodic re-check: a full reconcile of the known leases against the kernel."""
+        self.sync(list(self.book.leases.values()))
+
+    def add_peer(self, lease: Lease) -> None:
+        self.book.leases[lease.subnet] = lease
+        try:
+            claimed = {p.vtep_mac: p for p in self._peers.values() if p.vtep_mac and p.subnet != lease.subnet}
+            new = self._evaluate(lease, claimed)
+            old = self._peers.get(lease.subnet)
+            if new is None:
+                if old is not None:
+                    self._unprogram(old)
+                else:
+                    delete_route(self.ipr, lease.subnet)
+                return
+            if new != old:
+                self._program(new, old)
+            self._peers[lease.subnet] = new
+            self.book.accept(lease, new.info())
+        except Exception as e:  # a peer must never take the agent down: record it, resync retries
+            self._peers.pop(lease.subnet, None)
+            self.book.refuse(lease, f"programming failed: {e}")
+
+    def remove_peer(self, lease: Lease) -> None:
+        self.book.forget(lease.subnet)
+        old = self._peers.get(lease.subnet)
+        if old is not None:
+            self._unprogram(old)
+        else:
+            delete_route(self.ipr, lease.subnet)
+        logger.info("vxlan: subnet removed: {}", lease.subnet)
+
+    def _mac_in_use(self, mac: str, except_subnet: IPv4Network) -> bool:
+        return any(p.vtep_mac == mac for s, p in self._peers.items() if s != except_subnet)
+
+    def _program(self, new: VxlanPeer, old: VxlanPeer | None) -> None:
+        if new.vtep_mac is not None:
+            self._set_neigh(new.subnet.network_address, new.vtep_mac)
+            self._set_fdb(new.vtep_mac, new.public_ip)
+        have, _ = list_our_routes(self.ipr)
+        if have.get(new.subnet) != new.route:
+            replace_route(self.ipr, new.route)
+        if old is not None and old.vtep_mac is not None:
+            if new.vtep_mac is None:
+                self._del_neigh(old.subnet.network_address)
+            if old.vtep_mac != new.vtep_mac and not self._mac_in_use(old.vtep_mac, old.subnet):
+                self._del_fdb(old.vtep_mac)
+
+    def _unprogram(self, old: VxlanPeer) -> None:
+        delete_route(self.ipr, old.subnet)
+        if old.vtep_mac is not None:
+            self._del_neigh(old.subnet.network_address)
+            if not self._mac_in_use(old.vtep_mac, old.subnet):
+                self._del_fdb(old.vtep_mac)
+        self._peers.pop(old.subnet, None)
+
+    # ------------------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def teardown(self, local: LocalNetwork | None) -> None:
+        name = self.cfg.device_name
+        for index in self.ipr.link_lookup(ifname=name):
+            kind, _ = _linkinfo(self.ipr.get_links(index)[0])
+            if kind == "vxlan":
+                # its neighbours, FDB entries and the routes through it go with it
+                self.ipr.link("del", index=index)
+                logger.info("vxlan: deleted {}", name)
+        count = delete_all_our_routes(self.ipr)  # DirectRouting routes are on the external interface
+        if count:
+            logger.info("vxlan: teardown removed {} direct routes", count)
+        self.ifindex = None
+        self._peers.clear()
+        self.stop()
+
+    def status(self) -> dict[str, Any]:
+        device: dict[str, Any] | None = None
+        if self.ifindex is not None:
+            try:
+                link = self.ipr.get_links(self.ifindex)[0]
+                device = {
+                    "name": link.get_attr("IFLA_IFNAME"),
+                    "index": self.ifindex,
+                    "vtep_mac": link.get_attr("IFLA_ADDRESS"),
+                    "mtu": link.get_attr("IFLA_MTU"),
+                    "state": link.get_attr("IFLA_OPERSTATE"),
+                    "vni": self.cfg.vni,
+                    "port": self.cfg.effective_port,
+                    "local": str(self.ext.address) if self.ext else None,
+                    "direct_routing": self.cfg.direct_routing,
+                }
+            except NetlinkError as e:
+                device = {"name": self.cfg.device_name, "error": str(e)}
+        return {"type": self.type_name, "device": device, **self.book.status()}
+
+    def _ext(self) -> ExternalInterface:
+        if self.ext is None:
+            raise BackendError("vxlan: prepare() was not called")
+        return self.ext
+
+    def _index(self) -> int:
+        if self.ifindex is None:
+            raise BackendError("vxlan: prepare() was not called")
+        return self.ifindex
