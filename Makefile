@@ -37,7 +37,7 @@ bench-quick: setup bpf
 bpf: $(BPF_OBJ)
 
 bpf/%.o: bpf/%.c $(wildcard bpf/lib/*.h)
-	$(CLANG) -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu -Ibpf -c $< -o $@
+	$(CLANG) -O2 -g -Wall -Werror -target bpf -I/usr/include/x86_64-linux-gnu -c $< -o $@
 
 lab-cleanup: setup
 	$(PY) -m flannel_ebpf.lab cleanup

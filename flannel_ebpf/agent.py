@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
+import socket
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -133,6 +136,8 @@ class Agent:
             ]
             if st.phase in ("ready", "conflict"):
                 st.phase, st.reason = ("conflict", m.problem) if m.problem else ("ready", "")
+            elif st.phase == "acquiring":
+                st.reason = m.problem or "acquiring a subnet lease"
         if self.backend is not None:
             try:
                 st.backend_status = self.backend.status()
@@ -208,8 +213,9 @@ class Agent:
         self.state.backend_config = config.backend
         self.set_phase("acquiring", "acquiring a subnet lease")
 
+        lease_options = dataclasses.replace(opts.lease, identity=agent_identity(opts.state_dir))
         self.manager = LeaseManager(
-            config, attrs, opts.registry(), opts.registry(), opts.lease, on_change=self.save_state
+            config, attrs, opts.registry(), opts.registry(), lease_options, on_change=self.save_state
         )
         try:
             previous = subnet_file.previous_subnet(opts.subnet_file)
@@ -221,6 +227,8 @@ class Agent:
                 return 0
             return await self._serve(config, ext, lease)
         finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.manager.release_presence(), 3)
             await self.manager.leases.close()
             await self.manager.watcher.close()
 
@@ -332,6 +340,21 @@ class Agent:
         server = await asyncio.start_server(handle, self.options.healthz_ip, self.options.healthz_port)
         async with server:
             await server.serve_forever()
+
+
+def agent_identity(state_dir: str) -> str:
+    """Who this agent is, kept across restarts in the state dir: `<hostname>:<random>`."""
+    path = os.path.join(state_dir, "agent-id")
+    try:
+        with open(path) as f:
+            identity = f.read().strip()
+        if identity:
+            return identity
+    except FileNotFoundError:
+        pass
+    identity = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
+    subnet_file.atomic_write(path, identity + "\n")
+    return identity
 
 
 def run_agent(options: AgentOptions) -> int:

@@ -255,3 +255,25 @@ def test_duplicate_public_ip_is_never_a_peer(etcd, prefix):
         assert sink.peers == {}
 
     run(body())
+
+
+def test_one_agent_per_public_ip(etcd, prefix):
+    async def body():
+        first = manager(etcd, prefix, identity="hostA:1")
+        lease = await first.acquire()
+        twin = manager(etcd, prefix, identity="hostB:2")  # another machine configured with the same IP
+        task = asyncio.ensure_future(twin.acquire())
+        await eventually(lambda: twin.problem is not None, what="duplicate reported")
+        assert "DUPLICATE PUBLIC IP" in twin.problem and "hostA:1" in twin.problem
+        assert not task.done()
+        task.cancel()
+        stored = await registry(etcd, prefix).get_lease(lease.subnet)
+        assert stored.mod_revision == lease.mod_revision  # the twin never touched the lease
+        # The same agent restarting (same identity, its claim still alive) is not a duplicate.
+        again = await manager(etcd, prefix, identity="hostA:1").acquire()
+        assert again.subnet == lease.subnet
+        # Once the first agent stops, the address is free for another.
+        await first.release_presence()
+        await manager(etcd, prefix, identity="hostA:1").release_presence()
+
+    run(body())

@@ -36,6 +36,12 @@ class LeaseOptions:
     check_interval: float = 10.0  # how often our own key and etcd's revision are verified
     retry_interval: float = 1.0  # first back-off after an etcd error (doubles up to 10 s)
     allow_subnet_change: bool = False  # take a new subnet when our previous one is held by another host
+    identity: str = ""  # this agent's identity for the one-agent-per-PublicIP claim ("" = no claim)
+
+    @property
+    def presence_ttl(self) -> int:
+        # Long enough to ride out a few missed checks, short enough that a dead agent's claim soon lapses.
+        return max(15, int(self.check_interval * 3))
 
     @property
     def effective_margin(self) -> float:
@@ -100,6 +106,10 @@ class LeaseManager:
         self.last_revision = 0
         self.cluster_id = 0
         self.relists = 0
+        self.presence_lease = 0
+        # After etcd lost data, other agents need a few checks to re-create their leases: until then a
+        # relist must not remove peers that are merely not back yet (that would cut working routes).
+        self._keep_missing_until = 0.0
         self._relist = asyncio.Event()
         self._check_now = asyncio.Event()
         self._on_change = on_change
@@ -136,7 +146,28 @@ class LeaseManager:
                 return lease
             await asyncio.sleep(random.uniform(0.05, 0.3))  # lost a race or blocked: try again
 
+    async def _claim_presence(self) -> bool:
+        """One agent per PublicIP: two hosts sharing an address would fight over one lease."""
+        if not self.options.identity:
+            return True
+        lease_id, holder = await self.leases.claim_presence(
+            self.attrs.public_ip, self.options.identity, self.options.presence_ttl
+        )
+        if lease_id:
+            self.presence_lease = lease_id
+            return True
+        self.presence_lease = 0
+        self._set_problem(
+            f"DUPLICATE PUBLIC IP: {self.attrs.public_ip} is already used by another running agent ({holder}); "
+            "two hosts with one PublicIP would share one lease. Give each host its own --public-ip"
+        )
+        await self._changed()
+        return False
+
     async def _try_acquire(self, previous: IPv4Network | None) -> Lease | None:
+        if not self.presence_lease and not await self._claim_presence():
+            await asyncio.sleep(self.options.check_interval)
+            return None
         listing = await self.leases.list_leases()
         for key, reason in listing.garbage:
             logger.warning("ignoring invalid lease {}: {}", key, reason)
@@ -213,8 +244,13 @@ class LeaseManager:
                 "etcd lost its data or was replaced (cluster {:x} rev {} -> cluster {:x} rev {}); relisting",
                 self.cluster_id, self.last_revision, cluster_id, revision,
             )  # fmt: skip
+            self._grace_for_missing_peers()
             self.request_relist()
         self.cluster_id = cluster_id
+        if self.options.identity:
+            alive = bool(self.presence_lease) and await self.leases.refresh_presence(self.presence_lease)
+            if not alive and not await self._claim_presence():
+                return  # reported; the lease is left alone until the other agent is gone
         current = await self.leases.get_lease(self.lease.subnet)
         if current is None:
             got = await self.leases.create_lease(self.lease.subnet, self.attrs, self.options.ttl)
@@ -222,6 +258,10 @@ class LeaseManager:
                 logger.warning("lease {} had vanished from etcd (expired or lost); re-created it", got.subnet)
                 self.lease = got
                 self._set_problem(None)
+                # Whatever removed our key (an expiry, etcd losing its data) may have hidden other changes
+                # from the watch: a fresh listing costs little and makes the peers certain again.
+                self._grace_for_missing_peers()
+                self.request_relist()
             else:
                 self._set_problem(f"lease {self.lease.subnet} vanished and was re-created by another host first")
         elif current.public_ip != self.attrs.public_ip:
@@ -242,6 +282,12 @@ class LeaseManager:
             self._set_problem(None)
         await self._changed()
 
+    async def release_presence(self) -> None:
+        """The agent stops: let another agent (a replacement host) claim our PublicIP at once."""
+        if self.presence_lease:
+            await self.leases.release_presence(self.attrs.public_ip, self.presence_lease)
+            self.presence_lease = 0
+
     async def release(self) -> bool:
         """Delete our lease from etcd (only if it is still ours)."""
         if self.lease is None:
@@ -252,6 +298,12 @@ class LeaseManager:
 
     def request_relist(self) -> None:
         self._relist.set()
+
+    def _grace_for_missing_peers(self) -> None:
+        grace = max(5.0, 3 * self.options.check_interval)
+        self._keep_missing_until = time.monotonic() + grace
+        # A last listing once the grace is over removes the peers that really are gone.
+        asyncio.get_running_loop().call_later(grace + 0.1, self.request_relist)
 
     def _is_own(self, lease: Lease) -> bool:
         return self.lease is not None and lease.subnet == self.lease.subnet
@@ -290,10 +342,16 @@ class LeaseManager:
         listing = await self.watcher.list_leases()
         for key, reason in listing.garbage:
             logger.warning("ignoring invalid lease {}: {}", key, reason)
-        self.peers = {}
+        previous, self.peers = self.peers, {}
         for lease in listing.leases:
             if self._accept_peer(lease):
                 self.peers[lease.subnet] = lease
+        if time.monotonic() < self._keep_missing_until:
+            kept = {subnet: lease for subnet, lease in previous.items() if subnet not in self.peers}
+            if kept:
+                logger.info("keeping {} peer(s) absent after etcd's data loss until they re-create their leases",
+                            len(kept))  # fmt: skip
+                self.peers.update(kept)
         self.last_revision = listing.revision
         self.relists += 1
         logger.info("listed {} peer lease(s) at revision {}", len(self.peers), listing.revision)

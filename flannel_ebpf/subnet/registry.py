@@ -297,6 +297,46 @@ class SubnetRegistry:
                 logger.debug("revoking etcd lease {:x}: {}", lease.lease_id, e)
         return ok
 
+    # --- presence: one agent per PublicIP -----------------------------------------------------------------
+
+    def presence_key(self, public_ip: IPv4Address) -> str:
+        # Outside subnets/ and config: flanneld never reads it, so the shared schema is unchanged.
+        return f"{self.prefix}/flannel-ebpf/hosts/{public_ip}"
+
+    async def claim_presence(self, public_ip: IPv4Address, identity: str, ttl: int) -> tuple[int, str]:
+        """Claim `public_ip` for this agent: (etcd lease id, "") on success, (0, holder) if another agent
+        holds it. A claim left by an earlier run of this same agent (same identity) is taken over."""
+        key = self.presence_key(public_ip).encode()
+        lease_id = await self._grant(ttl)
+        tx = self.client.transactions
+        ok, responses = await self.client.transaction(
+            compare=[tx.version(key) == 0],
+            success=[tx.put(key, identity.encode(), lease=lease_id)],
+            failure=[tx.get(key)],
+        )
+        if ok:
+            return lease_id, ""
+        held = responses[0][0] if responses and responses[0] else None
+        holder = held[0].decode(errors="replace") if held else ""
+        if held and holder == identity:
+            mod = held[1].mod_revision
+            ok, _ = await self.client.transaction(
+                compare=[tx.mod(key) == mod], success=[tx.put(key, identity.encode(), lease=lease_id)], failure=[]
+            )
+            if ok:
+                return lease_id, ""
+        await self.client.revoke_lease(lease_id)
+        return 0, holder or "another agent"
+
+    async def refresh_presence(self, lease_id: int) -> bool:
+        """Keep the claim alive; False when its etcd lease has expired (the claim must be made again)."""
+        reply = await self.client.refresh_lease(lease_id)
+        return reply is not None and reply.TTL > 0
+
+    async def release_presence(self, public_ip: IPv4Address, lease_id: int) -> None:
+        if lease_id:
+            await self.client.revoke_lease(lease_id)
+
     # --- watch ---
 
     async def watch_leases(self, start_revision: int) -> AsyncIterator[tuple[int, LeaseEvent | None, str]]:

@@ -1,0 +1,190 @@
+/* flannel's udp wire format, the maps the agent shares with the programs, and small helpers.
+ *
+ * Wire format (flanneld's udp backend): [outer IPv4 20][UDP 8][inner IPv4 packet], UDP port 8285 by
+ * default (Backend.Port). Nothing else: no flannel header, so the overhead is exactly 28 bytes.
+ *
+ * Every struct and reason number here is mirrored by flannel_ebpf/datapath/layout.py; a test checks
+ * that both agree. Keep the two in step.
+ */
+#ifndef FLANNEL_FLANNEL_H
+#define FLANNEL_FLANNEL_H
+
+#include "compat.h"
+
+#define FL_ETH_HLEN 14                       /* Ethernet header: dst MAC 6, src MAC 6, type 2 */
+#define FL_IP_HLEN 20                        /* IPv4 header without options (ihl == 5) */
+#define FL_UDP_HLEN 8
+#define FL_ENCAP_LEN (FL_IP_HLEN + FL_UDP_HLEN) /* 28: flannel's udp overhead */
+#define FL_ETH_P_IP 0x0800
+
+/* IPv4 frag_off field (host order after ntohs): MF flag and the 13-bit fragment offset. */
+#define FL_IP_MF 0x2000
+#define FL_IP_DF 0x4000
+#define FL_IP_OFFSET 0x1fff
+
+/* --- maps --------------------------------------------------------------------------------- */
+
+/* fl_config[0]: filled by the agent (start). Addresses in network order. */
+struct fl_config {
+	__be32 own_ip;           /* outer source of what we send; outer destination we accept */
+	__be32 tun_addr;         /* flannel0's address: the source of our ICMP errors */
+	__be32 local_subnet;     /* this host's lease (network address) */
+	__be32 local_mask;       /* its netmask */
+	__be32 network;          /* the whole overlay (config's Network) */
+	__be32 network_mask;
+	__u32 underlay_ifindex;  /* where encapsulated packets leave */
+	__u32 underlay_mtu;      /* for ICMP frag-needed: next-hop MTU = underlay_mtu - 28 */
+	__be16 port;             /* UDP destination port (8285), network order */
+	__u16 flags;             /* FL_CFG_READY once filled */
+	__u32 reserved;
+};
+#define FL_CFG_READY 1
+
+/* fl_peers: longest-prefix match from an inner destination to the peer that leases it. */
+struct fl_peer_key {
+	__u32 prefixlen;         /* LPM trie keys start with the prefix length, in bits */
+	__be32 addr;             /* the peer's subnet, network order */
+};
+struct fl_peer {
+	__be32 public_ip;        /* the peer host's PublicIP: outer destination */
+};
+
+/* fl_members: PublicIP (network order) -> number of leases it holds. Decap accepts only these. */
+
+/* fl_counters: per-CPU packets/bytes for every pass/drop reason. */
+struct fl_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+enum fl_reason {
+	/* tc egress on flannel0 (encapsulation) */
+	FL_ENCAP_OK = 0,             /* encapsulated and redirected to the underlay */
+	FL_ENCAP_NOT_IPV4 = 1,       /* not IPv4 (e.g. IPv6 router solicitations): dropped */
+	FL_ENCAP_MALFORMED = 2,      /* truncated or bad IPv4 header: dropped */
+	FL_ENCAP_NO_PEER_ICMP = 3,   /* no peer leases the destination: ICMP net unreachable sent */
+	FL_ENCAP_NO_PEER_DROP = 4,   /* no peer, and no ICMP allowed (ICMP error, fragment, options) */
+	FL_ENCAP_TTL_EXPIRED = 5,    /* inner TTL would reach 0 (flannel drops silently too) */
+	FL_ENCAP_TOO_BIG_ICMP = 6,   /* non-GSO packet larger than the underlay allows: frag-needed sent */
+	FL_ENCAP_TOO_BIG_DROP = 7,   /* too big and no ICMP possible (DF clear, or ICMP not allowed) */
+	FL_ENCAP_NO_CONFIG = 8,      /* the agent has not filled fl_config yet */
+	FL_ENCAP_ERROR = 9,          /* a helper failed (no room, ...) */
+	/* XDP or tc ingress on the underlay (decapsulation) */
+	FL_DECAP_OK = 16,            /* decapsulated, handed to the stack */
+	FL_DECAP_PASS_OTHER = 17,    /* not overlay traffic: untouched */
+	FL_DECAP_FRAGMENT = 18,      /* a fragmented outer packet to our port: dropped */
+	FL_DECAP_IP_OPTIONS = 19,    /* outer IPv4 options on a packet to our port: dropped */
+	FL_DECAP_NOT_MEMBER = 20,    /* outer source holds no lease: dropped */
+	FL_DECAP_NOT_LOCAL = 21,     /* inner destination outside our subnet: dropped */
+	FL_DECAP_MALFORMED = 22,     /* bad outer checksum/lengths or bad inner header: dropped */
+	FL_DECAP_TTL_EXPIRED = 23,   /* inner TTL would reach 0: dropped */
+	FL_DECAP_NO_CONFIG = 24,     /* the agent has not filled fl_config yet: passed untouched */
+	FL_DECAP_ERROR = 25,         /* a helper failed: dropped */
+	FL_REASON_MAX = 32,
+};
+
+#define FL_PEERS_MAX 65536   /* a /8 Network cut into /24 subnets */
+#define FL_MEMBERS_MAX 65536
+
+FL_MAP("array", BPF_MAP_TYPE_ARRAY, fl_config, __u32, struct fl_config, 1, 0);
+FL_MAP("lpm_trie", BPF_MAP_TYPE_LPM_TRIE, fl_peers, struct fl_peer_key, struct fl_peer, FL_PEERS_MAX,
+       BPF_F_NO_PREALLOC);
+FL_MAP("hash", BPF_MAP_TYPE_HASH, fl_members, __be32, __u32, FL_MEMBERS_MAX, BPF_F_NO_PREALLOC);
+FL_MAP("percpu_array", BPF_MAP_TYPE_PERCPU_ARRAY, fl_counters, __u32, struct fl_counter, FL_REASON_MAX,
+       0);
+
+/* Map accessors: one spelling for both loaders (bcc cannot rewrite map calls inside macros). */
+static __always_inline struct fl_config *fl_get_config(void)
+{
+	__u32 zero = 0;
+	struct fl_config *cfg;
+#ifdef FLANNEL_BCC
+	cfg = fl_config.lookup(&zero);
+#else
+	cfg = bpf_map_lookup_elem(&fl_config, &zero);
+#endif
+	if (cfg && !(cfg->flags & FL_CFG_READY))
+		return 0;
+	return cfg;
+}
+
+static __always_inline struct fl_peer *fl_lookup_peer(__be32 inner_daddr)
+{
+	struct fl_peer_key key = {.prefixlen = 32, .addr = inner_daddr};
+#ifdef FLANNEL_BCC
+	return fl_peers.lookup(&key);
+#else
+	return bpf_map_lookup_elem(&fl_peers, &key);
+#endif
+}
+
+static __always_inline int fl_is_member(__be32 public_ip)
+{
+#ifdef FLANNEL_BCC
+	return fl_members.lookup(&public_ip) != 0;
+#else
+	return bpf_map_lookup_elem(&fl_members, &public_ip) != 0;
+#endif
+}
+
+/* Count one packet of `bytes` under `reason`. Per-CPU slots: no atomics needed. */
+static __always_inline void fl_count(__u32 reason, __u32 bytes)
+{
+	struct fl_counter *c;
+#ifdef FLANNEL_BCC
+	c = fl_counters.lookup(&reason);
+#else
+	c = bpf_map_lookup_elem(&fl_counters, &reason);
+#endif
+	if (c) {
+		c->packets += 1;
+		c->bytes += bytes;
+	}
+}
+
+/* --- checksums ---------------------------------------------------------------------------- */
+
+static __always_inline __u16 fl_csum_fold(__u64 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/* The checksum of a 20-byte IPv4 header (check field included as it stands: set it to 0 first to
+ * compute, or leave it to verify: a valid header folds to 0). Ten 16-bit words, unrolled. */
+static __always_inline __u16 fl_ipv4_csum(const struct iphdr *ip)
+{
+	const __u16 *w = (const __u16 *)ip;
+	__u64 sum = 0;
+#pragma unroll
+	for (int i = 0; i < FL_IP_HLEN / 2; i++)
+		sum += w[i];
+	return fl_csum_fold(sum);
+}
+
+/* Decrement the TTL and patch the header checksum incrementally (RFC 1624): the TTL is the high
+ * byte of the 16-bit word it shares with the protocol, so the word drops by 0x0100 and the
+ * one's-complement checksum rises by the same amount, with end-around carry. Because the header's
+ * one's-complement sum is unchanged, a CHECKSUM_COMPLETE skb stays valid too. */
+static __always_inline void fl_decrement_ttl(struct iphdr *ip)
+{
+	__u32 check = ip->check;
+	check += fl_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xffff));
+	ip->ttl--;
+}
+
+/* Is this IPv4 packet a non-first fragment (offset != 0)? Only the first carries the L4 header. */
+static __always_inline int fl_is_later_fragment(const struct iphdr *ip)
+{
+	return (fl_ntohs(ip->frag_off) & FL_IP_OFFSET) != 0;
+}
+
+static __always_inline int fl_is_fragment(const struct iphdr *ip)
+{
+	return (fl_ntohs(ip->frag_off) & (FL_IP_MF | FL_IP_OFFSET)) != 0;
+}
+
+#endif /* FLANNEL_FLANNEL_H */

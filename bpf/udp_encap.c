@@ -1,0 +1,157 @@
+/* flannel udp encapsulation: tc egress (clsact, direct-action) on flannel0.
+ *
+ * flannel0 is a TUN device that nobody reads: the route `<Network> dev flannel0` steers overlay
+ * traffic to it, and this program takes every packet before the (reader-less) queue would drop it.
+ * A TUN is an L3 device, so the skb starts at the inner IPv4 header:
+ *
+ *   in:   [inner IPv4 ...]
+ *   out:  [Ethernet 14][outer IPv4 20][UDP 8][inner IPv4 ...]   -> bpf_redirect_neigh(underlay)
+ *
+ * The Ethernet header is only a placeholder: redirect_neigh strips it and resolves the next hop
+ * (the peer itself, or a router in front of it) through the FIB and the neighbour table.
+ *
+ * No peer for the destination -> the packet is rewritten into ICMP net unreachable and injected back
+ * on flannel0's ingress (what flanneld's proxy answers). A non-GSO packet that would not fit the
+ * underlay after encapsulation -> ICMP fragmentation needed, as the kernel would answer.
+ */
+#include "lib/flannel.h"
+#include "lib/icmp_reply.h"
+
+FL_PROG("tc")
+int flannel_encap(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 pkt_len = skb->len;
+	struct fl_config *cfg;
+	struct fl_peer *peer;
+	struct iphdr *ip;
+
+	if (skb->protocol != fl_htons(FL_ETH_P_IP)) {
+		fl_count(FL_ENCAP_NOT_IPV4, pkt_len);
+		return TC_ACT_SHOT;
+	}
+	cfg = fl_get_config();
+	if (!cfg) {
+		fl_count(FL_ENCAP_NO_CONFIG, pkt_len);
+		return TC_ACT_SHOT;
+	}
+	/* The inner IPv4 header must be in the linear area to be read directly. */
+	if (data + FL_IP_HLEN > data_end) {
+		if (bpf_skb_pull_data(skb, FL_IP_HLEN) < 0) {
+			fl_count(FL_ENCAP_MALFORMED, pkt_len);
+			return TC_ACT_SHOT;
+		}
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		if (data + FL_IP_HLEN > data_end) {
+			fl_count(FL_ENCAP_MALFORMED, pkt_len);
+			return TC_ACT_SHOT;
+		}
+	}
+	ip = data;
+	__u32 inner_len = fl_ntohs(ip->tot_len);
+	if (ip->version != 4 || ip->ihl < 5 || inner_len < (__u32)ip->ihl * 4 || inner_len > pkt_len) {
+		fl_count(FL_ENCAP_MALFORMED, pkt_len);
+		return TC_ACT_SHOT;
+	}
+
+	peer = fl_lookup_peer(ip->daddr);
+	if (!peer) {
+		if (fl_icmp_allowed(skb) && fl_icmp_reply(skb, cfg->tun_addr, FL_ICMP_NET_UNREACH, 0) == 0) {
+			fl_count(FL_ENCAP_NO_PEER_ICMP, pkt_len);
+			return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+		}
+		fl_count(FL_ENCAP_NO_PEER_DROP, pkt_len);
+		return TC_ACT_SHOT;
+	}
+	if (ip->ttl <= 1) {
+		fl_count(FL_ENCAP_TTL_EXPIRED, pkt_len);
+		return TC_ACT_SHOT;
+	}
+
+	/* A GSO packet is cut into underlay-sized segments later (the route MTU on flannel0 is already
+	 * 28 below the underlay's); a single packet must fit as it is. bpf_check_mtu with *mtu_len set
+	 * compares that L3 length plus len_diff against the device MTU and returns the MTU. */
+	if (skb->gso_size == 0) {
+		__u32 mtu = inner_len;
+		if (bpf_check_mtu(skb, cfg->underlay_ifindex, &mtu, FL_ENCAP_LEN, 0) != 0) {
+			int dont_fragment = (fl_ntohs(ip->frag_off) & FL_IP_DF) != 0;
+			if (dont_fragment && mtu > FL_ENCAP_LEN && fl_icmp_allowed(skb) &&
+			    fl_icmp_reply(skb, cfg->tun_addr, FL_ICMP_FRAG_NEEDED, mtu - FL_ENCAP_LEN) == 0) {
+				fl_count(FL_ENCAP_TOO_BIG_ICMP, pkt_len);
+				return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+			}
+			fl_count(FL_ENCAP_TOO_BIG_DROP, pkt_len);
+			return TC_ACT_SHOT;
+		}
+	}
+
+	/* Everything the outer headers need, read before helpers invalidate packet pointers. */
+	__be32 outer_daddr = peer->public_ip;
+	__be32 outer_saddr = cfg->own_ip;
+	__be16 port = cfg->port;
+	__u32 underlay_ifindex = cfg->underlay_ifindex;
+	__u8 tos = ip->tos;
+
+	/* Like flanneld's proxy: the inner TTL drops by one on the way out. */
+	fl_decrement_ttl(ip);
+
+	/* A flow hash (the kernel's, from the inner 5-tuple) picks the outer source port, so that a
+	 * receiver's RSS/RPS spreads flows across queues; flanneld itself always sends from 8285, but a
+	 * receiver (flanneld's socket or our decap) looks only at the destination port. */
+	__u32 hash = bpf_get_hash_recalc(skb);
+
+	/* Room for an Ethernet header in front of the L3 packet: redirect_neigh needs a MAC header. */
+	if (bpf_skb_change_head(skb, FL_ETH_HLEN, 0) < 0) {
+		fl_count(FL_ENCAP_ERROR, pkt_len);
+		return TC_ACT_SHOT;
+	}
+	/* 28 bytes between the MAC header and the inner IPv4 header. FIXED_GSO keeps gso_size (the
+	 * route MTU already leaves room); the ENCAP flags mark the skb as UDP-tunnelled so that GSO/TSO
+	 * and checksum offload still work on the inner packet. */
+	if (bpf_skb_adjust_room(skb, FL_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+					BPF_F_ADJ_ROOM_ENCAP_L4_UDP) < 0) {
+		fl_count(FL_ENCAP_ERROR, pkt_len);
+		return TC_ACT_SHOT;
+	}
+
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (data + FL_ETH_HLEN + FL_ENCAP_LEN > data_end) {
+		fl_count(FL_ENCAP_ERROR, pkt_len);
+		return TC_ACT_SHOT;
+	}
+	struct ethhdr *eth = data;                           /* offset 0 */
+	struct iphdr *outer = data + FL_ETH_HLEN;            /* offset 14 */
+	struct udphdr *udp = data + FL_ETH_HLEN + FL_IP_HLEN; /* offset 34; inner IPv4 at 42 */
+
+	/* Placeholder MACs (zero is not multicast, which redirect_neigh would refuse); it rewrites them. */
+	__builtin_memset(eth->h_dest, 0, ETH_ALEN);
+	__builtin_memset(eth->h_source, 0, ETH_ALEN);
+	eth->h_proto = fl_htons(FL_ETH_P_IP);
+
+	outer->version = 4;
+	outer->ihl = 5;
+	outer->tos = tos; /* DSCP and ECN follow the inner packet (RFC 6040 normal mode) */
+	outer->tot_len = fl_htons(inner_len + FL_ENCAP_LEN);
+	outer->id = 0;                          /* DF is set: no fragment to identify */
+	outer->frag_off = fl_htons(FL_IP_DF);
+	outer->ttl = 64;
+	outer->protocol = IPPROTO_UDP;
+	outer->check = 0;
+	outer->saddr = outer_saddr;
+	outer->daddr = outer_daddr;
+	outer->check = fl_ipv4_csum(outer);
+
+	udp->source = fl_htons(49152 | (hash & 0x3fff)); /* IANA's dynamic range 49152-65535 */
+	udp->dest = port;
+	udp->len = fl_htons(inner_len + FL_UDP_HLEN);
+	udp->check = 0; /* legal over IPv4; the inner packet carries its own checksums */
+
+	fl_count(FL_ENCAP_OK, pkt_len);
+	return fl_redirect_neigh(underlay_ifindex, 0, 0, 0);
+}
+
+FL_LICENSE

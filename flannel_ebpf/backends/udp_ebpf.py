@@ -1,0 +1,336 @@
+"""flannel's `udp` backend with the data path in eBPF: same wire format, no userspace on the packet path.
+
+    flannel0 (TUN, nobody reads it)   route <Network> dev flannel0, MTU = underlay - 28
+      tc egress: flannel_encap         inner packet -> [IPv4][UDP :Port][inner]  -> redirect_neigh(underlay)
+    underlay NIC
+      XDP: flannel_xdp_in  (or tc ingress: flannel_tc_in)   strip 28 bytes -> the stack forwards
+
+Kernel state left by this backend, all found again by name: the device flannel0 (its address, the
+route, the tc filter go with it), our filter/XDP program on the underlay, and the maps pinned under
+--bpf-pin-dir. stop() leaves all of it in place so that traffic keeps flowing while the agent is down;
+a restarted agent reloads the programs (adopting the pinned maps, whose entries are live), swaps them in
+atomically and reconciles the peers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+from collections import Counter
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.backends.routes import ROUTE_PROTOCOL
+from flannel_ebpf.datapath import bpfsys, layout
+from flannel_ebpf.datapath.maps import DatapathMapError, DatapathMaps, remove_pins
+from flannel_ebpf.loaders import LoaderError, make_loader
+from flannel_ebpf.loaders import attach as hooks
+from flannel_ebpf.loaders.base import Loader
+from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
+
+DEVICE = "flannel0"
+DEFAULT_PORT = 8285
+OVERHEAD = 28  # outer IPv4 (20) + UDP (8): flannel's udp encapsulation
+
+
+def _sysctl(path: str, value: str) -> None:
+    """Set a per-device sysctl of our own device (in the caller's namespace); a failure is logged."""
+    try:
+        Path("/proc/sys", path).write_text(value)
+    except OSError as e:
+        logger.warning("cannot set {} = {}: {}", path.replace("/", "."), value, e)
+
+
+class UdpEbpfBackend(Backend):
+    type_name = "udp"
+
+    def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
+        super().__init__(backend_config, options)
+        port = backend_config.get("Port", DEFAULT_PORT) or DEFAULT_PORT
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise BackendError(f"udp backend: Port must be an integer 1-65535, got {port!r}")
+        self.port: int = port
+        if options.udp_decap not in ("xdp", "tc"):
+            raise BackendError(f"--udp-decap must be xdp or tc, got {options.udp_decap!r}")
+        if options.xdp_mode not in ("auto", "native", "generic"):
+            raise BackendError(f"--xdp-mode must be auto, native or generic, got {options.xdp_mode!r}")
+        self.pin_dir = Path(options.bpf_pin_dir)
+        self._ext: ExternalInterface | None = None
+        self._local: LocalNetwork | None = None
+        self._maps: DatapathMaps | None = None
+        self._peers: dict[IPv4Network, IPv4Address] = {}  # what fl_peers holds (after start: adopted)
+        self._attachments: list[dict[str, Any]] = []
+
+    # --- Backend --------------------------------------------------------------------------------
+    def overhead(self) -> int:
+        return OVERHEAD
+
+    def prepare(self, ext: ExternalInterface) -> LeaseAttrs:
+        self._ext = ext
+        return LeaseAttrs(public_ip=ext.public_ip, backend_type="udp", backend_data=None)
+
+    def start(self, local: LocalNetwork) -> None:
+        self._local = local
+        self._ext = local.ext
+        tun_index = self._configure_device(local)
+        decap_program = layout.PROG_DECAP_XDP if self.options.udp_decap == "xdp" else layout.PROG_DECAP_TC
+        loader: Loader = self._make_loader()
+        try:
+            loader.load([layout.PROG_ENCAP, decap_program])
+            self._open_maps()
+            assert self._maps is not None
+            # Config first: the maps are the pinned ones, so the programs still attached from a previous
+            # run see the same (or an updated) config while the new ones are swapped in.
+            self._maps.write_config(
+                layout.DatapathConfig(
+                    own_ip=local.ext.address,
+                    tun_addr=local.subnet.network_address,
+                    local_subnet=local.subnet,
+                    network=local.network,
+                    underlay_ifindex=local.ext.index,
+                    underlay_mtu=local.ext.mtu,
+                    port=self.port,
+                )
+            )
+            self._peers = self._maps.read_peers()
+            adopted = len(self._peers)
+            encap = loader.attach_tc(layout.PROG_ENCAP, tun_index, "egress")
+            if decap_program == layout.PROG_DECAP_XDP:
+                decap = loader.attach_xdp(decap_program, local.ext.index, self.options.xdp_mode)
+                # Switching from tc decap: remove it only now, once XDP takes the packets.
+                hooks.tc_detach(local.ext.index, "ingress", layout.PROG_DECAP_TC)
+            else:
+                decap = loader.attach_tc(decap_program, local.ext.index, "ingress")
+                Loader.detach_xdp(local.ext.index, layout.PROG_DECAP_XDP)
+        except (LoaderError, DatapathMapError, OSError) as e:
+            raise BackendError(f"udp (eBPF): {e}") from e
+        finally:
+            loader.close()  # attached programs stay; only our fds go
+        self._attachments = [
+            {"program": a.program, "ifindex": a.ifindex, "hook": a.hook, "prog_id": a.prog_id, "xdp_mode": a.xdp_mode}
+            for a in (encap, decap)
+        ]
+        mode = f" ({decap.xdp_mode})" if decap.xdp_mode else ""
+        logger.info(
+            "udp (eBPF): encap on {} egress, decap {}{} on {}, port {}, {} pinned peers adopted from {}",
+            DEVICE,
+            decap.hook,
+            mode,
+            local.ext.name,
+            self.port,
+            adopted,
+            self.pin_dir,
+        )
+
+    def sync(self, peers: list[Lease]) -> None:
+        maps = self._require_maps()
+        desired: dict[IPv4Network, IPv4Address] = {}
+        for lease in peers:
+            if self._accept(lease):
+                desired[lease.subnet] = lease.public_ip
+        current = maps.read_peers()
+        for subnet, public_ip in desired.items():
+            if current.get(subnet) != public_ip:
+                maps.set_peer(subnet, public_ip)
+        for subnet in current.keys() - desired.keys():
+            maps.delete_peer(subnet)
+        self._peers = desired
+        self._sync_members()
+        logger.debug("udp (eBPF): {} peers after sync", len(desired))
+
+    def add_peer(self, lease: Lease) -> None:
+        if not self._accept(lease):
+            return
+        maps = self._require_maps()
+        previous = self._peers.get(lease.subnet)
+        self._peers[lease.subnet] = lease.public_ip
+        maps.set_peer(lease.subnet, lease.public_ip)
+        self._update_member(lease.public_ip)
+        if previous is not None and previous != lease.public_ip:
+            self._update_member(previous)
+        logger.info("udp (eBPF): peer {} at {}", lease.subnet, lease.public_ip)
+
+    def remove_peer(self, lease: Lease) -> None:
+        maps = self._require_maps()
+        public_ip = self._peers.pop(lease.subnet, None)
+        maps.delete_peer(lease.subnet)
+        if public_ip is not None:
+            self._update_member(public_ip)
+            logger.info("udp (eBPF): peer {} at {} removed", lease.subnet, public_ip)
+
+    def stop(self) -> None:
+        # Leave programs attached and maps pinned: the data path keeps forwarding without us.
+        if self._maps is not None:
+            self._maps.close()
+            self._maps = None
+
+    def teardown(self, local: LocalNetwork | None) -> None:
+        self.stop()
+        with IPRoute() as ipr:
+            links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        # Our decap programs, wherever they are: the recorded underlay, else every device (after a crash
+        # or with no state file, and a device renamed or re-indexed since).
+        for index in [local.ext.index] if local is not None and local.ext.index in links else links:
+            try:
+                if Loader.detach_xdp(index, layout.PROG_DECAP_XDP):
+                    logger.info("udp (eBPF): XDP decap removed from {}", links.get(index))
+                if hooks.tc_detach(index, "ingress", layout.PROG_DECAP_TC):
+                    logger.info("udp (eBPF): tc decap removed from {}", links.get(index))
+                self._remove_empty_clsact(index)
+            except (hooks.AttachError, bpfsys.BpfError) as e:
+                logger.warning("udp (eBPF): cannot clean {}: {}", links.get(index), e)
+        with IPRoute() as ipr:
+            index = next(iter(ipr.link_lookup(ifname=DEVICE)), None)
+            if index is not None:
+                ipr.link("del", index=index)  # its address, route and tc filter go with it
+                logger.info("udp (eBPF): {} deleted", DEVICE)
+        remove_pins(self.pin_dir)
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "type": self.type_name,
+            "datapath": "ebpf",
+            "device": DEVICE,
+            "port": self.port,
+            "decap": self.options.udp_decap,
+            "programs": self._programs_in_kernel(),
+        }
+        try:
+            with DatapathMaps(self.pin_dir) as maps:
+                result["maps"] = maps.snapshot()
+        except (DatapathMapError, OSError) as e:
+            result["maps"] = None
+            result["maps_error"] = str(e)
+        return result
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _make_loader(self) -> Loader:
+        try:
+            return make_loader(self.options.loader, self.pin_dir)
+        except LoaderError as e:
+            raise BackendError(f"udp (eBPF): {e}") from e
+
+    def _open_maps(self) -> None:
+        if self._maps is None:
+            self._maps = DatapathMaps(self.pin_dir)
+
+    def _require_maps(self) -> DatapathMaps:
+        if self._maps is None:
+            try:
+                self._open_maps()
+            except (DatapathMapError, OSError) as e:
+                raise BackendError(f"udp (eBPF): maps not available, was start() run? {e}") from e
+        assert self._maps is not None
+        return self._maps
+
+    def _own_ips(self) -> set[IPv4Address]:
+        ext = self._ext or (self._local.ext if self._local else None)
+        return {ext.public_ip, ext.address} if ext else set()
+
+    def _accept(self, lease: Lease) -> bool:
+        """Is this a lease we can send to? Logged and skipped otherwise (never raised)."""
+        if lease.attrs.backend_type != "udp":
+            logger.warning(
+                "udp (eBPF): skipping {} at {}: its backend is {}, not udp",
+                lease.subnet,
+                lease.public_ip,
+                lease.attrs.backend_type,
+            )
+            return False
+        if lease.public_ip in self._own_ips():
+            logger.info("udp (eBPF): skipping {}: its PublicIP {} is our own", lease.subnet, lease.public_ip)
+            return False
+        if self._local is not None and lease.subnet.overlaps(self._local.subnet):
+            logger.warning("udp (eBPF): skipping {}: overlaps our own subnet {}", lease.subnet, self._local.subnet)
+            return False
+        return True
+
+    def _update_member(self, public_ip: IPv4Address) -> None:
+        """fl_members[public_ip] = number of leases it holds; removed at zero."""
+        maps = self._require_maps()
+        count = sum(1 for ip in self._peers.values() if ip == public_ip)
+        if count:
+            maps.set_member(public_ip, count)
+        else:
+            maps.delete_member(public_ip)
+
+    def _sync_members(self) -> None:
+        maps = self._require_maps()
+        desired = Counter(self._peers.values())
+        current = maps.read_members()
+        for public_ip, count in desired.items():
+            if current.get(public_ip) != count:
+                maps.set_member(public_ip, count)
+        for public_ip in current.keys() - desired.keys():
+            maps.delete_member(public_ip)
+
+    def _configure_device(self, local: LocalNetwork) -> int:
+        """flannel0 as flanneld makes it: TUN, lease network address /32, route <Network>, MTU - 28."""
+        mtu = local.ext.mtu - OVERHEAD
+        address = str(local.subnet.network_address)
+        with IPRoute() as ipr:
+            index = next(iter(ipr.link_lookup(ifname=DEVICE)), None)
+            if index is None:
+                try:
+                    ipr.link("add", ifname=DEVICE, kind="tuntap", mode="tun")  # persistent, no reader
+                except NetlinkError as e:
+                    raise BackendError(f"udp (eBPF): cannot create TUN {DEVICE}: {e}") from e
+                index = ipr.link_lookup(ifname=DEVICE)[0]
+            # No IPv6 on the overlay device: it would only send router solicitations into the encap.
+            _sysctl(f"net/ipv6/conf/{DEVICE}/disable_ipv6", "1")
+            # Our ICMP errors (no peer, frag needed) come back in on flannel0 from flannel0's own address.
+            _sysctl(f"net/ipv4/conf/{DEVICE}/accept_local", "1")
+            ipr.link("set", index=index, mtu=mtu, state="up")
+            for addr in ipr.get_addr(family=socket.AF_INET, index=index):
+                have = (addr.get_attr("IFA_ADDRESS"), addr["prefixlen"])
+                if have != (address, 32):
+                    ipr.addr("del", index=index, address=have[0], prefixlen=have[1])
+            try:
+                ipr.addr("add", index=index, address=address, prefixlen=32)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise BackendError(f"udp (eBPF): cannot address {DEVICE}: {e}") from e
+            for route in ipr.get_routes(family=socket.AF_INET, oif=index, proto=ROUTE_PROTOCOL):
+                dst = f"{route.get_attr('RTA_DST')}/{route['dst_len']}"
+                if dst != str(local.network):
+                    with contextlib.suppress(NetlinkError):
+                        ipr.route("del", dst=dst, oif=index, proto=ROUTE_PROTOCOL)
+            try:
+                ipr.route("replace", dst=str(local.network), oif=index, proto=ROUTE_PROTOCOL)
+            except NetlinkError as e:
+                raise BackendError(f"udp (eBPF): cannot route {local.network} to {DEVICE}: {e}") from e
+        return index
+
+    @staticmethod
+    def _remove_empty_clsact(index: int) -> None:
+        """Delete the clsact qdisc of a device when no filter is left on it (ours are gone)."""
+        if hooks.tc_filters(index, "ingress") or hooks.tc_filters(index, "egress"):
+            return
+        with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+            ipr.tc("del", "clsact", index)
+
+    def _programs_in_kernel(self) -> list[dict[str, Any]]:
+        """Our programs as the kernel has them attached now (works from a fresh `status` process)."""
+        found: list[dict[str, Any]] = []
+        with IPRoute() as ipr:
+            links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for index, name in links.items():
+            xdp = hooks.xdp_query(index)
+            if xdp is not None:
+                info = bpfsys.prog_info_by_id(xdp[0])
+                if info is not None and layout.PROG_DECAP_XDP.startswith(info.name):
+                    found.append(
+                        {"program": info.name, "device": name, "hook": "xdp", "prog_id": xdp[0], "xdp_mode": xdp[1]}
+                    )
+            for direction in ("ingress", "egress"):
+                for flt in hooks.tc_filters(index, direction):
+                    if flt.name in layout.PROGRAM_NAMES or flt.name.startswith("flannel_"):
+                        found.append({"program": flt.name, "device": name, "hook": f"tc-{direction}"})
+        return found

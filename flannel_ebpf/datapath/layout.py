@@ -1,0 +1,181 @@
+"""The pinned maps shared by the agent and the programs in bpf/: names, sizes, encodings, reasons.
+
+Mirrors bpf/lib/flannel.h (struct fl_config, fl_peer_key, fl_peer, fl_counter, enum fl_reason);
+tests/test_bpf_programs.py checks that the two agree. Addresses are stored in network order.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+#: the C sources (bcc compiles them at start-up; `make bpf` compiles them to objects)
+BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+
+# BPF_MAP_TYPE_* (linux/bpf.h)
+MAP_TYPE_HASH = 1
+MAP_TYPE_ARRAY = 2
+MAP_TYPE_PERCPU_ARRAY = 6
+MAP_TYPE_LPM_TRIE = 11
+BPF_F_NO_PREALLOC = 1
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """What a pinned map must look like to be adopted by the current programs."""
+
+    name: str
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int = 0
+
+
+CONFIG_MAP = MapSpec("fl_config", MAP_TYPE_ARRAY, 4, 40, 1)
+PEERS_MAP = MapSpec("fl_peers", MAP_TYPE_LPM_TRIE, 8, 4, 65536, BPF_F_NO_PREALLOC)
+MEMBERS_MAP = MapSpec("fl_members", MAP_TYPE_HASH, 4, 4, 65536, BPF_F_NO_PREALLOC)
+COUNTERS_MAP = MapSpec("fl_counters", MAP_TYPE_PERCPU_ARRAY, 4, 16, 32)
+ALL_MAPS: tuple[MapSpec, ...] = (CONFIG_MAP, PEERS_MAP, MEMBERS_MAP, COUNTERS_MAP)
+
+
+class Reason(IntEnum):
+    """enum fl_reason: why a packet passed or was dropped (the fl_counters index)."""
+
+    ENCAP_OK = 0
+    ENCAP_NOT_IPV4 = 1
+    ENCAP_MALFORMED = 2
+    ENCAP_NO_PEER_ICMP = 3
+    ENCAP_NO_PEER_DROP = 4
+    ENCAP_TTL_EXPIRED = 5
+    ENCAP_TOO_BIG_ICMP = 6
+    ENCAP_TOO_BIG_DROP = 7
+    ENCAP_NO_CONFIG = 8
+    ENCAP_ERROR = 9
+    DECAP_OK = 16
+    DECAP_PASS_OTHER = 17
+    DECAP_FRAGMENT = 18
+    DECAP_IP_OPTIONS = 19
+    DECAP_NOT_MEMBER = 20
+    DECAP_NOT_LOCAL = 21
+    DECAP_MALFORMED = 22
+    DECAP_TTL_EXPIRED = 23
+    DECAP_NO_CONFIG = 24
+    DECAP_ERROR = 25
+
+    @property
+    def label(self) -> str:
+        """The name `status` shows: `encap_ok`, `decap_not_member`, ..."""
+        return self.name.lower()
+
+
+#: reasons under which a packet continues (everything else is a drop)
+PASS_REASONS = frozenset(
+    {
+        Reason.ENCAP_OK,
+        Reason.ENCAP_NO_PEER_ICMP,
+        Reason.ENCAP_TOO_BIG_ICMP,
+        Reason.DECAP_OK,
+        Reason.DECAP_PASS_OTHER,
+        Reason.DECAP_NO_CONFIG,
+    }
+)
+
+# Program names (the C function names; the kernel keeps the first 15 characters) and attach points.
+PROG_ENCAP = "flannel_encap"  # tc egress on flannel0
+PROG_DECAP_XDP = "flannel_xdp_in"  # XDP on the underlay
+PROG_DECAP_TC = "flannel_tc_in"  # tc ingress on the underlay
+PROGRAM_NAMES = (PROG_ENCAP, PROG_DECAP_XDP, PROG_DECAP_TC)
+#: C source of each program (one file per attach point)
+PROGRAM_SOURCES = {
+    PROG_ENCAP: "udp_encap.c",
+    PROG_DECAP_XDP: "udp_decap_xdp.c",
+    PROG_DECAP_TC: "udp_decap_tc.c",
+}
+
+CFG_READY = 1
+_CONFIG = struct.Struct("=4s4s4s4s4s4sII2sHI")  # struct fl_config, 40 bytes; port in network order
+_PEER_KEY = struct.Struct("=I4s")  # struct fl_peer_key: prefixlen (host order), addr (network order)
+_COUNTER = struct.Struct("=QQ")  # struct fl_counter: packets, bytes
+assert _CONFIG.size == CONFIG_MAP.value_size and _PEER_KEY.size == PEERS_MAP.key_size
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    """fl_config[0]: what the programs need to know about this host."""
+
+    own_ip: IPv4Address  # outer source; the outer destination decap accepts
+    tun_addr: IPv4Address  # flannel0's address: source of ICMP errors
+    local_subnet: IPv4Network  # this host's lease
+    network: IPv4Network  # the whole overlay
+    underlay_ifindex: int
+    underlay_mtu: int
+    port: int = 8285
+
+    def pack(self) -> bytes:
+        return _CONFIG.pack(
+            self.own_ip.packed,
+            self.tun_addr.packed,
+            self.local_subnet.network_address.packed,
+            self.local_subnet.netmask.packed,
+            self.network.network_address.packed,
+            self.network.netmask.packed,
+            self.underlay_ifindex,
+            self.underlay_mtu,
+            self.port.to_bytes(2, "big"),
+            CFG_READY,
+            0,
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> DatapathConfig | None:
+        """None when the agent never filled the slot (flags without CFG_READY)."""
+        own, tun, sub, mask, net, netmask, ifindex, mtu, port, flags, _ = _CONFIG.unpack(raw[: _CONFIG.size])
+        if not flags & CFG_READY:
+            return None
+        return cls(
+            own_ip=IPv4Address(own),
+            tun_addr=IPv4Address(tun),
+            local_subnet=IPv4Network(f"{IPv4Address(sub)}/{IPv4Address(mask)}"),
+            network=IPv4Network(f"{IPv4Address(net)}/{IPv4Address(netmask)}"),
+            underlay_ifindex=ifindex,
+            underlay_mtu=mtu,
+            port=int.from_bytes(port, "big"),
+        )
+
+
+def pack_peer_key(subnet: IPv4Network) -> bytes:
+    return _PEER_KEY.pack(subnet.prefixlen, subnet.network_address.packed)
+
+
+def unpack_peer_key(raw: bytes) -> IPv4Network:
+    prefixlen, addr = _PEER_KEY.unpack(raw[: _PEER_KEY.size])
+    return IPv4Network(f"{IPv4Address(addr)}/{prefixlen}")
+
+
+def pack_ip(ip: IPv4Address) -> bytes:
+    return ip.packed
+
+
+def unpack_ip(raw: bytes) -> IPv4Address:
+    return IPv4Address(raw[:4])
+
+
+def pack_u32(value: int) -> bytes:
+    return struct.pack("=I", value)
+
+
+def unpack_u32(raw: bytes) -> int:
+    return struct.unpack("=I", raw[:4])[0]
+
+
+def unpack_counter(raw: bytes) -> tuple[int, int]:
+    """One CPU's slot: (packets, bytes)."""
+    return _COUNTER.unpack(raw[: _COUNTER.size])
+
+
+def pin_path(pin_dir: str | Path, spec: MapSpec) -> Path:
+    return Path(pin_dir) / spec.name

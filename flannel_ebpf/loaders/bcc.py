@@ -1,0 +1,143 @@
+"""The bcc loader: compiles bpf/*.c with bcc (LLVM in-process) at start-up.
+
+The sources are compiled as one text (their shared maps are defined once, in bpf/lib/flannel.h, and
+our headers are pasted in: see _inline_local_includes), with -DFLANNEL_BCC and the pin directory;
+bcc's BPF_TABLE_PINNED adopts pins that exist and pins new maps otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from flannel_ebpf.datapath import layout
+from flannel_ebpf.loaders.base import Loader, LoaderError
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Collect what C code (bcc, LLVM, the verifier log) writes to fd 2 while inside the block."""
+    out: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
+
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def _inline_local_includes(path: Path, seen: set[Path]) -> str:
+    """The source with our own `#include "..."` files pasted in (each once), `#line` marks kept.
+
+    bcc rewrites map calls (`fl_peers.lookup(&key)`) only in its main file, and takes as programs only
+    the functions defined there, so everything of ours must be one text; system headers stay includes.
+    """
+    path = path.resolve()
+    if path in seen:
+        return ""
+    seen.add(path)
+    out = [f'#line 1 "{path}"\n']
+    for number, line in enumerate(path.read_text().splitlines(keepends=True), start=1):
+        match = _LOCAL_INCLUDE.match(line)
+        if match:
+            out.append(_inline_local_includes(path.parent / match.group(1), seen))
+            out.append(f'#line {number + 1} "{path}"\n')
+        else:
+            out.append(line)
+    return "".join(out)
+
+
+def kernel_headers_problem() -> str | None:
+    """Why bcc cannot compile here (None when the kernel headers are where it looks)."""
+    release = os.uname().release
+    build = Path(f"/lib/modules/{release}/build")
+    if (build / "include").is_dir() or (build / "Makefile").exists():
+        return None
+    return (
+        f"bcc needs the running kernel's headers at {build}, and there are none. Install them "
+        f"(Debian/Ubuntu: linux-headers-{release}, or linux-headers-amd64 when this kernel has no package "
+        f"of its own) and, if the versions differ, link them: "
+        f"`ln -sfn /usr/src/linux-headers-<ver>-amd64 {build}` and "
+        f"`ln -sfn /usr/src/linux-headers-<ver>-common /lib/modules/{release}/source`. "
+        f"Or use --loader elf with objects built by `make bpf`."
+    )
+
+
+class BccLoader(Loader):
+    name = "bcc"
+
+    def __init__(self, pin_dir: str | Path) -> None:
+        super().__init__(pin_dir)
+        self._bpf: Any = None
+        self._fds: dict[str, int] = {}
+
+    def load(self, programs: Sequence[str]) -> None:
+        problem = kernel_headers_problem()
+        if problem:
+            raise LoaderError(problem)
+        try:
+            from bcc import BPF  # Debian's python3-bpfcc (never PyPI's unrelated "bcc")
+        except ImportError as e:
+            raise LoaderError(
+                "bcc's Python module is missing: install Debian's python3-bpfcc and run with the system "
+                "python3 (or a venv made with --system-site-packages)"
+            ) from e
+        self.prepare_pins()
+        seen: set[Path] = set()
+        text = "".join(
+            _inline_local_includes(layout.BPF_SOURCE_DIR / layout.PROGRAM_SOURCES[p], seen) for p in programs
+        )
+        cflags = [
+            "-DFLANNEL_BCC=1",
+            f'-DFLANNEL_PIN_DIR="{self.pin_dir}"',
+            f"-I{layout.BPF_SOURCE_DIR}",
+            "-Wno-unused-function",
+        ]
+        with _captured_stderr() as log:
+            try:
+                self._bpf = BPF(text=text, cflags=cflags)
+                compiled = True
+            except Exception:
+                compiled = False
+        if not compiled:
+            raise LoaderError(f"bcc could not compile {', '.join(programs)}:\n{''.join(log).strip()}")
+        for program in programs:
+            prog_type = BPF.XDP if program == layout.PROG_DECAP_XDP else BPF.SCHED_CLS
+            with _captured_stderr() as log:
+                try:
+                    fn = self._bpf.load_func(program, prog_type)
+                    error = None
+                except Exception as e:
+                    error = e
+            if error is not None:
+                # bcc retries a failed load with the verifier log on and prints it: show it all.
+                raise LoaderError(f"the kernel refused {program}: {error}\n{''.join(log).strip()}")
+            self._fds[program] = fn.fd
+        logger.debug("bcc loaded {} with maps pinned under {}", ", ".join(programs), self.pin_dir)
+
+    def program_fd(self, program: str) -> int:
+        try:
+            return self._fds[program]
+        except KeyError:
+            raise LoaderError(f"program {program} was not loaded") from None
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            with contextlib.suppress(Exception):
+                self._bpf.cleanup()
+        self._bpf = None
+        self._fds.clear()

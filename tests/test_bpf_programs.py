@@ -1,0 +1,398 @@
+"""The eBPF programs of bpf/ on crafted packets, with BPF_PROG_TEST_RUN (no traffic, no peers).
+
+The programs are loaded by the bcc loader inside a namespace of our own (`ip netns exec`, which also
+gives a private mount namespace: a private bpffs holds the pins and disappears with it).
+
+Decapsulation runs under BPF_PROG_TEST_RUN. Encapsulation cannot: test_run always hands a tc program
+an Ethernet frame, while on flannel0 (a TUN) it sees a bare IPv4 packet. So the encap program is
+attached to a real TUN `flannel0` in the namespace, packets are written to it with a packet socket
+(which goes through tc egress, byte for byte as given), and what comes out is captured: encapsulated
+frames on the far end of the underlay veth u0/u1 (MTU 1500), ICMP errors on flannel0's ingress.
+The harness (this file run with --harness) returns each case's output and counters; checks are here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flannel_ebpf.datapath.layout import ALL_MAPS, BPF_SOURCE_DIR, PROGRAM_SOURCES, Reason
+
+REPO = Path(__file__).resolve().parent.parent
+OWN, PEER, STRANGER = "192.168.60.1", "192.168.60.2", "192.168.60.9"
+NETWORK, LOCAL_SUBNET, PEER_SUBNET = "10.60.0.0/16", "10.60.1.0/24", "10.60.2.0/24"
+PORT = 8285
+TC_ACT_OK, TC_ACT_SHOT = 0, 2
+XDP_DROP, XDP_PASS = 1, 2
+#: how `make bpf` compiles the objects the ELF loader (and iproute2) load
+CLANG_BPF = ["clang", "-target", "bpf", "-O2", "-g", "-Wall", "-Werror", "-I/usr/include/x86_64-linux-gnu"]
+#: the decap drop reasons, in the order of the crafted cases below
+DECAP_DROPS = [
+    "decap_not_member",
+    "decap_not_local",
+    "decap_fragment",
+    "decap_ip_options",
+    "decap_malformed",
+    "decap_ttl_expired",
+]
+
+pytestmark = pytest.mark.bpf
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 (loads eBPF programs)"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# packets
+
+
+def csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ipv4(
+    src: str,
+    dst: str,
+    proto: int,
+    payload: bytes,
+    ttl: int = 64,
+    frag: int = 0,
+    options: bytes = b"",
+    bad_csum: bool = False,
+) -> bytes:
+    ihl = 5 + len(options) // 4
+    hdr = (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x40 | ihl,
+            0,
+            ihl * 4 + len(payload),
+            0x1234,
+            frag,
+            ttl,
+            proto,
+            0,
+            IPv4Address(src).packed,
+            IPv4Address(dst).packed,
+        )
+        + options
+    )
+    check = csum(hdr) ^ (0x5555 if bad_csum else 0)
+    return hdr[:10] + struct.pack("!H", check) + hdr[12:] + payload
+
+
+def icmp(kind: int = 8, code: int = 0, body: bytes = b"0123456789abcdef") -> bytes:
+    msg = struct.pack("!BBHHH", kind, code, 0, 7, 1) + body
+    return msg[:2] + struct.pack("!H", csum(msg)) + msg[4:]
+
+
+def udp(dport: int, payload: bytes, sport: int = 40000) -> bytes:
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def eth(payload: bytes, proto: int = 0x0800) -> bytes:
+    return bytes.fromhex("020000000002") + bytes.fromhex("020000000001") + struct.pack("!H", proto) + payload
+
+
+def inner_echo(dst: str = "10.60.2.2", src: str = "10.60.1.2", ttl: int = 64, size: int = 0, df: bool = False) -> bytes:
+    body = b"x" * max(16, size - 28)
+    return ipv4(src, dst, 1, icmp(body=body), ttl=ttl, frag=0x4000 if df else 0)
+
+
+def overlay_frame(
+    inner: bytes, src: str = PEER, dport: int = PORT, frag: int = 0, options: bytes = b"", bad_csum: bool = False
+) -> bytes:
+    return eth(ipv4(src, OWN, 17, udp(dport, inner), frag=frag, options=options, bad_csum=bad_csum))
+
+
+def with_ttl(packet: bytes, ttl: int) -> bytes:
+    """The IPv4 packet with another TTL and a recomputed header checksum."""
+    ihl = (packet[0] & 0xF) * 4
+    hdr = bytearray(packet[:ihl])
+    hdr[8] = ttl
+    hdr[10:12] = b"\0\0"
+    hdr[10:12] = struct.pack("!H", csum(bytes(hdr)))
+    return bytes(hdr) + packet[ihl:]
+
+
+# --------------------------------------------------------------------------------------------------
+# the harness: runs inside the namespace
+
+
+def _harness() -> None:
+    """stdin: {"cases": [{"prog", "packet", "l3"}...]} -> stdout: results with counters after each."""
+    from ipaddress import IPv4Network
+
+    from pyroute2 import IPRoute
+
+    from flannel_ebpf.datapath import bpfsys, layout
+    from flannel_ebpf.datapath.maps import DatapathMaps
+    from flannel_ebpf.loaders.bcc import BccLoader
+
+    request = json.loads(sys.stdin.read())
+    subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)  # private to this mount ns
+    pin_dir = "/sys/fs/bpf/test"
+    loader = BccLoader(pin_dir)
+    loader.load(list(layout.PROGRAM_NAMES))
+    with IPRoute() as ipr:
+        tun = ipr.link_lookup(ifname="flannel0")[0]
+        underlay = ipr.link_lookup(ifname="u0")[0]
+        far_end = ipr.link_lookup(ifname="u1")[0]
+        far_mac = ipr.get_links(far_end)[0].get_attr("IFLA_ADDRESS")
+        ipr.addr("add", index=underlay, address=OWN, prefixlen=24)
+        ipr.neigh("add", dst=PEER, lladdr=far_mac, ifindex=underlay, state=0x80)  # permanent: no ARP
+        ipr.route("add", dst="10.60.1.0/24", type="blackhole")  # where our ICMP errors end
+    Path("/proc/sys/net/ipv4/conf/flannel0/accept_local").write_text("1")
+    loader.attach_tc(layout.PROG_ENCAP, tun, "egress")
+    sniff_far = _packet_socket(far_end)
+    sniff_tun = _packet_socket(tun)
+    sender = _packet_socket(tun)
+    results: list[dict[str, Any]] = []
+    with DatapathMaps(pin_dir) as maps:
+        for case in request["cases"]:
+            if case.get("configure"):
+                maps.write_config(
+                    layout.DatapathConfig(
+                        own_ip=IPv4Address(OWN),
+                        tun_addr=IPv4Address("10.60.1.0"),
+                        local_subnet=IPv4Network(LOCAL_SUBNET),
+                        network=IPv4Network(NETWORK),
+                        underlay_ifindex=underlay,
+                        underlay_mtu=1500,
+                        port=PORT,
+                    )
+                )
+                maps.set_peer(IPv4Network(PEER_SUBNET), IPv4Address(PEER))
+                maps.set_member(IPv4Address(PEER), 1)
+                continue
+            packet = bytes.fromhex(case["packet"])
+            if case["prog"] == layout.PROG_ENCAP:
+                try:
+                    sender.sendto(packet, ("flannel0", case.get("proto", 0x0800)))
+                except OSError as e:  # a TC_ACT_SHOT verdict reaches the sender as ENOBUFS
+                    if e.errno != errno.ENOBUFS:
+                        raise
+                far = _capture(sniff_far, lambda f: len(f) > 37 and f[12:14] == b"\x08\x00" and f[23] == 17)
+                back = _capture(sniff_tun, lambda f: len(f) > 20 and f[9] == 1 and f[20] == 3, incoming_only=True)
+                result = {"retval": None, "data": (far or back or b"").hex(), "sent": bool(far), "icmp": bool(back)}
+            else:
+                run = bpfsys.prog_test_run(loader.program_fd(case["prog"]), packet)
+                result = {"retval": run.retval, "data": run.data.hex()}
+            result["counters"] = {r.label: c.packets for r, c in maps.read_counters().items()}
+            results.append(result)
+    loader.close()
+    print(json.dumps(results))
+
+
+def _packet_socket(ifindex: int) -> socket.socket:
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+    sock.bind((socket.if_indextoname(ifindex), 0x0003))
+    sock.settimeout(0.3)
+    return sock
+
+
+def _capture(sock: socket.socket, wanted: Any, incoming_only: bool = False) -> bytes | None:
+    """The first frame `wanted` accepts within the socket timeout; earlier ones are skipped."""
+    while True:
+        try:
+            frame, addr = sock.recvfrom(65536)
+        except TimeoutError:
+            return None
+        if incoming_only and addr[2] == socket.PACKET_OUTGOING:
+            continue
+        if wanted(frame):
+            return frame
+
+
+@pytest.fixture(scope="module")
+def netns() -> Any:
+    name = f"feb{secrets.token_hex(2)}-prog"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for cmd in (
+            ["ip", "-n", name, "tuntap", "add", "dev", "flannel0", "mode", "tun"],
+            ["ip", "-n", name, "link", "set", "flannel0", "up"],
+            ["ip", "-n", name, "link", "add", "u0", "mtu", "1500", "type", "veth", "peer", "name", "u1"],
+            ["ip", "-n", name, "link", "set", "u0", "up"],
+            ["ip", "-n", name, "link", "set", "u1", "up"],
+        ):
+            subprocess.run(cmd, check=True, capture_output=True, timeout=10)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def run_cases(netns: str, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, str(Path(__file__).resolve()), "--harness"],
+        input=json.dumps({"cases": cases}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def encap(packet: bytes, ether_type: int = 0x0800) -> dict[str, Any]:
+    """Written to flannel0 as is; ether_type becomes skb->protocol."""
+    return {"prog": "flannel_encap", "packet": packet.hex(), "proto": ether_type}
+
+
+def decap(prog: str, frame: bytes) -> dict[str, Any]:
+    return {"prog": prog, "packet": frame.hex()}
+
+
+# --------------------------------------------------------------------------------------------------
+# tests
+
+
+def test_reasons_and_layout_match_the_c_header() -> None:
+    header = (BPF_SOURCE_DIR / "lib" / "flannel.h").read_text()
+    in_c = {m.group(1): int(m.group(2)) for m in re.finditer(r"FL_((?:EN|DE)CAP_[A-Z0-9_]+) = (\d+)", header)}
+    assert in_c == {r.name: r.value for r in Reason}
+    for spec in ALL_MAPS:
+        assert re.search(rf"FL_MAP\([^;]*\b{spec.name}\b", header), spec.name
+
+
+@pytest.mark.skipif(shutil.which("clang") is None, reason="needs clang")
+def test_plain_clang_builds_objects_for_the_elf_loader(tmp_path: Path) -> None:
+    from elftools.elf.elffile import ELFFile
+
+    expected_section = {"udp_encap.c": "tc", "udp_decap_xdp.c": "xdp", "udp_decap_tc.c": "tc"}
+    for source in PROGRAM_SOURCES.values():
+        obj = tmp_path / source.replace(".c", ".o")
+        subprocess.run(
+            [*CLANG_BPF, "-c", str(BPF_SOURCE_DIR / source), "-o", str(obj)],
+            check=True,
+            timeout=60,
+        )
+        with obj.open("rb") as f:
+            elf = ELFFile(f)
+            sections = {s.name for s in elf.iter_sections()}
+            assert {expected_section[source], "maps", "license"} <= sections, sections
+            assert not sections & {".data", ".bss", ".rodata"}, "no global data"
+            maps = elf.get_section_by_name("maps")
+            assert maps.data_size == 4 * 9 * len(ALL_MAPS)  # four struct fl_map_def (iproute2's layout)
+
+
+@needs_root
+def test_programs_on_crafted_packets(netns: str) -> None:
+    echo = inner_echo()
+    big_df = inner_echo(size=1480, df=True)
+    big = inner_echo(size=1480)
+    local_echo = inner_echo(dst="10.60.1.2", src="10.60.2.2")
+    cases: list[dict[str, Any]] = [
+        encap(echo),  # 0: before the agent filled the config
+        decap("flannel_xdp_in", overlay_frame(local_echo)),  # 1
+        {"configure": True},
+        encap(echo),  # 2: encapsulated
+        encap(inner_echo(dst="10.60.9.9")),  # 3: no peer -> ICMP net unreachable
+        encap(ipv4("10.60.1.2", "10.60.9.9", 1, icmp(kind=3, code=1))),  # 4: no ICMP about ICMP errors
+        encap(inner_echo(ttl=1)),  # 5
+        encap(big_df),  # 6: too big, DF -> frag needed
+        encap(big),  # 7: too big, no DF -> dropped
+        encap(b"\x60" + bytes(39), ether_type=0x86DD),  # 8: IPv6
+        encap(b"\x44" + echo[1:]),  # 9: ihl 4
+    ]
+    for prog in ("flannel_xdp_in", "flannel_tc_in"):
+        cases += [
+            decap(prog, overlay_frame(local_echo)),  # ok
+            decap(prog, eth(ipv4(PEER, OWN, 17, udp(53, b"dns?")))),  # other traffic
+            decap(prog, overlay_frame(local_echo, src=STRANGER)),  # not a member
+            decap(prog, overlay_frame(inner_echo(dst="10.60.2.2"))),  # not our subnet
+            decap(prog, overlay_frame(local_echo, frag=0x2000)),  # first fragment (MF)
+            decap(prog, overlay_frame(local_echo, options=b"\x01\x01\x01\x00")),  # IP options
+            decap(prog, overlay_frame(local_echo, bad_csum=True)),  # bad outer checksum
+            decap(prog, overlay_frame(inner_echo(dst="10.60.1.2", ttl=1))),  # TTL
+        ]
+    results = run_cases(netns, cases)
+
+    def delta(i: int) -> dict[str, int]:
+        before = results[i - 1]["counters"] if i else dict.fromkeys(results[0]["counters"], 0)
+        return {k: v - before[k] for k, v in results[i]["counters"].items() if v != before[k]}
+
+    # no config yet: encap drops, decap leaves the packet alone
+    assert not results[0]["sent"] and delta(0) == {"encap_no_config": 1}
+    assert results[1]["retval"] == XDP_PASS and delta(1) == {"decap_no_config": 1}
+
+    # encapsulation, byte for byte
+    r = results[2]
+    assert r["sent"] and delta(2) == {"encap_ok": 1}
+    out = bytes.fromhex(r["data"])
+    assert out[12:14] == b"\x08\x00" and out[0:6] != bytes(6)  # redirect_neigh filled in the MACs
+    outer, udph, inner = out[14:34], out[34:42], out[42:]
+    assert inner == with_ttl(echo, 63)  # TTL decremented, checksum still valid
+    assert csum(inner[:20]) == 0
+    assert outer[0] == 0x45 and struct.unpack("!H", outer[2:4])[0] == 28 + len(echo)
+    assert struct.unpack("!H", outer[6:8])[0] == 0x4000  # DF
+    assert outer[8] == 64 and outer[9] == 17
+    assert outer[12:16] == IPv4Address(OWN).packed and outer[16:20] == IPv4Address(PEER).packed
+    assert csum(outer) == 0
+    sport, dport, length, check = struct.unpack("!HHHH", udph)
+    assert sport >= 49152 and dport == PORT and length == 8 + len(echo) and check == 0
+
+    def icmp_reply(i: int, code: int) -> tuple[bytes, bytes]:
+        res = results[i]
+        assert res["icmp"] and not res["sent"], res
+        msg = bytes.fromhex(res["data"])
+        ip_hdr, icmp_msg = msg[:20], msg[20:]
+        assert csum(ip_hdr) == 0 and ip_hdr[9] == 1
+        assert ip_hdr[12:16] == IPv4Address("10.60.1.0").packed and ip_hdr[16:20] == IPv4Address("10.60.1.2").packed
+        assert icmp_msg[0] == 3 and icmp_msg[1] == code and csum(icmp_msg) == 0
+        return icmp_msg, msg
+
+    icmp_msg, _ = icmp_reply(3, 0)
+    assert delta(3) == {"encap_no_peer_icmp": 1}
+    assert icmp_msg[8:36] == inner_echo(dst="10.60.9.9")[:28]  # the original header + 8 bytes
+    assert not (results[4]["sent"] or results[4]["icmp"]) and delta(4) == {"encap_no_peer_drop": 1}
+    assert not (results[5]["sent"] or results[5]["icmp"]) and delta(5) == {"encap_ttl_expired": 1}
+    icmp_msg, _ = icmp_reply(6, 4)
+    assert delta(6) == {"encap_too_big_icmp": 1}
+    assert struct.unpack("!H", icmp_msg[6:8])[0] == 1500 - 28  # next-hop MTU
+    assert not (results[7]["sent"] or results[7]["icmp"]) and delta(7) == {"encap_too_big_drop": 1}
+    assert not (results[8]["sent"] or results[8]["icmp"]) and delta(8) == {"encap_not_ipv4": 1}
+    assert not (results[9]["sent"] or results[9]["icmp"]) and delta(9) == {"encap_malformed": 1}
+
+    # decapsulation, XDP then tc
+    for first, (passed, dropped) in ((10, (XDP_PASS, XDP_DROP)), (18, (TC_ACT_OK, TC_ACT_SHOT))):
+        ok = results[first]
+        assert ok["retval"] == passed and delta(first) == {"decap_ok": 1}
+        assert bytes.fromhex(ok["data"]) == eth(with_ttl(local_echo, 63))  # Ethernet kept, 28 bytes gone
+        other = results[first + 1]
+        assert other["retval"] == passed and delta(first + 1) == {"decap_pass_other": 1}
+        assert bytes.fromhex(other["data"]) == eth(ipv4(PEER, OWN, 17, udp(53, b"dns?")))  # untouched
+        for offset, reason in enumerate(
+            DECAP_DROPS,
+            start=2,
+        ):
+            res = results[first + offset]
+            assert res["retval"] == dropped and delta(first + offset) == {reason: 1}, (first + offset, reason)
+
+    # every reason but the helper-failure ones was exercised
+    seen = {k for k, v in results[-1]["counters"].items() if v}
+    assert seen == {r.label for r in Reason} - {"encap_error", "decap_error"}
+
+
+if __name__ == "__main__" and "--harness" in sys.argv:
+    _harness()
