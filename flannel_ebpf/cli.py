@@ -262,8 +262,7 @@ def _live_backend_status(st: state_file.AgentState) -> dict[str, Any]:
 
     try:
         backend = make_backend(st.backend_type, st.backend_config, st.options())
-        live_status = getattr(backend, "live_status", None)
-        return live_status(st.local_network()) if live_status else {}
+        return backend.status() if backend.status_from_kernel else {}
     except Exception as e:
         return {"error": f"cannot read the data path: {e}"}
 

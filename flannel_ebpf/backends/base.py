@@ -66,6 +66,9 @@ class Backend(ABC):
 
     #: the `Backend.Type` this class implements
     type_name: str = ""
+    #: whether status() reads the kernel (pinned maps, attached programs) and so works in a fresh process,
+    #: e.g. `flannel-ebpf status` while the agent is down; otherwise status shows the agent's last snapshot
+    status_from_kernel: bool = False
 
     def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
         self.backend_config = backend_config

@@ -50,6 +50,7 @@ def _sysctl(path: str, value: str) -> None:
 
 class UdpEbpfBackend(Backend):
     type_name = "udp"
+    status_from_kernel = True
 
     def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
         super().__init__(backend_config, options)
@@ -80,6 +81,7 @@ class UdpEbpfBackend(Backend):
         self._local = local
         self._ext = local.ext
         tun_index = self._configure_device(local)
+        _loosen_rp_filter(local.ext.name)
         decap_program = layout.PROG_DECAP_XDP if self.options.udp_decap == "xdp" else layout.PROG_DECAP_TC
         loader: Loader = self._make_loader()
         try:
@@ -334,3 +336,21 @@ class UdpEbpfBackend(Backend):
                     if flt.name in layout.PROGRAM_NAMES or flt.name.startswith("flannel_"):
                         found.append({"program": flt.name, "device": name, "hook": f"tc-{direction}"})
         return found
+
+
+def _loosen_rp_filter(iface: str) -> None:
+    """Decapsulated packets arrive on the underlay NIC while the route back to their source points at
+    flannel0: strict reverse-path filtering (rp_filter=1, e.g. RHEL's default) would drop every one of them.
+    The kernel uses max(all, iface), so loose mode (2) on the interface is enough and leaves `all` alone."""
+
+    def read(name: str) -> int:
+        try:
+            with open(f"/proc/sys/net/ipv4/conf/{name}/rp_filter") as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return 0
+
+    if max(read("all"), read(iface)) == 1:
+        with open(f"/proc/sys/net/ipv4/conf/{iface}/rp_filter", "w") as f:
+            f.write("2")
+        logger.info("udp (eBPF): set rp_filter=2 (loose) on {}: strict mode drops decapsulated packets", iface)
