@@ -134,3 +134,19 @@ def test_garbage_in_etcd_is_skipped_never_a_crash(lab_factory):
     assert "ignoring invalid lease" in log and "10.5.200.0-24" in log and "10.5.201.0-24" in log
     assert "Traceback" not in log
     assert lab.agent("h1").health().stdout.startswith("ready")
+
+
+def test_ip_masq_and_healthz(lab_factory):
+    lab = lab_factory(1, network_config={"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}})
+    lab.start_agent("h1", ["--ip-masq", "--healthz-port", "8471", "--healthz-ip", "127.0.0.1"])
+    lab.wait_ready("h1", 30)
+    env = lab.subnet_env("h1")
+    assert env.ipmasq is True
+    nat = lab.exec("h1", ["iptables", "-t", "nat", "-S"]).stdout
+    assert "-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG" in nat
+    assert "-A FLANNEL-POSTRTG -s 10.6.0.0/16 -d 10.6.0.0/16" in nat
+    fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8471/healthz').read().decode())"
+    assert "flanneld is running" in lab.exec("h1", ["/usr/bin/python3", "-c", fetch]).stdout
+    assert lab.stop_agent("h1") == 0
+    assert lab.agent_down("h1").ok
+    assert "FLANNEL" not in lab.exec("h1", ["iptables-save"]).stdout
