@@ -143,7 +143,7 @@ def test_ip_masq_and_healthz(lab_factory):
     env = lab.subnet_env("h1")
     assert env.ipmasq is True
     nat = lab.exec("h1", ["iptables", "-t", "nat", "-S"]).stdout
-    assert "-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG" in nat
+    assert '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG' in nat
     assert "-A FLANNEL-POSTRTG -s 10.6.0.0/16 -d 10.6.0.0/16" in nat
     fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8471/healthz').read().decode())"
     assert "flanneld is running" in lab.exec("h1", ["/usr/bin/python3", "-c", fetch]).stdout
