@@ -4,9 +4,10 @@ alloc end to end, config errors, garbage leases, clean shutdown and `down`."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
+
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -17,15 +18,6 @@ def routes(lab, host: str) -> list[dict]:
     """The host's routes that flannel-ebpf made (proto 102)."""
     out = lab.exec(host, ["ip", "-j", "route", "show", "proto", "102"]).stdout
     return json.loads(out or "[]")
-
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_hostgw_full_mesh_then_a_host_leaves(lab_factory):

@@ -10,20 +10,13 @@ import time
 
 import pytest
 
+from tests.helpers import wait_for
+
 pytestmark = pytest.mark.lab
 
 PREFIX = "/coreos.com/network"
 HOSTGW = {"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}
 FAST = ["--lease-check-interval", "1"]
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def peer_routes(lab, host) -> set[str]:
@@ -99,7 +92,7 @@ def test_watch_relists_after_compaction_while_cut_off(lab_factory):
     lab = lab_factory(3, network_config=HOSTGW)
     lab.start_agents(FAST)
     lab.wait_all_ready(30)
-    wait_for(lambda: full_mesh(lab), what="full mesh")
+    wait_for(lambda: full_mesh(lab), 20, what="full mesh")
     old_h3 = subnet_of(lab, "h3")
     cut_from_etcd(lab, "h1", True)
     try:
@@ -179,7 +172,7 @@ def test_etcd_data_loss_recovers_without_restarting_agents(lab_factory):
     lab.wait_all_ready(30)
     for h in lab.host_names:
         lab.add_container(h)
-    wait_for(lambda: full_mesh(lab), what="full mesh")
+    wait_for(lambda: full_mesh(lab), 20, what="full mesh")
     subnets = {h: subnet_of(lab, h) for h in lab.host_names}
     pids = {h: lab.agent(h).proc.pid for h in lab.host_names}
     h1c, h2c, _ = lab.containers
@@ -191,7 +184,7 @@ def test_etcd_data_loss_recovers_without_restarting_agents(lab_factory):
     wait_for(lambda: len(lab.etcd_get_prefix(f"{PREFIX}/subnets/")) == 3, 40, "leases re-created")
     for h, subnet in subnets.items():
         assert json.loads(lab.etcd_get(lease_key(subnet)))["PublicIP"] == str(lab.host(h).underlay_ip)
-    wait_for(lambda: full_mesh(lab), what="full mesh again")
+    wait_for(lambda: full_mesh(lab), 20, what="full mesh again")
     result = pinger.join()
     print(f"etcd data loss: {result.sent - result.received} of {result.sent} pings lost")
     assert result.received == result.sent  # host-gw routes never left the kernel

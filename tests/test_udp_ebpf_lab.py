@@ -11,19 +11,13 @@ import time
 
 import pytest
 
+from tests.helpers import wait_for
+from tests.packets import inner_echo
+
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 
 UDP = {"Network": "10.5.0.0/16", "Backend": {"Type": "udp"}}
 PREFIX = "/coreos.com/network"
-
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def bring_up(lab_factory, decap, hosts=3, topology="flat", segments=None):
@@ -96,12 +90,12 @@ def test_deleted_lease_stops_traffic_and_spoofed_packets_are_counted(lab_factory
     # A UDP datagram to 8285 from a machine that holds no lease (etcd's namespace) carrying an inner packet
     # for h1's container: dropped in XDP and counted.
     before = counters(lab, "h1").get("decap_not_member", 0)
-    inner = _ipv4_icmp_echo(src="10.5.200.2", dst=str(h1c.ip))
+    inner = inner_echo(src="10.5.200.2", dst=str(h1c.ip))
     sender = (
         "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
         f"[s.sendto(bytes.fromhex('{inner.hex()}'), ('{h1.underlay_ip}', 8285)) for _ in range(5)]"
     )
-    lab.exec(lab.etcd_ns, [_python(), "-c", sender])
+    lab.exec(lab.etcd_ns, ["/usr/bin/python3", "-c", sender])
     wait_for(lambda: counters(lab, "h1").get("decap_not_member", 0) >= before + 5, what="spoofed drops counted")
 
     # h2 goes away without its agent (killed), and its lease is deleted: h1 stops sending to it.
@@ -128,29 +122,3 @@ def test_down_leaves_nothing_behind(lab_factory):
     assert lab.exec("h1", ["ip", "route", "show", "proto", "102"]).stdout.strip() == ""
     assert not os.path.exists(pin_dir)
     assert len(lab.etcd_get_prefix(f"{PREFIX}/subnets/")) == 1
-
-
-def _python() -> str:
-    return "/usr/bin/python3"
-
-
-def _ipv4_icmp_echo(src: str, dst: str) -> bytes:
-    """A minimal IPv4 ICMP echo request with valid checksums."""
-    import socket
-    import struct
-
-    def checksum(data: bytes) -> int:
-        if len(data) % 2:
-            data += b"\0"
-        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-        while total >> 16:
-            total = (total & 0xFFFF) + (total >> 16)
-        return ~total & 0xFFFF
-
-    icmp = struct.pack("!BBHHH", 8, 0, 0, 1, 1) + b"spoof"
-    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
-    header = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1, 0, socket.inet_aton(src), socket.inet_aton(dst)
-    )
-    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
-    return header + icmp

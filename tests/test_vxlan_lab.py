@@ -4,22 +4,14 @@ churn (a peer recreating its device), restarts that keep traffic flowing, Direct
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
+
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.lab
 
 VXLAN = {"Network": "10.8.0.0/16", "Backend": {"Type": "vxlan"}}
-
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def fdb(lab, host):
