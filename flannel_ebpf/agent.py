@@ -97,6 +97,14 @@ class DataPlane(PeerSink):
     async def remove_peer(self, lease: Lease) -> None:
         await self.call(f"removing peer {lease.subnet}", self.backend.remove_peer, lease)
 
+    async def status(self) -> dict[str, Any]:
+        """The backend's status, taken like any other backend call: never concurrently with one."""
+        async with self._lock:
+            try:
+                return await asyncio.to_thread(self.backend.status)
+            except Exception as e:
+                return {"error": f"status failed: {e}"}
+
 
 class Agent:
     def __init__(self, options: AgentOptions) -> None:
@@ -138,11 +146,6 @@ class Agent:
                 st.phase, st.reason = ("conflict", m.problem) if m.problem else ("ready", "")
             elif st.phase == "acquiring":
                 st.reason = m.problem or "acquiring a subnet lease"
-        if self.backend is not None:
-            try:
-                st.backend_status = self.backend.status()
-            except Exception as e:
-                st.backend_status = {"error": str(e)}
         try:
             state_file.save(self.options.state_dir, st)
         except OSError as e:
@@ -283,7 +286,7 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             # Leave the data path (and the lease) in place: traffic keeps flowing until `down`.
-            await asyncio.to_thread(self.backend.stop)
+            await self.dataplane.call("stopping the backend", self.backend.stop)  # waits for a call in flight
             self.set_phase("stopped", "agent stopped")
             logger.info("stopped; the data path stays up (flannel-ebpf down removes it)")
         return 0
@@ -317,9 +320,11 @@ class Agent:
                 logger.error("periodic {} failed: {}", getattr(fn, "__qualname__", fn), e)
 
     async def _heartbeat(self) -> None:
+        assert self.dataplane is not None
         while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            self.state.backend_status = await self.dataplane.status()
             self.save_state()
+            await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _healthz(self) -> None:
         """flanneld's /healthz: 200 while ready, 503 otherwise."""
