@@ -86,7 +86,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["host-gw", "udp", "vxlan", "alloc"], default="host-gw")
+    p.add_argument("--backend", choices=["host-gw", "udp", "vxlan", "alloc"], default="udp")
     p.add_argument("--routed", action="store_true", help="two L2 segments joined by a router")
     p.add_argument("--hosts", type=int, default=3)
     p.add_argument("--network", default="10.5.0.0/16")
