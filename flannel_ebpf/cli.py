@@ -252,8 +252,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     shown = live or st.backend_status
     if shown:
         print("data path" + ("" if live else " (as of the agent's last update)"))
-        print(json.dumps(shown, indent=2, default=str))
+        print(format_backend_status(shown))
     return 0
+
+
+def format_backend_status(status: dict[str, Any]) -> str:
+    """Readable lines for what a backend's status() returned: programs, maps and counters get their own
+    layout, anything else one `key: value` line each (JSON for nested values)."""
+    lines = []
+    for program in status.get("programs") or []:
+        ident = f" id {program['prog_id']}" if program.get("prog_id") else ""
+        mode = f" ({program['xdp_mode']})" if program.get("xdp_mode") else ""
+        lines.append(
+            f"  program  {program.get('program')} on {program.get('device')} {program.get('hook')}{mode}{ident}"
+        )
+    maps = status.get("maps") or {}
+    if maps:
+        lines.append(f"  maps     {maps.get('pin_dir', '')}: {len(maps.get('peers') or {})} peer(s), "
+                     f"{len(maps.get('members') or {})} member(s)")  # fmt: skip
+        for subnet, public_ip in (maps.get("peers") or {}).items():
+            lines.append(f"           {subnet:<18} -> {public_ip}")
+        counters = maps.get("counters") or {}
+        if counters:
+            lines.append(f"  {'counter':<24} {'packets':>12} {'bytes':>16}")
+            for name, value in counters.items():
+                lines.append(f"  {name:<24} {value.get('packets', 0):>12} {value.get('bytes', 0):>16}")
+    for key, value in status.items():
+        if key in ("programs", "maps"):
+            continue
+        text = json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
+        lines.append(f"  {key}: {text}")
+    return "\n".join(lines)
 
 
 def _live_backend_status(st: state_file.AgentState) -> dict[str, Any]:
