@@ -58,4 +58,4 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
   echo "setup: created .venv with /usr/bin/python3 and system site-packages"
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
-echo "setup: ready ($(.venv/bin/python -c 'import bcc, pyroute2, aetcd; print("bcc", bcc.__version__, "pyroute2", pyroute2.__version__)'))"
+echo "setup: ready (bcc $(.venv/bin/python -c 'import bcc, aetcd, pyroute2; print(bcc.__version__)'))"
