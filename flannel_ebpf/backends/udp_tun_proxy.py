@@ -218,7 +218,10 @@ class Proxy:
         self.staged: list[list] = []
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self.running = True
-        self.gso = os.environ.get("FLANNEL_EBPF_TUN_GSO", "1") != "0"  # "0": one sendto per packet
+        # One datagram per packet, as flanneld sends. UDP GSO batching ("1") saves CPU, but on a virtual
+        # underlay (veth) a batch reaches the peer as one unsegmented super-frame, which a receiver that
+        # decapsulates before its UDP stack (an eBPF/XDP path) cannot take apart: opt-in for experiments.
+        self.gso = os.environ.get("FLANNEL_EBPF_TUN_GSO", "0") == "1"
 
     # -- control channel (rare: plain code) --
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -232,3 +233,80 @@ def iperf3_bits_per_second(report: dict[str, Any]) -> float:
     if "sum_received" in end:
         return float(end["sum_received"]["bits_per_second"])
     return float(end["sum"]["bits_per_second"])
+
+
+# -------------------------------------------------------------------- benchmark helpers
+
+_RTT_LINE_RE = re.compile(r"time[=<]([\d.]+) ms")
+
+
+def ping_rtts(
+    node: Node, dst: str, count: int = 100, interval: float = 0.01, timeout: float = 2.0, size: int | None = None
+) -> tuple[PingResult, list[float]]:
+    """`count` echo requests `interval` seconds apart (intervals under 0.2 s need root); returns the
+    summary and every reply's round-trip time in milliseconds, in order. Bounded in time: on a busy
+    machine requests go out later than `interval` apart, so the deadline allows twice the nominal time."""
+    deadline = max(1, int(2 * count * interval + timeout + 0.999))
+    argv = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", str(timeout), "-w", str(deadline)]
+    if size is not None:
+        argv += ["-s", str(size)]
+    res = node.exec([*argv, str(dst)], timeout=deadline + 10, check=False)
+    output = res.stdout + res.stderr
+    rtts = [float(m.group(1)) for m in _RTT_LINE_RE.finditer(res.stdout)]
+    return parse_ping(output, node.name, str(dst)), rtts
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """The whole machine's CPU time from /proc/stat (all CPUs summed), in seconds. Network namespaces
+    share one kernel, so this counts every lab namespace, softirq work included (and anything else the
+    machine runs at the same time)."""
+
+    busy: float  # user + nice + system + irq + softirq + steal
+    idle: float  # idle + iowait
+
+    def __sub__(self, other: CpuTimes) -> CpuTimes:
+        return CpuTimes(self.busy - other.busy, self.idle - other.idle)
+
+
+def read_cpu_times(path: str | Path = "/proc/stat") -> CpuTimes:
+    """The aggregate `cpu` line of /proc/stat (in USER_HZ ticks) as seconds."""
+    hz = float(os.sysconf("SC_CLK_TCK"))
+    for line in Path(path).read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+            ticks = [int(x) for x in fields[1:9]] + [0] * max(0, 9 - len(fields))
+            user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
+            return CpuTimes((user + nice + system + irq + softirq + steal) / hz, (idle + iowait) / hz)
+    raise RuntimeError(f"no aggregate cpu line in {path}")
+
+
+def process_cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU time so far of these processes, all their threads summed (scheduler nanoseconds from
+    /proc/<pid>/task/*/schedstat). Without IRQ time accounting the kernel charges softirq work (most of a
+    veth lab's network stack) to the task it ran on, so this includes it. A PID that is gone counts 0."""
+    total_ns = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+            continue
+        for task in tasks:
+            try:
+                total_ns += int((task / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue  # the thread ended meanwhile
+    return total_ns / 1e9
+
+
+def kernel_thread_pids(name_prefix: str = "ksoftirqd/") -> list[int]:
+    """PIDs of kernel threads by name, e.g. every CPU's ksoftirqd (softirq work deferred off a task)."""
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().startswith(name_prefix):
+                pids.append(int(comm.parent.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return pids
