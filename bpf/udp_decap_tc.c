@@ -39,8 +39,21 @@ int flannel_tc_in(struct __sk_buff *skb)
 		fl_count(verdict, pkt_len);
 		return TC_ACT_SHOT;
 	}
-	/* Remove the 28 bytes after the MAC header (outer IPv4 + UDP); FIXED_GSO leaves gso_size. */
-	if (bpf_skb_adjust_room(skb, -FL_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO) < 0) {
+	/* Remove the 28 bytes after the MAC header (outer IPv4 + UDP); FIXED_GSO leaves gso_size.
+	 *
+	 * A GSO skb that crossed a veth underlay still carries the sender's tunnel offload state
+	 * (skb->encapsulation, SKB_GSO_UDP_TUNNEL, set by our encap's ENCAP flags). Forwarded to a
+	 * bridge (docker0/cni0, whose hw_enc_features lack TSO and checksum) it is then segmented and
+	 * checksummed in software: measured, that caps the lab at ~4 Gbit/s and reorders segments.
+	 * Kernels with BPF_F_ADJ_ROOM_DECAP_L4_UDP reset that state the way a kernel tunnel does
+	 * (iptunnel_pull_offloads); older ones (6.18 included) refuse the unknown flag with -EINVAL
+	 * before touching the skb, so the call is repeated without it. */
+	long ret = bpf_skb_adjust_room(skb, -FL_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				       BPF_F_ADJ_ROOM_FIXED_GSO | FL_ADJ_ROOM_DECAP_L3_IPV4 |
+					       FL_ADJ_ROOM_DECAP_L4_UDP);
+	if (ret == -FL_EINVAL)
+		ret = bpf_skb_adjust_room(skb, -FL_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO);
+	if (ret < 0) {
 		fl_count(FL_DECAP_ERROR, pkt_len);
 		return TC_ACT_SHOT;
 	}

@@ -101,6 +101,15 @@ static long (*bpf_xdp_adjust_head)(struct xdp_md *xdp_md, int delta) = (void *)B
 #define fl_redirect_neigh(_ifindex, _params, _plen, _flags) \
 	((long (*)(__u32, void *, int, __u64))BPF_FUNC_redirect_neigh)(_ifindex, _params, _plen, _flags)
 
+/* bpf_skb_adjust_room() decap flags newer than the 6.1 headers we compile against (values from
+ * include/uapi/linux/bpf.h, enum bpf_adj_room_flags; own names, since the enum may or may not
+ * have them): DECAP_L3_IPV4 (6.3) sets skb->protocol to IPv4; DECAP_L4_UDP (bpf-next, 2026) also
+ * clears skb->encapsulation and the UDP tunnel GSO bits. A kernel that lacks a flag returns
+ * -EINVAL without changing the skb. */
+#define FL_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
+#define FL_ADJ_ROOM_DECAP_L4_UDP (1ULL << 10)
+#define FL_EINVAL 22 /* what helpers return, negated, for flags they do not know */
+
 /* Byte order: BPF runs in the host's order (little endian on x86-64); packets are big endian. */
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define fl_htons(x) ((__be16)__builtin_bswap16(x))

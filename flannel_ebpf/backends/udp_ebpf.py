@@ -14,9 +14,12 @@ atomically and reconciles the peers.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
+import fcntl
 import socket
+import struct
 from collections import Counter
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -106,6 +109,8 @@ class UdpEbpfBackend(Backend):
             encap = loader.attach_tc(layout.PROG_ENCAP, tun_index, "egress")
             if decap_program == layout.PROG_DECAP_XDP:
                 decap = loader.attach_xdp(decap_program, local.ext.index, self.options.xdp_mode)
+                if decap.xdp_mode == "native":
+                    _gro_for_veth_xdp(local.ext.name)
                 # Switching from tc decap: remove it only now, once XDP takes the packets.
                 hooks.tc_detach(local.ext.index, "ingress", layout.PROG_DECAP_TC)
             else:
@@ -336,6 +341,42 @@ class UdpEbpfBackend(Backend):
                     if flt.name in layout.PROGRAM_NAMES or flt.name.startswith("flannel_"):
                         found.append({"program": flt.name, "device": name, "hook": f"tc-{direction}"})
         return found
+
+
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GDRVINFO = 0x03
+_ETHTOOL_GGRO = 0x2B
+_ETHTOOL_SGRO = 0x2C
+
+
+def _ethtool(sock: socket.socket, iface: str, request: bytearray) -> bytearray:
+    """One SIOCETHTOOL ioctl: `request` is the ethtool struct (cmd first), filled in place."""
+    buf = array.array("B", request)
+    address, _length = buf.buffer_info()
+    ifreq = struct.pack("16sP", iface.encode()[:15], address)
+    fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, ifreq)
+    return bytearray(buf.tobytes())
+
+
+def _gro_for_veth_xdp(iface: str) -> None:
+    """Native XDP on a veth underlay: switch GRO on (measured in the lab: 1.4-2.1 -> 4.1 Gbit/s,
+    ~3000 -> ~10 retransmits per 4 s). Without GRO the veth peer stops sending GSO packets to an XDP
+    device (it segments everything in software) and nothing merges them again after XDP_PASS; with it,
+    the peer keeps TSO and veth's NAPI runs GRO. Physical NICs are left as they are; a failure is logged."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            # struct ethtool_drvinfo: cmd, then driver[32] (196 bytes in all)
+            info = _ethtool(sock, iface, bytearray(struct.pack("I", _ETHTOOL_GDRVINFO)) + bytearray(192))
+            if info[4:36].split(b"\0", 1)[0] != b"veth":
+                return
+            # struct ethtool_value: cmd, data
+            (_cmd, gro) = struct.unpack("II", _ethtool(sock, iface, bytearray(struct.pack("II", _ETHTOOL_GGRO, 0))))
+            if gro:
+                return
+            _ethtool(sock, iface, bytearray(struct.pack("II", _ETHTOOL_SGRO, 1)))
+        logger.info("udp (eBPF): GRO switched on for {} (veth with native XDP: keeps GSO packets whole)", iface)
+    except OSError as e:
+        logger.warning("udp (eBPF): cannot switch GRO on for {}: {}", iface, e)
 
 
 def _loosen_rp_filter(iface: str) -> None:
