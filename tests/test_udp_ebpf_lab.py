@@ -57,6 +57,7 @@ def test_all_pairs_ping_and_tcp_both_ways(lab_factory, decap, topology):
     hooks = {p.get("hook") for p in programs}
     assert any("egress" in str(h) for h in hooks)
     assert any(decap in str(h) for h in hooks)
+    assert all(p.get("prog_id", 0) > 0 for p in programs), programs  # ids as bpftool shows them
     c = counters(lab, "h1")
     assert c["encap_ok"] > 0 and c["decap_ok"] > 0
 

@@ -18,6 +18,7 @@ import array
 import contextlib
 import errno
 import fcntl
+import os
 import socket
 import struct
 from collections import Counter
@@ -116,6 +117,11 @@ class UdpEbpfBackend(Backend):
             else:
                 decap = loader.attach_tc(decap_program, local.ext.index, "ingress")
                 Loader.detach_xdp(local.ext.index, layout.PROG_DECAP_XDP)
+            for program in (layout.PROG_ENCAP, decap_program):
+                path = layout.prog_pin_path(self.pin_dir, program)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()  # the previous run's program: replaced just now
+                bpfsys.obj_pin(loader.program_fd(program), path)
         except (LoaderError, DatapathMapError, OSError) as e:
             raise BackendError(f"udp (eBPF): {e}") from e
         finally:
@@ -339,8 +345,22 @@ class UdpEbpfBackend(Backend):
             for direction in ("ingress", "egress"):
                 for flt in hooks.tc_filters(index, direction):
                     if flt.name in layout.PROGRAM_NAMES or flt.name.startswith("flannel_"):
-                        found.append({"program": flt.name, "device": name, "hook": f"tc-{direction}"})
+                        hook = f"tc-{direction}"
+                        found.append(
+                            {"program": flt.name, "device": name, "hook": hook, "prog_id": self._pinned_id(flt.name)}
+                        )
         return found
+
+    def _pinned_id(self, program: str) -> int:
+        """The id of our pinned program of that name (0 if it is not pinned: another agent's, or gone)."""
+        try:
+            fd = bpfsys.obj_get(layout.prog_pin_path(self.pin_dir, program))
+        except OSError:
+            return 0
+        try:
+            return bpfsys.prog_info(fd).prog_id
+        finally:
+            os.close(fd)
 
 
 _SIOCETHTOOL = 0x8946

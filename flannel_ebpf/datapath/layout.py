@@ -179,3 +179,9 @@ def unpack_counter(raw: bytes) -> tuple[int, int]:
 
 def pin_path(pin_dir: str | Path, spec: MapSpec) -> Path:
     return Path(pin_dir) / spec.name
+
+
+def prog_pin_path(pin_dir: str | Path, program: str) -> Path:
+    """Where an attached program is pinned: `flannel-ebpf status` (another process) finds its id there,
+    and so does `bpftool prog show pinned ...`."""
+    return Path(pin_dir) / f"prog_{program}"

@@ -43,11 +43,13 @@ def pinned_map_mismatch(pin_dir: str | Path, spec: MapSpec) -> str | None:
 
 
 def remove_pins(pin_dir: str | Path) -> None:
-    """Unpin our maps and remove the pin directory (the maps die with their last user)."""
+    """Unpin our maps and programs and remove the pin directory (each dies with its last user)."""
     directory = Path(pin_dir)
-    for spec in layout.ALL_MAPS:
+    pins = [layout.pin_path(directory, spec) for spec in layout.ALL_MAPS]
+    pins += [layout.prog_pin_path(directory, program) for program in layout.PROGRAM_NAMES]
+    for path in pins:
         with contextlib.suppress(FileNotFoundError):
-            layout.pin_path(directory, spec).unlink()
+            path.unlink()
     if directory.is_dir():
         try:
             directory.rmdir()
