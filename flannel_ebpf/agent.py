@@ -79,13 +79,29 @@ class DataPlane(PeerSink):
         self.synced = asyncio.Event()
         self.errors = 0
 
-    async def call(self, what: str, fn: Any, *args: Any) -> None:
+    async def _run_locked(self, fn: Any, *args: Any) -> Any:
+        """Run `fn` in a worker thread holding the lock until the thread is done, even if the caller is
+        cancelled meanwhile (a relist cancels the watch mid-event): a cancelled await would otherwise free
+        the lock while the thread still uses the backend's netlink socket or map fds."""
         async with self._lock:
+            work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
             try:
-                await asyncio.to_thread(fn, *args)
-            except Exception as e:  # one bad peer must never stop the agent
-                self.errors += 1
-                logger.opt(exception=not isinstance(e, BackendError)).error("{} failed: {}", what, e)
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await asyncio.wait({work})
+                raise
+
+    async def call(self, what: str, fn: Any, *args: Any) -> bool:
+        """One backend call; False (logged) if it failed: one bad peer must never stop the agent."""
+        try:
+            await self._run_locked(fn, *args)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.errors += 1
+            logger.opt(exception=not isinstance(e, BackendError)).error("{} failed: {}", what, e)
+            return False
 
     async def sync_peers(self, peers: list[Lease]) -> None:
         await self.call("syncing the data path", self.backend.sync, peers)
@@ -99,11 +115,12 @@ class DataPlane(PeerSink):
 
     async def status(self) -> dict[str, Any]:
         """The backend's status, taken like any other backend call: never concurrently with one."""
-        async with self._lock:
-            try:
-                return await asyncio.to_thread(self.backend.status)
-            except Exception as e:
-                return {"error": f"status failed: {e}"}
+        try:
+            return await self._run_locked(self.backend.status)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            return {"error": f"status failed: {e}"}
 
 
 class Agent:
@@ -210,6 +227,8 @@ class Agent:
             attrs = await asyncio.to_thread(self.backend.prepare, ext)
         except (InterfaceError, BackendError) as e:
             raise FatalError(str(e)) from None
+        except Exception as e:  # netlink or OS errors: one clear line, not a traceback
+            raise FatalError(f"backend {config.backend_type}: preparing failed: {e}") from None
         logger.info("using interface {} ({}), public IP {}", ext.name, ext.address, ext.public_ip)
         self.state.iface = state_file.ext_to_dict(ext)
         self.state.backend_type = config.backend_type
@@ -243,7 +262,7 @@ class Agent:
         self.state.network, self.state.subnet, self.state.mtu = str(config.network), str(lease.subnet), mtu
         try:
             await asyncio.to_thread(self.backend.start, self.local)
-        except BackendError as e:
+        except Exception as e:  # BackendError, or netlink/OS errors: one clear line, not a traceback
             raise FatalError(f"backend {config.backend_type}: {e}") from None
         masq = None
         if opts.ip_masq or opts.iptables_forward_rules:
@@ -253,7 +272,10 @@ class Agent:
                 masq = ipmasq.make_manager(
                     config.network, lease.subnet, ip_masq=opts.ip_masq, forward_rules=opts.iptables_forward_rules
                 )
-                await asyncio.to_thread(masq.setup)
+                try:
+                    await asyncio.to_thread(masq.setup)
+                except Exception as e:
+                    raise FatalError(f"setting up iptables rules failed: {e}") from None
             elif opts.ip_masq:
                 raise FatalError("--ip-masq needs iptables, which is not installed")
             else:
@@ -342,7 +364,11 @@ class Agent:
                 await writer.drain()
             writer.close()
 
-        server = await asyncio.start_server(handle, self.options.healthz_ip, self.options.healthz_port)
+        try:
+            server = await asyncio.start_server(handle, self.options.healthz_ip, self.options.healthz_port)
+        except OSError as e:
+            logger.error("cannot serve /healthz on {}:{}: {}", self.options.healthz_ip, self.options.healthz_port, e)
+            return
         async with server:
             await server.serve_forever()
 

@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from typing import Any
 
 from loguru import logger
@@ -153,6 +155,19 @@ def agent_options(args: argparse.Namespace) -> Any:
         raise SystemExit("flannel-ebpf: --subnet-lease-renew-margin must be between 1 and 1439 minutes")
     if args.subnet_lease_ttl < 10:
         raise SystemExit("flannel-ebpf: --subnet-lease-ttl must be at least 10 seconds")
+    if args.public_ip:
+        try:
+            IPv4Address(args.public_ip)
+        except ValueError:
+            raise SystemExit(f"flannel-ebpf: --public-ip {args.public_ip!r} is not an IPv4 address") from None
+    for pattern in _list_flag(args, "iface_regex"):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise SystemExit(f"flannel-ebpf: --iface-regex {pattern!r} is not a valid regex: {e}") from None
+    for path in (args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile):
+        if path and not os.access(path, os.R_OK):
+            raise SystemExit(f"flannel-ebpf: cannot read etcd TLS file {path}")
     return AgentOptions(
         etcd_endpoints=[e.strip() for e in args.etcd_endpoints.split(",") if e.strip()],
         etcd_prefix=args.etcd_prefix,
@@ -331,11 +346,15 @@ def cmd_down(args: argparse.Namespace) -> int:
             logger.error("removing iptables rules failed: {}", e)
     if args.release_lease and st is not None and st.subnet:
         failures += not asyncio.run(_release_lease(opts, st))
+    if failures:
+        # Keep the record: a `down` run again after fixing the cause still knows the underlay and dirs.
+        logger.error("down did not finish; kept {} for another try", state_file.path(args.state_dir))
+        return 1
     subnet_path = st.subnet_file if st else args.subnet_file
     for path in (subnet_path, state_file.path(args.state_dir)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    return 1 if failures else 0
+    return 0
 
 
 async def _release_lease(opts: Any, st: state_file.AgentState) -> bool:

@@ -28,7 +28,10 @@ class _Link:
 def _links(ipr: IPRoute) -> list[_Link]:
     addresses: dict[int, list[IPv4Address]] = {}
     for msg in ipr.get_addr(family=socket.AF_INET):
-        addresses.setdefault(msg["index"], []).append(IPv4Address(msg.get_attr("IFA_ADDRESS")))
+        # IFA_LOCAL is our own address; IFA_ADDRESS is the far end's on a point-to-point link.
+        address = IPv4Address(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"))
+        if not (address.is_loopback or address.is_link_local):
+            addresses.setdefault(msg["index"], []).append(address)
     links = []
     for msg in ipr.get_links():
         links.append(
@@ -62,24 +65,24 @@ def choose_interface(
             except ValueError:
                 wanted = None
             for link in links:
-                if (wanted is not None and wanted in link.addresses) or link.name == spec:
+                if (wanted is not None and wanted in link.addresses) or (link.name == spec and link.addresses):
                     chosen = (link, wanted)
                     break
             if chosen:
                 break
-        if chosen is None and ifaces:
-            raise InterfaceError(f"none of --iface {', '.join(ifaces)} exists with an IPv4 address here")
-        for pattern in regexes or [] if chosen is None else []:
+        for pattern in (regexes or []) if chosen is None else []:
             rx = re.compile(pattern)
             for link in links:
                 hit = next((a for a in link.addresses if rx.fullmatch(str(a))), None)
-                if rx.fullmatch(link.name) or hit:
+                if hit or (rx.fullmatch(link.name) and link.addresses):
                     chosen = (link, hit)
                     break
             if chosen:
                 break
-        if chosen is None and regexes:
-            raise InterfaceError(f"no interface matches --iface-regex {', '.join(regexes)}")
+        # As flanneld: the --iface list first, then the regexes; only when all of them miss is it an error.
+        if chosen is None and (ifaces or regexes):
+            tried = [f"--iface {i}" for i in ifaces or []] + [f"--iface-regex {r}" for r in regexes or []]
+            raise InterfaceError(f"no interface with an IPv4 address matches {', '.join(tried)}")
         if chosen is None:
             index = _default_route_index(ipr)
             link = next((lk for lk in links if lk.index == index), None)

@@ -56,7 +56,8 @@ class AgentState:
         return LocalNetwork(IPv4Network(self.network), IPv4Network(self.subnet), ext, self.mtu)
 
     def options(self) -> BackendOptions:
-        return BackendOptions(**self.backend_options)
+        known = BackendOptions.__dataclass_fields__
+        return BackendOptions(**{k: v for k, v in self.backend_options.items() if k in known})
 
 
 def path(state_dir: str) -> str:
@@ -79,7 +80,15 @@ def load(state_dir: str) -> AgentState | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether the agent that wrote the state still runs: the PID lives and is a flannel-ebpf process
+    (after a reboot or a crash the PID may belong to something else by now)."""
     if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"flannel" not in f.read():
+                return False
+    except OSError:
         return False
     try:
         os.kill(pid, 0)

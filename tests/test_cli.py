@@ -58,3 +58,14 @@ def test_subnet_env_is_flanneld_s_and_atomic(tmp_path):
     assert subnet_file.previous_subnet(str(path)) == IPv4Network("10.5.34.0/24")
     assert os.listdir(path.parent) == ["subnet.env"]  # no temporary file left behind
     assert subnet_file.previous_subnet(str(tmp_path / "missing")) is None
+
+
+def test_bad_flags_are_one_clear_line():
+    import pytest
+
+    with pytest.raises(SystemExit, match="--public-ip 'junk' is not an IPv4 address"):
+        agent_options(parse(["up", "--public-ip", "junk"]))
+    with pytest.raises(SystemExit, match=r"--iface-regex .* is not a valid regex"):
+        agent_options(parse(["up", "--iface-regex", "eth[0"]))
+    with pytest.raises(SystemExit, match="cannot read etcd TLS file /nonexistent"):
+        agent_options(parse(["up", "--etcd-cafile", "/nonexistent"]))

@@ -277,3 +277,34 @@ def test_one_agent_per_public_ip(etcd, prefix):
         await manager(etcd, prefix, identity="hostA:1").release_presence()
 
     run(body())
+
+
+def test_leases_outside_the_network_are_never_peers(etcd, prefix):
+    """`subnets/0.0.0.0-0` would become a default route on host-gw: it must never reach a backend."""
+    for key in ("0.0.0.0-0", "1.2.3.0-24", "10.5.0.0-16", "10.0.0.0-8"):
+        etcd.ctl("put", f"{prefix}/subnets/{key}", '{"PublicIP":"192.168.50.9","BackendType":"host-gw"}')
+
+    async def body():
+        m = manager(etcd, prefix)
+        await m.acquire()
+        sink = RecordingSink()
+        async with running(m.run_watch(sink)):
+            await eventually(lambda: sink.calls, what="initial sync")
+            etcd.ctl("put", f"{prefix}/subnets/0.0.0.0-1", '{"PublicIP":"192.168.50.9","BackendType":"host-gw"}')
+            etcd.ctl("put", f"{prefix}/subnets/10.5.9.0-24", '{"PublicIP":"192.168.50.9","BackendType":"host-gw"}')
+            await eventually(lambda: sink.peers, what="the valid peer")
+        assert list(sink.peers) == [IPv4Network("10.5.9.0/24")]
+
+    run(body())
+
+
+def test_garbage_under_our_own_key_is_survived(etcd, prefix):
+    async def body():
+        m = manager(etcd, prefix)
+        lease = await m.acquire()
+        etcd.ctl("put", f"{prefix}/subnets/{lease.subnet.network_address}-24", "{garbage")
+        async with running(m.run_maintenance()) as (task,):
+            await asyncio.sleep(2)  # several checks, each one reading the garbage
+            assert not task.done()  # logged and retried, never a crash
+
+    run(body())

@@ -338,7 +338,7 @@ class UdpEbpfBackend(Backend):
             xdp = hooks.xdp_query(index)
             if xdp is not None:
                 info = bpfsys.prog_info_by_id(xdp[0])
-                if info is not None and layout.PROG_DECAP_XDP.startswith(info.name):
+                if info is not None and layout.is_our_program(info.name, layout.PROG_DECAP_XDP):
                     found.append(
                         {"program": info.name, "device": name, "hook": "xdp", "prog_id": xdp[0], "xdp_mode": xdp[1]}
                     )

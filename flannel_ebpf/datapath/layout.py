@@ -185,3 +185,9 @@ def prog_pin_path(pin_dir: str | Path, program: str) -> Path:
     """Where an attached program is pinned: `flannel-ebpf status` (another process) finds its id there,
     and so does `bpftool prog show pinned ...`."""
     return Path(pin_dir) / f"prog_{program}"
+
+
+def is_our_program(kernel_name: str, program: str) -> bool:
+    """Whether a program the kernel names `kernel_name` is `program`: the kernel keeps the first 15
+    characters of a name; an unnamed program ("") is never ours."""
+    return bool(kernel_name) and kernel_name == program[:15]

@@ -122,6 +122,6 @@ class Loader(ABC):
             return False
         if program is not None:
             info = bpfsys.prog_info_by_id(current[0])
-            if info is None or not program.startswith(info.name):
+            if info is None or not layout.is_our_program(info.name, program):
                 return False
         return attach.xdp_detach(ifindex)

@@ -26,7 +26,7 @@ from loguru import logger
 from flannel_ebpf.config import NetworkConfig
 from flannel_ebpf.subnet.allocation import pick_subnet
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent
-from flannel_ebpf.subnet.registry import ETCD_UNAVAILABLE, SubnetRegistry, WatchCompacted
+from flannel_ebpf.subnet.registry import ETCD_RETRYABLE, SubnetRegistry, WatchCompacted
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class LeaseManager:
         while True:
             try:
                 lease = await self._try_acquire(previous)
-            except ETCD_UNAVAILABLE as e:
+            except ETCD_RETRYABLE as e:
                 await self.leases.reconnect()
                 await backoff.failed(e)
                 continue
@@ -187,7 +187,7 @@ class LeaseManager:
                 logger.info("found lease {} for {}, reusing it", got.subnet, self.attrs.public_ip)
                 self._set_problem(None)
             return got
-        taken = {lease.subnet: lease for lease in listing.leases}
+        taken = {lease.subnet: lease for lease in listing.leases if self._inside_network(lease)}
         if previous is not None:
             holder = taken.get(previous)
             if holder is None and self.config.contains_subnet(previous):
@@ -231,7 +231,7 @@ class LeaseManager:
             try:
                 await self.check_once()
                 backoff.succeeded()
-            except ETCD_UNAVAILABLE as e:
+            except ETCD_RETRYABLE as e:
                 await self.leases.reconnect()
                 await backoff.failed(e)
 
@@ -334,7 +334,7 @@ class LeaseManager:
             except WatchCompacted as e:
                 logger.warning("watch fell behind a compaction ({}); relisting and reconciling peers", e)
                 need_list = True
-            except ETCD_UNAVAILABLE as e:
+            except ETCD_RETRYABLE as e:
                 await self.watcher.reconnect()
                 await backoff.failed(e)
 
@@ -358,8 +358,19 @@ class LeaseManager:
         await sink.sync_peers(list(self.peers.values()))
         await self._changed()
 
+    def _inside_network(self, lease: Lease) -> bool:
+        """A subnet strictly inside the overlay network (a lease of another length is still plausible:
+        an older config's). Anything else is garbage: never a peer, never a reason to skip a candidate."""
+        network = self.config.network
+        return lease.subnet.subnet_of(network) and lease.subnet.prefixlen > network.prefixlen
+
     def _accept_peer(self, lease: Lease) -> bool:
         if self._is_own(lease):
+            return False
+        if not self._inside_network(lease):
+            # e.g. a key `subnets/0.0.0.0-0`: as a route it would replace the host's default route.
+            logger.error("ignoring lease {} of {}: not a subnet inside the overlay network {}",
+                         lease.subnet, lease.public_ip, self.config.network)  # fmt: skip
             return False
         if lease.public_ip == self.attrs.public_ip:
             logger.error(

@@ -30,15 +30,20 @@ from flannel_ebpf.subnet.lease import (
 
 DEFAULT_PREFIX = "/coreos.com/network"
 
-# Errors that mean "etcd is not reachable right now": retried, never fatal.
+# Errors that mean "etcd is not reachable right now": retried, never fatal. An expired auth token (etcd
+# restarted) is one of them: the reconnect that follows authenticates again.
 ETCD_UNAVAILABLE = (
     aetcd.exceptions.ConnectionFailedError,
     aetcd.exceptions.ConnectionTimeoutError,
     aetcd.exceptions.InternalError,
+    aetcd.exceptions.UnauthenticatedError,
     grpc.RpcError,
     OSError,
     asyncio.TimeoutError,
 )
+# What the agent's loops survive: the above, any other etcd error and a garbage value under our own key
+# (all logged, backed off and retried: the data path must never go down because etcd said something odd).
+ETCD_RETRYABLE = (*ETCD_UNAVAILABLE, aetcd.exceptions.ClientError, LeaseFormatError)
 
 # Keepalive pings let a watch notice a dead etcd (or a cut network) instead of waiting forever.
 _CHANNEL_OPTIONS = {
