@@ -272,9 +272,14 @@ def test_one_agent_per_public_ip(etcd, prefix):
         # The same agent restarting (same identity, its claim still alive) is not a duplicate.
         again = await manager(etcd, prefix, identity="hostA:1").acquire()
         assert again.subnet == lease.subnet
-        # Once the first agent stops, the address is free for another.
-        await first.release_presence()
-        await manager(etcd, prefix, identity="hostA:1").release_presence()
+        # Once that agent stops, the address is free for another.
+        restarted = manager(etcd, prefix, identity="hostA:1")
+        await restarted.acquire()
+        await restarted.release_presence()
+        successor = manager(etcd, prefix, identity="hostC:3")
+        assert (await successor.acquire()).subnet == lease.subnet  # found by PublicIP, no duplicate reported
+        assert successor.problem is None
+        await successor.release_presence()
 
     run(body())
 

@@ -30,10 +30,10 @@ struct fl_config {
 	__be32 tun_addr;         /* flannel0's address: the source of our ICMP errors */
 	__be32 local_subnet;     /* this host's lease (network address) */
 	__be32 local_mask;       /* its netmask */
-	__be32 network;          /* the whole overlay (config's Network) */
-	__be32 network_mask;
+	__be32 network;          /* the whole overlay (config's Network): shown by `status`, */
+	__be32 network_mask;     /* not read by the programs */
 	__u32 underlay_ifindex;  /* where encapsulated packets leave */
-	__u32 underlay_mtu;      /* for ICMP frag-needed: next-hop MTU = underlay_mtu - 28 */
+	__u32 underlay_mtu;      /* shown by `status`; frag-needed uses bpf_check_mtu's answer */
 	__be16 port;             /* UDP destination port (8285), network order */
 	__u16 flags;             /* FL_CFG_READY once filled */
 	__u32 reserved;

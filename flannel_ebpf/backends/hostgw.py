@@ -3,8 +3,8 @@
 Per peer lease: `<subnet> via <PublicIP> dev <ext iface> proto 102`. That only works when the peer is on
 a network directly connected to our external interface (one L2 segment). flanneld v0.20.2 logs a failure
 to add such a route once and then forgets the peer; here a misplaced peer is refused with a clear reason
-(visible in `status()`), no route is installed for it, and `resync()` (the agent calls it every
-RESYNC_INTERVAL seconds, like flanneld's 10 s route check) retries it and restores routes someone deleted.
+(visible in `status()`), no route is installed for it, and the agent's periodic full `sync()` (every
+--resync-interval, 10 s like flanneld's route check) retries it and restores routes someone deleted.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 class HostGwBackend(Backend):
     type_name = "host-gw"
     #: seconds between two `resync()` calls the agent should make (flanneld re-checks routes every 10 s)
-    RESYNC_INTERVAL = 10.0
 
     def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
         super().__init__(backend_config, options)

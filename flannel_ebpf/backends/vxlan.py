@@ -149,7 +149,6 @@ def _linkinfo(link: Any) -> tuple[str | None, Any]:
 class VxlanBackend(Backend):
     type_name = "vxlan"
     #: seconds between two `resync()` calls (matters with DirectRouting, whose choice depends on routing)
-    RESYNC_INTERVAL = 10.0
 
     def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
         super().__init__(backend_config, options)

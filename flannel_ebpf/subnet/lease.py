@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -93,7 +93,6 @@ class Lease:
     expiration: float | None = None
     lease_id: int = 0
     mod_revision: int = 0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def public_ip(self) -> IPv4Address:

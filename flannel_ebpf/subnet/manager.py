@@ -285,14 +285,8 @@ class LeaseManager:
     async def release_presence(self) -> None:
         """The agent stops: let another agent (a replacement host) claim our PublicIP at once."""
         if self.presence_lease:
-            await self.leases.release_presence(self.attrs.public_ip, self.presence_lease)
+            await self.leases.release_presence(self.presence_lease)
             self.presence_lease = 0
-
-    async def release(self) -> bool:
-        """Delete our lease from etcd (only if it is still ours)."""
-        if self.lease is None:
-            return False
-        return await self.leases.delete_lease(self.lease)
 
     # --- watch ---
 

@@ -338,7 +338,7 @@ class SubnetRegistry:
         reply = await self.client.refresh_lease(lease_id)
         return reply is not None and reply.TTL > 0
 
-    async def release_presence(self, public_ip: IPv4Address, lease_id: int) -> None:
+    async def release_presence(self, lease_id: int) -> None:
         if lease_id:
             await self.client.revoke_lease(lease_id)
 
