@@ -88,11 +88,19 @@ class _Client(aetcd.Client):
             certificate_chain=read(self._tls.certfile),
         )
         self.channel = rpc.secure_channel(f"{self._host}:{self._port}", creds, options=self._options.items())
+        if self._username is not None and self._password is not None:
+            # As aetcd's own connect does on a plaintext channel: a token, sent as metadata on every call.
+            self.auth_stub = rpc.AuthStub(self.channel)
+            request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+            reply = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+            self.metadata = (("token", reply.token),)
         self.kvstub = rpc.KVStub(self.channel)
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout)
+        self._watcher = aetcd.watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
         self._connected.set()
 
 
