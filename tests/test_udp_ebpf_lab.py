@@ -110,8 +110,19 @@ def test_deleted_lease_stops_traffic_and_spoofed_packets_are_counted(lab_factory
     assert "Unreachable" in unreachable.stdout, unreachable.stdout
 
 
+def gro(lab, host) -> str:
+    out = lab.exec(host, ["ethtool", "-k", "eth0"]).stdout
+    return next(line.split(":")[1].split()[0] for line in out.splitlines() if "generic-receive-offload" in line)
+
+
 def test_down_leaves_nothing_behind(lab_factory):
-    lab = bring_up(lab_factory, "xdp", hosts=2)
+    lab = lab_factory(2, network_config=UDP)
+    gro_before = gro(lab, "h1")
+    lab.exec("h1", ["sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=1"])  # strict, as on RHEL
+    lab.start_agents(["--udp-decap", "xdp"])
+    lab.wait_all_ready(60)
+    assert gro(lab, "h1") == "on"  # native XDP on a veth: switched on by the agent
+    assert lab.exec("h1", ["sysctl", "-n", "net.ipv4.conf.eth0.rp_filter"]).stdout.strip() == "2"
     pin_dir = str(lab.pin_dir("h1"))
     assert os.path.isdir(pin_dir)
     assert lab.stop_agent("h1") == 0
@@ -122,4 +133,6 @@ def test_down_leaves_nothing_behind(lab_factory):
     assert lab.exec("h1", ["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout.strip() == ""
     assert lab.exec("h1", ["ip", "route", "show", "proto", "102"]).stdout.strip() == ""
     assert not os.path.exists(pin_dir)
+    assert gro(lab, "h1") == gro_before  # what the agent changed on the interface is put back
+    assert lab.exec("h1", ["sysctl", "-n", "net.ipv4.conf.eth0.rp_filter"]).stdout.strip() == "1"
     assert len(lab.etcd_get_prefix(f"{PREFIX}/subnets/")) == 1

@@ -18,6 +18,7 @@ import array
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import socket
 import struct
@@ -38,8 +39,10 @@ from flannel_ebpf.loaders import LoaderError, make_loader
 from flannel_ebpf.loaders import attach as hooks
 from flannel_ebpf.loaders.base import Loader
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
+from flannel_ebpf.subnet_file import atomic_write
 
 DEVICE = "flannel0"
+SETTINGS_FILE = "udp-ebpf-changed-settings.json"  # in --state-dir: what teardown puts back
 DEFAULT_PORT = 8285
 OVERHEAD = 28  # outer IPv4 (20) + UDP (8): flannel's udp encapsulation
 
@@ -85,7 +88,9 @@ class UdpEbpfBackend(Backend):
         self._local = local
         self._ext = local.ext
         tun_index = self._configure_device(local)
-        _loosen_rp_filter(local.ext.name)
+        old_rp_filter = _loosen_rp_filter(local.ext.name)
+        if old_rp_filter is not None:
+            self._remember_setting(f"rp_filter:{local.ext.name}", old_rp_filter)
         decap_program = layout.PROG_DECAP_XDP if self.options.udp_decap == "xdp" else layout.PROG_DECAP_TC
         loader: Loader = self._make_loader()
         try:
@@ -110,8 +115,8 @@ class UdpEbpfBackend(Backend):
             encap = loader.attach_tc(layout.PROG_ENCAP, tun_index, "egress")
             if decap_program == layout.PROG_DECAP_XDP:
                 decap = loader.attach_xdp(decap_program, local.ext.index, self.options.xdp_mode)
-                if decap.xdp_mode == "native":
-                    _gro_for_veth_xdp(local.ext.name)
+                if decap.xdp_mode == "native" and _gro_for_veth_xdp(local.ext.name):
+                    self._remember_setting(f"gro:{local.ext.name}", 0)
                 # Switching from tc decap: remove it only now, once XDP takes the packets.
                 hooks.tc_detach(local.ext.index, "ingress", layout.PROG_DECAP_TC)
             else:
@@ -205,6 +210,39 @@ class UdpEbpfBackend(Backend):
                 ipr.link("del", index=index)  # its address, route and tc filter go with it
                 logger.info("udp (eBPF): {} deleted", DEVICE)
         remove_pins(self.pin_dir)
+        self._restore_settings()
+
+    # --- interface settings we changed, and put back on teardown ----------------------------------
+    @property
+    def _settings_file(self) -> Path:
+        return Path(self.options.state_dir) / SETTINGS_FILE
+
+    def _remember_setting(self, key: str, original: int) -> None:
+        """Record a setting's original value the first time we change it (a restart keeps the first)."""
+        try:
+            saved = json.loads(self._settings_file.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        saved.setdefault(key, original)
+        atomic_write(str(self._settings_file), json.dumps(saved) + "\n")
+
+    def _restore_settings(self) -> None:
+        try:
+            saved = json.loads(self._settings_file.read_text())
+        except (OSError, ValueError):
+            return
+        for key, original in saved.items():
+            kind, _, iface = key.partition(":")
+            try:
+                if kind == "gro":
+                    _set_gro(iface, bool(original))
+                elif kind == "rp_filter":
+                    with open(f"/proc/sys/net/ipv4/conf/{iface}/rp_filter", "w") as f:
+                        f.write(str(original))
+                logger.info("udp (eBPF): {} on {} put back to {}", kind, iface, original)
+            except OSError as e:  # the interface may be gone
+                logger.warning("udp (eBPF): cannot put {} back on {}: {}", kind, iface, e)
+        self._settings_file.unlink(missing_ok=True)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = {
@@ -333,7 +371,13 @@ class UdpEbpfBackend(Backend):
         """Our programs as the kernel has them attached now (works from a fresh `status` process)."""
         found: list[dict[str, Any]] = []
         with IPRoute() as ipr:
-            links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            if self._ext is not None:
+                # The running agent knows where its programs are: a node with hundreds of pod veths is
+                # not scanned on every heartbeat. A fresh `status` process looks everywhere.
+                links = {self._ext.index: self._ext.name}
+                links.update({i: DEVICE for i in ipr.link_lookup(ifname=DEVICE)})
+            else:
+                links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for index, name in links.items():
             xdp = hooks.xdp_query(index)
             if xdp is not None:
@@ -378,7 +422,12 @@ def _ethtool(sock: socket.socket, iface: str, request: bytearray) -> bytearray:
     return bytearray(buf.tobytes())
 
 
-def _gro_for_veth_xdp(iface: str) -> None:
+def _set_gro(iface: str, on: bool) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        _ethtool(sock, iface, bytearray(struct.pack("II", _ETHTOOL_SGRO, int(on))))
+
+
+def _gro_for_veth_xdp(iface: str) -> bool:
     """Native XDP on a veth underlay: switch GRO on (measured in the lab: 1.4-2.1 -> 4.1 Gbit/s,
     ~3000 -> ~10 retransmits per 4 s). Without GRO the veth peer stops sending GSO packets to an XDP
     device (it segments everything in software) and nothing merges them again after XDP_PASS; with it,
@@ -388,21 +437,24 @@ def _gro_for_veth_xdp(iface: str) -> None:
             # struct ethtool_drvinfo: cmd, then driver[32] (196 bytes in all)
             info = _ethtool(sock, iface, bytearray(struct.pack("I", _ETHTOOL_GDRVINFO)) + bytearray(192))
             if info[4:36].split(b"\0", 1)[0] != b"veth":
-                return
+                return False
             # struct ethtool_value: cmd, data
             (_cmd, gro) = struct.unpack("II", _ethtool(sock, iface, bytearray(struct.pack("II", _ETHTOOL_GGRO, 0))))
             if gro:
-                return
-            _ethtool(sock, iface, bytearray(struct.pack("II", _ETHTOOL_SGRO, 1)))
+                return False
+        _set_gro(iface, True)
         logger.info("udp (eBPF): GRO switched on for {} (veth with native XDP: keeps GSO packets whole)", iface)
+        return True
     except OSError as e:
         logger.warning("udp (eBPF): cannot switch GRO on for {}: {}", iface, e)
+        return False
 
 
-def _loosen_rp_filter(iface: str) -> None:
+def _loosen_rp_filter(iface: str) -> int | None:
     """Decapsulated packets arrive on the underlay NIC while the route back to their source points at
     flannel0: strict reverse-path filtering (rp_filter=1, e.g. RHEL's default) would drop every one of them.
-    The kernel uses max(all, iface), so loose mode (2) on the interface is enough and leaves `all` alone."""
+    The kernel uses max(all, iface), so loose mode (2) on the interface is enough and leaves `all` alone.
+    Returns the interface's previous value when it changed it."""
 
     def read(name: str) -> int:
         try:
@@ -411,7 +463,10 @@ def _loosen_rp_filter(iface: str) -> None:
         except (OSError, ValueError):
             return 0
 
-    if max(read("all"), read(iface)) == 1:
-        with open(f"/proc/sys/net/ipv4/conf/{iface}/rp_filter", "w") as f:
-            f.write("2")
-        logger.info("udp (eBPF): set rp_filter=2 (loose) on {}: strict mode drops decapsulated packets", iface)
+    if max(read("all"), read(iface)) != 1:
+        return None
+    previous = read(iface)
+    with open(f"/proc/sys/net/ipv4/conf/{iface}/rp_filter", "w") as f:
+        f.write("2")
+    logger.info("udp (eBPF): set rp_filter=2 (loose) on {}: strict mode drops decapsulated packets", iface)
+    return previous
