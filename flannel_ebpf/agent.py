@@ -104,8 +104,9 @@ class DataPlane(PeerSink):
             return False
 
     async def sync_peers(self, peers: list[Lease]) -> None:
-        await self.call("syncing the data path", self.backend.sync, peers)
-        self.synced.set()
+        # Ready only once the data path holds the peers; a failed sync is retried by the periodic resync.
+        if await self.call("syncing the data path", self.backend.sync, peers):
+            self.synced.set()
 
     async def add_peer(self, lease: Lease) -> None:
         await self.call(f"adding peer {lease.subnet}", self.backend.add_peer, lease)
@@ -330,7 +331,7 @@ class Agent:
         assert self.manager is not None and self.dataplane is not None
         while True:
             await asyncio.sleep(self.options.resync_interval)
-            if self.dataplane.synced.is_set():
+            if self.manager.relists:  # peers are known (the first listing is done)
                 await self.dataplane.sync_peers(list(self.manager.peers.values()))
 
     async def _every(self, seconds: float, fn: Any) -> None:

@@ -69,12 +69,13 @@ class PingCounter:
 def test_hosts_started_together_always_full_mesh(lab_factory, hosts):
     runs = 10
     lab = lab_factory(hosts, network_config=HOSTGW)
-    meshes = 0
+    meshes, widest = 0, 0.0
     for run in range(runs):
         started = time.monotonic()
         lab.start_agents(FAST)
         spread = time.monotonic() - started
-        assert spread < 0.1 * hosts, f"agents started over {spread:.3f}s"
+        widest = max(widest, spread)
+        assert spread < 0.1, f"agents started over {spread:.3f}s, not within 100 ms"
         lab.wait_all_ready(60)
         try:
             wait_for(lambda: full_mesh(lab), timeout=10, what="full mesh")
@@ -84,7 +85,7 @@ def test_hosts_started_together_always_full_mesh(lab_factory, hosts):
         for h in lab.host_names:
             assert lab.stop_agent(h) == 0
             assert lab.agent_down(h, ["--release-lease"]).ok
-    print(f"{hosts} hosts started together: {meshes} full meshes out of {runs} runs")
+    print(f"{hosts} hosts started within {widest * 1000:.0f} ms: {meshes} full meshes out of {runs} runs")
     assert meshes == runs
 
 
