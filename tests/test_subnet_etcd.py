@@ -80,6 +80,17 @@ async def running(*coros):
                 await t
 
 
+@contextlib.asynccontextmanager
+async def watching(etcd, prefix):
+    """A manager holding a lease, its watch running into a RecordingSink, past the first listing."""
+    m = manager(etcd, prefix)
+    await m.acquire()
+    sink = RecordingSink()
+    async with running(m.run_watch(sink)):
+        await eventually(lambda: sink.calls, what="initial sync")
+        yield m, sink
+
+
 def test_create_is_create_only_and_races_have_one_winner(etcd, prefix):
     async def body():
         regs = [registry(etcd, prefix) for _ in range(5)]
@@ -172,11 +183,7 @@ def test_renewal_extends_expiry_and_expiry_is_recovered(etcd, prefix):
 
 def test_expired_peer_is_removed_by_the_watch(etcd, prefix):
     async def body():
-        m = manager(etcd, prefix)
-        await m.acquire()
-        sink = RecordingSink()
-        async with running(m.run_watch(sink)):
-            await eventually(lambda: sink.calls, what="initial sync")
+        async with watching(etcd, prefix) as (_, sink):
             peer = await registry(etcd, prefix).create_lease(IPv4Network("10.5.77.0/24"), B, 2)
             await eventually(lambda: peer.subnet in sink.peers, what="peer added")
             await eventually(lambda: peer.subnet not in sink.peers, 15, "peer expired")
@@ -187,11 +194,7 @@ def test_expired_peer_is_removed_by_the_watch(etcd, prefix):
 
 def test_watch_delivers_every_event_of_a_response_and_skips_garbage(etcd, prefix):
     async def body():
-        m = manager(etcd, prefix)
-        await m.acquire()
-        sink = RecordingSink()
-        async with running(m.run_watch(sink)):
-            await eventually(lambda: sink.calls, what="initial sync")
+        async with watching(etcd, prefix) as (_, sink):
             # One transaction = one revision = several events in one watch response.
             client = registry(etcd, prefix).client
             puts = [
@@ -290,11 +293,7 @@ def test_leases_outside_the_network_are_never_peers(etcd, prefix):
         etcd.ctl("put", f"{prefix}/subnets/{key}", '{"PublicIP":"192.168.50.9","BackendType":"host-gw"}')
 
     async def body():
-        m = manager(etcd, prefix)
-        await m.acquire()
-        sink = RecordingSink()
-        async with running(m.run_watch(sink)):
-            await eventually(lambda: sink.calls, what="initial sync")
+        async with watching(etcd, prefix) as (_, sink):
             etcd.ctl("put", f"{prefix}/subnets/0.0.0.0-1", '{"PublicIP":"192.168.50.9","BackendType":"host-gw"}')
             etcd.ctl("put", f"{prefix}/subnets/10.5.9.0-24", '{"PublicIP":"192.168.50.9","BackendType":"host-gw"}')
             await eventually(lambda: sink.peers, what="the valid peer")
