@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from loguru import logger
-from pyroute2 import IPRoute
 
-from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.backends.base import BackendError, ExternalInterface, LocalNetwork
 from flannel_ebpf.backends.routes import (
-    PeerBook,
+    RoutedBackend,
     RouteSpec,
     delete_all_our_routes,
     delete_route,
@@ -31,23 +30,8 @@ from flannel_ebpf.backends.routes import (
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
 
-class HostGwBackend(Backend):
+class HostGwBackend(RoutedBackend):
     type_name = "host-gw"
-    #: seconds between two `resync()` calls the agent should make (flanneld re-checks routes every 10 s)
-
-    def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
-        super().__init__(backend_config, options)
-        self._ipr: IPRoute | None = None
-        self.ext: ExternalInterface | None = None
-        self.local: LocalNetwork | None = None
-        self.book = PeerBook(self.type_name)
-
-    # the netlink socket is opened lazily, in whatever network namespace the agent runs in
-    @property
-    def ipr(self) -> IPRoute:
-        if self._ipr is None:
-            self._ipr = IPRoute()
-        return self._ipr
 
     def overhead(self) -> int:
         return 0
@@ -87,10 +71,7 @@ class HostGwBackend(Backend):
         return host_gw_route(lease.subnet, lease.public_ip, ext.index)
 
     def sync(self, peers: list[Lease]) -> None:
-        self.book.leases = {lease.subnet: lease for lease in peers}
-        for subnet in list(self.book.programmed) + list(self.book.refused) + list(self.book.skipped):
-            if subnet not in self.book.leases:
-                self.book.forget(subnet)
+        self.book.replace_leases(peers)
         desired: dict[Any, RouteSpec] = {}
         for lease in peers:
             spec = self._desired(lease)
@@ -138,11 +119,6 @@ class HostGwBackend(Backend):
         self.book.forget(lease.subnet)
         if delete_route(self.ipr, lease.subnet):
             logger.info("host-gw: subnet removed: {}", lease.subnet)
-
-    def stop(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
 
     def teardown(self, local: LocalNetwork | None) -> None:
         count = delete_all_our_routes(self.ipr)

@@ -20,6 +20,7 @@ from loguru import logger
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from flannel_ebpf.backends.base import Backend, BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.subnet.lease import Lease
 
 #: rtm_protocol of every route flannel-ebpf installs (`ip route show proto 102`).
@@ -260,6 +261,29 @@ def delete_all_our_routes(ipr: IPRoute) -> int:
 # peer bookkeeping shared by the routed backends
 
 
+class RoutedBackend(Backend):
+    """What host-gw and vxlan share: one netlink socket, opened lazily in whatever network namespace the
+    agent runs in, and a PeerBook of the leases they were given."""
+
+    def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
+        super().__init__(backend_config, options)
+        self._ipr: IPRoute | None = None
+        self.ext: ExternalInterface | None = None
+        self.local: LocalNetwork | None = None
+        self.book = PeerBook(self.type_name)
+
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def stop(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+
 @dataclass
 class PeerBook:
     """What a routed backend knows about its peers, for reconciles and for `status`.
@@ -312,6 +336,13 @@ class PeerBook:
     def forget(self, subnet: IPv4Network) -> None:
         for table in (self.leases, self.programmed, self.refused, self.skipped):
             table.pop(subnet, None)
+
+    def replace_leases(self, peers: list[Lease]) -> None:
+        """A full sync: these are now all the leases; peers absent from them are forgotten."""
+        self.leases = {lease.subnet: lease for lease in peers}
+        for subnet in list(self.programmed) + list(self.refused) + list(self.skipped):
+            if subnet not in self.leases:
+                self.forget(subnet)
 
     def status(self) -> dict[str, Any]:
         def ip_of(subnet: IPv4Network) -> str | None:

@@ -27,14 +27,13 @@ from socket import AF_INET
 from typing import Any
 
 from loguru import logger
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import flags as NTF
 from pyroute2.netlink.rtnl.ndmsg import states as NUD
 
-from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.backends.base import BackendError, BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.backends.routes import (
-    PeerBook,
+    RoutedBackend,
     RouteSpec,
     delete_all_our_routes,
     delete_route,
@@ -146,27 +145,16 @@ def _linkinfo(link: Any) -> tuple[str | None, Any]:
     return info.get_attr("IFLA_INFO_KIND"), info.get_attr("IFLA_INFO_DATA")
 
 
-class VxlanBackend(Backend):
+class VxlanBackend(RoutedBackend):
     type_name = "vxlan"
-    #: seconds between two `resync()` calls (matters with DirectRouting, whose choice depends on routing)
 
     def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
         super().__init__(backend_config, options)
         self.cfg = VxlanConfig.from_backend_config(backend_config)
-        self._ipr: IPRoute | None = None
-        self.ext: ExternalInterface | None = None
-        self.local: LocalNetwork | None = None
         self.ifindex: int | None = None
         self.vtep_mac: str | None = None
-        self.book = PeerBook(self.type_name)
         self._peers: dict[IPv4Network, VxlanPeer] = {}  # programmed in the kernel
         self._vni_warned: set[tuple[IPv4Network, Any]] = set()
-
-    @property
-    def ipr(self) -> IPRoute:
-        if self._ipr is None:
-            self._ipr = IPRoute()
-        return self._ipr
 
     def overhead(self) -> int:
         return ENCAP_OVERHEAD
@@ -364,10 +352,7 @@ class VxlanBackend(Backend):
     # peers: Backend interface
 
     def sync(self, peers: list[Lease]) -> None:
-        self.book.leases = {lease.subnet: lease for lease in peers}
-        for subnet in list(self.book.programmed) + list(self.book.refused) + list(self.book.skipped):
-            if subnet not in self.book.leases:
-                self.book.forget(subnet)
+        self.book.replace_leases(peers)
         desired: dict[IPv4Network, VxlanPeer] = {}
         claimed: dict[str, VxlanPeer] = {}
         for lease in sorted(peers, key=lambda x: x.subnet):
@@ -487,11 +472,6 @@ class VxlanBackend(Backend):
         self._peers.pop(old.subnet, None)
 
     # ------------------------------------------------------------------------------------------------
-
-    def stop(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
 
     def teardown(self, local: LocalNetwork | None) -> None:
         name = self.cfg.device_name
