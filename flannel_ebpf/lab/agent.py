@@ -13,7 +13,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from .netns import ExecResult
+from .netns import ExecResult, stop_process
 from .topology import Host
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -84,16 +84,9 @@ class Agent:
         if self.proc is None:
             return None
         proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("agent on {} ignored {} for {}s: SIGKILL", self.host.name, sig.name, timeout)
-                proc.kill()
-                proc.wait(10)
-        logger.debug("agent on {} exited with {}", self.host.name, proc.returncode)
-        return proc.returncode
+        code = stop_process(proc, timeout, sig, what=f"agent on {self.host.name}")
+        logger.debug("agent on {} exited with {}", self.host.name, code)
+        return code
 
     def cli(self, *args: str, timeout: float = 30.0, check: bool = False) -> ExecResult:
         """Any other subcommand (`health`, `status --json`, `down`, ...) in the host's namespace."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -16,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 from loguru import logger
+
+from .netns import stop_process
 
 ETCD_BINARY = "etcd"
 
@@ -99,15 +100,8 @@ class EtcdServer:
 
     def stop(self) -> None:
         """Stop etcd (SIGTERM, then SIGKILL); its data stays for a later `start()`."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, 10)
         self.proc = None
 
     def wipe(self) -> None:

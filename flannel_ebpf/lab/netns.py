@@ -245,6 +245,23 @@ def create_netns(name: str, scratch_dir: Path | None = None) -> Netns:
     return ns
 
 
+def stop_process(
+    proc: subprocess.Popen[bytes], grace: float, sig: signal.Signals = signal.SIGTERM, what: str = ""
+) -> int | None:
+    """Stop a process the lab started: `sig`, then SIGKILL if it is still there after `grace` seconds.
+    Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            if what:
+                logger.warning("{} ignored {} for {}s: SIGKILL", what, sig.name, grace)
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
 def kill_pids(pids: Sequence[int], why: str, grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after `grace` seconds: only for PIDs the lab started (or that live in one
     of the lab's own namespaces, i.e. were started by the lab's processes)."""
