@@ -7,12 +7,30 @@ is a single line the operator can act on.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from flannel_ebpf.subnet.lease import UNUSABLE_RANGES, load_bounded_json
+
 KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "alloc")
+#: The network config is a few hundred bytes; refuse anything absurd before parsing it.
+MAX_CONFIG_BYTES = 64 * 1024
+#: Below this, UDP ports belong to the host's own services (DNS 53, DHCP 67/68, NTP 123, SNMP 161,
+#: syslog 514, ...). The udp backend's decapsulation takes every datagram to its port from a member
+#: host, so such a port would swallow that service's traffic: refused.
+FIRST_OVERLAY_PORT = 1024
+#: Ports >= 1024 that other tunnels or common services use: allowed, with a warning.
+SHARED_UDP_PORTS = {
+    1900: "SSDP",
+    4500: "IPsec NAT traversal",
+    4789: "IANA VXLAN",
+    5353: "mDNS",
+    5355: "LLMNR",
+    6081: "Geneve",
+    8472: "Linux/flannel vxlan",
+    51820: "WireGuard",
+}
 
 
 class ConfigError(ValueError):
@@ -27,6 +45,8 @@ class NetworkConfig:
     subnet_max: IPv4Address
     backend_type: str
     backend: dict[str, Any] = field(default_factory=dict)  # the whole `Backend` object, incl. `Type`
+    #: things that work but are probably a mistake: the agent logs each once at start
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def contains_subnet(self, subnet: IPv4Network) -> bool:
         """Whether a (leased) subnet fits this config: right length, inside [SubnetMin, SubnetMax]."""
@@ -46,12 +66,43 @@ def _ipv4(value: Any, name: str) -> IPv4Address:
         raise ConfigError(f"{name} is not an IPv4 address: {value!r}") from None
 
 
+def network_problem(network: IPv4Network) -> str | None:
+    """Why `network` can never be an overlay (None when it can): it covers addresses that are never
+    routed between hosts, so its route would hijack them or its subnets could never be reached."""
+    if network.prefixlen == 0:
+        return f"Network {network} covers the whole IPv4 space, the host's own addresses and routes included"
+    for bad, what in UNUSABLE_RANGES:
+        if network.overlaps(bad):
+            return f"Network {network} overlaps {what}, which can never be routed through an overlay"
+    return None
+
+
+def udp_port_problem(port: int) -> str | None:
+    """Why a udp backend Port is refused (None when it is accepted)."""
+    if port < FIRST_OVERLAY_PORT:
+        return (
+            f"Backend.Port {port} is a well-known port (below {FIRST_OVERLAY_PORT}) that belongs to the host's "
+            "own services: the udp backend's decapsulation would swallow their traffic; use a port >= "
+            f"{FIRST_OVERLAY_PORT} (flannel's default is 8285)"
+        )
+    return None
+
+
+def udp_port_warning(port: int) -> str | None:
+    if port in SHARED_UDP_PORTS:
+        return (
+            f"Backend.Port {port} is also used by {SHARED_UDP_PORTS[port]}: if this host runs it too, the udp "
+            "backend's decapsulation takes its datagrams from member hosts"
+        )
+    return None
+
+
 def parse_config(raw: bytes | str) -> NetworkConfig:
     """Parse and validate the JSON at `<prefix>/config`."""
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"network config is not valid JSON: {e}") from None
+        doc = load_bounded_json(raw, "network config", MAX_CONFIG_BYTES)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not isinstance(doc, dict):
         raise ConfigError("network config must be a JSON object")
 
@@ -69,6 +120,9 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
         network = IPv4Network(raw_network, strict=False)
     except ValueError:
         raise ConfigError(f"Network is not an IPv4 CIDR: {raw_network!r}") from None
+    problem = network_problem(network)
+    if problem:
+        raise ConfigError(problem)
 
     subnet_len = doc.get("SubnetLen", 0)
     if isinstance(subnet_len, bool) or not isinstance(subnet_len, int) or subnet_len < 0:
@@ -102,7 +156,8 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
         if subnet_max not in network:
             raise ConfigError(f"SubnetMax {subnet_max} is not inside Network {network}")
     else:
-        subnet_max = network.broadcast_address + 1 - subnet_size
+        # int arithmetic: broadcast + 1 overflows IPv4Address for a Network at the top of the space
+        subnet_max = IPv4Address(int(network.broadcast_address) + 1 - subnet_size)
     for name, value in (("SubnetMin", subnet_min), ("SubnetMax", subnet_max)):
         if int(value) % subnet_size:
             raise ConfigError(f"{name} {value} is not on a /{subnet_len} boundary")
@@ -120,6 +175,14 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
     port = backend.get("Port")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
         raise ConfigError(f"Backend.Port must be a UDP port number (1-65535), got {port!r}")
+    warnings: list[str] = []
+    if backend_type == "udp" and port is not None:
+        problem = udp_port_problem(port)
+        if problem:
+            raise ConfigError(problem)
+        warning = udp_port_warning(port)
+        if warning:
+            warnings.append(warning)
 
     return NetworkConfig(
         network=network,
@@ -128,4 +191,5 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
         subnet_max=subnet_max,
         backend_type=backend_type,
         backend=backend,
+        warnings=tuple(warnings),
     )

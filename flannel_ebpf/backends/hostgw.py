@@ -74,7 +74,11 @@ class HostGwBackend(RoutedBackend):
         self.book.replace_leases(peers)
         desired: dict[Any, RouteSpec] = {}
         for lease in peers:
-            spec = self._desired(lease)
+            try:
+                spec = self._desired(lease)
+            except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
+                self.book.refuse(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
+                continue
             if spec is not None:
                 desired[lease.subnet] = spec
         result = reconcile_routes(self.ipr, desired.values())

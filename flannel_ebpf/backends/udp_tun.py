@@ -36,7 +36,8 @@ from loguru import logger
 
 from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.backends.routes import ROUTE_PROTOCOL
-from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
+from flannel_ebpf.config import udp_port_problem
+from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, unusable_address_reason
 
 DEVICE_NAME = "flannel0"
 DEFAULT_PORT = 8285
@@ -85,7 +86,11 @@ class UdpTunBackend(Backend):
         port = backend_config.get("Port", DEFAULT_PORT) if backend_config else DEFAULT_PORT
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise BackendError(f"udp backend: Port must be an integer in 1..65535, not {port!r}")
+        problem = udp_port_problem(port)
+        if problem:
+            raise BackendError(f"udp backend: {problem}")
         self.port: int = port
+        self._rejected: dict[IPv4Network, str] = {}  # leases skipped, with why: each is logged once
         self.ext: ExternalInterface | None = None
         self.local: LocalNetwork | None = None
         self.peers: dict[IPv4Network, UdpPeer] = {}
@@ -127,9 +132,15 @@ class UdpTunBackend(Backend):
     def sync(self, peers: list[Lease]) -> None:
         wanted: dict[IPv4Network, UdpPeer] = {}
         for lease in peers:
-            peer = self._validate(lease)
+            try:
+                peer = self._validate(lease)
+            except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
+                self._reject(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
+                continue
             if peer is not None:
                 wanted[peer.subnet] = peer
+        present = {lease.subnet for lease in peers}
+        self._rejected = {s: why for s, why in self._rejected.items() if s in present}
         for gone in set(self.peers) - set(wanted):
             logger.info("udp (tun): peer {} removed", gone)
         for subnet, peer in wanted.items():
@@ -140,8 +151,16 @@ class UdpTunBackend(Backend):
             self._push_all()
 
     def add_peer(self, lease: Lease) -> None:
-        peer = self._validate(lease)
+        try:
+            peer = self._validate(lease)
+        except Exception as e:  # never raised to the agent: that peer only is skipped
+            peer = self._reject(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
         if peer is None:
+            if lease.subnet in self.peers:  # it changed into something unusable: its old entry goes
+                why = self._rejected.get(lease.subnet)
+                self.remove_peer(lease)
+                if why is not None:
+                    self._rejected[lease.subnet] = why
             return
         if self.peers.get(peer.subnet) == peer:
             return
@@ -151,6 +170,7 @@ class UdpTunBackend(Backend):
             self._send({"op": "set", "peers": [self._entry(peer)]})
 
     def remove_peer(self, lease: Lease) -> None:
+        self._rejected.pop(lease.subnet, None)
         if self.peers.pop(lease.subnet, None) is None:
             return
         logger.info("udp (tun): peer {} removed", lease.subnet)
@@ -225,19 +245,24 @@ class UdpTunBackend(Backend):
         if local is not None and lease.subnet == local.subnet:
             return None  # our own lease
         if local is not None and not lease.subnet.subnet_of(local.network):
-            logger.warning("udp (tun): ignoring lease {}: outside the Network {}", lease.subnet, local.network)
-            return None
+            return self._reject(lease, f"outside the Network {local.network}")
         if lease.attrs.backend_type != "udp":
             # flanneld's udp backend would send to it anyway; that host runs no udp receiver.
-            logger.warning(
-                "udp (tun): ignoring lease {}: its BackendType is {!r}, not udp", lease.subnet, lease.attrs.backend_type
-            )
-            return None
+            return self._reject(lease, f"its BackendType is {lease.attrs.backend_type!r}, not udp")
         ip = lease.public_ip
-        if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip == IPv4Address("255.255.255.255"):
-            logger.warning("udp (tun): ignoring lease {}: unusable PublicIP {}", lease.subnet, ip)
-            return None
+        why = unusable_address_reason(ip)
+        if why:
+            return self._reject(lease, f"unusable PublicIP: {why}")
+        if self._rejected.pop(lease.subnet, None) is not None:
+            logger.info("udp (tun): lease {} is usable again", lease.subnet)
         return UdpPeer(subnet=lease.subnet, public_ip=ip)
+
+    def _reject(self, lease: Lease, why: str) -> None:
+        """Skip a lease; log it the first time (and when the reason changes), not on every resync."""
+        if self._rejected.get(lease.subnet) != why:
+            logger.warning("udp (tun): ignoring lease {}: {}", lease.subnet, why)
+        self._rejected[lease.subnet] = why
+        return None
 
     # -- kernel state --
 

@@ -55,6 +55,12 @@ LINUX_DEFAULT_PORT = 8472
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-])(?:[0-9a-fA-F]{2}\1){4}[0-9a-fA-F]{2}$")
 
 
+def _short(value: Any, limit: int = 40) -> str:
+    """repr() cut short for a log line (a lease value is anyone's input)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def random_vtep_mac() -> str:
     """A random locally administered unicast MAC (as flanneld's pkg/mac)."""
     raw = bytearray(secrets.token_bytes(6))
@@ -64,8 +70,8 @@ def random_vtep_mac() -> str:
 
 def parse_mac(value: Any) -> str:
     """Normalise a VtepMAC from a lease to lower-case `aa:bb:…`; ValueError if it is not a unicast MAC."""
-    if not isinstance(value, str) or not _MAC_RE.match(value):
-        raise ValueError(f"VtepMAC {value!r} is not a MAC address")
+    if not isinstance(value, str) or not _MAC_RE.fullmatch(value):
+        raise ValueError(f"VtepMAC {_short(value)} is not a MAC address")
     mac = value.lower().replace("-", ":")
     first = int(mac[:2], 16)
     if first & 0x01:
@@ -283,6 +289,10 @@ class VxlanBackend(RoutedBackend):
             self.book.skip(lease, f"invalid BackendData: {e}")
             return None
         vni = data.get("VNI")
+        if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni <= 0xFFFFFF):
+            # flanneld cannot decode such a lease either; a list here used to raise TypeError mid-sync
+            self.book.skip(lease, f"invalid BackendData: VNI {_short(vni)} is not a VXLAN network identifier")
+            return None
         if vni is not None and vni != self.cfg.vni and (lease.subnet, vni) not in self._vni_warned:
             self._vni_warned.add((lease.subnet, vni))  # once per lease, not on every resync
             # flanneld ignores a peer's VNI; so do we, but a mismatch means its packets will not decap here
@@ -356,7 +366,11 @@ class VxlanBackend(RoutedBackend):
         desired: dict[IPv4Network, VxlanPeer] = {}
         claimed: dict[str, VxlanPeer] = {}
         for lease in sorted(peers, key=lambda x: x.subnet):
-            peer = self._evaluate(lease, claimed)
+            try:
+                peer = self._evaluate(lease, claimed)
+            except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
+                self.book.refuse(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
+                continue
             if peer is not None:
                 desired[lease.subnet] = peer
                 if peer.vtep_mac:
@@ -389,7 +403,7 @@ class VxlanBackend(RoutedBackend):
                     self._set_fdb(peer.vtep_mac, peer.public_ip)
                     have_fdb[peer.vtep_mac] = peer.public_ip
                     changes += 1
-            except NetlinkError as e:
+            except Exception as e:
                 # one bad peer must not stop the others; it gets no route (below) and resync retries it
                 failed[peer.subnet] = f"kernel refused its neighbour/FDB entry: {e}"
         desired = {s: p for s, p in desired.items() if s not in failed}

@@ -9,15 +9,85 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any
 
-# flanneld's key form, with the optional IPv6 half (`&fc00::-64`) that we accept but do not use.
-_KEY_RE = re.compile(r"^(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-fA-F\d:]+)-(\d+))?$")
+# flanneld's key form: `10.5.34.0-24`, optionally followed by an IPv6 half (`&fc00::-64`) that we accept
+# but do not use. ASCII digits only (`\d` would also match other scripts' digits); the exact spelling is
+# then checked by writing the parsed subnet back (no leading zeros, no trailing newline, nothing around).
+_V4_KEY_RE = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})")
+_V6_KEY_RE = re.compile(r"([0-9a-f:]{2,39})-([0-9]{1,3})")
+
+#: The largest lease value the agent reads. flanneld writes about 150 bytes; anything near this is hostile.
+MAX_VALUE_BYTES = 64 * 1024
+#: The deepest JSON nesting accepted in a lease value or the network config (flannel's are 2 or 3 deep).
+MAX_JSON_DEPTH = 16
+
+# Addresses that can never be a host's PublicIP, nor lie inside an overlay Network: packets to them never
+# leave the host (loopback, "this network"), are never routed (link-local: valid on one link only, and home
+# of cloud metadata services), or are not unicast at all (multicast, class E with 255.255.255.255).
+UNUSABLE_RANGES: tuple[tuple[IPv4Network, str], ...] = (
+    (IPv4Network("0.0.0.0/8"), "'this network' (0.0.0.0/8)"),
+    (IPv4Network("127.0.0.0/8"), "loopback (127.0.0.0/8)"),
+    (IPv4Network("169.254.0.0/16"), "link-local (169.254.0.0/16)"),
+    (IPv4Network("224.0.0.0/4"), "multicast (224.0.0.0/4)"),
+    (IPv4Network("240.0.0.0/4"), "reserved class E / broadcast (240.0.0.0/4)"),
+)
 
 
 class LeaseFormatError(ValueError):
     """A key or value under `<prefix>/subnets/` that is not a valid flannel lease."""
+
+
+def unusable_address_reason(ip: IPv4Address) -> str | None:
+    """Why `ip` can never be a peer's PublicIP (None when it can)."""
+    for network, what in UNUSABLE_RANGES:
+        if ip in network:
+            return f"{ip} is {what}"
+    return None
+
+
+def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `text` nests arrays/objects deeper than `limit`, decided without parsing it (parsing a
+    few thousand levels raises RecursionError). Brackets inside strings do not count."""
+    depth = 0
+    in_string = escaped = False
+    for ch in re.sub(r'[^\[\]{}"\\]', "", text):  # only what matters for nesting
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def load_bounded_json(raw: bytes | str, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads with a size and a nesting limit; ValueError (one line) on anything else."""
+    size = len(raw) if isinstance(raw, bytes | bytearray) else len(raw.encode(errors="replace"))
+    if size > max_bytes:
+        raise ValueError(f"{what} is {size} bytes, more than the {max_bytes} accepted")
+    try:
+        text = raw.decode() if isinstance(raw, bytes | bytearray) else raw
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} is not UTF-8: {e}") from None
+    if json_too_deep(text, max_depth):
+        raise ValueError(f"{what} nests JSON deeper than {max_depth} levels")
+    try:
+        return json.loads(text)
+    except RecursionError:  # belt and braces: json_too_deep should have caught it
+        raise ValueError(f"{what} nests JSON too deep") from None
+    except ValueError as e:
+        raise ValueError(f"{what} is not JSON: {e}") from None
 
 
 def subnet_key(subnet: IPv4Network) -> str:
@@ -26,14 +96,30 @@ def subnet_key(subnet: IPv4Network) -> str:
 
 
 def parse_subnet_key(name: str) -> IPv4Network:
-    """Parse `10.5.34.0-24` (the part after `subnets/`) into a network."""
-    m = _KEY_RE.match(name)
+    """Parse `10.5.34.0-24` (the part after `subnets/`) into a network.
+
+    Only the exact form flanneld writes is a lease key: `10.5.34.0-024`, `10.5.34.0-24\\n` or
+    `x10.5.34.0-24` would otherwise be aliases through which a peer could be deleted or hijacked.
+    """
+    v4, sep, v6 = name.partition("&")
+    m = _V4_KEY_RE.fullmatch(v4)
     if not m:
         raise LeaseFormatError(f"not a subnet key: {name!r}")
     try:
-        return IPv4Network(f"{m.group(1)}/{m.group(2)}")
+        subnet = IPv4Network(f"{m.group(1)}/{m.group(2)}")  # strict: no host bits
     except ValueError as e:
-        raise LeaseFormatError(f"not a subnet key: {name!r}: {e}") from e
+        raise LeaseFormatError(f"not a subnet key: {name!r}: {e}") from None
+    if subnet_key(subnet) != v4:
+        raise LeaseFormatError(f"not a subnet key: {name!r} (flanneld writes {subnet_key(subnet)!r})")
+    if sep:
+        m6 = _V6_KEY_RE.fullmatch(v6)
+        try:
+            subnet6 = IPv6Network(f"{m6.group(1)}/{m6.group(2)}") if m6 else None
+        except ValueError:
+            subnet6 = None
+        if subnet6 is None or f"{subnet6.network_address}-{subnet6.prefixlen}" != v6:
+            raise LeaseFormatError(f"not a subnet key: {name!r} (bad IPv6 part)")
+    return subnet
 
 
 @dataclass(frozen=True)
@@ -56,11 +142,14 @@ class LeaseAttrs:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> LeaseAttrs:
-        """Parse a lease value; accepts older forms and ignores unknown keys."""
+        """Parse a lease value; accepts older forms and ignores unknown keys.
+
+        Hostile values (huge, deeply nested, wrong types, an address that can never be a peer) raise
+        LeaseFormatError and nothing else."""
         try:
-            value = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise LeaseFormatError(f"lease value is not JSON: {e}") from e
+            value = load_bounded_json(raw, "lease value", MAX_VALUE_BYTES)
+        except ValueError as e:
+            raise LeaseFormatError(str(e)) from None
         if not isinstance(value, dict):
             raise LeaseFormatError("lease value is not a JSON object")
         raw_ip = value.get("PublicIP")
@@ -69,15 +158,24 @@ class LeaseAttrs:
             public_ip = IPv4Address(raw_ip) if isinstance(raw_ip, str) else None
         except ValueError:
             public_ip = None
-        if public_ip is None or public_ip.is_unspecified or public_ip.is_multicast or public_ip.is_loopback:
-            raise LeaseFormatError(f"lease has no usable PublicIP: {raw_ip!r}")
+        if public_ip is None:
+            raise LeaseFormatError(f"lease has no usable PublicIP: {_short(raw_ip)}")
+        why = unusable_address_reason(public_ip)
+        if why:
+            raise LeaseFormatError(f"lease PublicIP is never a peer: {why}")
         backend_type = value.get("BackendType") or "udp"
-        if not isinstance(backend_type, str):
-            raise LeaseFormatError(f"lease BackendType is not a string: {backend_type!r}")
+        if not isinstance(backend_type, str) or len(backend_type) > 32:
+            raise LeaseFormatError(f"lease BackendType is not a backend name: {_short(backend_type)}")
         data = value.get("BackendData")
         if data is not None and not isinstance(data, dict):
-            raise LeaseFormatError(f"lease BackendData is not an object: {data!r}")
+            raise LeaseFormatError(f"lease BackendData is not an object: {_short(data)}")
         return cls(public_ip=public_ip, backend_type=backend_type, backend_data=data)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr() for a log line: a hostile value must not flood the log."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 @dataclass(frozen=True)
