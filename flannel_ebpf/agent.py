@@ -18,6 +18,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import aetcd.exceptions
+import grpc
 from loguru import logger
 
 from flannel_ebpf import state as state_file
@@ -27,9 +29,15 @@ from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, Lo
 from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
 from flannel_ebpf.iface import InterfaceError, choose_interface
 from flannel_ebpf.subnet.allocation import OutOfSubnets
-from flannel_ebpf.subnet.lease import Lease
+from flannel_ebpf.subnet.lease import Lease, unusable_address_reason
 from flannel_ebpf.subnet.manager import Backoff, LeaseManager, LeaseOptions, PeerSink
-from flannel_ebpf.subnet.registry import ETCD_UNAVAILABLE, EtcdTLS, SubnetRegistry
+from flannel_ebpf.subnet.registry import (
+    ETCD_UNAVAILABLE,
+    EtcdTLS,
+    SubnetRegistry,
+    describe_etcd_error,
+    grpc_code,
+)
 
 CONFIG_POLL_SECONDS = 1.0
 HEARTBEAT_SECONDS = 5.0
@@ -163,7 +171,7 @@ class Agent:
             if st.phase in ("ready", "conflict"):
                 st.phase, st.reason = ("conflict", m.problem) if m.problem else ("ready", "")
             elif st.phase == "acquiring":
-                st.reason = m.problem or "acquiring a subnet lease"
+                st.reason = m.problem or m.acquire_error or "acquiring a subnet lease"
         try:
             state_file.save(self.options.state_dir, st)
         except OSError as e:
@@ -176,14 +184,22 @@ class Agent:
     # --- start-up ------------------------------------------------------------------------------------
 
     async def wait_for_config(self, registry: SubnetRegistry) -> NetworkConfig:
+        """Read and parse the network config, waiting for etcd and for the key.
+
+        Every etcd error is one line (logged once while it lasts, and the not-ready reason) and retried
+        with back-off: an outage ends, a missing permission can be granted. Only a refused password is
+        fatal: retrying the same credentials cannot succeed."""
         backoff = Backoff("reading the network config", self.options.lease.retry_interval)
         said_waiting = False
         while True:
             try:
                 raw = await registry.get_config()
                 backoff.succeeded()
-            except ETCD_UNAVAILABLE as e:
-                self.set_phase("waiting-config", f"etcd unavailable at {registry.endpoint}")
+            except (*ETCD_UNAVAILABLE, aetcd.exceptions.ClientError) as e:
+                reason = describe_etcd_error(e)
+                if grpc_code(e) == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in str(e).lower():
+                    raise FatalError(f"reading {registry.config_key} from {registry.endpoint}: {reason}") from None
+                self.set_phase("waiting-config", f"{reason} at {registry.endpoint}")
                 await registry.reconnect()
                 await backoff.failed(e)
                 continue
@@ -222,8 +238,14 @@ class Agent:
             "network {} subnets /{} from {} to {}, backend {}",
             config.network, config.subnet_len, config.subnet_min, config.subnet_max, config.backend_type,
         )  # fmt: skip
+        for warning in config.warnings:
+            logger.warning("network config: {}", warning)
         try:
             ext = choose_interface(opts.ifaces, opts.iface_regexes, opts.public_ip)
+            why = unusable_address_reason(ext.public_ip)
+            if why:
+                # Every other host would refuse a lease with this PublicIP as garbage.
+                raise FatalError(f"the public IP cannot be used to reach this host: {why} (set --public-ip)")
             self.backend = make_backend(config.backend_type, config.backend, opts.backend)
             attrs = await asyncio.to_thread(self.backend.prepare, ext)
         except (InterfaceError, BackendError) as e:
@@ -258,6 +280,7 @@ class Agent:
     async def _serve(self, config: NetworkConfig, ext: Any, lease: Lease) -> int:
         assert self.backend is not None and self.manager is not None
         opts = self.options
+        warn_route_overlaps(config.network, lease.subnet)
         mtu = ext.mtu - self.backend.overhead()
         self.local = LocalNetwork(config.network, lease.subnet, ext, mtu)
         self.state.network, self.state.subnet, self.state.mtu = str(config.network), str(lease.subnet), mtu
@@ -374,6 +397,26 @@ class Agent:
             await server.serve_forever()
 
 
+def warn_route_overlaps(network: Any, own_subnet: Any) -> list[str]:
+    """Warn (once, at start) about routes of this host that the overlay Network overlaps: its addresses
+    would be routed into the overlay, or the overlay's into them. Returns the warnings."""
+    from flannel_ebpf.backends.routes import overlapping_routes  # netlink: only where needed
+
+    try:
+        found = overlapping_routes(network, exclude=own_subnet)
+    except Exception as e:  # a check only: never a reason not to start
+        logger.debug("cannot read the routing table: {}", e)
+        return []
+    warnings = [
+        f"the overlay Network {network} overlaps the host's route {route}: traffic for the overlapping "
+        "addresses goes to whichever route is more specific; pick a Network that overlaps no route of the hosts"
+        for route in found
+    ]
+    for warning in warnings:
+        logger.warning("{}", warning)
+    return warnings
+
+
 def agent_identity(state_dir: str) -> str:
     """Who this agent is, kept across restarts in the state dir: `<hostname>:<random>`."""
     path = os.path.join(state_dir, "agent-id")
@@ -390,7 +433,7 @@ def agent_identity(state_dir: str) -> str:
 
 
 def run_agent(options: AgentOptions) -> int:
-    os.makedirs(options.state_dir, exist_ok=True)
+    os.makedirs(options.state_dir, mode=0o755, exist_ok=True)  # readable: status/health run as any user
     started = time.monotonic()
     code = asyncio.run(Agent(options).run())
     logger.debug("agent ran {:.1f}s", time.monotonic() - started)

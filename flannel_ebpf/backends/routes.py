@@ -367,3 +367,29 @@ def lease_problem(
     if lease.public_ip in own_ips:
         return f"its PublicIP {lease.public_ip} is this host's own address (a stale lease of this host?)"
     return None
+
+
+#: rtm_type of an ordinary route to a network
+RTN_UNICAST = 1
+
+
+def overlapping_routes(network: IPv4Network, exclude: IPv4Network | None = None) -> list[str]:
+    """The routes of this network namespace's main table that overlap `network`, as `ip route` would
+    print them; ours (proto 102, flannel devices), the default route and routes inside `exclude` (the
+    host's own lease: its container bridge) are left out."""
+    found: list[str] = []
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for msg in ipr.get_routes(family=AF_INET, table=MAIN_TABLE):
+            dst = msg.get_attr("RTA_DST")
+            if msg["proto"] == ROUTE_PROTOCOL or msg["type"] != RTN_UNICAST or dst is None or not msg["dst_len"]:
+                continue
+            route = IPv4Network(f"{dst}/{msg['dst_len']}", strict=False)
+            if not route.overlaps(network) or (exclude is not None and route.subnet_of(exclude)):
+                continue
+            dev = names.get(msg.get_attr("RTA_OIF"), "?")
+            if dev == "flannel0" or dev.startswith("flannel."):
+                continue
+            gateway = msg.get_attr("RTA_GATEWAY")
+            found.append(f"{route}{f' via {gateway}' if gateway else ''} dev {dev}")
+    return found

@@ -87,7 +87,7 @@ def load_bounded_json(raw: bytes | str, what: str, max_bytes: int, max_depth: in
     except RecursionError:  # belt and braces: json_too_deep should have caught it
         raise ValueError(f"{what} nests JSON too deep") from None
     except ValueError as e:
-        raise ValueError(f"{what} is not JSON: {e}") from None
+        raise ValueError(f"{what} is not valid JSON: {e}") from None
 
 
 def subnet_key(subnet: IPv4Network) -> str:

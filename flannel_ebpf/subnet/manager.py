@@ -26,7 +26,16 @@ from loguru import logger
 from flannel_ebpf.config import NetworkConfig
 from flannel_ebpf.subnet.allocation import pick_subnet
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent
-from flannel_ebpf.subnet.registry import ETCD_RETRYABLE, SubnetRegistry, WatchCompacted
+from flannel_ebpf.subnet.registry import (
+    ETCD_RETRYABLE,
+    EtcdPermissionError,
+    SubnetRegistry,
+    WatchCompacted,
+    describe_etcd_error,
+)
+
+#: At most this many invalid keys are logged one by one per listing; the rest are counted in one line.
+GARBAGE_LOG_LIMIT = 20
 
 
 @dataclass(frozen=True)
@@ -64,24 +73,29 @@ class PeerSink:
 
 
 class Backoff:
-    """Exponential back-off that logs an outage once, and its end once."""
+    """Exponential back-off that logs an outage once (again only if the reason changes), and its end once."""
 
     def __init__(self, what: str, first: float, limit: float = 10.0) -> None:
         self.what, self.first, self.limit = what, first, limit
         self.delay = first
         self.failing_since: float | None = None
+        self.reason = ""  # what the current failure is, in one line (empty while things work)
 
     async def failed(self, error: BaseException) -> None:
+        reason = describe_etcd_error(error)
         if self.failing_since is None:
             self.failing_since = time.monotonic()
-            logger.warning("{}: etcd unavailable ({}); retrying", self.what, error or type(error).__name__)
+        if reason != self.reason:
+            logger.warning("{}: {}; retrying", self.what, reason)
+            self.reason = reason
         await asyncio.sleep(self.delay)
         self.delay = min(self.delay * 2, self.limit)
 
     def succeeded(self) -> None:
         if self.failing_since is not None:
-            logger.info("{}: etcd reachable again after {:.1f}s", self.what, time.monotonic() - self.failing_since)
+            logger.info("{}: etcd answers again after {:.1f}s", self.what, time.monotonic() - self.failing_since)
         self.failing_since = None
+        self.reason = ""
         self.delay = self.first
 
 
@@ -107,6 +121,9 @@ class LeaseManager:
         self.cluster_id = 0
         self.relists = 0
         self.presence_lease = 0
+        self.acquire_error = ""  # why acquisition is failing right now (etcd's error), for health
+        self.presence_denied = ""  # set while our etcd role does not cover the presence key
+        self._garbage_logged: dict[str, str] = {}  # key -> reason already logged
         # After etcd lost data, other agents need a few checks to re-create their leases: until then a
         # relist must not remove peers that are merely not back yet (that would cut working routes).
         self._keep_missing_until = 0.0
@@ -127,32 +144,68 @@ class LeaseManager:
             logger.info("lease conflict resolved: {}", self.lease.subnet if self.lease else "-")
         self.problem = problem
 
+    def report_garbage(self, garbage: list[tuple[str, str]]) -> None:
+        """Log invalid keys/values under subnets/ once each (not on every listing or attempt), and at
+        most GARBAGE_LOG_LIMIT of them one by one: an etcd full of junk must not flood the log."""
+        new = [(key, reason) for key, reason in garbage if self._garbage_logged.get(key) != reason]
+        for key, reason in new[:GARBAGE_LOG_LIMIT]:
+            # a key is anyone's bytes: a newline in it must not forge a log line
+            shown = key if key.isprintable() else repr(key)
+            logger.warning("ignoring invalid lease {}: {}", shown, reason)
+        if len(new) > GARBAGE_LOG_LIMIT:
+            logger.warning("ignoring {} more invalid keys under {}", len(new) - GARBAGE_LOG_LIMIT,
+                           self.leases.subnets_prefix)  # fmt: skip
+        if len(self._garbage_logged) > 100_000:
+            self._garbage_logged.clear()  # bounded memory; worst case some keys are logged again
+        self._garbage_logged.update(new)
+
     # --- acquisition ---
 
     async def acquire(self, previous: IPv4Network | None = None) -> Lease:
         """Hold a lease, retrying through etcd outages and lost races. Raises OutOfSubnets."""
         backoff = Backoff("acquiring a lease", self.options.retry_interval)
+        idle = 0
         while True:
             try:
                 lease = await self._try_acquire(previous)
             except ETCD_RETRYABLE as e:
                 await self.leases.reconnect()
+                self.acquire_error = describe_etcd_error(e)
+                await self._changed()
                 await backoff.failed(e)
                 continue
             backoff.succeeded()
+            self.acquire_error = ""
             if lease is not None:
                 self.lease = lease
                 await self._changed()
                 return lease
-            await asyncio.sleep(random.uniform(0.05, 0.3))  # lost a race or blocked: try again
+            # Lost a race (or blocked): try again soon, then less and less often if it keeps happening.
+            idle += 1
+            await asyncio.sleep(min(random.uniform(0.05, 0.3) * 2 ** min(idle - 1, 8), self.options.check_interval))
 
     async def _claim_presence(self) -> bool:
-        """One agent per PublicIP: two hosts sharing an address would fight over one lease."""
+        """One agent per PublicIP: two hosts sharing an address would fight over one lease.
+
+        The claim lives outside flanneld's keys. Under an etcd role made for flanneld (config read,
+        subnets/ read-write) it is refused: then the agent says so once, naming the key and the missing
+        permission, and runs without this guard (as flanneld does) until the role covers it."""
         if not self.options.identity:
             return True
-        lease_id, holder = await self.leases.claim_presence(
-            self.attrs.public_ip, self.options.identity, self.options.presence_ttl
-        )
+        try:
+            lease_id, holder = await self.leases.claim_presence(
+                self.attrs.public_ip, self.options.identity, self.options.presence_ttl
+            )
+        except EtcdPermissionError as e:
+            if not self.presence_denied:
+                logger.error("{}; running WITHOUT the one-agent-per-PublicIP guard until it is granted", e)
+            self.presence_denied = str(e)
+            self.presence_lease = 0
+            return True
+        if self.presence_denied:
+            logger.info("the etcd role now covers {}: one-agent-per-PublicIP guard on",
+                        self.leases.presence_key(self.attrs.public_ip))  # fmt: skip
+            self.presence_denied = ""
         if lease_id:
             self.presence_lease = lease_id
             return True
@@ -169,8 +222,7 @@ class LeaseManager:
             await asyncio.sleep(self.options.check_interval)
             return None
         listing = await self.leases.list_leases()
-        for key, reason in listing.garbage:
-            logger.warning("ignoring invalid lease {}: {}", key, reason)
+        self.report_garbage(listing.garbage)
         ttl = self.options.ttl
         mine = [lease for lease in listing.leases if lease.public_ip == self.attrs.public_ip]
         for lease in mine:
@@ -188,6 +240,22 @@ class LeaseManager:
                 self._set_problem(None)
             return got
         taken = {lease.subnet: lease for lease in listing.leases if self._inside_network(lease)}
+        # A lease key with a garbage value is nobody's peer, but its key exists: no lease can be created
+        # there, so it counts as taken (else every attempt to create it would fail, forever).
+        occupied = {s: why for s, why in listing.occupied.items() if s.subnet_of(self.config.network)}
+        if previous is not None and previous in occupied:
+            key = self.leases.lease_key(previous)
+            if not self.options.allow_subnet_change:
+                self._set_problem(
+                    f"subnet {previous} (from the subnet file, used by this host's containers) has an invalid "
+                    f"value in etcd at {key} ({occupied[previous]}); not taking another subnet under running "
+                    f"containers. Delete that key, or the subnet file, or pass --allow-subnet-change"
+                )
+                await self._changed()
+                await asyncio.sleep(self.options.check_interval)
+                return None
+            logger.warning("previous subnet {} has an invalid value at {}; taking another subnet", previous, key)
+            previous = None
         if previous is not None:
             holder = taken.get(previous)
             if holder is None and self.config.contains_subnet(previous):
@@ -207,7 +275,7 @@ class LeaseManager:
                 return None
             if holder is None:
                 logger.warning("previous subnet {} does not fit the network config; ignoring it", previous)
-        subnet = pick_subnet(self.config, taken)  # raises OutOfSubnets
+        subnet = pick_subnet(self.config, [*taken, *occupied])  # raises OutOfSubnets
         got = await self.leases.create_lease(subnet, self.attrs, ttl)
         if got:
             logger.info("allocated lease {} to {}", subnet, self.attrs.public_ip)
@@ -334,8 +402,7 @@ class LeaseManager:
 
     async def _relist_into(self, sink: PeerSink) -> None:
         listing = await self.watcher.list_leases()
-        for key, reason in listing.garbage:
-            logger.warning("ignoring invalid lease {}: {}", key, reason)
+        self.report_garbage(listing.garbage)
         previous, self.peers = self.peers, {}
         for lease in listing.leases:
             if self._accept_peer(lease):
@@ -377,8 +444,11 @@ class LeaseManager:
     async def _follow(self, sink: PeerSink, backoff: Backoff) -> None:
         async for revision, event, garbage in self.watcher.watch_leases(self.last_revision + 1):
             backoff.succeeded()
+            if garbage:
+                key, _, reason = garbage.partition(": ")
+                self.report_garbage([(key, reason)])
             if event is None:
-                logger.warning("ignoring invalid lease {}", garbage)
+                pass
             elif event.kind == LeaseEvent.REMOVED:
                 if self.lease is not None and event.lease.subnet == self.lease.subnet:
                     logger.warning("our lease {} was deleted in etcd; re-creating it", event.lease.subnet)

@@ -7,9 +7,10 @@ changed only if nobody touched it since we read it. So a host never overwrites a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from urllib.parse import urlparse
 
@@ -20,6 +21,7 @@ from aetcd import rpc
 from loguru import logger
 
 from flannel_ebpf.subnet.lease import (
+    MAX_VALUE_BYTES,
     Lease,
     LeaseAttrs,
     LeaseEvent,
@@ -29,6 +31,72 @@ from flannel_ebpf.subnet.lease import (
 )
 
 DEFAULT_PREFIX = "/coreos.com/network"
+#: Keys per range request when listing subnets/. One unpaginated range is a single gRPC message, and
+#: gRPC refuses to receive more than 4 MiB: about 35,000 leases, or a few large values, would make every
+#: listing fail forever. A page that is still too big is asked for again in smaller pieces.
+LIST_PAGE_SIZE = 1000
+
+
+class EtcdPermissionError(aetcd.exceptions.ClientError):
+    """etcd refused a request on `key` for lack of a permission (etcd auth is on and our role lacks it)."""
+
+    def __init__(self, key: str, access: str, details: str = "") -> None:
+        self.key, self.access = key, access
+        super().__init__(
+            f"etcd denies {access} access to {key} (permission denied{': ' + details if details else ''}); "
+            f"grant this user's role {access} on it (see docs/SECURITY.md)"
+        )
+
+
+def grpc_code(error: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status behind an etcd error (aetcd wraps it in its own exceptions), if any."""
+    for e in (error, error.__cause__):
+        code = getattr(e, "code", None)
+        if callable(code):
+            with contextlib.suppress(Exception):
+                result = code()
+                if isinstance(result, grpc.StatusCode):
+                    return result
+    return None
+
+
+def describe_etcd_error(error: BaseException) -> str:
+    """One line saying what went wrong talking to etcd, for the operator."""
+    if isinstance(error, EtcdPermissionError | LeaseFormatError):
+        return str(error)
+    code = grpc_code(error)
+    text = str(error) or type(error).__name__
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"etcd denied the request (permission denied: {text}); see docs/SECURITY.md for the role the agent needs"
+    if code == grpc.StatusCode.INVALID_ARGUMENT and "auth" in text.lower():
+        return f"etcd authentication failed ({text}): check --etcd-username/--etcd-password"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return f"etcd's answer is too big for one gRPC message ({text})"
+    if isinstance(error, ETCD_UNAVAILABLE):
+        return f"etcd unavailable ({text})"
+    return f"etcd error ({code.name + ': ' if code else ''}{text})"
+
+
+@contextlib.contextmanager
+def _access(key: str, access: str) -> Iterator[None]:
+    """Turn etcd's PERMISSION_DENIED into an EtcdPermissionError that names the key and the access."""
+    try:
+        yield
+    except aetcd.exceptions.ClientError as e:
+        if not isinstance(e, EtcdPermissionError) and grpc_code(e) == grpc.StatusCode.PERMISSION_DENIED:
+            details = grpc_code_details(e)
+            raise EtcdPermissionError(key, access, details) from e
+        raise
+
+
+def grpc_code_details(error: BaseException) -> str:
+    for e in (error, error.__cause__):
+        details = getattr(e, "details", None)
+        if callable(details):
+            with contextlib.suppress(Exception):
+                return str(details() or "")
+    return ""
+
 
 # Errors that mean "etcd is not reachable right now": retried, never fatal. An expired auth token (etcd
 # restarted) is one of them: the reconnect that follows authenticates again.
@@ -126,7 +194,10 @@ class WatchCompacted(Exception):
 class Listing:
     leases: list[Lease]
     revision: int  # etcd's revision when the listing was taken: watch from revision + 1
-    garbage: list[tuple[str, str]]  # (key, reason) of values that are not valid leases
+    garbage: list[tuple[str, str]]  # (key, reason) of keys/values that are not valid leases
+    #: subnets whose key is a valid lease key but whose value is garbage: nobody's peer, but the key
+    #: exists, so nobody can create a lease there either (subnet -> reason)
+    occupied: dict[IPv4Network, str] = field(default_factory=dict)
 
 
 class SubnetRegistry:
@@ -199,12 +270,15 @@ class SubnetRegistry:
     # --- reads ---
 
     async def get_config(self) -> bytes | None:
-        kv = await self.client.get(self.config_key.encode())
+        with _access(self.config_key, "read"):
+            kv = await self.client.get(self.config_key.encode())
         return None if kv is None else kv.value
 
     async def _lease_from_kv(self, kv: aetcd.rtypes.KeyValue, remaining: dict[int, float]) -> Lease:
         name = kv.key.decode(errors="replace")[len(self.subnets_prefix) :]
         subnet = parse_subnet_key(name)
+        if len(kv.value) > MAX_VALUE_BYTES:  # said before even trying to decode it
+            raise LeaseFormatError(f"value of {len(kv.value)} bytes is larger than the {MAX_VALUE_BYTES} accepted")
         attrs = LeaseAttrs.from_json(kv.value)
         expiration = None
         if kv.lease:
@@ -214,32 +288,97 @@ class SubnetRegistry:
             expiration = remaining[kv.lease]
         return Lease(subnet, attrs, expiration, lease_id=kv.lease, mod_revision=kv.mod_revision)
 
-    async def list_leases(self) -> Listing:
-        """All leases, with the revision to watch from. Garbage values are reported, not raised."""
-        result = await self.client.get_prefix(self.subnets_prefix.encode())
+    async def _range(
+        self, start: bytes, end: bytes, limit: int, revision: int, keys_only: bool = False
+    ) -> rpc.RangeResponse:
+        """One Range request with a limit and a fixed revision (aetcd's get_prefix has neither)."""
+        client = self.client
+        await client.connect()
+        request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision, keys_only=keys_only)
+        try:
+            return await client.kvstub.Range(request, timeout=self._timeout, metadata=client.metadata)
+        except rpc.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE):
+                raise  # handled by the listing: a smaller page, or a restart after a compaction
+            aetcd.exceptions._handle_exception(e)
+            raise  # not reached: _handle_exception always raises
+
+    async def list_leases(self, page_size: int = LIST_PAGE_SIZE) -> Listing:
+        """All leases, with the revision to watch from. Garbage keys and values are reported, not raised.
+
+        Read in pages (range + limit, continuing after the last key), all at the revision of the first
+        page, so the listing is one consistent snapshot however many keys there are. A page too big for
+        one gRPC message is read again in smaller pieces; a single value too big for one is reported as
+        garbage under its key. A compaction between pages starts the listing again.
+        """
+        with _access(self.subnets_prefix, "read"):
+            for _attempt in range(3):
+                try:
+                    return await self._list_pages(page_size)
+                except rpc.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.OUT_OF_RANGE:
+                        raise
+                    logger.info("listing {}: etcd compacted meanwhile; listing again", self.subnets_prefix)
+            return await self._list_pages(page_size)
+
+    async def _list_pages(self, page_size: int) -> Listing:
+        prefix = self.subnets_prefix.encode()
+        end = aetcd.utils.prefix_range_end(prefix)
+        start, revision, limit = prefix, 0, page_size
         leases: list[Lease] = []
         garbage: list[tuple[str, str]] = []
+        occupied: dict[IPv4Network, str] = {}
         ttl_cache: dict[int, float] = {}
-        for kv in result:
+        while True:
             try:
-                leases.append(await self._lease_from_kv(kv, ttl_cache))
-            except LeaseFormatError as e:
-                garbage.append((kv.key.decode(errors="replace"), str(e)))
-        # An empty range still has a header; its revision is the store's current revision.
-        return Listing(leases, result.header.revision, garbage)
+                page = await self._range(start, end, limit, revision)
+            except rpc.AioRpcError as e:
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                if limit > 1:
+                    limit = max(1, limit // 4)
+                    continue
+                # One value alone is too big to receive: name its key and step over it.
+                keys = await self._range(start, end, 1, revision, keys_only=True)
+                if not keys.kvs:
+                    raise
+                key = keys.kvs[0].key
+                garbage.append((key.decode(errors="replace"), "value too big for one gRPC message (over 4 MiB)"))
+                start, revision = key + b"\0", revision or keys.header.revision
+                continue
+            # An empty range still has a header; its revision is the store's current revision.
+            revision = revision or page.header.revision
+            for kv in page.kvs:
+                key = kv.key.decode(errors="replace")
+                try:
+                    subnet = parse_subnet_key(key[len(self.subnets_prefix) :])
+                except LeaseFormatError as e:
+                    garbage.append((key, str(e)))
+                    continue
+                try:
+                    leases.append(await self._lease_from_kv(kv, ttl_cache))
+                except LeaseFormatError as e:
+                    garbage.append((key, str(e)))
+                    occupied[subnet] = str(e)
+            if not page.more or not page.kvs:
+                return Listing(leases, revision, garbage, occupied)
+            start = page.kvs[-1].key + b"\0"
+            limit = min(page_size, limit * 2)  # grow back after a page of big values
 
     async def get_lease(self, subnet: IPv4Network) -> Lease | None:
-        kv = await self.client.get(self.lease_key(subnet).encode())
+        with _access(self.lease_key(subnet), "read"):
+            kv = await self.client.get(self.lease_key(subnet).encode())
         if kv is None:
             return None
         return await self._lease_from_kv(kv, {})
 
     async def current_revision(self) -> tuple[int, int]:
         """(revision, cluster_id) now: a revision lower than one seen before means etcd lost its data."""
-        result = await self.client.get(self.config_key.encode())
-        if result is None:  # no key: read the header through a range request instead
-            rng = await self.client.get_prefix(self.config_key.encode())
-            return rng.header.revision, rng.header.cluster_id
+        with _access(self.config_key, "read"):
+            result = await self.client.get(self.config_key.encode())
+            if result is None:  # no key: read the header through a range request instead
+                rng = await self.client.get_prefix(self.config_key.encode())
+                return rng.header.revision, rng.header.cluster_id
         return result.header.revision, result.header.cluster_id
 
     # --- writes (all conditional) --------------------------------------------------------------------------
@@ -252,6 +391,10 @@ class SubnetRegistry:
 
     async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
         """Create the lease only if its key does not exist. None: somebody else holds it."""
+        with _access(self.lease_key(subnet), "readwrite"):
+            return await self._create_lease(subnet, attrs, ttl)
+
+    async def _create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
         key = self.lease_key(subnet).encode()
         lease_id = await self._grant(ttl)
         tx = self.client.transactions
@@ -274,6 +417,10 @@ class SubnetRegistry:
         None: the key changed or vanished meanwhile; the caller re-reads and decides.
         A reservation (lease_id 0) stays a reservation: it gets no TTL.
         """
+        with _access(self.lease_key(lease.subnet), "readwrite"):
+            return await self._update_lease(lease, attrs, ttl)
+
+    async def _update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
         key = self.lease_key(lease.subnet).encode()
         lease_id = 0 if lease.is_reservation else await self._grant(ttl)
         tx = self.client.transactions
@@ -298,6 +445,10 @@ class SubnetRegistry:
 
     async def delete_lease(self, lease: Lease) -> bool:
         """Delete our lease only if it is still the one we hold (same modification revision)."""
+        with _access(self.lease_key(lease.subnet), "readwrite"):
+            return await self._delete_lease(lease)
+
+    async def _delete_lease(self, lease: Lease) -> bool:
         key = self.lease_key(lease.subnet).encode()
         tx = self.client.transactions
         ok, _ = await self.client.transaction(
@@ -318,15 +469,22 @@ class SubnetRegistry:
 
     async def claim_presence(self, public_ip: IPv4Address, identity: str, ttl: int) -> tuple[int, str]:
         """Claim `public_ip` for this agent: (etcd lease id, "") on success, (0, holder) if another agent
-        holds it. A claim left by an earlier run of this same agent (same identity) is taken over."""
+        holds it. A claim left by an earlier run of this same agent (same identity) is taken over.
+        Raises EtcdPermissionError (naming the key) when our etcd role does not cover it."""
         key = self.presence_key(public_ip).encode()
         lease_id = await self._grant(ttl)
         tx = self.client.transactions
-        ok, responses = await self.client.transaction(
-            compare=[tx.version(key) == 0],
-            success=[tx.put(key, identity.encode(), lease=lease_id)],
-            failure=[tx.get(key)],
-        )
+        try:
+            with _access(self.presence_key(public_ip), "readwrite"):
+                ok, responses = await self.client.transaction(
+                    compare=[tx.version(key) == 0],
+                    success=[tx.put(key, identity.encode(), lease=lease_id)],
+                    failure=[tx.get(key)],
+                )
+        except EtcdPermissionError:
+            with contextlib.suppress(aetcd.exceptions.ClientError):
+                await self.client.revoke_lease(lease_id)  # nothing is attached to it yet
+            raise
         if ok:
             return lease_id, ""
         held = responses[0][0] if responses and responses[0] else None
@@ -356,7 +514,8 @@ class SubnetRegistry:
         """Yield (revision, event, garbage_reason) for every change under subnets/, from start_revision.
 
         Every event of every watch response is delivered (flanneld v0.20.2 kept only the first).
-        A garbage value yields (revision, None, reason). Raises WatchCompacted when start_revision is gone,
+        A garbage key yields (revision, None, reason); a garbage value under a valid lease key yields
+        (revision, REMOVED event for that subnet, reason). Raises WatchCompacted when start_revision is gone,
         and etcd's connection errors when the stream breaks: the caller resumes from the last revision.
         """
         prefix = self.subnets_prefix.encode()
@@ -371,13 +530,20 @@ class SubnetRegistry:
                 name = kv.key.decode(errors="replace")[len(self.subnets_prefix) :]
                 try:
                     subnet = parse_subnet_key(name)
-                    if event.kind == "DELETE":
-                        # A delete (or an expiry) carries no value: the peer is known by its subnet.
-                        yield revision, LeaseEvent(LeaseEvent.REMOVED, Lease(subnet, _NO_ATTRS)), ""
-                        continue
-                    lease = await self._lease_from_kv(kv, {})
                 except LeaseFormatError as e:
                     yield revision, None, f"{kv.key.decode(errors='replace')}: {e}"
+                    continue
+                removed = LeaseEvent(LeaseEvent.REMOVED, Lease(subnet, _NO_ATTRS))
+                if event.kind == "DELETE":
+                    # A delete (or an expiry) carries no value: the peer is known by its subnet.
+                    yield revision, removed, ""
+                    continue
+                try:
+                    lease = await self._lease_from_kv(kv, {})
+                except LeaseFormatError as e:
+                    # The key no longer describes a usable peer: whatever it held before is gone, exactly
+                    # as a relist would see it.
+                    yield revision, removed, f"{kv.key.decode(errors='replace')}: {e}"
                     continue
                 yield revision, LeaseEvent(LeaseEvent.ADDED, lease), ""
         except aetcd.exceptions.RevisionCompactedError as e:
