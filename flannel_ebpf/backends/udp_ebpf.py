@@ -195,13 +195,18 @@ class UdpEbpfBackend(Backend):
             links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         # Our decap programs, wherever they are: the recorded underlay, else every device (after a crash
         # or with no state file, and a device renamed or re-indexed since).
-        for index in [local.ext.index] if local is not None and local.ext.index in links else links:
+        # A clsact qdisc is shared with other tools: it goes only if we created it (recorded in the state
+        # dir) and nothing at all is left on it; the devices we created one on are looked at too.
+        record = Path(self.options.state_dir) / hooks.CLSACT_RECORD_FILE
+        scope = [local.ext.index] if local is not None and local.ext.index in links else list(links)
+        scope += [i for i, name in hooks.created_clsacts(record) if links.get(i) == name and i not in scope]
+        for index in scope:
             try:
                 if Loader.detach_xdp(index, layout.PROG_DECAP_XDP):
                     logger.info("udp (eBPF): XDP decap removed from {}", links.get(index))
                 if hooks.tc_detach(index, "ingress", layout.PROG_DECAP_TC):
                     logger.info("udp (eBPF): tc decap removed from {}", links.get(index))
-                self._remove_empty_clsact(index)
+                self._remove_empty_clsact(index, links[index], record)
             except (hooks.AttachError, bpfsys.BpfError) as e:
                 logger.warning("udp (eBPF): cannot clean {}: {}", links.get(index), e)
         with IPRoute() as ipr:
@@ -209,6 +214,10 @@ class UdpEbpfBackend(Backend):
             if index is not None:
                 ipr.link("del", index=index)  # its address, route and tc filter go with it
                 logger.info("udp (eBPF): {} deleted", DEVICE)
+            alive = {(link["index"], link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+        for entry in hooks.created_clsacts(record):
+            if entry not in alive:  # flannel0's, or a device gone since: nothing left to delete
+                hooks.forget_clsact(record, *entry)
         remove_pins(self.pin_dir)
         self._restore_settings()
 
@@ -360,12 +369,23 @@ class UdpEbpfBackend(Backend):
         return index
 
     @staticmethod
-    def _remove_empty_clsact(index: int) -> None:
-        """Delete the clsact qdisc of a device when no filter is left on it (ours are gone)."""
-        if hooks.tc_filters(index, "ingress") or hooks.tc_filters(index, "egress"):
+    def _remove_empty_clsact(index: int, name: str, record: Path) -> None:
+        """Delete a device's clsact qdisc only if we created it and no filter at all is left on it.
+
+        Other tools use clsact too and a qdisc names no owner, so the agent records each clsact it creates
+        (loaders.attach.CLSACT_RECORD_FILE in --state-dir). One not recorded is never deleted, even empty:
+        an empty clsact costs next to nothing, a deleted one breaks a tool that adds its filters later.
+        After a reboot /run and the record are gone, so a `down` without state deletes none. One of ours
+        that another tool's filter now uses stays, and we forget it: it is theirs as much as ours."""
+        if (index, name) not in hooks.created_clsacts(record):
             return
-        with IPRoute() as ipr, contextlib.suppress(NetlinkError):
-            ipr.tc("del", "clsact", index)
+        if hooks.tc_hook_in_use(index, "ingress") or hooks.tc_hook_in_use(index, "egress"):
+            logger.info("udp (eBPF): clsact qdisc on {} kept: other filters use it", name)
+        else:
+            with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+                ipr.tc("del", "clsact", index)
+                logger.info("udp (eBPF): clsact qdisc removed from {} (we had added it)", name)
+        hooks.forget_clsact(record, index, name)
 
     def _programs_in_kernel(self) -> list[dict[str, Any]]:
         """Our programs as the kernel has them attached now (works from a fresh `status` process)."""

@@ -102,10 +102,32 @@ class Loader(ABC):
             raise LoaderError(str(e)) from e
         return Attachment(program, ifindex, f"tc-{direction}", self.prog_id(program))
 
-    def attach_xdp(self, program: str, ifindex: int, mode: str = "auto") -> Attachment:
-        """XDP in mode native | generic | auto (native, else generic); reports the mode in use."""
+    def attach_xdp(
+        self, program: str, ifindex: int, mode: str = "auto", replace_foreign: bool | None = None
+    ) -> Attachment:
+        """XDP in mode native | generic | auto (native, else generic); reports the mode in use.
+
+        Our own program (same kernel name) is swapped atomically. Another tool's program is never
+        replaced unless `replace_foreign` (default: attach.POLICY, set from --xdp-replace-foreign): the
+        attach is refused with one line naming it (name, id, mode)."""
+        if replace_foreign is None:
+            replace_foreign = attach.POLICY.replace_foreign_xdp
         try:
-            used = attach.xdp_attach(ifindex, self.program_fd(program), mode)
+            current = attach.xdp_query(ifindex)
+            if current is not None:
+                info = bpfsys.prog_info_by_id(current[0])
+                name = info.name if info is not None else ""
+                if not layout.is_our_program(name, program):
+                    what = f"{name or '(unnamed)'} (id {current[0]}, {current[1]})"
+                    device = attach.ifname(ifindex)
+                    if not replace_foreign:
+                        raise LoaderError(
+                            f"{device} already has another tool's XDP program {what}: not replacing it; "
+                            f"remove it, decapsulate with --udp-decap tc, or pass --xdp-replace-foreign"
+                        )
+                    logger.warning("replacing another tool's XDP program {} on {} (as asked)", what, device)
+            expected = current[0] if current is not None else 0
+            used = attach.xdp_attach(ifindex, self.program_fd(program), mode, expected_id=expected)
         except attach.AttachError as e:
             raise LoaderError(str(e)) from e
         return Attachment(program, ifindex, "xdp", self.prog_id(program), used)
