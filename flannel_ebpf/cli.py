@@ -67,6 +67,12 @@ FLAGS = (
     Flag("udp-datapath", "ebpf", "udp backend implementation", "choice", ("ebpf", "tun")),
     Flag("udp-decap", "xdp", "where the eBPF udp path decapsulates", "choice", ("xdp", "tc")),
     Flag("xdp-mode", "auto", "XDP attach mode for --udp-decap xdp", "choice", ("auto", "native", "generic")),
+    Flag(
+        "xdp-replace-foreign",
+        False,
+        "replace another tool's XDP program on the interface (default: refuse to start, naming it)",
+        "bool",
+    ),
     Flag("loader", "bcc", "how eBPF programs get into the kernel", "choice", ("bcc", "elf")),
     Flag("subnet-lease-ttl", 24 * 3600, "lease TTL in seconds (flannel: 24 h; short values for labs)", "int"),
     Flag("lease-check-interval", 10.0, "seconds between checks that our lease is still ours", "float"),
@@ -218,23 +224,80 @@ def setup_logging(verbose: int) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from flannel_ebpf.agent import run_agent
+    from flannel_ebpf.loaders import attach
 
-    return run_agent(agent_options(args))
+    options = agent_options(args)
+    try:
+        lock = state_file.InstanceLock.acquire(args.state_dir, "up")
+    except state_file.AlreadyRunning as e:
+        print(f"flannel-ebpf: {e}", file=sys.stderr)
+        return 1
+    with lock:  # held for the agent's whole life
+        attach.configure(replace_foreign_xdp=args.xdp_replace_foreign, state_dir=args.state_dir)
+        return run_agent(options)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    """`ready ...` only while the agent that wrote the state runs (same PID and start time), is ready,
+    keeps its heartbeat, and (udp eBPF) the programs it reported are still attached."""
     st = state_file.load(args.state_dir)
     if st is None:
         print(f"not-ready no agent state in {args.state_dir} (is flannel-ebpf up running?)")
         return 1
-    if not state_file.pid_alive(st.pid):
-        print(f"not-ready agent (pid {st.pid}) is not running; last phase {st.phase}")
+    gone = state_file.agent_gone(st)
+    if gone:
+        print(f"not-ready {gone}; last phase {st.phase}")
         return 1
     if st.phase != "ready":
         print(f"not-ready {st.phase}: {st.reason}")
         return 1
+    age, limit = time.time() - st.updated, state_file.heartbeat_limit(args.resync_interval)
+    if age > limit:
+        print(f"not-ready no heartbeat from the agent (pid {st.pid}) for {age:.0f}s (limit {limit:.0f}s): stuck?")
+        return 1
+    missing = _missing_programs(st)
+    if missing:
+        print(f"not-ready {missing}")
+        return 1
     print(f"ready {st.iface.get('name', '?')} subnet:{st.subnet} mtu:{st.mtu}")
     return 0
+
+
+def _missing_programs(st: state_file.AgentState) -> str | None:
+    """For the udp eBPF backend: which of the programs the agent reported attached (its heartbeat's
+    status) are no longer where it saw them, as the kernel has them now; None when all are there."""
+    options = st.options()
+    if st.backend_type != "udp" or options.udp_datapath != "ebpf":
+        return None
+    from flannel_ebpf.backends import make_backend
+    from flannel_ebpf.backends.udp_ebpf import DEVICE, UdpEbpfBackend
+    from flannel_ebpf.datapath import layout
+
+    local = st.local_network()
+    recorded = [p for p in (st.backend_status or {}).get("programs") or [] if isinstance(p, dict)]
+    if not recorded and local is not None:  # no status reported yet: at least encap and a decap
+        recorded = [{"program": layout.PROG_ENCAP, "device": DEVICE, "hook": "tc-egress"}]
+    try:
+        backend = make_backend(st.backend_type, st.backend_config, options)
+        assert isinstance(backend, UdpEbpfBackend)
+        if local is not None:
+            backend._ext = local.ext  # look where the agent looks (underlay, flannel0), not at every device
+        live = backend._programs_in_kernel()
+    except Exception as e:
+        return f"cannot check the eBPF programs: {e}"
+
+    def same(want: dict[str, Any], have: dict[str, Any]) -> bool:
+        where = all(want.get(k) == have.get(k) for k in ("program", "device", "hook"))
+        ids = (want.get("prog_id") or 0, have.get("prog_id") or 0)
+        return where and (0 in ids or ids[0] == ids[1])
+
+    gone = [w for w in recorded if not any(same(w, h) for h in live)]
+    if local is not None and not any(p.get("device") == local.ext.name for p in live):
+        gone.append({"program": "decap", "device": local.ext.name, "hook": "xdp or tc-ingress"})
+    if not gone:
+        return None
+    what = ", ".join(f"{g.get('program')} ({g.get('hook')} on {g.get('device')})" for g in gone)
+    return f"eBPF programs gone: {what}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -242,7 +305,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st is None:
         print(f"no agent state in {args.state_dir}: flannel-ebpf is not running here", file=sys.stderr)
         return 1
-    running = state_file.pid_alive(st.pid)
+    running = state_file.agent_gone(st) is None
     live: dict[str, Any] = {}
     if st.backend_type:
         live = _live_backend_status(st)
@@ -312,12 +375,25 @@ def _live_backend_status(st: state_file.AgentState) -> dict[str, Any]:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    # The state dir's lock: no agent runs (nor starts) while we remove its data path. No dir, no agent.
+    lock = None
+    if os.path.isdir(args.state_dir):
+        try:
+            lock = state_file.InstanceLock.acquire(args.state_dir, "down")
+        except state_file.AlreadyRunning as e:
+            print(f"flannel-ebpf: {e}", file=sys.stderr)
+            return 1
+    try:
+        return _down(args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _down(args: argparse.Namespace) -> int:
     from flannel_ebpf.backends import make_backend
 
     st = state_file.load(args.state_dir)
-    if st is not None and state_file.pid_alive(st.pid) and st.pid != os.getpid():
-        print(f"flannel-ebpf: the agent (pid {st.pid}) is still running; stop it first", file=sys.stderr)
-        return 1
     opts = agent_options(args)
     if st is None:
         logger.info("no state in {}; removing what can be found by name", args.state_dir)
