@@ -10,12 +10,15 @@
 #include "lib/flannel.h"
 #include "lib/decap.h"
 
-FL_PROG("xdp")
+/* xdp.frags: the program reads multi-buffer frames correctly (whole length from
+ * bpf_xdp_get_buff_len, headers in the first buffer), so it may run on jumbo-MTU devices. */
+FL_PROG("xdp.frags")
 int flannel_xdp_in(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	__u32 pkt_len = data_end - data;
+	/* The whole frame: a multi-buffer (xdp.frags) frame is longer than its first buffer. */
+	__u32 pkt_len = bpf_xdp_get_buff_len(ctx);
 	struct fl_config *cfg = fl_get_config();
 
 	if (!cfg) {

@@ -40,7 +40,10 @@ REPO = Path(__file__).resolve().parent.parent
 OWN, PEER, STRANGER = "192.168.60.1", "192.168.60.2", "192.168.60.9"
 NETWORK, LOCAL_SUBNET, PEER_SUBNET = "10.60.0.0/16", "10.60.1.0/24", "10.60.2.0/24"
 PORT = 8285
-TC_ACT_OK, TC_ACT_SHOT = 0, 2
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+TC_ACT_UNSPEC = 0xFFFFFFFF  # -1 as the u32 retval of a test run
+#: a local container on the bridge (fl_endpoints), and the bridge's own MAC
+ENDPOINT_IP, ENDPOINT_MAC, ENDPOINT_PORT, BRIDGE_MAC = "10.60.1.2", "02:00:00:00:00:02", 77, "02:00:00:00:0b:0b"
 XDP_DROP, XDP_PASS = 1, 2
 #: how `make bpf` compiles the objects the ELF loader (and iproute2) load
 CLANG_BPF = ["clang", "-target", "bpf", "-O2", "-g", "-Wall", "-Werror", "-I/usr/include/x86_64-linux-gnu"]
@@ -105,6 +108,9 @@ def _harness() -> None:
     results: list[dict[str, Any]] = []
     with DatapathMaps(pin_dir) as maps:
         for case in request["cases"]:
+            if case.get("endpoint"):
+                maps.set_endpoint(IPv4Address(ENDPOINT_IP), layout.Endpoint(ENDPOINT_PORT, ENDPOINT_MAC, BRIDGE_MAC))
+                continue
             if case.get("configure"):
                 maps.write_config(
                     layout.DatapathConfig(
@@ -115,6 +121,7 @@ def _harness() -> None:
                         underlay_ifindex=underlay,
                         underlay_mtu=1500,
                         port=PORT,
+                        deliver_peer=case.get("deliver_peer", False),
                     )
                 )
                 maps.set_peer(IPv4Network(PEER_SUBNET), IPv4Address(PEER))
@@ -131,7 +138,11 @@ def _harness() -> None:
                 back = _capture(sniff_tun, lambda f: len(f) > 20 and f[9] == 1 and f[20] == 3, incoming_only=True)
                 result = {"retval": None, "data": (far or back or b"").hex(), "sent": bool(far), "icmp": bool(back)}
             else:
-                run = bpfsys.prog_test_run(loader.program_fd(case["prog"]), packet)
+                ctx = None
+                if case.get("from_underlay"):  # struct __sk_buff with ingress_ifindex (offset 36) set
+                    ctx = bytearray(192)
+                    struct.pack_into("=I", ctx, 36, underlay)
+                run = bpfsys.prog_test_run(loader.program_fd(case["prog"]), packet, bytes(ctx) if ctx else None)
                 result = {"retval": run.retval, "data": run.data.hex()}
             result["counters"] = {r.label: c.packets for r, c in maps.read_counters().items()}
             results.append(result)
@@ -200,13 +211,21 @@ def decap(prog: str, frame: bytes) -> dict[str, Any]:
     return {"prog": prog, "packet": frame.hex()}
 
 
+def routed_to_bridge(inner: bytes, dst_mac: str = ENDPOINT_MAC, from_underlay: bool = True) -> dict[str, Any]:
+    """A frame the host routes out of the container bridge (tc egress there: the hand-off)."""
+    frame = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(BRIDGE_MAC.replace(":", "")) + b"\x08\x00" + inner
+    return {"prog": "flannel_br_out", "packet": frame.hex(), "from_underlay": from_underlay}
+
+
 # --------------------------------------------------------------------------------------------------
 # tests
 
 
 def test_reasons_and_layout_match_the_c_header() -> None:
     header = (BPF_SOURCE_DIR / "lib" / "flannel.h").read_text()
-    in_c = {m.group(1): int(m.group(2)) for m in re.finditer(r"FL_((?:EN|DE)CAP_[A-Z0-9_]+) = (\d+)", header)}
+    in_c = {
+        m.group(1): int(m.group(2)) for m in re.finditer(r"FL_((?:ENCAP|DECAP|DELIVER)_[A-Z0-9_]+) = (\d+)", header)
+    }
     assert in_c == {r.name: r.value for r in Reason}
     for spec in ALL_MAPS:
         assert re.search(rf"FL_MAP\([^;]*\b{spec.name}\b", header), spec.name
@@ -216,7 +235,13 @@ def test_reasons_and_layout_match_the_c_header() -> None:
 def test_plain_clang_builds_objects_for_the_elf_loader(tmp_path: Path) -> None:
     from elftools.elf.elffile import ELFFile
 
-    expected_section = {"udp_encap.c": "tc", "udp_decap_xdp.c": "xdp", "udp_decap_tc.c": "tc"}
+    expected_section = {
+        "udp_encap.c": "tc",
+        "udp_decap_xdp.c": "xdp.frags",
+        "udp_decap_tc.c": "tc",
+        "udp_deliver_tc.c": "tc",
+        "probe_decap.c": "tc",
+    }
     for source in PROGRAM_SOURCES.values():
         obj = tmp_path / source.replace(".c", ".o")
         subprocess.run(
@@ -263,6 +288,18 @@ def test_programs_on_crafted_packets(netns: str) -> None:
             decap(prog, overlay_frame(local_echo, bad_csum=True)),  # bad outer checksum
             decap(prog, overlay_frame(inner_echo(dst="10.60.1.2", ttl=1))),  # TTL
         ]
+    delivery = len(cases) - 1  # results index of the first delivery case ("endpoint" yields no result)
+    forwarded = with_ttl(local_echo, 63)
+    cases += [
+        {"endpoint": True},
+        routed_to_bridge(forwarded),  # handed to the port
+        routed_to_bridge(forwarded, from_underlay=False),  # the host's own traffic: the bridge's
+        routed_to_bridge(with_ttl(inner_echo(dst="10.60.1.3", src="10.60.2.2"), 63)),  # no endpoint
+        routed_to_bridge(forwarded, dst_mac="02:00:00:00:00:99"),  # the host resolved another MAC
+        {"configure": True, "deliver_peer": True},
+        decap("flannel_tc_in", overlay_frame(local_echo)),  # peer mode: straight into the container
+        decap("flannel_tc_in", overlay_frame(inner_echo(dst="10.60.1.3", src="10.60.2.2"))),  # unknown: stack
+    ]
     results = run_cases(netns, cases)
 
     def delta(i: int) -> dict[str, int]:
@@ -317,7 +354,9 @@ def test_programs_on_crafted_packets(netns: str) -> None:
         assert ok["retval"] == passed and delta(first) == {"decap_ok": 1}
         assert bytes.fromhex(ok["data"]) == eth(with_ttl(local_echo, 63))  # Ethernet kept, 28 bytes gone
         other = results[first + 1]
-        assert other["retval"] == passed and delta(first + 1) == {"decap_pass_other": 1}
+        # other traffic: XDP passes it, tc hands it on to the next filter (TC_ACT_UNSPEC)
+        assert other["retval"] == (XDP_PASS if passed == XDP_PASS else TC_ACT_UNSPEC)
+        assert delta(first + 1) == {"decap_pass_other": 1}
         assert bytes.fromhex(other["data"]) == eth(ipv4(PEER, OWN, 17, udp(53, b"dns?")))  # untouched
         for offset, reason in enumerate(
             DECAP_DROPS,
@@ -325,6 +364,20 @@ def test_programs_on_crafted_packets(netns: str) -> None:
         ):
             res = results[first + offset]
             assert res["retval"] == dropped and delta(first + offset) == {reason: 1}, (first + offset, reason)
+
+    # delivery: the hand-off at the bridge's egress, then peer mode in tc decap
+    port, own, unknown, other_mac, peer, peer_unknown = range(delivery, delivery + 6)
+    assert results[port]["retval"] == TC_ACT_REDIRECT and delta(port) == {"deliver_port": 1}
+    assert bytes.fromhex(results[port]["data"])[14:] == forwarded  # untouched: the host already routed it
+    assert results[own]["retval"] == TC_ACT_UNSPEC and delta(own) == {"deliver_pass_other": 1}
+    assert results[unknown]["retval"] == TC_ACT_UNSPEC and delta(unknown) == {"deliver_no_endpoint": 1}
+    assert results[other_mac]["retval"] == TC_ACT_UNSPEC and delta(other_mac) == {"deliver_mac_mismatch": 1}
+    assert results[peer]["retval"] == TC_ACT_REDIRECT and delta(peer) == {"decap_ok": 1, "deliver_peer": 1}
+    out = bytes.fromhex(results[peer]["data"])
+    assert out[:12] == bytes.fromhex((ENDPOINT_MAC + BRIDGE_MAC).replace(":", ""))  # as the bridge would send it
+    assert out[14:] == forwarded
+    assert results[peer_unknown]["retval"] == TC_ACT_OK
+    assert delta(peer_unknown) == {"decap_ok": 1, "deliver_no_endpoint": 1}
 
     # every reason but the helper-failure ones was exercised
     seen = {k for k, v in results[-1]["counters"].items() if v}

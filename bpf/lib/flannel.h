@@ -35,10 +35,13 @@ struct fl_config {
 	__u32 underlay_ifindex;  /* where encapsulated packets leave */
 	__u32 underlay_mtu;      /* shown by `status`; frag-needed uses bpf_check_mtu's answer */
 	__be16 port;             /* UDP destination port (8285), network order */
-	__u16 flags;             /* FL_CFG_READY once filled */
+	__u16 flags;             /* FL_CFG_* below */
 	__u32 reserved;
 };
-#define FL_CFG_READY 1
+#define FL_CFG_READY 1           /* the agent has filled the slot */
+#define FL_CFG_DECAP_L4_UDP 2    /* the kernel knows BPF_F_ADJ_ROOM_DECAP_L4_UDP (probed once at load) */
+#define FL_CFG_DELIVER_PEER 4    /* tc decap hands packets for known endpoints straight into the
+				  * container (bpf_redirect_peer): host netfilter is bypassed (opt-in) */
 
 /* fl_peers: longest-prefix match from an inner destination to the peer that leases it. */
 struct fl_peer_key {
@@ -50,6 +53,14 @@ struct fl_peer {
 };
 
 /* fl_members: PublicIP (network order) -> number of leases it holds. Decap accepts only these. */
+
+/* fl_endpoints: a local container's IPv4 address (network order) -> where it sits on the container
+ * bridge (docker0/cni0). Kept by the agent from the bridge's neighbour and FDB tables. */
+struct fl_endpoint {
+	__u32 port_ifindex;      /* the bridge port: the container's host-side veth */
+	__u8 mac[6];             /* the container's MAC (what the host's neighbour entry resolves to) */
+	__u8 bridge_mac[6];      /* the bridge's own MAC: the source of frames the host routes to it */
+};
 
 /* fl_counters: per-CPU packets/bytes for every pass/drop reason. */
 struct fl_counter {
@@ -80,16 +91,25 @@ enum fl_reason {
 	FL_DECAP_TTL_EXPIRED = 23,   /* inner TTL would reach 0: dropped */
 	FL_DECAP_NO_CONFIG = 24,     /* the agent has not filled fl_config yet: passed untouched */
 	FL_DECAP_ERROR = 25,         /* a helper failed: dropped */
-	FL_REASON_MAX = 32,
+	/* delivery into local containers (tc egress on the container bridge; tc decap in peer mode) */
+	FL_DELIVER_PORT = 32,        /* routed, FORWARD passed: handed whole to the container's bridge port */
+	FL_DELIVER_PEER = 33,        /* decapsulated straight into the container (netfilter bypassed) */
+	FL_DELIVER_NO_ENDPOINT = 34, /* destination not (yet) in fl_endpoints: left to the bridge/stack */
+	FL_DELIVER_MAC_MISMATCH = 35,/* the host resolved another MAC than fl_endpoints has: left to the bridge */
+	FL_DELIVER_PASS_OTHER = 36,  /* not decapsulated overlay traffic: left to the bridge */
+	FL_REASON_MAX = 48,
 };
 
 #define FL_PEERS_MAX 65536   /* a /8 Network cut into /24 subnets */
 #define FL_MEMBERS_MAX 65536
+#define FL_ENDPOINTS_MAX 65536 /* every address of a /16 subnet */
 
 FL_MAP("array", BPF_MAP_TYPE_ARRAY, fl_config, __u32, struct fl_config, 1, 0);
 FL_MAP("lpm_trie", BPF_MAP_TYPE_LPM_TRIE, fl_peers, struct fl_peer_key, struct fl_peer, FL_PEERS_MAX,
        BPF_F_NO_PREALLOC);
 FL_MAP("hash", BPF_MAP_TYPE_HASH, fl_members, __be32, __u32, FL_MEMBERS_MAX, BPF_F_NO_PREALLOC);
+FL_MAP("hash", BPF_MAP_TYPE_HASH, fl_endpoints, __be32, struct fl_endpoint, FL_ENDPOINTS_MAX,
+       BPF_F_NO_PREALLOC);
 FL_MAP("percpu_array", BPF_MAP_TYPE_PERCPU_ARRAY, fl_counters, __u32, struct fl_counter, FL_REASON_MAX,
        0);
 
@@ -124,6 +144,15 @@ static __always_inline int fl_is_member(__be32 public_ip)
 	return fl_members.lookup(&public_ip) != 0;
 #else
 	return bpf_map_lookup_elem(&fl_members, &public_ip) != 0;
+#endif
+}
+
+static __always_inline struct fl_endpoint *fl_lookup_endpoint(__be32 addr)
+{
+#ifdef FLANNEL_BCC
+	return fl_endpoints.lookup(&addr);
+#else
+	return bpf_map_lookup_elem(&fl_endpoints, &addr);
 #endif
 }
 

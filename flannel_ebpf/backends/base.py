@@ -56,7 +56,8 @@ class BackendOptions:
     state_dir: str = "/run/flannel-ebpf"  # per-agent files (the TUN path's pid, etc.)
     bpf_pin_dir: str = "/sys/fs/bpf/flannel-ebpf"  # where the eBPF udp path pins its maps
     udp_datapath: str = "ebpf"  # "ebpf" | "tun": which udp implementation
-    udp_decap: str = "xdp"  # "xdp" | "tc": where the eBPF udp path decapsulates
+    udp_decap: str = "auto"  # "auto" | "xdp" | "tc": where the eBPF udp path decapsulates
+    udp_delivery: str = "port"  # "port" | "bridge" | "peer": how decapsulated packets reach containers
     xdp_mode: str = "auto"  # "auto" | "native" | "generic"
     loader: str = "bcc"  # "bcc" | "elf"
 

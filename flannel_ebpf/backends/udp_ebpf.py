@@ -3,7 +3,9 @@
     flannel0 (TUN, nobody reads it)   route <Network> dev flannel0, MTU = underlay - 28
       tc egress: flannel_encap         inner packet -> [IPv4][UDP :Port][inner]  -> redirect_neigh(underlay)
     underlay NIC
-      XDP: flannel_xdp_in  (or tc ingress: flannel_tc_in)   strip 28 bytes -> the stack forwards
+      tc ingress: flannel_tc_in (or XDP: flannel_xdp_in)   strip 28 bytes -> the stack forwards
+    container bridge (docker0/cni0, found by the gateway address it holds)
+      tc egress: flannel_br_out   hand the routed packet whole to the container's port (udp_delivery.py)
 
 Kernel state left by this backend, all found again by name: the device flannel0 (its address, the
 route, the tc filter go with it), our filter/XDP program on the underlay, and the maps pinned under
@@ -33,11 +35,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.backends.routes import ROUTE_PROTOCOL
+from flannel_ebpf.backends.udp_delivery import DELIVERY_MODES, EndpointSync, detach_handoff_everywhere
 from flannel_ebpf.datapath import bpfsys, layout
 from flannel_ebpf.datapath.maps import DatapathMapError, DatapathMaps, remove_pins
 from flannel_ebpf.loaders import LoaderError, make_loader
 from flannel_ebpf.loaders import attach as hooks
 from flannel_ebpf.loaders.base import Loader
+from flannel_ebpf.loaders.probes import KernelFeatures, probe_kernel
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 from flannel_ebpf.subnet_file import atomic_write
 
@@ -65,8 +69,16 @@ class UdpEbpfBackend(Backend):
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise BackendError(f"udp backend: Port must be an integer 1-65535, got {port!r}")
         self.port: int = port
-        if options.udp_decap not in ("xdp", "tc"):
-            raise BackendError(f"--udp-decap must be xdp or tc, got {options.udp_decap!r}")
+        if options.udp_decap not in ("auto", "xdp", "tc"):
+            raise BackendError(f"--udp-decap must be auto, xdp or tc, got {options.udp_decap!r}")
+        if options.udp_delivery not in DELIVERY_MODES:
+            raise BackendError(
+                f"--udp-delivery must be one of {', '.join(DELIVERY_MODES)}, got {options.udp_delivery!r}"
+            )
+        if options.udp_delivery == "peer" and options.udp_decap == "xdp":
+            raise BackendError(
+                "--udp-delivery peer needs tc decapsulation (bpf_redirect_peer is tc-only): --udp-decap tc"
+            )
         if options.xdp_mode not in ("auto", "native", "generic"):
             raise BackendError(f"--xdp-mode must be auto, native or generic, got {options.xdp_mode!r}")
         self.pin_dir = Path(options.bpf_pin_dir)
@@ -75,6 +87,8 @@ class UdpEbpfBackend(Backend):
         self._maps: DatapathMaps | None = None
         self._peers: dict[IPv4Network, IPv4Address] = {}  # what fl_peers holds (after start: adopted)
         self._attachments: list[dict[str, Any]] = []
+        self._features: KernelFeatures | None = None
+        self._endpoint_sync: EndpointSync | None = None
 
     # --- Backend --------------------------------------------------------------------------------
     def overhead(self) -> int:
@@ -91,10 +105,13 @@ class UdpEbpfBackend(Backend):
         old_rp_filter = _loosen_rp_filter(local.ext.name)
         if old_rp_filter is not None:
             self._remember_setting(f"rp_filter:{local.ext.name}", old_rp_filter)
-        decap_program = layout.PROG_DECAP_XDP if self.options.udp_decap == "xdp" else layout.PROG_DECAP_TC
+        decap_program = layout.PROG_DECAP_XDP if self._decap_mode(local.ext.name) == "xdp" else layout.PROG_DECAP_TC
+        delivery = self.options.udp_delivery
         loader: Loader = self._make_loader()
         try:
-            loader.load([layout.PROG_ENCAP, decap_program])
+            programs = [layout.PROG_ENCAP, decap_program, layout.PROG_PROBE_DECAP]
+            loader.load(programs + ([layout.PROG_DELIVER] if delivery == "port" else []))
+            self._features = probe_kernel(loader.program_fd(layout.PROG_PROBE_DECAP))
             self._open_maps()
             assert self._maps is not None
             # Config first: the maps are the pinned ones, so the programs still attached from a previous
@@ -108,6 +125,8 @@ class UdpEbpfBackend(Backend):
                     underlay_ifindex=local.ext.index,
                     underlay_mtu=local.ext.mtu,
                     port=self.port,
+                    decap_l4_udp=self._features.decap_l4_udp,
+                    deliver_peer=delivery == "peer",
                 )
             )
             self._peers = self._maps.read_peers()
@@ -122,7 +141,9 @@ class UdpEbpfBackend(Backend):
             else:
                 decap = loader.attach_tc(decap_program, local.ext.index, "ingress")
                 Loader.detach_xdp(local.ext.index, layout.PROG_DECAP_XDP)
-            for program in (layout.PROG_ENCAP, decap_program):
+            # Pinned: status finds the ids; the bridge hand-off is attached from its pin whenever the
+            # container bridge appears (udp_delivery.EndpointSync).
+            for program in [layout.PROG_ENCAP, decap_program] + ([layout.PROG_DELIVER] if delivery == "port" else []):
                 path = layout.prog_pin_path(self.pin_dir, program)
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()  # the previous run's program: replaced just now
@@ -146,6 +167,7 @@ class UdpEbpfBackend(Backend):
             adopted,
             self.pin_dir,
         )
+        self._start_delivery(local)
 
     def sync(self, peers: list[Lease]) -> None:
         maps = self._require_maps()
@@ -185,6 +207,9 @@ class UdpEbpfBackend(Backend):
 
     def stop(self) -> None:
         # Leave programs attached and maps pinned: the data path keeps forwarding without us.
+        if self._endpoint_sync is not None:
+            self._endpoint_sync.stop()
+            self._endpoint_sync = None
         if self._maps is not None:
             self._maps.close()
             self._maps = None
@@ -195,6 +220,10 @@ class UdpEbpfBackend(Backend):
             links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         # Our decap programs, wherever they are: the recorded underlay, else every device (after a crash
         # or with no state file, and a device renamed or re-indexed since).
+        # The hand-off sits on the container bridge: every device is looked at for it (its egress only).
+        with IPRoute() as ipr:
+            for name in detach_handoff_everywhere(ipr):
+                logger.info("udp (eBPF): bridge-port hand-off removed from {}", name)
         # A clsact qdisc is shared with other tools: it goes only if we created it (recorded in the state
         # dir) and nothing at all is left on it; the devices we created one on are looked at too.
         record = Path(self.options.state_dir) / hooks.CLSACT_RECORD_FILE
@@ -206,6 +235,8 @@ class UdpEbpfBackend(Backend):
                     logger.info("udp (eBPF): XDP decap removed from {}", links.get(index))
                 if hooks.tc_detach(index, "ingress", layout.PROG_DECAP_TC):
                     logger.info("udp (eBPF): tc decap removed from {}", links.get(index))
+                if hooks.tc_detach(index, "egress", layout.PROG_DELIVER):
+                    logger.info("udp (eBPF): bridge-port hand-off removed from {}", links.get(index))
                 self._remove_empty_clsact(index, links[index], record)
             except (hooks.AttachError, bpfsys.BpfError) as e:
                 logger.warning("udp (eBPF): cannot clean {}: {}", links.get(index), e)
@@ -260,8 +291,13 @@ class UdpEbpfBackend(Backend):
             "device": DEVICE,
             "port": self.port,
             "decap": self.options.udp_decap,
+            "delivery": self.options.udp_delivery,
             "programs": self._programs_in_kernel(),
         }
+        if self._features is not None:
+            result["kernel_features"] = self._features.as_dict()
+        if self._endpoint_sync is not None:
+            result["container_bridge"] = self._endpoint_sync.status()
         try:
             with DatapathMaps(self.pin_dir) as maps:
                 result["maps"] = maps.snapshot()
@@ -271,6 +307,32 @@ class UdpEbpfBackend(Backend):
         return result
 
     # --- helpers --------------------------------------------------------------------------------
+    def _decap_mode(self, iface: str) -> str:
+        """--udp-decap auto: tc on veth underlays, XDP elsewhere (see docs/PERFORMANCE.md). On a veth,
+        native XDP turns TSO off on the peer and copies every skb (skb_pp_cow_data), while tc decap sees
+        the whole GSO skb; on a physical NIC XDP runs before GRO, so the inner TCP is GRO'd, while tc
+        decap gets unmerged 1.5 KB packets (UDP GRO does not merge port 8285)."""
+        if self.options.udp_decap != "auto":
+            return self.options.udp_decap
+        if self.options.udp_delivery == "peer":
+            return "tc"
+        return "tc" if _driver(iface) == "veth" else "xdp"
+
+    def _start_delivery(self, local: LocalNetwork) -> None:
+        """Keep fl_endpoints (and the bridge hook) in step; remove a hand-off this run does not want."""
+        assert self._features is not None
+        delivery = self.options.udp_delivery
+        attach_hook = delivery == "port" and self._features.bridge_handoff_needed
+        if delivery == "bridge" or (delivery == "port" and not attach_hook):
+            with IPRoute() as ipr:
+                for name in detach_handoff_everywhere(ipr):
+                    logger.info("udp (eBPF): bridge-port hand-off removed from {} (not wanted now)", name)
+            if delivery == "port":
+                logger.info("udp (eBPF): this kernel keeps decapsulated skbs whole: no bridge hand-off needed")
+            return
+        self._endpoint_sync = EndpointSync(self.pin_dir, local.subnet, attach_hook=attach_hook)
+        self._endpoint_sync.start()
+
     def _make_loader(self) -> Loader:
         try:
             return make_loader(self.options.loader, self.pin_dir)
@@ -447,17 +509,26 @@ def _set_gro(iface: str, on: bool) -> None:
         _ethtool(sock, iface, bytearray(struct.pack("II", _ETHTOOL_SGRO, int(on))))
 
 
+def _driver(iface: str) -> str:
+    """The device's driver name as ethtool reports it ("veth", "virtio_net", "mlx5_core", ...)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            # struct ethtool_drvinfo: cmd, then driver[32] (196 bytes in all)
+            info = _ethtool(sock, iface, bytearray(struct.pack("I", _ETHTOOL_GDRVINFO)) + bytearray(192))
+    except OSError:
+        return ""
+    return info[4:36].split(b"\0", 1)[0].decode(errors="replace")
+
+
 def _gro_for_veth_xdp(iface: str) -> bool:
     """Native XDP on a veth underlay: switch GRO on (measured in the lab: 1.4-2.1 -> 4.1 Gbit/s,
     ~3000 -> ~10 retransmits per 4 s). Without GRO the veth peer stops sending GSO packets to an XDP
     device (it segments everything in software) and nothing merges them again after XDP_PASS; with it,
     the peer keeps TSO and veth's NAPI runs GRO. Physical NICs are left as they are; a failure is logged."""
     try:
+        if _driver(iface) != "veth":
+            return False
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            # struct ethtool_drvinfo: cmd, then driver[32] (196 bytes in all)
-            info = _ethtool(sock, iface, bytearray(struct.pack("I", _ETHTOOL_GDRVINFO)) + bytearray(192))
-            if info[4:36].split(b"\0", 1)[0] != b"veth":
-                return False
             # struct ethtool_value: cmd, data
             (_cmd, gro) = struct.unpack("II", _ethtool(sock, iface, bytearray(struct.pack("II", _ETHTOOL_GGRO, 0))))
             if gro:

@@ -1,7 +1,8 @@
 """The few bpf(2) commands the agent needs, called directly (no bcc, no libbpf).
 
-Used for the pinned maps (both loaders), program queries (status, teardown) and BPF_PROG_TEST_RUN
-(tests). x86-64 only for now (syscall 321); the attribute layouts are those of linux/bpf.h.
+Used for the pinned maps (both loaders), program loads whose flags bcc cannot pass (XDP multi-buffer),
+program queries (status, teardown) and BPF_PROG_TEST_RUN (kernel probes, tests). x86-64 only for now
+(syscall 321); the attribute layouts are those of linux/bpf.h.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
@@ -30,6 +32,9 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 
 BPF_ANY = 0
+BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_PROG_TYPE_XDP = 6
+BPF_F_XDP_HAS_FRAGS = 1 << 5  # the program handles multi-buffer frames (section "xdp.frags")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -64,6 +69,31 @@ def obj_get(path: str | Path) -> int:
     cpath = ctypes.create_string_buffer(os.fsencode(str(path)))
     struct.pack_into("=QII", attr, 0, _addr(cpath), 0, 0)
     return _bpf(BPF_OBJ_GET, attr, f"OBJ_GET {path}")
+
+
+def prog_load(prog_type: int, insns: bytes, name: str, *, license: str = "GPL", prog_flags: int = 0) -> int:
+    """BPF_PROG_LOAD; returns the program fd. On a refusal the call is repeated with the verifier's log
+    on, and the error carries the log (what an operator needs to see)."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license.encode())
+
+    def attempt(log_size: int) -> int:
+        log = ctypes.create_string_buffer(log_size) if log_size else None
+        attr = _attr()
+        struct.pack_into("=IIQQIIQII", attr, 0, prog_type, len(insns) // 8, _addr(code), _addr(lic),
+                         1 if log else 0, log_size, _addr(log) if log else 0, 0, prog_flags)  # fmt: skip
+        struct.pack_into("16s", attr, 48, name.encode()[:15])
+        try:
+            return _bpf(BPF_PROG_LOAD, attr, f"PROG_LOAD {name}")
+        except BpfError as e:
+            if log is None:
+                raise
+            raise BpfError(e.errno, f"{e.strerror}\n{log.value.decode(errors='replace').strip()}") from None
+
+    try:
+        return attempt(0)
+    except BpfError:
+        return attempt(1 << 20)
 
 
 def obj_pin(fd: int, path: str | Path) -> None:

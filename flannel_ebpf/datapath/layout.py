@@ -38,8 +38,9 @@ class MapSpec:
 CONFIG_MAP = MapSpec("fl_config", MAP_TYPE_ARRAY, 4, 40, 1)
 PEERS_MAP = MapSpec("fl_peers", MAP_TYPE_LPM_TRIE, 8, 4, 65536, BPF_F_NO_PREALLOC)
 MEMBERS_MAP = MapSpec("fl_members", MAP_TYPE_HASH, 4, 4, 65536, BPF_F_NO_PREALLOC)
-COUNTERS_MAP = MapSpec("fl_counters", MAP_TYPE_PERCPU_ARRAY, 4, 16, 32)
-ALL_MAPS: tuple[MapSpec, ...] = (CONFIG_MAP, PEERS_MAP, MEMBERS_MAP, COUNTERS_MAP)
+ENDPOINTS_MAP = MapSpec("fl_endpoints", MAP_TYPE_HASH, 4, 16, 65536, BPF_F_NO_PREALLOC)
+COUNTERS_MAP = MapSpec("fl_counters", MAP_TYPE_PERCPU_ARRAY, 4, 16, 48)
+ALL_MAPS: tuple[MapSpec, ...] = (CONFIG_MAP, PEERS_MAP, MEMBERS_MAP, ENDPOINTS_MAP, COUNTERS_MAP)
 
 
 class Reason(IntEnum):
@@ -65,6 +66,11 @@ class Reason(IntEnum):
     DECAP_TTL_EXPIRED = 23
     DECAP_NO_CONFIG = 24
     DECAP_ERROR = 25
+    DELIVER_PORT = 32
+    DELIVER_PEER = 33
+    DELIVER_NO_ENDPOINT = 34
+    DELIVER_MAC_MISMATCH = 35
+    DELIVER_PASS_OTHER = 36
 
     @property
     def label(self) -> str:
@@ -81,6 +87,11 @@ PASS_REASONS = frozenset(
         Reason.DECAP_OK,
         Reason.DECAP_PASS_OTHER,
         Reason.DECAP_NO_CONFIG,
+        Reason.DELIVER_PORT,
+        Reason.DELIVER_PEER,
+        Reason.DELIVER_NO_ENDPOINT,
+        Reason.DELIVER_MAC_MISMATCH,
+        Reason.DELIVER_PASS_OTHER,
     }
 )
 
@@ -88,15 +99,22 @@ PASS_REASONS = frozenset(
 PROG_ENCAP = "flannel_encap"  # tc egress on flannel0
 PROG_DECAP_XDP = "flannel_xdp_in"  # XDP on the underlay
 PROG_DECAP_TC = "flannel_tc_in"  # tc ingress on the underlay
-PROGRAM_NAMES = (PROG_ENCAP, PROG_DECAP_XDP, PROG_DECAP_TC)
+PROG_DELIVER = "flannel_br_out"  # tc egress on the container bridge: hand-off to the bridge port
+PROG_PROBE_DECAP = "flannel_probe_decap"  # never attached: run once to probe the kernel
+PROGRAM_NAMES = (PROG_ENCAP, PROG_DECAP_XDP, PROG_DECAP_TC, PROG_DELIVER, PROG_PROBE_DECAP)
 #: C source of each program (one file per attach point)
 PROGRAM_SOURCES = {
     PROG_ENCAP: "udp_encap.c",
     PROG_DECAP_XDP: "udp_decap_xdp.c",
     PROG_DECAP_TC: "udp_decap_tc.c",
+    PROG_DELIVER: "udp_deliver_tc.c",
+    PROG_PROBE_DECAP: "probe_decap.c",
 }
 
+# fl_config.flags
 CFG_READY = 1
+CFG_DECAP_L4_UDP = 2  # the kernel knows BPF_F_ADJ_ROOM_DECAP_L4_UDP (probed)
+CFG_DELIVER_PEER = 4  # tc decap delivers with bpf_redirect_peer (netfilter bypassed)
 _CONFIG = struct.Struct("=4s4s4s4s4s4sII2sHI")  # struct fl_config, 40 bytes; port in network order
 _PEER_KEY = struct.Struct("=I4s")  # struct fl_peer_key: prefixlen (host order), addr (network order)
 _COUNTER = struct.Struct("=QQ")  # struct fl_counter: packets, bytes
@@ -114,8 +132,12 @@ class DatapathConfig:
     underlay_ifindex: int
     underlay_mtu: int
     port: int = 8285
+    decap_l4_udp: bool = False  # CFG_DECAP_L4_UDP
+    deliver_peer: bool = False  # CFG_DELIVER_PEER
 
     def pack(self) -> bytes:
+        flags = CFG_READY | (CFG_DECAP_L4_UDP if self.decap_l4_udp else 0)
+        flags |= CFG_DELIVER_PEER if self.deliver_peer else 0
         return _CONFIG.pack(
             self.own_ip.packed,
             self.tun_addr.packed,
@@ -126,7 +148,7 @@ class DatapathConfig:
             self.underlay_ifindex,
             self.underlay_mtu,
             self.port.to_bytes(2, "big"),
-            CFG_READY,
+            flags,
             0,
         )
 
@@ -144,7 +166,41 @@ class DatapathConfig:
             underlay_ifindex=ifindex,
             underlay_mtu=mtu,
             port=int.from_bytes(port, "big"),
+            decap_l4_udp=bool(flags & CFG_DECAP_L4_UDP),
+            deliver_peer=bool(flags & CFG_DELIVER_PEER),
         )
+
+
+_ENDPOINT = struct.Struct("=I6s6s")  # struct fl_endpoint: port ifindex, container MAC, bridge MAC
+assert _ENDPOINT.size == ENDPOINTS_MAP.value_size
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """fl_endpoints[<container IPv4>]: where a local container sits on the container bridge."""
+
+    port_ifindex: int  # the bridge port (the container's host-side veth)
+    mac: str  # the container's MAC, "aa:bb:cc:dd:ee:ff"
+    bridge_mac: str  # the bridge's own MAC
+
+    def pack(self) -> bytes:
+        return _ENDPOINT.pack(self.port_ifindex, _mac_bytes(self.mac), _mac_bytes(self.bridge_mac))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Endpoint:
+        ifindex, mac, bridge_mac = _ENDPOINT.unpack(raw[: _ENDPOINT.size])
+        return cls(ifindex, _mac_text(mac), _mac_text(bridge_mac))
+
+
+def _mac_bytes(mac: str) -> bytes:
+    raw = bytes.fromhex(mac.replace(":", ""))
+    if len(raw) != 6:
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return raw
+
+
+def _mac_text(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
 
 
 def pack_peer_key(subnet: IPv4Network) -> bytes:

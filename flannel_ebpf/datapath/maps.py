@@ -138,6 +138,22 @@ class DatapathMaps:
     def delete_member(self, public_ip: IPv4Address) -> bool:
         return bpfsys.map_delete(self.fd(layout.MEMBERS_MAP), layout.pack_ip(public_ip))
 
+    # --- endpoints: local container IPv4 -> bridge port ----------------------------------------------
+    def read_endpoints(self) -> dict[IPv4Address, layout.Endpoint]:
+        fd = self.fd(layout.ENDPOINTS_MAP)
+        endpoints: dict[IPv4Address, layout.Endpoint] = {}
+        for key in bpfsys.map_keys(fd, layout.ENDPOINTS_MAP.key_size):
+            value = bpfsys.map_lookup(fd, key, layout.ENDPOINTS_MAP.value_size)
+            if value is not None:
+                endpoints[layout.unpack_ip(key)] = layout.Endpoint.unpack(value)
+        return endpoints
+
+    def set_endpoint(self, ip: IPv4Address, endpoint: layout.Endpoint) -> None:
+        bpfsys.map_update(self.fd(layout.ENDPOINTS_MAP), layout.pack_ip(ip), endpoint.pack())
+
+    def delete_endpoint(self, ip: IPv4Address) -> bool:
+        return bpfsys.map_delete(self.fd(layout.ENDPOINTS_MAP), layout.pack_ip(ip))
+
     # --- counters -------------------------------------------------------------------------------
     def read_counters(self) -> dict[Reason, CounterValue]:
         """Per reason, summed over CPUs."""
@@ -173,8 +189,14 @@ class DatapathMaps:
                 "underlay_ifindex": config.underlay_ifindex,
                 "underlay_mtu": config.underlay_mtu,
                 "port": config.port,
+                "decap_l4_udp": config.decap_l4_udp,
+                "deliver_peer": config.deliver_peer,
             },
             "peers": {str(k): str(v) for k, v in sorted(self.read_peers().items())},
             "members": {str(k): v for k, v in sorted(self.read_members().items())},
+            "endpoints": {
+                str(ip): {"port_ifindex": e.port_ifindex, "mac": e.mac}
+                for ip, e in sorted(self.read_endpoints().items())
+            },
             "counters": self.counters_by_label(),
         }

@@ -8,6 +8,7 @@ bcc's BPF_TABLE_PINNED adopts pins that exist and pins new maps otherwise.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import tempfile
@@ -17,7 +18,7 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.datapath import layout
+from flannel_ebpf.datapath import bpfsys, layout
 from flannel_ebpf.loaders.base import Loader, LoaderError
 
 
@@ -84,6 +85,7 @@ class BccLoader(Loader):
         super().__init__(pin_dir)
         self._bpf: Any = None
         self._fds: dict[str, int] = {}
+        self._own_fds: list[int] = []  # loaded by us, not by bcc: closed by us
 
     def load(self, programs: Sequence[str]) -> None:
         problem = kernel_headers_problem()
@@ -116,10 +118,12 @@ class BccLoader(Loader):
         if not compiled:
             raise LoaderError(f"bcc could not compile {', '.join(programs)}:\n{''.join(log).strip()}")
         for program in programs:
-            prog_type = BPF.XDP if program == layout.PROG_DECAP_XDP else BPF.SCHED_CLS
+            if program == layout.PROG_DECAP_XDP:
+                self._fds[program] = self._load_xdp_frags(program)
+                continue
             with _captured_stderr() as log:
                 try:
-                    fn = self._bpf.load_func(program, prog_type)
+                    fn = self._bpf.load_func(program, BPF.SCHED_CLS)
                     error = None
                 except Exception as e:
                     error = e
@@ -128,6 +132,25 @@ class BccLoader(Loader):
                 raise LoaderError(f"the kernel refused {program}: {error}\n{''.join(log).strip()}")
             self._fds[program] = fn.fd
         logger.debug("bcc loaded {} with maps pinned under {}", ", ".join(programs), self.pin_dir)
+
+    def _load_xdp_frags(self, program: str) -> int:
+        """The XDP program with BPF_F_XDP_HAS_FRAGS (what the section name xdp.frags asks of an ELF
+        loader): bcc's load_func cannot pass program flags, so its compiled code (map fds already in
+        place) is loaded with bpf(2) directly."""
+        from bcc import lib  # the same libbcc the BPF object uses
+
+        name = program.encode()
+        start, size = lib.bpf_function_start(self._bpf.module, name), lib.bpf_function_size(self._bpf.module, name)
+        if not start:
+            raise LoaderError(f"bcc compiled no function {program}")
+        try:
+            fd = bpfsys.prog_load(
+                bpfsys.BPF_PROG_TYPE_XDP, ctypes.string_at(start, size), program, prog_flags=bpfsys.BPF_F_XDP_HAS_FRAGS
+            )
+        except bpfsys.BpfError as e:
+            raise LoaderError(f"the kernel refused {program}: {e}") from e
+        self._own_fds.append(fd)
+        return fd
 
     def program_fd(self, program: str) -> int:
         try:
@@ -140,4 +163,8 @@ class BccLoader(Loader):
             with contextlib.suppress(Exception):
                 self._bpf.cleanup()
         self._bpf = None
+        for fd in self._own_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._own_fds.clear()
         self._fds.clear()

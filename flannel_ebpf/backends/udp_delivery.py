@@ -1,0 +1,202 @@
+"""How the eBPF udp path delivers decapsulated packets into local containers (`--udp-delivery`).
+
+    port   (default) the host routes the packet as always (FORWARD, POSTROUTING, conntrack); at the
+           container bridge's tc egress, flannel_br_out hands it to the bridge port of its destination
+           instead of the bridge's own transmit. On kernels whose decap leaves the tunnel GSO state
+           and whose bridge segments such skbs (6.18 and older: see loaders/probes.py), that keeps
+           64 KB skbs whole on the way into the container. Elsewhere nothing is attached.
+    bridge the kernel's path alone: the bridge forwards (segments in software before 6.19).
+    peer   opt-in: tc decap redirects straight into the container (bpf_redirect_peer). Host routing,
+           netfilter and the bridge are skipped: see the README for what that gives up.
+
+The container bridge is found, not configured: it is the bridge holding this host's gateway address
+(FLANNEL_SUBNET's first address, as `dockerd --bip=$FLANNEL_SUBNET` or the CNI bridge plugin set it),
+and it may appear long after the agent starts. fl_endpoints maps each container address to its bridge
+port and MAC, joined from the bridge's neighbour table (IP -> MAC, what the host resolved) and its FDB
+(MAC -> port). EndpointSync keeps that map and the bridge hook in step from netlink events, with a
+full reconcile on every event batch and every `resync` seconds: state, not deltas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import threading
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from flannel_ebpf.datapath import bpfsys, layout
+from flannel_ebpf.datapath.maps import DatapathMapError, DatapathMaps
+from flannel_ebpf.loaders import attach as hooks
+
+DELIVERY_MODES = ("port", "bridge", "peer")
+
+# rtnetlink multicast groups (linux/rtnetlink.h RTMGRP_*)
+_RTMGRP_LINK = 0x1
+_RTMGRP_NEIGH = 0x4
+_RTMGRP_IPV4_IFADDR = 0x10
+# neighbour states whose link-layer address is valid (NUD_VALID without NUD_NOARP's meaning for us)
+_DEBOUNCE = 0.05  # seconds of quiet that end a burst of netlink events
+_NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
+
+
+@dataclass(frozen=True)
+class ContainerBridge:
+    name: str
+    index: int
+    mac: str
+
+
+def find_container_bridge(ipr: IPRoute, gateway: IPv4Address) -> ContainerBridge | None:
+    """The bridge device that holds `gateway` (docker0, cni0, ...), or None (not created yet)."""
+    for addr in ipr.get_addr(family=socket.AF_INET):
+        if addr.get_attr("IFA_ADDRESS") != str(gateway):
+            continue
+        links = ipr.get_links(addr["index"])
+        if not links:
+            continue
+        link = links[0]
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is None or info.get_attr("IFLA_INFO_KIND") != "bridge":
+            logger.debug("{} holds {} but is not a bridge", link.get_attr("IFLA_IFNAME"), gateway)
+            continue
+        return ContainerBridge(link.get_attr("IFLA_IFNAME"), link["index"], link.get_attr("IFLA_ADDRESS"))
+    return None
+
+
+def read_endpoints(ipr: IPRoute, bridge: ContainerBridge, subnet: IPv4Network) -> dict[IPv4Address, layout.Endpoint]:
+    """Container address -> (bridge port, MAC): the host's neighbours on the bridge joined with its FDB."""
+    port_of_mac: dict[str, int] = {}
+    for entry in ipr.get_neighbours(family=socket.AF_BRIDGE):
+        mac, port = entry.get_attr("NDA_LLADDR"), entry["ifindex"]
+        if entry.get_attr("NDA_MASTER") == bridge.index and port != bridge.index and mac:
+            port_of_mac[mac.lower()] = port
+    endpoints: dict[IPv4Address, layout.Endpoint] = {}
+    for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=bridge.index):
+        dst, mac = entry.get_attr("NDA_DST"), entry.get_attr("NDA_LLADDR")
+        if not dst or not mac or not entry["state"] & _NUD_VALID:
+            continue
+        ip = IPv4Address(dst)
+        port = port_of_mac.get(mac.lower())
+        if ip in subnet and port is not None:
+            endpoints[ip] = layout.Endpoint(port, mac.lower(), bridge.mac)
+    return endpoints
+
+
+def detach_handoff_everywhere(ipr: IPRoute, keep: int | None = None) -> list[str]:
+    """Remove our hand-off filter from every device but `keep`; returns the devices cleaned."""
+    cleaned = []
+    for link in ipr.get_links():
+        if link["index"] != keep and hooks.tc_detach(link["index"], "egress", layout.PROG_DELIVER):
+            cleaned.append(link.get_attr("IFLA_IFNAME"))
+    return cleaned
+
+
+class EndpointSync:
+    """A thread that keeps fl_endpoints (and, in port mode, the bridge hook) in step with the host.
+
+    It owns its netlink sockets and map fds (pyroute2 sockets are not thread-safe), so it never
+    contends with the agent's data-plane calls; it touches nothing but fl_endpoints and the hook.
+    """
+
+    def __init__(self, pin_dir: Path, subnet: IPv4Network, *, attach_hook: bool, resync: float = 10.0) -> None:
+        self.pin_dir = pin_dir
+        self.subnet = subnet
+        self.gateway = subnet.network_address + 1  # FLANNEL_SUBNET's address: Docker's --bip
+        self.attach_hook = attach_hook
+        self.resync = resync
+        self.bridge: ContainerBridge | None = None
+        self.endpoints = 0
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="endpoint-sync", daemon=True)
+        self._lock = threading.Lock()  # reconcile() from the thread or from a caller, one at a time
+
+    def start(self) -> None:
+        self.reconcile()  # the bridge may already be there: ready before start() returns
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching; the map and the hook stay (traffic keeps flowing while the agent is away)."""
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for fd in (self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "bridge": self.bridge.name if self.bridge else None,
+            "gateway": str(self.gateway),
+            "hook": f"tc egress of {self.bridge.name}" if self.bridge and self.attach_hook else None,
+            "endpoints": self.endpoints,
+        }
+
+    def reconcile(self) -> None:
+        """Find the bridge, make the hook and fl_endpoints match it. Errors are logged, never raised."""
+        with self._lock:
+            try:
+                self._reconcile()
+            except (NetlinkError, OSError, DatapathMapError, hooks.AttachError) as e:
+                logger.warning("udp (eBPF): cannot update the container endpoints: {}", e)
+
+    def _reconcile(self) -> None:
+        with IPRoute() as ipr:
+            bridge = find_container_bridge(ipr, self.gateway)
+            if bridge != self.bridge:
+                if bridge is None:
+                    logger.info("udp (eBPF): no container bridge holds {} (yet)", self.gateway)
+                else:
+                    logger.info("udp (eBPF): container bridge {} holds {}", bridge.name, self.gateway)
+                keep = bridge.index if bridge is not None and self.attach_hook else None
+                for name in detach_handoff_everywhere(ipr, keep=keep):
+                    logger.info("udp (eBPF): bridge hand-off removed from {}", name)
+                self.bridge = bridge
+            desired = read_endpoints(ipr, bridge, self.subnet) if bridge else {}
+        if bridge is not None and self.attach_hook:
+            self._ensure_hook(bridge)
+        with DatapathMaps(self.pin_dir) as maps:
+            current = maps.read_endpoints()
+            for ip, endpoint in desired.items():
+                if current.get(ip) != endpoint:
+                    maps.set_endpoint(ip, endpoint)
+                    logger.debug("udp (eBPF): endpoint {} on port #{} ({})", ip, endpoint.port_ifindex, endpoint.mac)
+            for ip in current.keys() - desired.keys():
+                maps.delete_endpoint(ip)
+        self.endpoints = len(desired)
+
+    def _ensure_hook(self, bridge: ContainerBridge) -> None:
+        if any(f.name == layout.PROG_DELIVER for f in hooks.tc_filters(bridge.index, "egress")):
+            return
+        fd = bpfsys.obj_get(layout.prog_pin_path(self.pin_dir, layout.PROG_DELIVER))
+        try:
+            hooks.tc_attach(bridge.index, "egress", fd, layout.PROG_DELIVER)
+        finally:
+            os.close(fd)
+        logger.info("udp (eBPF): bridge-port hand-off attached to {} (tc egress)", bridge.name)
+
+    def _run(self) -> None:
+        with IPRoute() as events:
+            events.bind(groups=_RTMGRP_LINK | _RTMGRP_NEIGH | _RTMGRP_IPV4_IFADDR)
+            while True:
+                ready, _, _ = select.select([events, self._stop_r], [], [], self.resync)
+                if self._stop_r in ready:
+                    return
+                # Drain the burst (a container start is a dozen link/FDB/neighbour events) before one
+                # reconcile: what changed is re-read whole.
+                while events in ready:
+                    try:
+                        events.get()
+                    except (NetlinkError, OSError) as e:  # ENOBUFS after a flood: the reconcile covers it
+                        logger.debug("udp (eBPF): netlink event socket: {}", e)
+                    ready, _, _ = select.select([events], [], [], _DEBOUNCE)
+                self.reconcile()
