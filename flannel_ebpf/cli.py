@@ -65,7 +65,21 @@ FLAGS = (
     Flag("state-dir", "/run/flannel-ebpf", "directory of the agent's state file (read by status/health/down)"),
     Flag("bpf-pin-dir", "/sys/fs/bpf/flannel-ebpf", "where the eBPF udp path pins its maps"),
     Flag("udp-datapath", "ebpf", "udp backend implementation", "choice", ("ebpf", "tun")),
-    Flag("udp-decap", "xdp", "where the eBPF udp path decapsulates", "choice", ("xdp", "tc")),
+    Flag(
+        "udp-decap",
+        "auto",
+        "where the eBPF udp path decapsulates (auto: tc on veth underlays, XDP elsewhere)",
+        "choice",
+        ("auto", "xdp", "tc"),
+    ),
+    Flag(
+        "udp-delivery",
+        "port",
+        "how decapsulated packets reach local containers: port (routed, FORWARD kept, handed whole to the "
+        "container's bridge port), bridge (the kernel's bridge alone), peer (straight in: bypasses host netfilter)",
+        "choice",
+        ("port", "bridge", "peer"),
+    ),
     Flag("xdp-mode", "auto", "XDP attach mode for --udp-decap xdp", "choice", ("auto", "native", "generic")),
     Flag(
         "xdp-replace-foreign",
@@ -202,6 +216,7 @@ def agent_options(args: argparse.Namespace) -> Any:
             bpf_pin_dir=args.bpf_pin_dir,
             udp_datapath=args.udp_datapath,
             udp_decap=args.udp_decap,
+            udp_delivery=args.udp_delivery,
             xdp_mode=args.xdp_mode,
             loader=args.loader,
         ),
