@@ -225,3 +225,22 @@ def test_udp_tun_skipped_lease_is_logged_once_not_every_resync(logs):
     # a peer that changes into something unusable loses its entry
     be.add_peer(Lease(good.subnet, LeaseAttrs(IPv4Address("192.168.10.8"), "host-gw")))
     assert be.peers == {}
+
+
+# --- 3. tens of thousands of leases ---------------------------------------------------------------------
+
+
+def test_allocation_among_35000_leases_is_fast_and_right():
+    import time
+
+    from flannel_ebpf.subnet.allocation import free_subnets
+
+    config = parse_config('{"Network": "10.0.0.0/8"}')
+    taken = [IPv4Network((0x0A000000 + (i << 8), 24)) for i in range(1, 35_001)]
+    taken.append(IPv4Network("10.136.184.0/22"))  # a lease of another length (an older config's)
+    started = time.monotonic()
+    free = free_subnets(config, taken)
+    elapsed = time.monotonic() - started
+    assert elapsed < 5, f"{elapsed:.1f}s"  # comparing every candidate with every lease took minutes
+    assert len(free) == 100 and free[0] == IPv4Network("10.136.188.0/24")
+    assert not any(f.overlaps(t) for f in free for t in taken[-50:])
