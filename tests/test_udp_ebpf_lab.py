@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import wait_delivery_settled, wait_for
 from tests.packets import inner_echo
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
@@ -29,18 +29,6 @@ def bring_up(lab_factory, decap, hosts=3, topology="flat", segments=None):
     wait_delivery_settled(lab)
     return lab
 
-
-def wait_delivery_settled(lab) -> None:
-    """Until each agent has hooked its container bridge (or found this kernel needs no hook): adding a
-    clsact qdisc to a device that carries traffic drops one packet in the kernel (measured with plain
-    `tc qdisc add`), and the loss tests must measure the agent, not that."""
-    for host in lab.host_names:
-        wait_for(
-            lambda host=host: any(
-                line in lab.agent_log(host) for line in ("hand-off attached", "no bridge hand-off needed")
-            ),
-            what=f"the container bridge of {host} hooked",
-        )
 
 
 def counters(lab, host) -> dict[str, int]:

@@ -115,6 +115,7 @@ class EndpointSync:
         self.resync = resync
         self.bridge: ContainerBridge | None = None
         self.endpoints = 0
+        self._hooked: int | None = None  # the bridge this run attached its program to
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._run, name="endpoint-sync", daemon=True)
         self._lock = threading.Lock()  # reconcile() from the thread or from a caller, one at a time
@@ -175,13 +176,17 @@ class EndpointSync:
         self.endpoints = len(desired)
 
     def _ensure_hook(self, bridge: ContainerBridge) -> None:
-        if any(f.name == layout.PROG_DELIVER for f in hooks.tc_filters(bridge.index, "egress")):
+        """Attach this run's program once per bridge (replacing a previous run's in place, atomically),
+        and again whenever someone removed it."""
+        present = any(f.name == layout.PROG_DELIVER for f in hooks.tc_filters(bridge.index, "egress"))
+        if present and self._hooked == bridge.index:
             return
         fd = bpfsys.obj_get(layout.prog_pin_path(self.pin_dir, layout.PROG_DELIVER))
         try:
             hooks.tc_attach(bridge.index, "egress", fd, layout.PROG_DELIVER)
         finally:
             os.close(fd)
+        self._hooked = bridge.index
         logger.info("udp (eBPF): bridge-port hand-off attached to {} (tc egress)", bridge.name)
 
     def _run(self) -> None:
