@@ -28,7 +28,7 @@ def sample_results() -> list[dict]:
     return [
         {"name": "udp-ebpf-xdp", "tcp1_gbps": 15.0, "tcp4_gbps": 18.0, "udp_small_pps": 900_000,
          "rtt_p50_ms": 0.05, "rtt_p99_ms": 0.09, "cpu_s_per_gbit": 0.10},
-        {"name": "udp-ebpf-tc", "error": "XDP not supported | here\nsecond line"},
+        {"name": "udp-ebpf-peer", "error": "XDP not supported | here\nsecond line"},
         {"name": "udp-tun", "tcp1_gbps": 0.5, "tcp4_gbps": 0.6, "udp_small_pps": 60_000,
          "rtt_p50_ms": 0.30, "rtt_p99_ms": 0.80, "cpu_s_per_gbit": 4.0},
         {"name": "vxlan", "tcp1_gbps": 12.5, "tcp4_gbps": 14.0, "udp_small_pps": 800_000,
@@ -47,13 +47,13 @@ def test_write_report_produces_every_file_with_every_backend(tmp_path: Path) -> 
     assert files.png.stat().st_size > 10_000
 
     markdown = files.markdown.read_text()
-    for name in ("udp, eBPF (XDP decap)", "udp, eBPF (tc decap)", "userspace TUN", "kernel vxlan", "host-gw"):
+    for name in ("udp, eBPF (XDP decap)", "udp, eBPF (peer delivery", "userspace TUN", "kernel vxlan", "host-gw"):
         assert name in markdown
     assert "no overlay" in markdown
     assert "6.18.0-test" in markdown and "2025-01-01" in markdown and "CPUs: 2" in markdown
     assert "## Relative to kernel vxlan" in markdown and "## Relative to the userspace TUN" in markdown
     # The failure shows, on one table row, with its pipe escaped.
-    failed = [line for line in markdown.splitlines() if line.startswith("| udp, eBPF (tc decap)")]
+    failed = [line for line in markdown.splitlines() if line.startswith("| udp, eBPF (peer delivery")]
     assert len(failed) == 3  # results, vs vxlan, vs TUN
     assert "failed: XDP not supported \\| here second line" in failed[0]
     # 15 / 12.5 = 1.20 against vxlan, 15 / 0.5 = 30 against the TUN path.
@@ -64,8 +64,8 @@ def test_write_report_produces_every_file_with_every_backend(tmp_path: Path) -> 
     assert data["metadata"] == {"kernel": "6.18.0-test", "cpus": 2, "date": META.date, "underlay_mtu": "1500"}
     assert data["ratios"]["vs_vxlan"]["udp-ebpf-xdp"]["tcp1_gbps"] == pytest.approx(1.2)
     assert data["ratios"]["vs_udp_tun"]["udp-ebpf-xdp"]["tcp1_gbps"] == pytest.approx(30.0)
-    assert data["ratios"]["vs_vxlan"]["udp-ebpf-tc"]["tcp1_gbps"] is None
-    tc = next(b for b in data["backends"] if b["name"] == "udp-ebpf-tc")
+    assert data["ratios"]["vs_vxlan"]["udp-ebpf-peer"]["tcp1_gbps"] is None
+    tc = next(b for b in data["backends"] if b["name"] == "udp-ebpf-peer")
     assert tc["error"].startswith("XDP not supported")
     none = next(b for b in data["backends"] if b["name"] == "none")
     assert none["udp_small_pps"] is None and none["rtt_p50_ms"] is None  # NaN and text become null
@@ -110,4 +110,4 @@ def test_dict_keyed_by_name_and_cli_round_trip(tmp_path: Path, capsys: pytest.Ca
     assert main([str(source), str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "bench.png").exists()
     assert "kernel vxlan" in capsys.readouterr().out
-    assert math.isclose(rows[0].tcp1_gbps or 0, 15.0)
+    assert math.isclose(rows[BACKENDS.index("udp-ebpf-xdp")].tcp1_gbps or 0, 15.0)

@@ -57,7 +57,9 @@ def forward_drop(lab, host, ip, on: bool) -> None:
 def hand_off_ids(lab, host) -> list[str]:
     """Program ids of the hand-off filters on docker0's egress."""
     out = lab.exec(host, ["tc", "filter", "show", "dev", "docker0", "egress"]).stdout
-    return [line.split(" id ")[1].split()[0] for line in out.splitlines() if "flannel_br_out" in line and " id " in line]
+    return [
+        line.split(" id ")[1].split()[0] for line in out.splitlines() if "flannel_br_out" in line and " id " in line
+    ]
 
 
 def needs_handoff(lab, host) -> bool:

@@ -30,7 +30,6 @@ def bring_up(lab_factory, decap, hosts=3, topology="flat", segments=None):
     return lab
 
 
-
 def counters(lab, host) -> dict[str, int]:
     live = lab.agent_status(host)["live"]
     return {name: c["packets"] for name, c in live["maps"]["counters"].items()}

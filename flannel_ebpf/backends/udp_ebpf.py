@@ -323,6 +323,7 @@ class UdpEbpfBackend(Backend):
         assert self._features is not None
         delivery = self.options.udp_delivery
         attach_hook = delivery == "port" and self._features.bridge_handoff_needed
+        logger.info("udp (eBPF): delivery: {}", delivery)
         if delivery == "bridge" or (delivery == "port" and not attach_hook):
             with IPRoute() as ipr:
                 for name in detach_handoff_everywhere(ipr):

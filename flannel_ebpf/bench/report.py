@@ -29,10 +29,11 @@ from typing import Any
 from loguru import logger
 
 #: Every backend the benchmark runs, in the order the report shows them.
-BACKENDS: tuple[str, ...] = ("udp-ebpf-xdp", "udp-ebpf-tc", "udp-tun", "vxlan", "host-gw", "none")
+BACKENDS: tuple[str, ...] = ("udp-ebpf", "udp-ebpf-xdp", "udp-ebpf-peer", "udp-tun", "vxlan", "host-gw", "none")
 BACKEND_LABELS: dict[str, str] = {
+    "udp-ebpf": "udp, eBPF (default flags)",
     "udp-ebpf-xdp": "udp, eBPF (XDP decap)",
-    "udp-ebpf-tc": "udp, eBPF (tc decap)",
+    "udp-ebpf-peer": "udp, eBPF (peer delivery: bypasses host netfilter)",
     "udp-tun": "udp, userspace TUN (flannel's classic)",
     "vxlan": "kernel vxlan",
     "host-gw": "host-gw (no encapsulation)",
@@ -269,7 +270,13 @@ def render_chart(results: ResultsInput, meta: RunMetadata, path: Path) -> Path:
     fig = Figure(figsize=(15, 8.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 3, sharey=True).flatten()
-    colours = {"udp-ebpf-xdp": "#2a9d8f", "udp-ebpf-tc": "#52b788", "udp-tun": "#e76f51", "vxlan": "#457b9d"}
+    colours = {
+        "udp-ebpf": "#2a9d8f",
+        "udp-ebpf-xdp": "#52b788",
+        "udp-ebpf-peer": "#95d5b2",
+        "udp-tun": "#e76f51",
+        "vxlan": "#457b9d",
+    }
     for ax, metric in zip(axes, METRICS, strict=True):
         values = [r.value(metric.key) if r.ok else None for r in rows]
         present = [v for v in values if v is not None]

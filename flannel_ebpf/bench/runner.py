@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -94,8 +95,9 @@ class BackendSpec:
 SPECS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec("udp-ebpf-xdp", "udp", ("--udp-datapath", "ebpf", "--udp-decap", "xdp")),
-        BackendSpec("udp-ebpf-tc", "udp", ("--udp-datapath", "ebpf", "--udp-decap", "tc")),
+        BackendSpec("udp-ebpf", "udp"),  # what a user gets: --udp-decap auto, --udp-delivery port
+        BackendSpec("udp-ebpf-xdp", "udp", ("--udp-decap", "xdp")),
+        BackendSpec("udp-ebpf-peer", "udp", ("--udp-delivery", "peer")),
         BackendSpec("udp-tun", "udp", ("--udp-datapath", "tun")),
         BackendSpec("vxlan", "vxlan"),
         BackendSpec("host-gw", "host-gw"),
@@ -163,6 +165,7 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
     results: list[BackendResult] = []
     notes: list[str] = []
     machine_cpu: dict[str, str] = {}  # backend -> the whole-machine CPU figure, for the notes
+    probes: dict[str, str] = {}  # what the eBPF agents found the kernel can do, for the report
     say(f"benchmark: {len(options.backends)} backends ({', '.join(options.backends)}); lab of 2 hosts")
     lab = Lab(hosts=2, topology="flat")
     try:
@@ -171,7 +174,9 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
             spec = SPECS[name]
             tag = f"[{i}/{len(options.backends)}] {name}"
             try:
-                result = _bench_backend(lab, spec, d, i, notes, machine_cpu, lambda m, tag=tag: say(f"{tag}: {m}"))
+                result = _bench_backend(
+                    lab, spec, d, i, notes, machine_cpu, lambda m, tag=tag: say(f"{tag}: {m}"), probes
+                )
             except Exception as e:  # one backend failing must never end the run
                 error = _one_line(e)
                 say(f"{tag}: FAILED: {error}")
@@ -182,7 +187,7 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
             results.append(result)
     finally:
         lab.close()
-    meta = _metadata(options, d, notes, machine_cpu)
+    meta = _metadata(options, d, notes, machine_cpu, probes)
     files = write_report(results, meta, options.out_dir, stem)
     say(f"written: {files.markdown}, {files.json}, {files.png or '(no chart)'}")
     return BenchRun(results, meta, files, notes)
@@ -196,8 +201,13 @@ def _bench_backend(
     notes: list[str],
     machine_cpu: dict[str, str],
     say: Callable[[str], None],
+    probes: dict[str, str],
 ) -> BackendResult:
     endpoints = _bring_up(lab, spec, d, index, say)
+    if spec.backend_type == "udp":
+        probe = _wait_for_ebpf_delivery(lab, d.ping_ready_timeout, say)
+        if probe:
+            probes.setdefault("kernel_features", probe)
     values: dict[str, float | None] = {}
     failures: list[str] = []
 
@@ -248,6 +258,23 @@ def _bring_up(lab: Lab, spec: BackendSpec, d: Durations, index: int, say: Callab
     _wait_for_ping(endpoints, d.ping_ready_timeout)
     say(f"ping {endpoints.label} ok")
     return endpoints
+
+
+_KERNEL_PROBE = re.compile(r"kernel \S+: DECAP_L4_UDP .*")
+_SETTLED = ("hand-off attached", "no bridge hand-off needed", "delivery: bridge", "delivery: peer")
+
+
+def _wait_for_ebpf_delivery(lab: Lab, timeout: float, say: Callable[[str], None]) -> str | None:
+    """The eBPF udp agents hook the container bridge once it exists (default delivery): measure only once
+    that happened (a clsact added under traffic costs a packet). Returns what their kernel probe found."""
+    deadline = time.monotonic() + timeout
+    for host in lab.host_names[:2]:
+        while not any(mark in lab.agent_log(host) for mark in _SETTLED) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    probe = _KERNEL_PROBE.search(lab.agent_log(lab.host_names[0]))
+    if probe:
+        say(probe.group(0))
+    return probe.group(0) if probe else None
 
 
 def _wait_for_ping(e: Endpoints, timeout: float) -> None:
@@ -480,7 +507,9 @@ def _iperf3_version() -> str:
     return (r.stdout.splitlines() or ["?"])[0].strip()
 
 
-def _metadata(options: BenchOptions, d: Durations, notes: list[str], machine_cpu: dict[str, str]) -> RunMetadata:
+def _metadata(
+    options: BenchOptions, d: Durations, notes: list[str], machine_cpu: dict[str, str], probes: dict[str, str]
+) -> RunMetadata:
     extra = {
         "mode": "quick" if options.quick else "default",
         "lab": "2 hosts (network namespaces) on one flat veth underlay bridge (MTU 1500), one container each; "
@@ -500,6 +529,7 @@ def _metadata(options: BenchOptions, d: Durations, notes: list[str], machine_cpu
         f"measured over {d.cpu_baseline_seconds:g} s just before): "
         + ("; ".join(f"{k} {v}" for k, v in machine_cpu.items()) or "none measured"),
     }
+    extra.update(probes)
     if notes:
         extra["notes"] = " | ".join(notes)
     return RunMetadata.current(**extra)
