@@ -17,11 +17,39 @@ them from one data-plane task so that they never run concurrently.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from loguru import logger
+
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
+
+
+@dataclass
+class SkippedLeases:
+    """Leases a backend cannot use, with why: each is logged once (and again when its reason changes),
+    not on every resync, so one bad lease never floods the log."""
+
+    backend: str  # as logged: "udp (tun)", "udp (eBPF)"
+    reasons: dict[IPv4Network, str] = field(default_factory=dict)
+
+    def skip(self, lease: Lease, why: str) -> None:
+        if self.reasons.get(lease.subnet) != why:
+            logger.warning("{}: ignoring lease {} (PublicIP {}): {}", self.backend, lease.subnet, lease.public_ip, why)
+        self.reasons[lease.subnet] = why
+
+    def usable(self, lease: Lease) -> None:
+        if self.reasons.pop(lease.subnet, None) is not None:
+            logger.info("{}: lease {} is usable again", self.backend, lease.subnet)
+
+    def forget(self, subnet: IPv4Network) -> None:
+        """The lease is gone (deleted or expired)."""
+        self.reasons.pop(subnet, None)
+
+    def prune(self, present: set[IPv4Network]) -> None:
+        """After a full sync: forget leases that are gone."""
+        self.reasons = {subnet: why for subnet, why in self.reasons.items() if subnet in present}
 
 
 class BackendError(RuntimeError):

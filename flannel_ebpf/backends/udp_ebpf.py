@@ -33,14 +33,22 @@ from loguru import logger
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.backends.base import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    ExternalInterface,
+    LocalNetwork,
+    SkippedLeases,
+)
 from flannel_ebpf.backends.routes import ROUTE_PROTOCOL
 from flannel_ebpf.backends.udp_delivery import DELIVERY_MODES, EndpointSync, detach_handoff_everywhere
+from flannel_ebpf.config import udp_port_problem
 from flannel_ebpf.datapath import bpfsys, layout
 from flannel_ebpf.datapath.maps import DatapathMapError, DatapathMaps, remove_pins
 from flannel_ebpf.loaders import LoaderError, make_loader
 from flannel_ebpf.loaders import attach as hooks
-from flannel_ebpf.loaders.base import Loader
+from flannel_ebpf.loaders.base import Loader, foreign_xdp_refusal
 from flannel_ebpf.loaders.probes import KernelFeatures, probe_kernel
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 from flannel_ebpf.subnet_file import atomic_write
@@ -68,6 +76,9 @@ class UdpEbpfBackend(Backend):
         port = backend_config.get("Port", DEFAULT_PORT) or DEFAULT_PORT
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise BackendError(f"udp backend: Port must be an integer 1-65535, got {port!r}")
+        problem = udp_port_problem(port)
+        if problem:
+            raise BackendError(f"udp backend: {problem}")
         self.port: int = port
         if options.udp_decap not in ("auto", "xdp", "tc"):
             raise BackendError(f"--udp-decap must be auto, xdp or tc, got {options.udp_decap!r}")
@@ -88,6 +99,8 @@ class UdpEbpfBackend(Backend):
         self._peers: dict[IPv4Network, IPv4Address] = {}  # what fl_peers holds (after start: adopted)
         self._attachments: list[dict[str, Any]] = []
         self._features: KernelFeatures | None = None
+        self._decap: str | None = None  # "xdp" | "tc" once started (--udp-decap auto resolved)
+        self._skipped = SkippedLeases("udp (eBPF)")
         self._endpoint_sync: EndpointSync | None = None
 
     # --- Backend --------------------------------------------------------------------------------
@@ -101,11 +114,15 @@ class UdpEbpfBackend(Backend):
     def start(self, local: LocalNetwork) -> None:
         self._local = local
         self._ext = local.ext
+        self._decap = self._decap_mode(local.ext.name)
+        foreign = Loader.foreign_xdp(local.ext.index, layout.PROG_DECAP_XDP) if self._decap == "xdp" else None
+        if foreign and not hooks.POLICY.replace_foreign_xdp:  # refused before anything is created
+            raise BackendError(f"udp (eBPF): {foreign_xdp_refusal(local.ext.index, foreign)}")
         tun_index = self._configure_device(local)
         old_rp_filter = _loosen_rp_filter(local.ext.name)
         if old_rp_filter is not None:
             self._remember_setting(f"rp_filter:{local.ext.name}", old_rp_filter)
-        decap_program = layout.PROG_DECAP_XDP if self._decap_mode(local.ext.name) == "xdp" else layout.PROG_DECAP_TC
+        decap_program = layout.PROG_DECAP_XDP if self._decap == "xdp" else layout.PROG_DECAP_TC
         delivery = self.options.udp_delivery
         loader: Loader = self._make_loader()
         try:
@@ -175,18 +192,24 @@ class UdpEbpfBackend(Backend):
         for lease in peers:
             if self._accept(lease):
                 desired[lease.subnet] = lease.public_ip
+        self._skipped.prune({lease.subnet for lease in peers})
         current = maps.read_peers()
         for subnet, public_ip in desired.items():
             if current.get(subnet) != public_ip:
-                maps.set_peer(subnet, public_ip)
+                try:
+                    maps.set_peer(subnet, public_ip)
+                except OSError as e:  # a full map, say: that peer is missing, the others are programmed
+                    logger.error("udp (eBPF): cannot program peer {} at {}: {}", subnet, public_ip, e)
         for subnet in current.keys() - desired.keys():
             maps.delete_peer(subnet)
-        self._peers = desired
+        self._peers = {subnet: ip for subnet, ip in maps.read_peers().items() if desired.get(subnet) == ip}
         self._sync_members()
         logger.debug("udp (eBPF): {} peers after sync", len(desired))
 
     def add_peer(self, lease: Lease) -> None:
         if not self._accept(lease):
+            if lease.subnet in self._peers:  # it changed into something unusable: its old entry goes
+                self._drop_peer(lease.subnet)
             return
         maps = self._require_maps()
         previous = self._peers.get(lease.subnet)
@@ -198,12 +221,16 @@ class UdpEbpfBackend(Backend):
         logger.info("udp (eBPF): peer {} at {}", lease.subnet, lease.public_ip)
 
     def remove_peer(self, lease: Lease) -> None:
+        self._skipped.forget(lease.subnet)
+        self._drop_peer(lease.subnet)
+
+    def _drop_peer(self, subnet: IPv4Network) -> None:
         maps = self._require_maps()
-        public_ip = self._peers.pop(lease.subnet, None)
-        maps.delete_peer(lease.subnet)
+        public_ip = self._peers.pop(subnet, None)
+        maps.delete_peer(subnet)
         if public_ip is not None:
             self._update_member(public_ip)
-            logger.info("udp (eBPF): peer {} at {} removed", lease.subnet, public_ip)
+            logger.info("udp (eBPF): peer {} at {} removed", subnet, public_ip)
 
     def stop(self) -> None:
         # Leave programs attached and maps pinned: the data path keeps forwarding without us.
@@ -290,7 +317,7 @@ class UdpEbpfBackend(Backend):
             "datapath": "ebpf",
             "device": DEVICE,
             "port": self.port,
-            "decap": self.options.udp_decap,
+            "decap": self._decap or self.options.udp_decap,
             "delivery": self.options.udp_delivery,
             "programs": self._programs_in_kernel(),
         }
@@ -358,22 +385,28 @@ class UdpEbpfBackend(Backend):
         return {ext.public_ip, ext.address} if ext else set()
 
     def _accept(self, lease: Lease) -> bool:
-        """Is this a lease we can send to? Logged and skipped otherwise (never raised)."""
-        if lease.attrs.backend_type != "udp":
-            logger.warning(
-                "udp (eBPF): skipping {} at {}: its backend is {}, not udp",
-                lease.subnet,
-                lease.public_ip,
-                lease.attrs.backend_type,
-            )
+        """Is this a lease we can send to? Logged once and skipped otherwise (never raised): one bad
+        lease costs exactly that peer."""
+        try:
+            why = self._unusable(lease)
+        except Exception as e:  # whatever a lease holds, evaluating it never aborts a sync
+            why = f"cannot evaluate its lease: {type(e).__name__}: {e}"
+        if why:
+            self._skipped.skip(lease, why)
             return False
-        if lease.public_ip in self._own_ips():
-            logger.info("udp (eBPF): skipping {}: its PublicIP {} is our own", lease.subnet, lease.public_ip)
-            return False
-        if self._local is not None and lease.subnet.overlaps(self._local.subnet):
-            logger.warning("udp (eBPF): skipping {}: overlaps our own subnet {}", lease.subnet, self._local.subnet)
-            return False
+        self._skipped.usable(lease)
         return True
+
+    def _unusable(self, lease: Lease) -> str | None:
+        if lease.attrs.backend_type != "udp":
+            return f"its backend is {lease.attrs.backend_type}, not udp"
+        if lease.public_ip in self._own_ips():
+            return f"its PublicIP {lease.public_ip} is our own"
+        if self._local is not None and lease.subnet.overlaps(self._local.subnet):
+            return f"overlaps our own subnet {self._local.subnet}"
+        if self._local is not None and not lease.subnet.subnet_of(self._local.network):
+            return f"outside the Network {self._local.network}"
+        return None
 
     def _update_member(self, public_ip: IPv4Address) -> None:
         """fl_members[public_ip] = number of leases it holds; removed at zero."""

@@ -34,7 +34,14 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.backends.base import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    ExternalInterface,
+    LocalNetwork,
+    SkippedLeases,
+)
 from flannel_ebpf.backends.routes import ROUTE_PROTOCOL
 from flannel_ebpf.config import udp_port_problem
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, unusable_address_reason
@@ -90,7 +97,7 @@ class UdpTunBackend(Backend):
         if problem:
             raise BackendError(f"udp backend: {problem}")
         self.port: int = port
-        self._rejected: dict[IPv4Network, str] = {}  # leases skipped, with why: each is logged once
+        self._skipped = SkippedLeases("udp (tun)")
         self.ext: ExternalInterface | None = None
         self.local: LocalNetwork | None = None
         self.peers: dict[IPv4Network, UdpPeer] = {}
@@ -135,12 +142,11 @@ class UdpTunBackend(Backend):
             try:
                 peer = self._validate(lease)
             except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
-                self._reject(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
+                self._skipped.skip(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
                 continue
             if peer is not None:
                 wanted[peer.subnet] = peer
-        present = {lease.subnet for lease in peers}
-        self._rejected = {s: why for s, why in self._rejected.items() if s in present}
+        self._skipped.prune({lease.subnet for lease in peers})
         for gone in set(self.peers) - set(wanted):
             logger.info("udp (tun): peer {} removed", gone)
         for subnet, peer in wanted.items():
@@ -154,13 +160,11 @@ class UdpTunBackend(Backend):
         try:
             peer = self._validate(lease)
         except Exception as e:  # never raised to the agent: that peer only is skipped
-            peer = self._reject(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
+            self._skipped.skip(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
+            peer = None
         if peer is None:
             if lease.subnet in self.peers:  # it changed into something unusable: its old entry goes
-                why = self._rejected.get(lease.subnet)
-                self.remove_peer(lease)
-                if why is not None:
-                    self._rejected[lease.subnet] = why
+                self._drop_peer(lease.subnet)
             return
         if self.peers.get(peer.subnet) == peer:
             return
@@ -170,13 +174,15 @@ class UdpTunBackend(Backend):
             self._send({"op": "set", "peers": [self._entry(peer)]})
 
     def remove_peer(self, lease: Lease) -> None:
-        self._rejected.pop(lease.subnet, None)
-        if self.peers.pop(lease.subnet, None) is None:
+        self._skipped.forget(lease.subnet)
+        self._drop_peer(lease.subnet)
+
+    def _drop_peer(self, subnet: IPv4Network) -> None:
+        if self.peers.pop(subnet, None) is None:
             return
-        logger.info("udp (tun): peer {} removed", lease.subnet)
+        logger.info("udp (tun): peer {} removed", subnet)
         if self._ensure_proxy():
-            net = lease.subnet
-            self._send({"op": "del", "peers": [[int(net.network_address), net.prefixlen]]})
+            self._send({"op": "del", "peers": [[int(subnet.network_address), subnet.prefixlen]]})
 
     def stop(self) -> None:
         """End the forwarding process. flannel0 and its route stay; nothing forwards until `start`."""
@@ -245,23 +251,19 @@ class UdpTunBackend(Backend):
         if local is not None and lease.subnet == local.subnet:
             return None  # our own lease
         if local is not None and not lease.subnet.subnet_of(local.network):
-            return self._reject(lease, f"outside the Network {local.network}")
+            return self._skip(lease, f"outside the Network {local.network}")
         if lease.attrs.backend_type != "udp":
             # flanneld's udp backend would send to it anyway; that host runs no udp receiver.
-            return self._reject(lease, f"its BackendType is {lease.attrs.backend_type!r}, not udp")
+            return self._skip(lease, f"its BackendType is {lease.attrs.backend_type!r}, not udp")
         ip = lease.public_ip
         why = unusable_address_reason(ip)
         if why:
-            return self._reject(lease, f"unusable PublicIP: {why}")
-        if self._rejected.pop(lease.subnet, None) is not None:
-            logger.info("udp (tun): lease {} is usable again", lease.subnet)
+            return self._skip(lease, f"unusable PublicIP: {why}")
+        self._skipped.usable(lease)
         return UdpPeer(subnet=lease.subnet, public_ip=ip)
 
-    def _reject(self, lease: Lease, why: str) -> None:
-        """Skip a lease; log it the first time (and when the reason changes), not on every resync."""
-        if self._rejected.get(lease.subnet) != why:
-            logger.warning("udp (tun): ignoring lease {}: {}", lease.subnet, why)
-        self._rejected[lease.subnet] = why
+    def _skip(self, lease: Lease, why: str) -> None:
+        self._skipped.skip(lease, why)
         return None
 
     # -- kernel state --

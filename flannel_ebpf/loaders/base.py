@@ -50,6 +50,14 @@ class Attachment:
     xdp_mode: str | None = None  # "native" | "generic" for XDP
 
 
+def foreign_xdp_refusal(ifindex: int, foreign: str) -> str:
+    """The one line that says why we do not attach over another tool's XDP program."""
+    return (
+        f"{attach.ifname(ifindex)} already has another tool's XDP program {foreign}: not replacing it; "
+        f"remove it, decapsulate with --udp-decap tc, or pass --xdp-replace-foreign"
+    )
+
+
 class Loader(ABC):
     name: ClassVar[str] = ""
 
@@ -114,23 +122,30 @@ class Loader(ABC):
             replace_foreign = attach.POLICY.replace_foreign_xdp
         try:
             current = attach.xdp_query(ifindex)
-            if current is not None:
-                info = bpfsys.prog_info_by_id(current[0])
-                name = info.name if info is not None else ""
-                if not layout.is_our_program(name, program):
-                    what = f"{name or '(unnamed)'} (id {current[0]}, {current[1]})"
-                    device = attach.ifname(ifindex)
-                    if not replace_foreign:
-                        raise LoaderError(
-                            f"{device} already has another tool's XDP program {what}: not replacing it; "
-                            f"remove it, decapsulate with --udp-decap tc, or pass --xdp-replace-foreign"
-                        )
-                    logger.warning("replacing another tool's XDP program {} on {} (as asked)", what, device)
+            foreign = self.foreign_xdp(ifindex, program)
+            if foreign is not None:
+                if not replace_foreign:
+                    raise LoaderError(foreign_xdp_refusal(ifindex, foreign))
+                logger.warning(
+                    "replacing another tool's XDP program {} on {} (as asked)", foreign, attach.ifname(ifindex)
+                )
             expected = current[0] if current is not None else 0
             used = attach.xdp_attach(ifindex, self.program_fd(program), mode, expected_id=expected)
         except attach.AttachError as e:
             raise LoaderError(str(e)) from e
         return Attachment(program, ifindex, "xdp", self.prog_id(program), used)
+
+    @staticmethod
+    def foreign_xdp(ifindex: int, program: str) -> str | None:
+        """Another tool's XDP program on the device, as `name (id N, mode)` (None: none there, or ours)."""
+        current = attach.xdp_query(ifindex)
+        if current is None:
+            return None
+        info = bpfsys.prog_info_by_id(current[0])
+        name = info.name if info is not None else ""
+        if layout.is_our_program(name, program):
+            return None
+        return f"{name or '(unnamed)'} (id {current[0]}, {current[1]})"
 
     @staticmethod
     def detach_tc(ifindex: int, direction: str, program: str) -> bool:
