@@ -227,6 +227,24 @@ def test_udp_tun_skipped_lease_is_logged_once_not_every_resync(logs):
     assert be.peers == {}
 
 
+def test_udp_ebpf_skipped_lease_is_logged_once_not_every_resync(logs):
+    from flannel_ebpf.backends.udp_ebpf import UdpEbpfBackend
+
+    be = UdpEbpfBackend({"Type": "udp"}, BackendOptions())
+    be._local = LocalNetwork(IPv4Network("10.5.0.0/16"), IPv4Network("10.5.1.0/24"), EXT, 1472)
+    be._ext = EXT
+    bad = Lease(IPv4Network("10.5.9.0/24"), LeaseAttrs(IPv4Address("192.168.10.9"), "vxlan", {"VNI": [1]}))
+    outside = Lease(IPv4Network("10.9.9.0/24"), LeaseAttrs(IPv4Address("192.168.10.7")))
+    good = Lease(IPv4Network("10.5.8.0/24"), LeaseAttrs(IPv4Address("192.168.10.8")))
+    for _ in range(3):  # what sync() asks of every lease, on every resync
+        assert not be._accept(bad) and not be._accept(outside)
+        assert be._accept(good)
+    assert len([line for line in logs if "ignoring lease 10.5.9.0/24" in line]) == 1
+    assert len([line for line in logs if "ignoring lease 10.9.9.0/24" in line and "outside" in line]) == 1
+    with pytest.raises(BackendError, match="well-known port"):
+        UdpEbpfBackend({"Type": "udp", "Port": 53}, BackendOptions())
+
+
 # --- 3. tens of thousands of leases ---------------------------------------------------------------------
 
 
