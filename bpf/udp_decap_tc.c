@@ -61,7 +61,7 @@ int flannel_tc_in(struct __sk_buff *skb)
 		data_end = (void *)(long)skb->data_end;
 	}
 	__u32 verdict = fl_decap_check(data, data_end, pkt_len, cfg);
-	if (verdict == FL_DECAP_PASS_OTHER) {
+	if (verdict == FL_DECAP_PASS_OTHER || verdict == FL_DECAP_FRAGMENT) { /* untouched (decap.h) */
 		fl_count(verdict, pkt_len);
 		return TC_ACT_UNSPEC;
 	}

@@ -26,7 +26,7 @@ int flannel_xdp_in(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	__u32 verdict = fl_decap_check(data, data_end, pkt_len, cfg);
-	if (verdict == FL_DECAP_PASS_OTHER) {
+	if (verdict == FL_DECAP_PASS_OTHER || verdict == FL_DECAP_FRAGMENT) { /* untouched (decap.h) */
 		fl_count(verdict, pkt_len);
 		return XDP_PASS;
 	}

@@ -58,11 +58,15 @@ int flannel_encap(struct __sk_buff *skb)
 
 	peer = fl_lookup_peer(ip->daddr);
 	if (!peer) {
-		if (fl_icmp_allowed(skb) && fl_icmp_reply(skb, cfg->tun_addr, FL_ICMP_NET_UNREACH, 0) == 0) {
-			fl_count(FL_ENCAP_NO_PEER_ICMP, pkt_len);
-			return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+		__u32 why = fl_icmp_check(skb, FL_ENCAP_NO_PEER_DROP);
+		if (why == 0) {
+			if (fl_icmp_reply(skb, cfg->tun_addr, FL_ICMP_NET_UNREACH, 0) == 0) {
+				fl_count(FL_ENCAP_NO_PEER_ICMP, pkt_len);
+				return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+			}
+			why = FL_ENCAP_NO_PEER_DROP;
 		}
-		fl_count(FL_ENCAP_NO_PEER_DROP, pkt_len);
+		fl_count(why, pkt_len);
 		return TC_ACT_SHOT;
 	}
 	if (ip->ttl <= 1) {
@@ -77,12 +81,17 @@ int flannel_encap(struct __sk_buff *skb)
 		__u32 mtu = inner_len;
 		if (bpf_check_mtu(skb, cfg->underlay_ifindex, &mtu, FL_ENCAP_LEN, 0) != 0) {
 			int dont_fragment = (fl_ntohs(ip->frag_off) & FL_IP_DF) != 0;
-			if (dont_fragment && mtu > FL_ENCAP_LEN && fl_icmp_allowed(skb) &&
-			    fl_icmp_reply(skb, cfg->tun_addr, FL_ICMP_FRAG_NEEDED, mtu - FL_ENCAP_LEN) == 0) {
-				fl_count(FL_ENCAP_TOO_BIG_ICMP, pkt_len);
-				return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+			__u32 why = FL_ENCAP_TOO_BIG_DROP;
+			if (dont_fragment && mtu > FL_ENCAP_LEN)
+				why = fl_icmp_check(skb, FL_ENCAP_TOO_BIG_DROP);
+			if (why == 0) {
+				if (fl_icmp_reply(skb, cfg->tun_addr, FL_ICMP_FRAG_NEEDED, mtu - FL_ENCAP_LEN) == 0) {
+					fl_count(FL_ENCAP_TOO_BIG_ICMP, pkt_len);
+					return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+				}
+				why = FL_ENCAP_TOO_BIG_DROP;
 			}
-			fl_count(FL_ENCAP_TOO_BIG_DROP, pkt_len);
+			fl_count(why, pkt_len);
 			return TC_ACT_SHOT;
 		}
 	}
@@ -137,6 +146,9 @@ int flannel_encap(struct __sk_buff *skb)
 	outer->tos = tos; /* DSCP and ECN follow the inner packet (RFC 6040 normal mode) */
 	outer->tot_len = fl_htons(inner_len + FL_ENCAP_LEN);
 	outer->id = 0;                          /* DF is set: no fragment to identify */
+	/* Always DF, whatever the inner packet says: a receiver's XDP/tc decap never sees a reassembled
+	 * datagram (decap.h), so a router fragmenting the outer packet would lose it silently. The whole
+	 * underlay path must carry the underlay MTU (flannel0's MTU is 28 below it). */
 	outer->frag_off = fl_htons(FL_IP_DF);
 	outer->ttl = 64;
 	outer->protocol = IPPROTO_UDP;

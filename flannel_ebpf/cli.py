@@ -82,6 +82,13 @@ FLAGS = (
     ),
     Flag("xdp-mode", "auto", "XDP attach mode for --udp-decap xdp", "choice", ("auto", "native", "generic")),
     Flag(
+        "udp-allow-foreign-source",
+        False,
+        "eBPF udp decap accepts any inner source from a member, as flanneld does (default: only sources in "
+        "a subnet the sending host leases); for hosts that route other networks into the overlay",
+        "bool",
+    ),
+    Flag(
         "xdp-replace-foreign",
         False,
         "replace another tool's XDP program on the interface (default: refuse to start, naming it)",
@@ -217,6 +224,7 @@ def agent_options(args: argparse.Namespace) -> Any:
             udp_datapath=args.udp_datapath,
             udp_decap=args.udp_decap,
             udp_delivery=args.udp_delivery,
+            udp_allow_foreign_source=args.udp_allow_foreign_source,
             xdp_mode=args.xdp_mode,
             loader=args.loader,
         ),

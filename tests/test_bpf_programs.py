@@ -13,6 +13,7 @@ The harness (this file run with --harness) returns each case's output and counte
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -23,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -51,11 +53,13 @@ CLANG_BPF = ["clang", "-target", "bpf", "-O2", "-g", "-Wall", "-Werror", "-I/usr
 DECAP_DROPS = [
     "decap_not_member",
     "decap_not_local",
-    "decap_fragment",
+    "decap_foreign_source",
     "decap_ip_options",
     "decap_malformed",
     "decap_ttl_expired",
 ]
+#: the encap program's ICMP rate limit (icmp_reply.h): per CPU, 1000 per second, burst 50
+ICMP_BURST, ICMP_PER_MS = 50, 1
 
 pytestmark = pytest.mark.bpf
 needs_root = pytest.mark.skipif(
@@ -88,6 +92,8 @@ def _harness() -> None:
     from flannel_ebpf.loaders.bcc import BccLoader
 
     request = json.loads(sys.stdin.read())
+    # One CPU: tc egress runs in the sender's context, so every packet meets the same per-CPU ICMP bucket.
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)  # private to this mount ns
     pin_dir = "/sys/fs/bpf/test"
     loader = BccLoader(pin_dir)
@@ -122,13 +128,24 @@ def _harness() -> None:
                         underlay_mtu=1500,
                         port=PORT,
                         deliver_peer=case.get("deliver_peer", False),
+                        allow_foreign_source=case.get("allow_foreign_source", False),
                     )
                 )
                 maps.set_peer(IPv4Network(PEER_SUBNET), IPv4Address(PEER))
                 maps.set_member(IPv4Address(PEER), 1)
                 continue
             packet = bytes.fromhex(case["packet"])
-            if case["prog"] == layout.PROG_ENCAP:
+            if case.get("burst"):  # the same packet written n times, as fast as possible
+                start = time.monotonic_ns()
+                for _ in range(case["burst"]):
+                    with contextlib.suppress(BlockingIOError, OSError):  # ENOBUFS for each TC_ACT_SHOT
+                        sender.sendto(packet, ("flannel0", 0x0800))
+                elapsed = time.monotonic_ns() - start
+                replies = 0
+                while _capture(sniff_tun, lambda f: len(f) > 20 and f[9] == 1 and f[20] == 3, incoming_only=True):
+                    replies += 1
+                result = {"retval": None, "data": "", "elapsed_ns": elapsed, "replies": replies}
+            elif case["prog"] == layout.PROG_ENCAP:
                 try:
                     sender.sendto(packet, ("flannel0", case.get("proto", 0x0800)))
                 except OSError as e:  # a TC_ACT_SHOT verdict reaches the sender as ENOBUFS
@@ -284,10 +301,10 @@ def test_programs_on_crafted_packets(netns: str) -> None:
             decap(prog, eth(ipv4(PEER, OWN, 17, udp(53, b"dns?")))),  # other traffic
             decap(prog, overlay_frame(local_echo, src=STRANGER)),  # not a member
             decap(prog, overlay_frame(inner_echo(dst="10.60.2.2"))),  # not our subnet
-            decap(prog, overlay_frame(local_echo, frag=0x2000)),  # first fragment (MF)
+            decap(prog, overlay_frame(inner_echo(dst="10.60.1.2", src="10.60.9.9"))),  # source leased by nobody
             decap(prog, overlay_frame(local_echo, options=b"\x01\x01\x01\x00")),  # IP options
             decap(prog, overlay_frame(local_echo, bad_csum=True)),  # bad outer checksum
-            decap(prog, overlay_frame(inner_echo(dst="10.60.1.2", ttl=1))),  # TTL
+            decap(prog, overlay_frame(inner_echo(dst="10.60.1.2", src="10.60.2.2", ttl=1))),  # TTL
         ]
     delivery = len(cases) - 1  # results index of the first delivery case ("endpoint" yields no result)
     forwarded = with_ttl(local_echo, 63)
@@ -304,6 +321,36 @@ def test_programs_on_crafted_packets(netns: str) -> None:
         {"configure": True, "deliver_peer": True},
         decap("flannel_tc_in", overlay_frame(local_echo)),  # peer mode: straight into the container
         decap("flannel_tc_in", overlay_frame(inner_echo(dst="10.60.1.3", src="10.60.2.2"))),  # unknown: stack
+    ]
+    # Inner sources: a member may only speak for the subnets it leases (unless --udp-allow-foreign-source).
+    # Fragments: every one goes to the kernel untouched; counted when UDP from a member to us.
+    # ICMP errors: never to a source that is no unicast host; at most ICMP_BURST at once, then 1 per ms.
+    policy = sum(1 for c in cases if not (c.get("configure") or c.get("endpoint")))  # results index
+    own_subnet_src = inner_echo(dst="10.60.1.2", src="10.60.1.7")  # "from" our own subnet, by a peer
+    foreign = inner_echo(dst="10.60.1.2", src="172.16.5.5")  # from a network routed into the overlay
+    first_fragment = overlay_frame(local_echo, frag=0x2000)
+    later_fragment = eth(ipv4(PEER, OWN, 17, b"rest of a datagram", frag=0x0010))
+    later_from_stranger = eth(ipv4(STRANGER, OWN, 17, b"rest of a datagram", frag=0x0010))
+    bad_sources = ["224.0.0.5", "127.0.0.1", "240.0.0.1", "255.255.255.255", "0.0.0.0", "0.1.2.3"]
+    cases += [
+        {"configure": True},
+        *[
+            decap(prog, overlay_frame(p))
+            for prog in ("flannel_xdp_in", "flannel_tc_in")
+            for p in (own_subnet_src, foreign)
+        ],
+        *[decap(prog, f) for prog in ("flannel_xdp_in", "flannel_tc_in") for f in (first_fragment, later_fragment)],
+        decap("flannel_tc_in", later_from_stranger),
+        *[encap(inner_echo(src=src, dst="10.60.9.9")) for src in bad_sources],  # no peer: ICMP due, not sent
+        encap(
+            inner_echo(src="10.60.1.2", dst="10.60.9.9", size=1480, df=True)[:12]
+            + IPv4Address("224.1.1.1").packed
+            + inner_echo(dst="10.60.2.2", size=1480, df=True)[16:]
+        ),  # too big, multicast source
+        encap(inner_echo(src="169.254.3.3", dst="10.60.9.9")),  # link-local: a unicast host, answered
+        {"burst": 200, "prog": "flannel_encap", "packet": inner_echo(dst="10.60.9.9").hex()},
+        {"configure": True, "allow_foreign_source": True},
+        *[decap(prog, overlay_frame(foreign)) for prog in ("flannel_xdp_in", "flannel_tc_in")],
     ]
     results = run_cases(netns, cases)
 
@@ -385,6 +432,42 @@ def test_programs_on_crafted_packets(netns: str) -> None:
     assert out[14:] == forwarded
     assert results[peer_unknown]["retval"] == TC_ACT_OK
     assert delta(peer_unknown) == {"decap_ok": 1, "deliver_no_endpoint": 1}
+
+    # the inner source must be leased by the outer source: our own subnet and an outside network are not
+    i = policy
+    for prog_drop in (XDP_DROP, TC_ACT_SHOT):
+        for _ in range(2):
+            assert results[i]["retval"] == prog_drop and delta(i) == {"decap_foreign_source": 1}, i
+            i += 1
+    # fragments: untouched to the kernel (XDP_PASS / next tc filter), counted when from a member
+    for passed in (XDP_PASS, TC_ACT_UNSPEC):
+        for frame in (first_fragment, later_fragment):
+            assert results[i]["retval"] == passed and delta(i) == {"decap_fragment": 1}, i
+            assert bytes.fromhex(results[i]["data"]) == frame
+            i += 1
+    assert results[i]["retval"] == TC_ACT_UNSPEC and delta(i) == {"decap_pass_other": 1}
+    i += 1
+    for src in bad_sources:
+        assert not (results[i]["sent"] or results[i]["icmp"]), (src, results[i])
+        assert delta(i) == {"encap_icmp_bad_source": 1}, src
+        i += 1
+    assert not (results[i]["sent"] or results[i]["icmp"]) and delta(i) == {"encap_icmp_bad_source": 1}
+    i += 1
+    assert results[i]["icmp"] and delta(i) == {"encap_no_peer_icmp": 1}  # link-local
+    i += 1
+    # the rate limit: the bucket (nearly full) empties, then refills at one message per millisecond
+    burst = results[i]
+    replies, limited = delta(i).get("encap_no_peer_icmp", 0), delta(i).get("encap_icmp_rate_limited", 0)
+    allowed = ICMP_BURST + ICMP_PER_MS * (burst["elapsed_ns"] // 1_000_000 + 1)
+    print(f"ICMP burst: 200 packets in {burst['elapsed_ns'] / 1e6:.1f} ms, {replies} answered, {limited} suppressed")
+    assert replies + limited == 200 and delta(i).keys() <= {"encap_no_peer_icmp", "encap_icmp_rate_limited"}
+    assert ICMP_BURST - 10 <= replies <= allowed and burst["replies"] == replies
+    i += 1
+    # --udp-allow-foreign-source: flanneld's behaviour, any inner source from a member
+    for passed in (XDP_PASS, TC_ACT_OK):
+        assert results[i]["retval"] == passed and delta(i) == {"decap_ok": 1}, i
+        assert bytes.fromhex(results[i]["data"]) == eth(with_ttl(foreign, 63))
+        i += 1
 
     # every reason but the helper-failure ones was exercised
     seen = {k for k, v in results[-1]["counters"].items() if v}

@@ -42,6 +42,9 @@ struct fl_config {
 #define FL_CFG_DECAP_L4_UDP 2    /* the kernel knows BPF_F_ADJ_ROOM_DECAP_L4_UDP (probed once at load) */
 #define FL_CFG_DELIVER_PEER 4    /* tc decap hands packets for known endpoints straight into the
 				  * container (bpf_redirect_peer): host netfilter is bypassed (opt-in) */
+#define FL_CFG_ALLOW_FOREIGN_SOURCE 8 /* decap accepts any inner source from a member, as flanneld does
+				       * (--udp-allow-foreign-source); by default the inner source must
+				       * lie in a subnet the sending PublicIP leases */
 
 /* fl_peers: longest-prefix match from an inner destination to the peer that leases it. */
 struct fl_peer_key {
@@ -80,10 +83,15 @@ enum fl_reason {
 	FL_ENCAP_TOO_BIG_DROP = 7,   /* too big and no ICMP possible (DF clear, or ICMP not allowed) */
 	FL_ENCAP_NO_CONFIG = 8,      /* the agent has not filled fl_config yet */
 	FL_ENCAP_ERROR = 9,          /* a helper failed (no room, ...) */
+	FL_ENCAP_ICMP_BAD_SOURCE = 10, /* an ICMP error was due (no peer, too big) but the packet's source
+					* is no unicast host (0/8, 127/8, 224/4, 240/4): none sent, dropped */
+	FL_ENCAP_ICMP_RATE_LIMITED = 11, /* an ICMP error was due but this CPU's token bucket was empty
+					  * (1000/s, burst 50, as icmp_msgs_per_sec/_burst): dropped */
 	/* XDP or tc ingress on the underlay (decapsulation) */
 	FL_DECAP_OK = 16,            /* decapsulated, handed to the stack */
 	FL_DECAP_PASS_OTHER = 17,    /* not overlay traffic: untouched */
-	FL_DECAP_FRAGMENT = 18,      /* a fragmented outer packet to our port: dropped */
+	FL_DECAP_FRAGMENT = 18,      /* an outer UDP fragment from a member to us: left untouched to the
+				      * kernel's reassembly (decap never sees a whole datagram: see decap.h) */
 	FL_DECAP_IP_OPTIONS = 19,    /* outer IPv4 options on a packet to our port: dropped */
 	FL_DECAP_NOT_MEMBER = 20,    /* outer source holds no lease: dropped */
 	FL_DECAP_NOT_LOCAL = 21,     /* inner destination outside our subnet: dropped */
@@ -91,6 +99,8 @@ enum fl_reason {
 	FL_DECAP_TTL_EXPIRED = 23,   /* inner TTL would reach 0: dropped */
 	FL_DECAP_NO_CONFIG = 24,     /* the agent has not filled fl_config yet: passed untouched */
 	FL_DECAP_ERROR = 25,         /* a helper failed: dropped */
+	FL_DECAP_FOREIGN_SOURCE = 26, /* inner source outside every subnet the outer source leases: dropped
+				       * (unless FL_CFG_ALLOW_FOREIGN_SOURCE) */
 	/* delivery into local containers (tc egress on the container bridge; tc decap in peer mode) */
 	FL_DELIVER_PORT = 32,        /* routed, FORWARD passed: handed whole to the container's bridge port */
 	FL_DELIVER_PEER = 33,        /* decapsulated straight into the container (netfilter bypassed) */
@@ -112,6 +122,15 @@ FL_MAP("hash", BPF_MAP_TYPE_HASH, fl_endpoints, __be32, struct fl_endpoint, FL_E
        BPF_F_NO_PREALLOC);
 FL_MAP("percpu_array", BPF_MAP_TYPE_PERCPU_ARRAY, fl_counters, __u32, struct fl_counter, FL_REASON_MAX,
        0);
+
+/* fl_icmp_bucket[0]: the encap program's ICMP error token bucket, one per CPU (no atomics). Credit is
+ * kept in nanoseconds of elapsed time: one message costs FL_ICMP_COST_NS, the bucket holds at most
+ * FL_ICMP_BURST messages. A zeroed slot (first use) starts full. */
+struct fl_icmp_bucket {
+	__u64 stamp_ns;   /* bpf_ktime_get_ns() at the last refill */
+	__u64 credit_ns;  /* <= FL_ICMP_BURST * FL_ICMP_COST_NS */
+};
+FL_MAP("percpu_array", BPF_MAP_TYPE_PERCPU_ARRAY, fl_icmp_bucket, __u32, struct fl_icmp_bucket, 1, 0);
 
 /* Map accessors: one spelling for both loaders (bcc cannot rewrite map calls inside macros). */
 static __always_inline struct fl_config *fl_get_config(void)
@@ -144,6 +163,16 @@ static __always_inline int fl_is_member(__be32 public_ip)
 	return fl_members.lookup(&public_ip) != 0;
 #else
 	return bpf_map_lookup_elem(&fl_members, &public_ip) != 0;
+#endif
+}
+
+static __always_inline struct fl_icmp_bucket *fl_get_icmp_bucket(void)
+{
+	__u32 zero = 0;
+#ifdef FLANNEL_BCC
+	return fl_icmp_bucket.lookup(&zero);
+#else
+	return bpf_map_lookup_elem(&fl_icmp_bucket, &zero);
 #endif
 }
 

@@ -33,30 +33,78 @@ struct fl_icmphdr {
 	__be16 mtu;      /* next-hop MTU for FL_ICMP_FRAG_NEEDED (RFC 1191), else 0 */
 };
 
-/* May this packet be answered with an ICMP error (RFC 1122 3.2.2)? Not when it carries IP options
- * (we only rebuild 20-byte headers), is a later fragment, or is itself an ICMP error. */
-static __always_inline int fl_icmp_allowed(struct __sk_buff *skb)
+/* The rate limit: what the kernel allows by default for all its ICMP errors together
+ * (net.ipv4.icmp_msgs_per_sec = 1000, icmp_msgs_burst = 50), kept per CPU rather than per host, so a
+ * host with N CPUs sends at most N times that. The kernel's per-destination limit (icmp_ratelimit,
+ * 1 s per peer) needs a table of destinations; this global bucket bounds the total instead, which is
+ * what stops a flood of packets to unleased addresses (or of oversized ones) from becoming a flood
+ * of replies. */
+#define FL_ICMP_COST_NS 1000000ULL /* 1 ms of credit per message: 1000 messages per second */
+#define FL_ICMP_BURST 50ULL
+
+/* Take one message's credit from this CPU's bucket: 1 if an ICMP error may go now, 0 if not. */
+static __always_inline int fl_icmp_take_token(void)
+{
+	struct fl_icmp_bucket *b = fl_get_icmp_bucket();
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!b)
+		return 0;
+	__u64 credit = b->credit_ns + (now - b->stamp_ns); /* a zeroed slot: "now" of credit, i.e. full */
+	if (credit > FL_ICMP_BURST * FL_ICMP_COST_NS)
+		credit = FL_ICMP_BURST * FL_ICMP_COST_NS;
+	b->stamp_ns = now;
+	if (credit < FL_ICMP_COST_NS) {
+		b->credit_ns = credit;
+		return 0;
+	}
+	b->credit_ns = credit - FL_ICMP_COST_NS;
+	return 1;
+}
+
+/* Is `addr` (network order) a unicast host one may send an ICMP error to? Not 0.0.0.0/8 ("this
+ * network"), 127.0.0.0/8 (loopback), 224.0.0.0/4 (multicast) or 240.0.0.0/4 (class E, which holds
+ * 255.255.255.255): the kernel treats these as martian sources and never answers them. Link-local
+ * 169.254.0.0/16 is a unicast source on its link, routed back like any other: answered. */
+static __always_inline int fl_icmp_unicast_source(__be32 addr)
+{
+	__u8 first = ((__u8 *)&addr)[0]; /* the first octet: network order is byte order */
+
+	return first != 0 && first != 127 && first < 224;
+}
+
+/* May this packet be answered with an ICMP error, and may one go now? Returns 0 if so; else the
+ * reason to count for the dropped packet:
+ *   `refused`                   RFC 1122 3.2.2 forbids an answer, or we cannot build one: IP options
+ *                               (we only rebuild 20-byte headers), a later fragment, shorter than a
+ *                               header and 8 bytes, or itself an ICMP error;
+ *   FL_ENCAP_ICMP_BAD_SOURCE    the source is no unicast host (fl_icmp_unicast_source);
+ *   FL_ENCAP_ICMP_RATE_LIMITED  this CPU's bucket is empty.
+ * The bucket is consulted last, so only replies that would really go spend credit. */
+static __always_inline __u32 fl_icmp_check(struct __sk_buff *skb, __u32 refused)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data;
 
 	if (data + FL_IP_HLEN > data_end)
-		return 0;
+		return refused;
 	if (ip->ihl != 5 || fl_is_later_fragment(ip) || skb->len < FL_IP_HLEN + 8)
-		return 0;
-	if (ip->saddr == 0 || ip->saddr == 0xffffffff)
-		return 0;
+		return refused;
 	if (ip->protocol == IPPROTO_ICMP) {
 		struct fl_icmphdr *icmp = data + FL_IP_HLEN;
 		if ((void *)icmp + 1 > data_end) /* the type byte */
-			return 0;
+			return refused;
 		/* Only queries (echo, timestamp, ...) get an answer; errors never do. */
 		if (icmp->type != FL_ICMP_ECHO && icmp->type != FL_ICMP_TIMESTAMP && icmp->type != FL_ICMP_INFO_REQUEST &&
 		    icmp->type != FL_ICMP_ADDRESS)
-			return 0;
+			return refused;
 	}
-	return 1;
+	if (!fl_icmp_unicast_source(ip->saddr))
+		return FL_ENCAP_ICMP_BAD_SOURCE;
+	if (!fl_icmp_take_token())
+		return FL_ENCAP_ICMP_RATE_LIMITED;
+	return 0;
 }
 
 /* What replaces the first bytes of the packet: the ICMP header and the quoted original bytes. */
@@ -66,7 +114,7 @@ struct fl_icmp_body {
 };
 
 /* Returns 0 when the skb now holds the ICMP message, -1 when it could not be built (the caller drops
- * the packet). The caller has checked fl_icmp_allowed(). The new bytes are written whole with
+ * the packet). The caller has checked fl_icmp_check(). The new bytes are written whole with
  * bpf_skb_store_bytes, so the result does not depend on where the helper opened the room. */
 static __always_inline int fl_icmp_reply(struct __sk_buff *skb, __be32 tun_addr, __u8 code,
 					 __u32 next_hop_mtu)

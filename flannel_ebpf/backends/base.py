@@ -86,6 +86,7 @@ class BackendOptions:
     udp_datapath: str = "ebpf"  # "ebpf" | "tun": which udp implementation
     udp_decap: str = "auto"  # "auto" | "xdp" | "tc": where the eBPF udp path decapsulates
     udp_delivery: str = "port"  # "port" | "bridge" | "peer": how decapsulated packets reach containers
+    udp_allow_foreign_source: bool = False  # eBPF decap accepts any inner source from a member (flanneld's way)
     xdp_mode: str = "auto"  # "auto" | "native" | "generic"
     loader: str = "bcc"  # "bcc" | "elf"
 

@@ -144,6 +144,7 @@ class UdpEbpfBackend(Backend):
                     port=self.port,
                     decap_l4_udp=self._features.decap_l4_udp,
                     deliver_peer=delivery == "peer",
+                    allow_foreign_source=self.options.udp_allow_foreign_source,
                 )
             )
             self._peers = self._maps.read_peers()

@@ -40,7 +40,9 @@ PEERS_MAP = MapSpec("fl_peers", MAP_TYPE_LPM_TRIE, 8, 4, 65536, BPF_F_NO_PREALLO
 MEMBERS_MAP = MapSpec("fl_members", MAP_TYPE_HASH, 4, 4, 65536, BPF_F_NO_PREALLOC)
 ENDPOINTS_MAP = MapSpec("fl_endpoints", MAP_TYPE_HASH, 4, 16, 65536, BPF_F_NO_PREALLOC)
 COUNTERS_MAP = MapSpec("fl_counters", MAP_TYPE_PERCPU_ARRAY, 4, 16, 48)
-ALL_MAPS: tuple[MapSpec, ...] = (CONFIG_MAP, PEERS_MAP, MEMBERS_MAP, ENDPOINTS_MAP, COUNTERS_MAP)
+#: the encap program's per-CPU ICMP token bucket (struct fl_icmp_bucket); the agent never writes it
+ICMP_BUCKET_MAP = MapSpec("fl_icmp_bucket", MAP_TYPE_PERCPU_ARRAY, 4, 16, 1)
+ALL_MAPS: tuple[MapSpec, ...] = (CONFIG_MAP, PEERS_MAP, MEMBERS_MAP, ENDPOINTS_MAP, COUNTERS_MAP, ICMP_BUCKET_MAP)
 
 
 class Reason(IntEnum):
@@ -56,6 +58,8 @@ class Reason(IntEnum):
     ENCAP_TOO_BIG_DROP = 7
     ENCAP_NO_CONFIG = 8
     ENCAP_ERROR = 9
+    ENCAP_ICMP_BAD_SOURCE = 10
+    ENCAP_ICMP_RATE_LIMITED = 11
     DECAP_OK = 16
     DECAP_PASS_OTHER = 17
     DECAP_FRAGMENT = 18
@@ -66,6 +70,7 @@ class Reason(IntEnum):
     DECAP_TTL_EXPIRED = 23
     DECAP_NO_CONFIG = 24
     DECAP_ERROR = 25
+    DECAP_FOREIGN_SOURCE = 26
     DELIVER_PORT = 32
     DELIVER_PEER = 33
     DELIVER_NO_ENDPOINT = 34
@@ -86,6 +91,7 @@ PASS_REASONS = frozenset(
         Reason.ENCAP_TOO_BIG_ICMP,
         Reason.DECAP_OK,
         Reason.DECAP_PASS_OTHER,
+        Reason.DECAP_FRAGMENT,  # left untouched to the kernel's reassembly (never decapsulated)
         Reason.DECAP_NO_CONFIG,
         Reason.DELIVER_PORT,
         Reason.DELIVER_PEER,
@@ -115,6 +121,7 @@ PROGRAM_SOURCES = {
 CFG_READY = 1
 CFG_DECAP_L4_UDP = 2  # the kernel knows BPF_F_ADJ_ROOM_DECAP_L4_UDP (probed)
 CFG_DELIVER_PEER = 4  # tc decap delivers with bpf_redirect_peer (netfilter bypassed)
+CFG_ALLOW_FOREIGN_SOURCE = 8  # decap accepts any inner source from a member (flanneld's behaviour)
 _CONFIG = struct.Struct("=4s4s4s4s4s4sII2sHI")  # struct fl_config, 40 bytes; port in network order
 _PEER_KEY = struct.Struct("=I4s")  # struct fl_peer_key: prefixlen (host order), addr (network order)
 _COUNTER = struct.Struct("=QQ")  # struct fl_counter: packets, bytes
@@ -134,10 +141,12 @@ class DatapathConfig:
     port: int = 8285
     decap_l4_udp: bool = False  # CFG_DECAP_L4_UDP
     deliver_peer: bool = False  # CFG_DELIVER_PEER
+    allow_foreign_source: bool = False  # CFG_ALLOW_FOREIGN_SOURCE
 
     def pack(self) -> bytes:
         flags = CFG_READY | (CFG_DECAP_L4_UDP if self.decap_l4_udp else 0)
         flags |= CFG_DELIVER_PEER if self.deliver_peer else 0
+        flags |= CFG_ALLOW_FOREIGN_SOURCE if self.allow_foreign_source else 0
         return _CONFIG.pack(
             self.own_ip.packed,
             self.tun_addr.packed,
@@ -168,6 +177,7 @@ class DatapathConfig:
             port=int.from_bytes(port, "big"),
             decap_l4_udp=bool(flags & CFG_DECAP_L4_UDP),
             deliver_peer=bool(flags & CFG_DELIVER_PEER),
+            allow_foreign_source=bool(flags & CFG_ALLOW_FOREIGN_SOURCE),
         )
 
 

@@ -64,7 +64,7 @@ class CounterValue:
 
 
 class DatapathMaps:
-    """Open fds on the four pinned maps. Close with close() (or use as a context manager)."""
+    """Open fds on the pinned maps (layout.ALL_MAPS). Close with close() (or use as a context manager)."""
 
     def __init__(self, pin_dir: str | Path) -> None:
         self.pin_dir = Path(pin_dir)
@@ -191,6 +191,7 @@ class DatapathMaps:
                 "port": config.port,
                 "decap_l4_udp": config.decap_l4_udp,
                 "deliver_peer": config.deliver_peer,
+                "allow_foreign_source": config.allow_foreign_source,
             },
             "peers": {str(k): str(v) for k, v in sorted(self.read_peers().items())},
             "members": {str(k): v for k, v in sorted(self.read_members().items())},
