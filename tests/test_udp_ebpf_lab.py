@@ -63,8 +63,9 @@ def test_all_pairs_ping_and_tcp_both_ways(lab_factory, decap, topology):
     assert c["encap_ok"] > 0 and c["decap_ok"] > 0
 
 
-def test_agent_kill_9_under_flood_loses_nothing_and_restart_adopts(lab_factory):
-    lab = bring_up(lab_factory, "xdp", hosts=2)
+@pytest.mark.parametrize("decap", ["xdp", "auto"])
+def test_agent_kill_9_under_flood_loses_nothing_and_restart_adopts(lab_factory, decap):
+    lab = bring_up(lab_factory, decap, hosts=2)
     h1c, h2c = lab.containers
     result: dict = {}
     flood = threading.Thread(target=lambda: result.setdefault("r", lab.flood_ping(h1c, h2c, seconds=4)))

@@ -78,10 +78,9 @@ def test_tun_host_and_ebpf_host_share_the_overlay(lab_factory):
     lab = bring_up(lab_factory)
     # h2 really runs the eBPF data path (and h1 the userspace one): otherwise this proves nothing.
     h2_backend = lab.agent_status("h2")["backend_status"]
-    assert h2_backend["datapath"] == "ebpf" and h2_backend["decap"] == "xdp", h2_backend
+    assert h2_backend["datapath"] == "ebpf" and h2_backend["decap"] == "tc", h2_backend  # auto, on a veth
     assert lab.agent_status("h1")["backend_status"]["datapath"] == "tun"
-    h2_link = json.loads(lab.exec("h2", ["ip", "-j", "-d", "link", "show", "eth0"]).stdout)[0]
-    assert "xdp" in h2_link, f"no XDP program on h2's eth0 (default --udp-decap xdp): {h2_link}"
+    assert "flannel_tc_in" in lab.exec("h2", ["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
     assert "clsact" in lab.exec("h2", ["tc", "qdisc", "show", "dev", "flannel0"]).stdout
     assert "xdp" not in json.loads(lab.exec("h1", ["ip", "-j", "-d", "link", "show", "eth0"]).stdout)[0]
     # Both publish flannel's udp lease form (no BackendType), so either can be a flanneld.
@@ -94,8 +93,10 @@ def test_tun_host_and_ebpf_host_share_the_overlay(lab_factory):
     assert counters["encap_ok"]["packets"] > 1000 and counters["decap_ok"]["packets"] > 1000, counters
 
 
-def test_tun_host_and_ebpf_host_with_tc_decap(lab_factory):
-    lab = bring_up(lab_factory, h2_extra=("--udp-decap", "tc"))
+def test_tun_host_and_ebpf_host_with_xdp_decap(lab_factory):
+    lab = bring_up(lab_factory, h2_extra=("--udp-decap", "xdp"))
+    h2_link = json.loads(lab.exec("h2", ["ip", "-j", "-d", "link", "show", "eth0"]).stdout)[0]
+    assert "xdp" in h2_link, f"no XDP program on h2's eth0: {h2_link}"
     assert_overlay_works_both_ways(lab)
 
 
