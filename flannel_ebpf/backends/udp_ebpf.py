@@ -263,8 +263,6 @@ class UdpEbpfBackend(Backend):
                     logger.info("udp (eBPF): XDP decap removed from {}", links.get(index))
                 if hooks.tc_detach(index, "ingress", layout.PROG_DECAP_TC):
                     logger.info("udp (eBPF): tc decap removed from {}", links.get(index))
-                if hooks.tc_detach(index, "egress", layout.PROG_DELIVER):
-                    logger.info("udp (eBPF): bridge-port hand-off removed from {}", links.get(index))
                 self._remove_empty_clsact(index, links[index], record)
             except (hooks.AttachError, bpfsys.BpfError) as e:
                 logger.warning("udp (eBPF): cannot clean {}: {}", links.get(index), e)
