@@ -55,6 +55,21 @@ int flannel_encap(struct __sk_buff *skb)
 		fl_count(FL_ENCAP_MALFORMED, pkt_len);
 		return TC_ACT_SHOT;
 	}
+	/* Bytes after the datagram (padding, or a forged length) are cut: the MTU check below measures
+	 * the datagram, and an skb longer than that would be dropped silently by the underlay device. */
+	if (pkt_len > inner_len) {
+		if (bpf_skb_change_tail(skb, inner_len, 0) < 0) {
+			fl_count(FL_ENCAP_MALFORMED, pkt_len);
+			return TC_ACT_SHOT;
+		}
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		ip = data;
+		if (data + FL_IP_HLEN > data_end) {
+			fl_count(FL_ENCAP_MALFORMED, pkt_len);
+			return TC_ACT_SHOT;
+		}
+	}
 
 	peer = fl_lookup_peer(ip->daddr);
 	if (!peer) {

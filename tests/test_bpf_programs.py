@@ -41,6 +41,7 @@ except ImportError:  # run as a script (`--harness`) inside a namespace: tests/ 
 REPO = Path(__file__).resolve().parent.parent
 OWN, PEER, STRANGER = "192.168.60.1", "192.168.60.2", "192.168.60.9"
 NETWORK, LOCAL_SUBNET, PEER_SUBNET = "10.60.0.0/16", "10.60.1.0/24", "10.60.2.0/24"
+PEER2, PEER2_SUBNET = "192.168.60.3", "10.60.3.0/24"  # a second member, for configs that ask for it
 PORT = 8285
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 TC_ACT_UNSPEC = 0xFFFFFFFF  # -1 as the u32 retval of a test run
@@ -104,7 +105,8 @@ def _harness() -> None:
         far_end = ipr.link_lookup(ifname="u1")[0]
         far_mac = ipr.get_links(far_end)[0].get_attr("IFLA_ADDRESS")
         ipr.addr("add", index=underlay, address=OWN, prefixlen=24)
-        ipr.neigh("add", dst=PEER, lladdr=far_mac, ifindex=underlay, state=0x80)  # permanent: no ARP
+        for neighbour in (PEER, PEER2):  # permanent: no ARP
+            ipr.neigh("add", dst=neighbour, lladdr=far_mac, ifindex=underlay, state=0x80)
         ipr.route("add", dst="10.60.1.0/24", type="blackhole")  # where our ICMP errors end
     Path("/proc/sys/net/ipv4/conf/flannel0/accept_local").write_text("1")
     loader.attach_tc(layout.PROG_ENCAP, tun, "egress")
@@ -131,8 +133,12 @@ def _harness() -> None:
                         allow_foreign_source=case.get("allow_foreign_source", False),
                     )
                 )
-                maps.set_peer(IPv4Network(PEER_SUBNET), IPv4Address(PEER))
-                maps.set_member(IPv4Address(PEER), 1)
+                for subnet, public_ip in case.get("peers", [[PEER_SUBNET, PEER]]):
+                    maps.set_peer(IPv4Network(subnet), IPv4Address(public_ip))
+                    maps.set_member(IPv4Address(public_ip), 1)
+                continue
+            if case.get("batch"):  # many packets through one program: verdicts, output, counters once
+                results.append(_run_batch(case, loader, sender, sniff_far, sniff_tun, maps))
                 continue
             packet = bytes.fromhex(case["packet"])
             if case.get("burst"):  # the same packet written n times, as fast as possible
@@ -168,9 +174,47 @@ def _harness() -> None:
     print(json.dumps(results))
 
 
+def _run_batch(case: dict[str, Any], loader: Any, sender: Any, far: Any, tun: Any, maps: Any) -> dict[str, Any]:
+    """Decap: every frame test-run, with its verdict and output. Encap: every packet written to flannel0,
+    then everything that came out captured (encapsulated frames at the far end, ICMP errors on flannel0)."""
+    from flannel_ebpf.datapath import bpfsys, layout
+
+    out: dict[str, Any] = {}
+    if case["prog"] == layout.PROG_ENCAP:
+        start = time.monotonic_ns()
+        for packet, proto in case["batch"]:
+            try:
+                sender.sendto(bytes.fromhex(packet), ("flannel0", proto))
+            except OSError as e:  # ENOBUFS for each TC_ACT_SHOT; EINVAL for what the kernel refuses
+                if e.errno not in (errno.ENOBUFS, errno.EINVAL):
+                    raise
+        out["elapsed_ns"] = time.monotonic_ns() - start
+        frames, replies = [], []
+        while (f := _capture(far, lambda f: len(f) >= 42 and f[12:14] == b"\x08\x00" and f[23] == 17)) is not None:
+            frames.append(f.hex())
+        while (f := _capture(tun, lambda f: len(f) > 20 and f[9] == 1, incoming_only=True)) is not None:
+            replies.append(f.hex())
+        out.update(frames=frames, replies=replies)
+    else:
+        fd = loader.program_fd(case["prog"])
+        runs = []
+        for frame in case["batch"]:
+            packet = bytes.fromhex(frame)
+            try:
+                run = bpfsys.prog_test_run(fd, packet, None, out_size=len(packet) + 64)
+            except OSError as e:  # the kernel refused the input (the test decides whether it may)
+                runs.append([None, e.errno])
+                continue
+            runs.append([run.retval, run.data.hex()])
+        out["runs"] = runs
+    out["counters"] = {r.label: c.packets for r, c in maps.read_counters().items()}
+    return out
+
+
 def _packet_socket(ifindex: int) -> socket.socket:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
     sock.bind((socket.if_indextoname(ifindex), 0x0003))
+    sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: a fuzz batch's output is queued whole
     sock.settimeout(0.3)
     return sock
 

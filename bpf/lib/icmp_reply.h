@@ -130,7 +130,9 @@ static __always_inline int fl_icmp_reply(struct __sk_buff *skb, __be32 tun_addr,
 	__be32 orig_saddr = ((struct iphdr *)body.quote)->saddr;
 
 	/* Trim to what is quoted. A CHECKSUM_PARTIAL skb cannot be cut before its checksum field (the
-	 * helper refuses: TCP's sits at byte 36), so quote 48 bytes then, which RFC 1812 allows. */
+	 * helper refuses: TCP's sits at byte 36), so quote 48 bytes then, which RFC 1812 allows. Nor
+	 * before its transport header: when the kernel's flow dissector followed a tunnel protocol (IPIP,
+	 * IPv6-in-IPv4, GRE) past byte 48, no reply is built and the caller counts its *_DROP reason. */
 	if (bpf_skb_change_tail(skb, q_len, 0) < 0) {
 		q_len = 48;
 		if (skb->len < q_len || bpf_skb_change_tail(skb, q_len, 0) < 0)
