@@ -24,7 +24,8 @@ def wait_delivery_settled(lab: Any) -> None:
     for host in lab.host_names:
         wait_for(
             lambda host=host: any(
-                line in lab.agent_log(host) for line in ("hand-off attached", "no bridge hand-off needed")
+                line in lab.agent_log(host, last_run=True)
+                for line in ("hand-off attached", "no bridge hand-off needed")
             ),
             what=f"the container bridge of {host} hooked",
         )

@@ -204,7 +204,7 @@ def _bench_backend(
     probes: dict[str, str],
 ) -> BackendResult:
     endpoints = _bring_up(lab, spec, d, index, say)
-    if spec.backend_type == "udp":
+    if spec.backend_type == "udp" and "tun" not in spec.agent_args:
         probe = _wait_for_ebpf_delivery(lab, d.ping_ready_timeout, say)
         if probe:
             probes.setdefault("kernel_features", probe)
@@ -269,9 +269,11 @@ def _wait_for_ebpf_delivery(lab: Lab, timeout: float, say: Callable[[str], None]
     that happened (a clsact added under traffic costs a packet). Returns what their kernel probe found."""
     deadline = time.monotonic() + timeout
     for host in lab.host_names[:2]:
-        while not any(mark in lab.agent_log(host) for mark in _SETTLED) and time.monotonic() < deadline:
+        while not any(mark in lab.agent_log(host, last_run=True) for mark in _SETTLED):
+            if time.monotonic() >= deadline:
+                raise BackendFailed(f"the agent on {host} did not settle its container delivery in {timeout:.0f}s")
             time.sleep(0.2)
-    probe = _KERNEL_PROBE.search(lab.agent_log(lab.host_names[0]))
+    probe = _KERNEL_PROBE.search(lab.agent_log(lab.host_names[0], last_run=True))
     if probe:
         say(probe.group(0))
     return probe.group(0) if probe else None

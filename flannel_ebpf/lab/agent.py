@@ -17,6 +17,7 @@ from .netns import ExecResult, stop_process
 from .topology import Host
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+RUN_MARK = "\n==== "  # begins each run's part of an agent log: `==== <time> start: <argv>`
 
 
 def cli_command() -> list[str]:
@@ -67,7 +68,7 @@ class Agent:
         self.host.dir.mkdir(parents=True, exist_ok=True)
         self.argv = [*cli_command(), "up", *self.common_flags(), "--iface", self.host.iface, *extra_args]
         with open(self.host.agent_log, "ab") as log:
-            log.write(f"\n==== {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
+            log.write(f"{RUN_MARK}{time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
             log.flush()
             self.proc = self.host.popen(self.argv, stdout=log, stderr=log, env=cli_env(env), share_bpffs=True)
         self.ever_started = True

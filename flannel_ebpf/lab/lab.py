@@ -29,7 +29,7 @@ from typing import Any
 
 from loguru import logger
 
-from .agent import Agent
+from .agent import RUN_MARK, Agent
 from .containers import Container, SubnetEnv, make_container
 from .etcd import EtcdServer
 from .netns import BPFFS, ExecResult, Netns, check_prefix, create_netns, delete_netns, list_netns, new_prefix, run
@@ -344,11 +344,13 @@ class Lab:
         r = a.cli("status", "--json", "--state-dir", str(a.host.state_dir), check=True)
         return json.loads(r.stdout)
 
-    def agent_log(self, host: Host | str) -> str:
+    def agent_log(self, host: Host | str, last_run: bool = False) -> str:
+        """The host's agent log: every run (each begins with a `==== <time> start:` line), or the last."""
         try:
-            return self.host(host).agent_log.read_text(errors="replace")
+            text = self.host(host).agent_log.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+        return text[text.rfind(RUN_MARK) :] if last_run and RUN_MARK in text else text
 
     def subnet_env(self, host: Host | str) -> SubnetEnv | None:
         path = self.host(host).subnet_file
