@@ -370,7 +370,8 @@ def format_backend_status(status: dict[str, Any]) -> str:
     maps = status.get("maps") or {}
     if maps:
         lines.append(f"  maps     {maps.get('pin_dir', '')}: {len(maps.get('peers') or {})} peer(s), "
-                     f"{len(maps.get('members') or {})} member(s)")  # fmt: skip
+                     f"{len(maps.get('members') or {})} member(s), "
+                     f"{len(maps.get('endpoints') or {})} local endpoint(s)")  # fmt: skip
         for subnet, public_ip in (maps.get("peers") or {}).items():
             lines.append(f"           {subnet:<18} -> {public_ip}")
         counters = maps.get("counters") or {}
