@@ -59,30 +59,38 @@ TUNNEL_PROTOS = {4, 41, 47, 137}
 # the reference model
 
 
-def _peer_of(addr: bytes) -> IPv4Address | None:
+def _peer_of(addr: bytes, peers: dict[IPv4Network, IPv4Address] = PEERS) -> IPv4Address | None:
     ip = IPv4Address(addr)
-    return next((pub for net, pub in PEERS.items() if ip in net), None)
+    return next((pub for net, pub in peers.items() if ip in net), None)
 
 
-def decap_model(frame: bytes, allow_foreign: bool) -> tuple[str, bytes | None]:
+def decap_model(
+    frame: bytes,
+    allow_foreign: bool,
+    own: str = OWN,
+    peers: dict[IPv4Network, IPv4Address] = PEERS,
+    local: IPv4Network = LOCAL,
+    port: int = PORT,
+) -> tuple[str, bytes | None]:
     """(reason, output): output is the decapsulated frame for decap_ok, the frame itself when it passes
-    untouched, None when it is dropped."""
+    untouched, None when it is dropped. Members are the PublicIPs of `peers`."""
+    members = set(peers.values())
     n = len(frame)
     if n < 34 or frame[12:14] != b"\x08\x00" or frame[14] >> 4 != 4 or frame[23] != 17:
         return "decap_pass_other", frame
-    if frame[30:34] != IPv4Address(OWN).packed:
+    if frame[30:34] != IPv4Address(own).packed:
         return "decap_pass_other", frame
     frag = struct.unpack("!H", frame[20:22])[0]
     if frag & 0x3FFF:
-        return ("decap_fragment" if IPv4Address(frame[26:30]) in MEMBERS else "decap_pass_other"), frame
+        return ("decap_fragment" if IPv4Address(frame[26:30]) in members else "decap_pass_other"), frame
     ihl = frame[14] & 0xF
     if ihl != 5:
         udp_at = 14 + ihl * 4
         if ihl < 5 or udp_at + 8 > n:
             return "decap_pass_other", frame
         dport = struct.unpack("!H", frame[udp_at + 2 : udp_at + 4])[0]
-        return ("decap_ip_options", None) if dport == PORT else ("decap_pass_other", frame)
-    if n < 42 or struct.unpack("!H", frame[36:38])[0] != PORT:
+        return ("decap_ip_options", None) if dport == port else ("decap_pass_other", frame)
+    if n < 42 or struct.unpack("!H", frame[36:38])[0] != port:
         return "decap_pass_other", frame
     if csum(frame[14:34]) != 0:
         return "decap_malformed", None
@@ -90,16 +98,16 @@ def decap_model(frame: bytes, allow_foreign: bool) -> tuple[str, bytes | None]:
     udp_len = struct.unpack("!H", frame[38:40])[0]
     if udp_len < 28 or udp_len != (outer_len - 20) % 2**32 or 14 + outer_len > n:
         return "decap_malformed", None
-    if IPv4Address(frame[26:30]) not in MEMBERS:
+    if IPv4Address(frame[26:30]) not in members:
         return "decap_not_member", None
     if n < 62:
         return "decap_malformed", None
     inner = frame[42:]
     if inner[0] >> 4 != 4 or inner[0] & 0xF < 5 or struct.unpack("!H", inner[2:4])[0] != udp_len - 8:
         return "decap_malformed", None
-    if IPv4Address(inner[16:20]) not in LOCAL:
+    if IPv4Address(inner[16:20]) not in local:
         return "decap_not_local", None
-    if not allow_foreign and _peer_of(inner[12:16]) != IPv4Address(frame[26:30]):
+    if not allow_foreign and _peer_of(inner[12:16], peers) != IPv4Address(frame[26:30]):
         return "decap_foreign_source", None
     if inner[8] <= 1:
         return "decap_ttl_expired", None
