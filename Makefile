@@ -6,7 +6,7 @@ CLANG  ?= clang
 BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(BPF_SRC:.c=.o)
 
-.PHONY: setup demo test test-unit lint bench bench-quick bpf clean lab-cleanup
+.PHONY: setup demo test test-unit lint bench bench-quick bpf wheel clean lab-cleanup
 
 setup: $(STAMP)
 
@@ -34,14 +34,26 @@ bench-quick: setup bpf
 	$(PY) -m flannel_ebpf.bench --quick
 
 # Precompiled objects for the ELF loader (and for `tc ... bpf obj`): no LLVM or headers needed at run time.
-bpf: $(BPF_OBJ)
+# bpf/sources.sha256 records the sources they were built from: the agent's `--loader auto` takes the
+# objects only when those sources are the ones next to them.
+BPF_HDR := $(wildcard bpf/lib/*.h)
+bpf: $(BPF_OBJ) bpf/sources.sha256
 
-bpf/%.o: bpf/%.c $(wildcard bpf/lib/*.h)
-	$(CLANG) -O2 -g -Wall -Werror -target bpf -I/usr/include/x86_64-linux-gnu -c $< -o $@
+bpf/%.o: bpf/%.c $(BPF_HDR)
+	$(CLANG) -O2 -g -Wall -Werror -target bpf -I/usr/include/x86_64-linux-gnu -c $< -o $@.tmp && mv $@.tmp $@
+
+bpf/sources.sha256: $(BPF_OBJ)
+	cd bpf && sha256sum $(notdir $(BPF_SRC)) $(BPF_HDR:bpf/%=%) > sources.sha256.tmp && mv sources.sha256.tmp sources.sha256
+
+# An sdist and a wheel built from it, in dist/: both carry the eBPF sources and the objects (setup.py
+# runs `make bpf`). `pip install dist/*.whl` gives a host the agent with no clang, bcc or headers.
+wheel: setup bpf
+	rm -rf dist
+	$(PY) -m build --outdir dist .
 
 lab-cleanup: setup
 	$(PY) -m flannel_ebpf.lab cleanup
 
 clean:
-	rm -f bpf/*.o
-	rm -rf build *.egg-info .pytest_cache .ruff_cache
+	rm -f bpf/*.o bpf/sources.sha256
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

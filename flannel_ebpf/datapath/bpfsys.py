@@ -20,6 +20,7 @@ from pathlib import Path
 _SYSCALL_BPF = {"x86_64": 321, "aarch64": 280}
 
 # enum bpf_cmd
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
@@ -94,6 +95,14 @@ def prog_load(prog_type: int, insns: bytes, name: str, *, license: str = "GPL", 
         return attempt(0)
     except BpfError:
         return attempt(1 << 20)
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int, name: str) -> int:
+    """BPF_MAP_CREATE; returns the map fd. `name` is the kernel's name for it (15 characters kept)."""
+    attr = _attr()
+    struct.pack_into("=IIIIIII", attr, 0, map_type, key_size, value_size, max_entries, flags, 0, 0)
+    struct.pack_into("16s", attr, 28, name.encode()[:15])
+    return _bpf(BPF_MAP_CREATE, attr, f"MAP_CREATE {name}")
 
 
 def obj_pin(fd: int, path: str | Path) -> None:

@@ -12,8 +12,17 @@ from enum import IntEnum
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-#: the C sources (bcc compiles them at start-up; `make bpf` compiles them to objects)
-BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+
+def _bpf_source_dir() -> Path:
+    """flannel_ebpf/bpf/ in an installed package (the wheel carries sources and objects there), else the
+    checkout's bpf/ (an editable install or a plain checkout)."""
+    package = Path(__file__).resolve().parent.parent
+    installed = package / "bpf"
+    return installed if installed.is_dir() else package.parent / "bpf"
+
+
+#: the C sources (bcc compiles them at start-up) and the objects `make bpf` compiled (the ELF loader's)
+BPF_SOURCE_DIR = _bpf_source_dir()
 
 # BPF_MAP_TYPE_* (linux/bpf.h)
 MAP_TYPE_HASH = 1

@@ -1,26 +1,46 @@
-"""Loaders put the programs of bpf/ into the kernel: `bcc` compiles the C sources at start-up, `elf`
-(to come) loads objects precompiled by `make bpf`. Both pin the same maps; attaching is shared."""
+"""Loaders put the programs of bpf/ into the kernel: `elf` loads the objects `make bpf` precompiled
+(bpf(2) only: no bcc, LLVM or kernel headers), `bcc` compiles the C sources at start-up (development).
+Both pin the same maps under the same names, so an agent restarted with the other one adopts them;
+attaching is shared (loaders.base)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
+from loguru import logger
+
+from flannel_ebpf.datapath import layout
 from flannel_ebpf.loaders.base import Loader, LoaderError
 
+LOADERS = ("auto", "elf", "bcc")
 
-def make_loader(kind: str, pin_dir: str | Path) -> Loader:
-    """`--loader bcc|elf`."""
-    if kind == "bcc":
-        from flannel_ebpf.loaders.bcc import BccLoader
 
-        return BccLoader(pin_dir)
+def resolve_loader(kind: str, programs: Iterable[str] = layout.PROGRAM_NAMES) -> str:
+    """`auto`: elf when precompiled objects built from the sources next to them are present, else bcc."""
+    if kind != "auto":
+        return kind
+    from flannel_ebpf.loaders.elf import objects_problem
+
+    problem = objects_problem(programs)
+    if problem is None:
+        return "elf"
+    logger.info("loader: bcc, since the ELF loader cannot be used: {}", problem)
+    return "bcc"
+
+
+def make_loader(kind: str, pin_dir: str | Path, programs: Iterable[str] = layout.PROGRAM_NAMES) -> Loader:
+    """`--loader auto|elf|bcc`."""
+    if kind not in LOADERS:
+        raise LoaderError(f"unknown loader {kind!r} ({', '.join(LOADERS)})")
+    kind = resolve_loader(kind, programs)
     if kind == "elf":
-        try:
-            from flannel_ebpf.loaders.elf import ElfLoader  # type: ignore[import-not-found]
-        except ImportError as e:
-            raise LoaderError("the ELF loader is not available in this build; use --loader bcc") from e
-        return ElfLoader(pin_dir)  # type: ignore[no-any-return]
-    raise LoaderError(f"unknown loader {kind!r} (bcc or elf)")
+        from flannel_ebpf.loaders.elf import ElfLoader
+
+        return ElfLoader(pin_dir)
+    from flannel_ebpf.loaders.bcc import BccLoader
+
+    return BccLoader(pin_dir)
 
 
-__all__ = ["Loader", "LoaderError", "make_loader"]
+__all__ = ["LOADERS", "Loader", "LoaderError", "make_loader", "resolve_loader"]

@@ -1,4 +1,5 @@
-"""The bcc loader: compiles bpf/*.c with bcc (LLVM in-process) at start-up.
+"""The bcc loader: compiles bpf/*.c with bcc (LLVM in-process) at start-up. For development (`--loader
+bcc`); hosts run the ELF loader (loaders/elf.py) on precompiled objects, which needs no LLVM nor headers.
 
 The sources are compiled as one text (their shared maps are defined once, in bpf/lib/flannel.h, and
 our headers are pasted in: see _inline_local_includes), with -DFLANNEL_BCC and the pin directory;
@@ -74,7 +75,8 @@ def kernel_headers_problem() -> str | None:
         f"of its own) and, if the versions differ, link them: "
         f"`ln -sfn /usr/src/linux-headers-<ver>-amd64 {build}` and "
         f"`ln -sfn /usr/src/linux-headers-<ver>-common /lib/modules/{release}/source`. "
-        f"Or use --loader elf with objects built by `make bpf`."
+        f"Or use the ELF loader, which needs neither bcc nor headers: `--loader elf` (the default when "
+        f"precompiled objects are installed with the package, or after `make bpf` in a checkout)."
     )
 
 
