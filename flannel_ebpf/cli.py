@@ -21,6 +21,7 @@ from typing import Any
 
 from loguru import logger
 
+from flannel_ebpf import package_version
 from flannel_ebpf import state as state_file
 from flannel_ebpf.backends.base import BackendOptions
 from flannel_ebpf.subnet.manager import LeaseOptions
@@ -94,7 +95,14 @@ FLAGS = (
         "replace another tool's XDP program on the interface (default: refuse to start, naming it)",
         "bool",
     ),
-    Flag("loader", "bcc", "how eBPF programs get into the kernel", "choice", ("bcc", "elf")),
+    Flag(
+        "loader",
+        "auto",
+        "how eBPF programs get into the kernel: elf (precompiled objects, no compiler), bcc (compiles the C "
+        "sources at start: development), auto (elf when objects for this version are installed, else bcc)",
+        "choice",
+        ("auto", "elf", "bcc"),
+    ),
     Flag("subnet-lease-ttl", 24 * 3600, "lease TTL in seconds (flannel: 24 h; short values for labs)", "int"),
     Flag("lease-check-interval", 10.0, "seconds between checks that our lease is still ours", "float"),
     Flag("resync-interval", 10.0, "seconds between full reconciles of the data path", "float"),
@@ -158,6 +166,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     common = argparse.ArgumentParser(add_help=False)
     _add_flags(common, environ)
     parser = argparse.ArgumentParser(prog="flannel-ebpf", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"flannel-ebpf {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", parents=[common], help="run the agent (the default)")
     down = sub.add_parser("down", parents=[common], help="remove everything `up` made on this host")
@@ -393,7 +402,10 @@ def _live_backend_status(st: state_file.AgentState) -> dict[str, Any]:
 
     try:
         backend = make_backend(st.backend_type, st.backend_config, st.options())
-        return backend.status() if backend.status_from_kernel else {}
+        live = backend.status() if backend.status_from_kernel else {}
+        if "loader" in live and live["loader"] is None:  # known only to the agent that loaded the programs
+            live["loader"] = (st.backend_status or {}).get("loader")
+        return live
     except Exception as e:
         return {"error": f"cannot read the data path: {e}"}
 
@@ -481,7 +493,7 @@ async def _release_lease(opts: Any, st: state_file.AgentState) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv.insert(0, "up")  # `flannel-ebpf --flags` starts the agent, like flanneld
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)

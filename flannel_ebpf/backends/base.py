@@ -88,7 +88,7 @@ class BackendOptions:
     udp_delivery: str = "port"  # "port" | "bridge" | "peer": how decapsulated packets reach containers
     udp_allow_foreign_source: bool = False  # eBPF decap accepts any inner source from a member (flanneld's way)
     xdp_mode: str = "auto"  # "auto" | "native" | "generic"
-    loader: str = "bcc"  # "bcc" | "elf"
+    loader: str = "auto"  # "auto" (elf when precompiled objects are present, else bcc) | "elf" | "bcc"
 
 
 class Backend(ABC):

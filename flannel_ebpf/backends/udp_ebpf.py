@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import struct
+import time
 from collections import Counter
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -102,6 +103,7 @@ class UdpEbpfBackend(Backend):
         self._decap: str | None = None  # "xdp" | "tc" once started (--udp-decap auto resolved)
         self._skipped = SkippedLeases("udp (eBPF)")
         self._endpoint_sync: EndpointSync | None = None
+        self._loader_name: str | None = None  # "elf" | "bcc" once started (--loader auto resolved)
 
     # --- Backend --------------------------------------------------------------------------------
     def overhead(self) -> int:
@@ -124,10 +126,16 @@ class UdpEbpfBackend(Backend):
             self._remember_setting(f"rp_filter:{local.ext.name}", old_rp_filter)
         decap_program = layout.PROG_DECAP_XDP if self._decap == "xdp" else layout.PROG_DECAP_TC
         delivery = self.options.udp_delivery
-        loader: Loader = self._make_loader()
+        programs = [layout.PROG_ENCAP, decap_program, layout.PROG_PROBE_DECAP]
+        programs += [layout.PROG_DELIVER] if delivery == "port" else []
+        loader: Loader = self._make_loader(programs)
+        self._loader_name = loader.name
         try:
-            programs = [layout.PROG_ENCAP, decap_program, layout.PROG_PROBE_DECAP]
-            loader.load(programs + ([layout.PROG_DELIVER] if delivery == "port" else []))
+            loaded_at = time.monotonic()
+            loader.load(programs)
+            logger.info(
+                "udp (eBPF): programs loaded by the {} loader in {:.3f}s", loader.name, time.monotonic() - loaded_at
+            )
             self._features = probe_kernel(loader.program_fd(layout.PROG_PROBE_DECAP))
             self._open_maps()
             assert self._maps is not None
@@ -318,6 +326,7 @@ class UdpEbpfBackend(Backend):
             "port": self.port,
             "decap": self._decap or self.options.udp_decap,
             "delivery": self.options.udp_delivery,
+            "loader": self._loader_name,  # None in a process that did not load them (cli fills it in)
             "programs": self._programs_in_kernel(),
         }
         if self._features is not None:
@@ -360,9 +369,9 @@ class UdpEbpfBackend(Backend):
         self._endpoint_sync = EndpointSync(self.pin_dir, local.subnet, attach_hook=attach_hook)
         self._endpoint_sync.start()
 
-    def _make_loader(self) -> Loader:
+    def _make_loader(self, programs: list[str]) -> Loader:
         try:
-            return make_loader(self.options.loader, self.pin_dir)
+            return make_loader(self.options.loader, self.pin_dir, programs)
         except LoaderError as e:
             raise BackendError(f"udp (eBPF): {e}") from e
 
