@@ -29,9 +29,14 @@ def cli_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from flannel_ebpf.cli import main; sys.exit(main())"]
 
 
-def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def cli_env(extra: Mapping[str, str] | None = None, checkout: bool = True) -> dict[str, str]:
+    """The CLI's environment; `checkout`: the checkout on PYTHONPATH (not for an installed command, whose
+    own package must be the one imported)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}  # no stray flags
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    if checkout:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    else:
+        env.pop("PYTHONPATH", None)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if extra:
         env.update(extra)
@@ -48,6 +53,16 @@ class Agent:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     argv: list[str] = field(default_factory=list)
     ever_started: bool = False
+    #: the `flannel-ebpf` command to run (None: this checkout's, see cli_command), e.g. an installed one
+    command: Sequence[str] | None = None
+    #: time.time() of the last start (start-to-ready figures)
+    started_at: float = 0.0
+
+    def _command(self) -> list[str]:
+        return list(self.command) if self.command is not None else cli_command()
+
+    def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        return cli_env(extra, checkout=self.command is None)
 
     def common_flags(self) -> list[str]:
         """The flags that name this host's files: the same for up, down, status."""
@@ -66,11 +81,12 @@ class Agent:
         if self.running:
             raise RuntimeError(f"agent on {self.host.name} already runs (pid {self.proc.pid})")  # type: ignore[union-attr]
         self.host.dir.mkdir(parents=True, exist_ok=True)
-        self.argv = [*cli_command(), "up", *self.common_flags(), "--iface", self.host.iface, *extra_args]
+        self.argv = [*self._command(), "up", *self.common_flags(), "--iface", self.host.iface, *extra_args]
         with open(self.host.agent_log, "ab") as log:
             log.write(f"{RUN_MARK}{time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
             log.flush()
-            self.proc = self.host.popen(self.argv, stdout=log, stderr=log, env=cli_env(env), share_bpffs=True)
+            self.started_at = time.time()
+            self.proc = self.host.popen(self.argv, stdout=log, stderr=log, env=self._env(env), share_bpffs=True)
         self.ever_started = True
         logger.debug("agent on {} started, pid {}", self.host.name, self.proc.pid)
 
@@ -91,7 +107,8 @@ class Agent:
 
     def cli(self, *args: str, timeout: float = 30.0, check: bool = False) -> ExecResult:
         """Any other subcommand (`health`, `status --json`, `down`, ...) in the host's namespace."""
-        return self.host.exec([*cli_command(), *args], timeout=timeout, check=check, env=cli_env(), share_bpffs=True)
+        argv = [*self._command(), *args]
+        return self.host.exec(argv, timeout=timeout, check=check, env=self._env(), share_bpffs=True)
 
     def health(self) -> ExecResult:
         return self.cli("health", "--state-dir", str(self.host.state_dir), timeout=15)

@@ -69,6 +69,7 @@ class Lab:
         with_etcd: bool = True,
         network_config: Mapping[str, Any] | str | None = None,
         etcd_prefix: str = DEFAULT_ETCD_PREFIX,
+        agent_command: Sequence[str] | None = None,
     ) -> None:
         names = [f"h{i + 1}" for i in range(hosts)] if isinstance(hosts, int) else list(hosts)
         for n in names:
@@ -89,6 +90,8 @@ class Lab:
         self.with_etcd = with_etcd
         self.network_config = network_config
         self.etcd_prefix = etcd_prefix.rstrip("/")
+        #: the `flannel-ebpf` command the agents run (None: this checkout's; e.g. a wheel installed in a venv)
+        self.agent_command = list(agent_command) if agent_command is not None else None
         self.underlay = Underlay(self.prefix, self.dir, topology)
         self.hosts: dict[str, Host] = {}
         self.agents: dict[str, Agent] = {}
@@ -131,7 +134,7 @@ class Lab:
         host_dir.mkdir(parents=True, exist_ok=True)
         host = Host(name, ns, self.underlay.segments[segment], addr, host_dir)
         self.hosts[name] = host
-        self.agents[name] = Agent(host, self.etcd_endpoint, self.pin_dir(name))
+        self.agents[name] = Agent(host, self.etcd_endpoint, self.pin_dir(name), command=self.agent_command)
         return host
 
     def _start_etcd(self) -> None:
