@@ -204,6 +204,8 @@ def _bench_backend(
     probes: dict[str, str],
 ) -> BackendResult:
     endpoints = _bring_up(lab, spec, d, index, say)
+    if spec.overlay:
+        probes[f"start_to_ready {spec.name}"] = _start_to_ready(lab, say)
     if spec.backend_type == "udp" and "tun" not in spec.agent_args:
         probe = _wait_for_ebpf_delivery(lab, d.ping_ready_timeout, say)
         if probe:
@@ -230,6 +232,16 @@ def _bench_backend(
     if not any(v is not None for v in values.values()):
         raise BackendFailed("; ".join(failures) or "no measurement succeeded")
     notes += [f"{spec.name}: {f}" for f in failures]
+    if spec.name == "udp-ebpf":  # after the measurements: each loader once more, on a restart
+        for loader in ("elf", "bcc"):
+            try:
+                for host in lab.host_names:
+                    lab.stop_agent(host)  # SIGTERM: the data path stays, the next agent adopts it
+                lab.start_agents((*spec.agent_args, "--loader", loader))
+                lab.wait_all_ready(d.ready_timeout)
+                probes[f"start_to_ready udp-ebpf --loader {loader} (restart)"] = _start_to_ready(lab, say)
+            except Exception as e:
+                notes.append(f"udp-ebpf restart with --loader {loader}: {_one_line(e)}")
     machine, background = values.pop(MACHINE_CPU_KEY, None), values.pop(BACKGROUND_KEY, None)
     if machine is not None and background is not None:
         machine_cpu[spec.name] = f"{machine:.3f} s/Gbit (background {background:.2f} CPUs busy)"
@@ -258,6 +270,29 @@ def _bring_up(lab: Lab, spec: BackendSpec, d: Durations, index: int, say: Callab
     _wait_for_ping(endpoints, d.ping_ready_timeout)
     say(f"ping {endpoints.label} ok")
     return endpoints
+
+
+_READY_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) .*\bready: subnet", re.MULTILINE)
+_LOADED_LINE = re.compile(r"programs loaded by the (\w+) loader in ([\d.]+)s")
+
+
+def _start_to_ready(lab: Lab, say: Callable[[str], None]) -> str:
+    """Per host, from the agent's start (process spawned) to its `ready:` log line, and for the eBPF udp
+    path which loader loaded the programs and how long that took; as one line for the report."""
+    parts = []
+    for host in lab.host_names:
+        agent, log = lab.agents[host], lab.agent_log(host, last_run=True)
+        ready = _READY_LINE.search(log)
+        if ready is None or not agent.started_at:
+            parts.append(f"{host} ?")
+            continue
+        stamp = dt.datetime.strptime(ready.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        loaded = _LOADED_LINE.search(log)
+        how = f" ({loaded.group(1)} loader: programs loaded in {float(loaded.group(2)):.3f} s)" if loaded else ""
+        parts.append(f"{host} {stamp - agent.started_at:.2f} s{how}")
+    line = "; ".join(parts)
+    say(f"start to ready: {line}")
+    return line
 
 
 _KERNEL_PROBE = re.compile(r"kernel \S+: DECAP_L4_UDP .*")
