@@ -90,14 +90,14 @@ def _harness() -> None:
 
     from flannel_ebpf.datapath import bpfsys, layout
     from flannel_ebpf.datapath.maps import DatapathMaps
-    from flannel_ebpf.loaders.bcc import BccLoader
+    from flannel_ebpf.loaders import make_loader
 
     request = json.loads(sys.stdin.read())
     # One CPU: tc egress runs in the sender's context, so every packet meets the same per-CPU ICMP bucket.
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)  # private to this mount ns
     pin_dir = "/sys/fs/bpf/test"
-    loader = BccLoader(pin_dir)
+    loader = make_loader(request.get("loader", "bcc"), pin_dir)  # bcc unless asked (test_elf_loader.py)
     loader.load(list(layout.PROGRAM_NAMES))
     with IPRoute() as ipr:
         tun = ipr.link_lookup(ifname="flannel0")[0]
@@ -250,10 +250,10 @@ def netns() -> Any:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def run_cases(netns: str, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_cases(netns: str, cases: list[dict[str, Any]], loader: str = "bcc") -> list[dict[str, Any]]:
     proc = subprocess.run(
         ["ip", "netns", "exec", netns, sys.executable, str(Path(__file__).resolve()), "--harness"],
-        input=json.dumps({"cases": cases}),
+        input=json.dumps({"cases": cases, "loader": loader}),
         capture_output=True,
         text=True,
         timeout=120,
