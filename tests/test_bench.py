@@ -20,7 +20,14 @@ from flannel_ebpf.bench.runner import Durations, percentile, udp_received_pps
 pytestmark = pytest.mark.lab
 
 TINY = Durations(
-    tcp_seconds=1, udp_seconds=1, ping_count=40, ping_interval=0.005, cpu_baseline_seconds=0.3, ready_timeout=45
+    tcp_seconds=1,
+    udp_seconds=1,
+    ping_count=40,
+    idle_ping_count=10,
+    idle_ping_interval=0.005,
+    cpu_baseline_seconds=0.3,
+    ready_timeout=45,
+    rounds=1,
 )
 MUST_WORK = BACKENDS
 
@@ -75,7 +82,7 @@ def test_short_run_of_every_backend_writes_the_report(tmp_path: Path):
         b = by_name[name]
         assert b["error"] is None, (name, b["error"])
         assert b["tcp1_gbps"] > 0 and b["tcp4_gbps"] > 0, b
-        assert b["udp_small_pps"] > 0 and 0 < b["rtt_p50_ms"] <= b["rtt_p99_ms"], b
+        assert b["udp_small_pps"] > 0 and 0 < b["rtt_p50_ms"] <= b["rtt_p99_ms"] and b["rtt_idle_p50_ms"] > 0, b
     for name in BACKENDS:
         if name != "none":
             assert by_name[name]["cpu_s_per_gbit"] > 0, name

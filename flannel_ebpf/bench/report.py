@@ -58,6 +58,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("udp_small_pps", "UDP, small packets", "packets/s", True, 0),
     Metric("rtt_p50_ms", "RTT p50", "ms", False, 3),
     Metric("rtt_p99_ms", "RTT p99", "ms", False, 3),
+    Metric("rtt_idle_p50_ms", "RTT p50, idle", "ms", False, 3),
     Metric("cpu_s_per_gbit", "CPU", "s/Gbit", False, 2),
 )
 METRIC_KEYS = tuple(m.key for m in METRICS)
@@ -73,6 +74,7 @@ class BackendResult:
     udp_small_pps: float | None = None
     rtt_p50_ms: float | None = None
     rtt_p99_ms: float | None = None
+    rtt_idle_p50_ms: float | None = None  # pings far apart: the CPUs sleep between them (cold path)
     cpu_s_per_gbit: float | None = None
     error: str | None = None
 
