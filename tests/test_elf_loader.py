@@ -277,7 +277,7 @@ print(json.dumps(rounds))
     assert [r["loader"] for r in out] == ["bcc", "elf", "bcc", "elf"]
     assert all(r["ids"] == out[0]["ids"] for r in out)  # the very same maps, whichever loader came next
     assert [r["peers"] for r in out] == [0, 1, 2, 3]  # entries written under one loader seen under the next
-    assert {name for name, _ in out[0]["ids"].values()} == {s.name for s in layout.ALL_MAPS}
+    assert {name for _, name in out[0]["ids"].values()} == {s.name for s in layout.ALL_MAPS}  # kernel names
     assert out[0]["names"] == out[1]["names"]  # same kernel program names: attach/detach find them
     assert all(layout.is_our_program(n, p) for p, n in out[1]["names"].items())
 
@@ -330,30 +330,39 @@ def crafted_cases() -> list[dict[str, Any]]:
     return cases
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def prog_netns() -> Any:
-    """The namespace test_bpf_programs.py's harness expects: a TUN flannel0 and a veth pair u0/u1."""
-    name = f"feb{secrets.token_hex(2)}-elf"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    """A factory of namespaces as test_bpf_programs.py's harness expects them (a TUN flannel0, a veth pair
+    u0/u1; the harness configures them, so one per run); all deleted at the end."""
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"feb{secrets.token_hex(2)}-elf"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        made.append(name)
         for cmd in (
             ["ip", "-n", name, "tuntap", "add", "dev", "flannel0", "mode", "tun"],
             ["ip", "-n", name, "link", "set", "flannel0", "up"],
-            ["ip", "-n", name, "link", "add", "u0", "mtu", "1500", "type", "veth", "peer", "name", "u1"],
+            ["ip", "-n", name, "link", "add", "u0", "mtu", "1500", "address", "02:00:00:00:0e:01",
+             "type", "veth", "peer", "name", "u1", "address", "02:00:00:00:0e:02"],  # fixed: same bytes out
             ["ip", "-n", name, "link", "set", "u0", "up"],
             ["ip", "-n", name, "link", "set", "u1", "up"],
-        ):
+        ):  # fmt: skip
             subprocess.run(cmd, check=True, capture_output=True, timeout=10)
-        yield name
+        return name
+
+    try:
+        yield make
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @needs_root
 @needs_objects
-def test_both_loaders_give_identical_bytes_and_counters(prog_netns: str) -> None:
+def test_both_loaders_give_identical_bytes_and_counters(prog_netns: Any) -> None:
     cases = crafted_cases()
-    by_loader = {kind: run_cases(prog_netns, cases, loader=kind) for kind in ("bcc", "elf", "auto")}
+    by_loader = {kind: run_cases(prog_netns(), cases, loader=kind) for kind in ("bcc", "elf", "auto")}
     bcc, elf = by_loader["bcc"], by_loader["elf"]
     assert len(bcc) == len(elf) == sum(1 for c in cases if not (c.get("configure") or c.get("endpoint")))
     for i, (a, b) in enumerate(zip(bcc, elf, strict=True)):
