@@ -36,7 +36,9 @@ from flannel_ebpf.subnet.registry import (
     EtcdTLS,
     SubnetRegistry,
     describe_etcd_error,
+    describe_tls_error,
     grpc_code,
+    tls_error_kind,
 )
 
 CONFIG_POLL_SECONDS = 1.0
@@ -188,9 +190,12 @@ class Agent:
 
         Every etcd error is one line (logged once while it lasts, and the not-ready reason) and retried
         with back-off: an outage ends, a missing permission can be granted. Only a refused password is
-        fatal: retrying the same credentials cannot succeed."""
-        backoff = Backoff("reading the network config", self.options.lease.retry_interval)
+        fatal: retrying the same credentials cannot succeed. So is a TLS setup that fails on every endpoint
+        (an untrusted server certificate, a refused or missing client certificate, an https endpoint that
+        does not speak TLS): one line naming the cause, never a fall-back to plaintext."""
+        backoff = Backoff("reading the network config", self.options.lease.retry_interval, self.options.lease.retry_max)
         said_waiting = False
+        tls_failures: dict[str, str] = {}  # endpoint -> what its TLS setup got wrong
         while True:
             try:
                 raw = await registry.get_config()
@@ -199,6 +204,15 @@ class Agent:
                 reason = describe_etcd_error(e)
                 if grpc_code(e) == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in str(e).lower():
                     raise FatalError(f"reading {registry.config_key} from {registry.endpoint}: {reason}") from None
+                kind = tls_error_kind(e) if registry.tls_for(registry.endpoint) is not None else ""
+                if kind:
+                    tls_failures[registry.endpoint] = describe_tls_error(
+                        kind, registry.endpoint, registry.tls_for(registry.endpoint)
+                    )
+                    if set(tls_failures) >= set(registry.endpoints):
+                        raise FatalError("; ".join(dict.fromkeys(tls_failures.values()))) from None
+                else:
+                    tls_failures.pop(registry.endpoint, None)
                 self.set_phase("waiting-config", f"{reason} at {registry.endpoint}")
                 await registry.reconnect()
                 await backoff.failed(e)

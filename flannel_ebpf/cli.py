@@ -106,6 +106,14 @@ FLAGS = (
     Flag("subnet-lease-ttl", 24 * 3600, "lease TTL in seconds (flannel: 24 h; short values for labs)", "int"),
     Flag("lease-check-interval", 10.0, "seconds between checks that our lease is still ours", "float"),
     Flag("resync-interval", 10.0, "seconds between full reconciles of the data path", "float"),
+    Flag(
+        "subnet-relist-interval",
+        300.0,
+        "seconds between full listings of the leases in etcd, reconciled against what the watch delivered "
+        "(0: only when needed)",
+        "float",
+    ),
+    Flag("etcd-retry-max", 1.0, "longest wait in seconds between two attempts while etcd fails", "float"),
     Flag("allow-subnet-change", False, "take a new subnet if ours is held by another host", "bool"),
 )
 
@@ -204,6 +212,8 @@ def agent_options(args: argparse.Namespace) -> Any:
     for path in (args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile):
         if path and not os.access(path, os.R_OK):
             raise SystemExit(f"flannel-ebpf: cannot read etcd TLS file {path}")
+    if args.etcd_retry_max <= 0 or args.subnet_relist_interval < 0:
+        raise SystemExit("flannel-ebpf: --etcd-retry-max must be > 0 and --subnet-relist-interval >= 0")
     return AgentOptions(
         etcd_endpoints=[e.strip() for e in args.etcd_endpoints.split(",") if e.strip()],
         etcd_prefix=args.etcd_prefix,
@@ -226,6 +236,8 @@ def agent_options(args: argparse.Namespace) -> Any:
             renew_margin=args.subnet_lease_renew_margin * 60.0,
             check_interval=args.lease_check_interval,
             allow_subnet_change=args.allow_subnet_change,
+            retry_max=args.etcd_retry_max,
+            relist_interval=args.subnet_relist_interval,
         ),
         backend=BackendOptions(
             state_dir=args.state_dir,

@@ -7,8 +7,10 @@ Three duties, each a loop the agent runs:
   it (create-only) if it vanished (expiry during an outage, etcd data loss), report loudly and turn
   not-ready if another host holds it; never overwrite it.
 - run_watch(): list + watch `<prefix>/subnets/`; every event of every response is handled; after an error
-  resume from the last revision handled; if that revision was compacted, or etcd's revision went
-  backwards (data loss), relist and hand the full set of peers to the data plane.
+  resume from the last revision handled; if that revision was compacted, etcd canceled the watch, or etcd's
+  revision went backwards (data loss), relist and hand the full set of peers to the data plane. Besides,
+  every `relist_interval` a fresh listing is reconciled against the peers the watch built (as Calico
+  Felix resyncs against its datastore): whatever a watch could miss is corrected within that interval.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from flannel_ebpf.subnet.registry import (
     ETCD_RETRYABLE,
     EtcdPermissionError,
     SubnetRegistry,
+    WatchCanceled,
     WatchCompacted,
     describe_etcd_error,
 )
@@ -43,7 +46,11 @@ class LeaseOptions:
     ttl: int = 24 * 3600  # flannel's subnet TTL
     renew_margin: float = 3600.0  # renew when less than this is left (--subnet-lease-renew-margin)
     check_interval: float = 10.0  # how often our own key and etcd's revision are verified
-    retry_interval: float = 1.0  # first back-off after an etcd error (doubles up to 10 s)
+    retry_interval: float = 1.0  # first back-off after an etcd error (doubles up to retry_max)
+    #: the longest wait between two attempts while etcd fails (--etcd-retry-max): once etcd answers
+    #: again, every loop is back within this (plus one request)
+    retry_max: float = 1.0
+    relist_interval: float = 300.0  # a full listing reconciled against the watch's peers (0: never)
     allow_subnet_change: bool = False  # take a new subnet when our previous one is held by another host
     identity: str = ""  # this agent's identity for the one-agent-per-PublicIP claim ("" = no claim)
 
@@ -73,10 +80,12 @@ class PeerSink:
 
 
 class Backoff:
-    """Exponential back-off that logs an outage once (again only if the reason changes), and its end once."""
+    """Exponential back-off that logs an outage once (again only if the reason changes), and its end once.
 
-    def __init__(self, what: str, first: float, limit: float = 10.0) -> None:
-        self.what, self.first, self.limit = what, first, limit
+    Each wait is jittered down by up to 20% so that many agents do not retry in lock-step."""
+
+    def __init__(self, what: str, first: float, limit: float = 1.0) -> None:
+        self.what, self.first, self.limit = what, min(first, limit), limit
         self.delay = first
         self.failing_since: float | None = None
         self.reason = ""  # what the current failure is, in one line (empty while things work)
@@ -88,7 +97,7 @@ class Backoff:
         if reason != self.reason:
             logger.warning("{}: {}; retrying", self.what, reason)
             self.reason = reason
-        await asyncio.sleep(self.delay)
+        await asyncio.sleep(self.delay * random.uniform(0.8, 1.0))
         self.delay = min(self.delay * 2, self.limit)
 
     def succeeded(self) -> None:
@@ -120,6 +129,8 @@ class LeaseManager:
         self.last_revision = 0
         self.cluster_id = 0
         self.relists = 0
+        self.relist_corrections = 0  # peers a periodic relist found that the watch had got wrong
+        self._last_listing = 0.0  # time.monotonic() of the last listing
         self.presence_lease = 0
         self.acquire_error = ""  # why acquisition is failing right now (etcd's error), for health
         self.presence_denied = ""  # set while our etcd role does not cover the presence key
@@ -163,7 +174,7 @@ class LeaseManager:
 
     async def acquire(self, previous: IPv4Network | None = None) -> Lease:
         """Hold a lease, retrying through etcd outages and lost races. Raises OutOfSubnets."""
-        backoff = Backoff("acquiring a lease", self.options.retry_interval)
+        backoff = Backoff("acquiring a lease", self.options.retry_interval, self.options.retry_max)
         idle = 0
         while True:
             try:
@@ -291,7 +302,7 @@ class LeaseManager:
         return max(0.0, self.lease.expiration - self.options.effective_margin - time.time())
 
     async def run_maintenance(self) -> None:
-        backoff = Backoff("lease maintenance", self.options.retry_interval)
+        backoff = Backoff("lease maintenance", self.options.retry_interval, self.options.retry_max)
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._check_now.wait(), min(self.options.check_interval, self._due()))
@@ -370,38 +381,68 @@ class LeaseManager:
     def _is_own(self, lease: Lease) -> bool:
         return self.lease is not None and lease.subnet == self.lease.subnet
 
-    async def run_watch(self, sink: PeerSink) -> None:
-        backoff = Backoff("watching subnets", self.options.retry_interval)
-        need_list = True
+    async def _relist_timer(self) -> None:
+        """Ask for a relist once `relist_interval` has passed since the last listing (of any cause)."""
+        interval = self.options.relist_interval
         while True:
-            try:
-                if need_list:
-                    await self._relist_into(sink)
-                    need_list = False
-                    backoff.succeeded()
-                self._relist.clear()
-                watch_task = asyncio.ensure_future(self._follow(sink, backoff))
-                relist_task = asyncio.ensure_future(self._relist.wait())
-                try:
-                    done, _ = await asyncio.wait({watch_task, relist_task}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for task in (watch_task, relist_task):
-                        task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await task
-                if watch_task in done:
-                    watch_task.result()  # re-raise what ended the watch
-                else:
-                    need_list = True
-            except WatchCompacted as e:
-                logger.warning("watch fell behind a compaction ({}); relisting and reconciling peers", e)
-                need_list = True
-            except ETCD_RETRYABLE as e:
-                await self.watcher.reconnect()
-                await backoff.failed(e)
+            due = self._last_listing + interval - time.monotonic()
+            if due > 0:
+                await asyncio.sleep(due)
+                continue
+            self._periodic = True
+            self._relist.set()
+            await asyncio.sleep(interval)  # not again before the next interval, even if etcd is down
 
-    async def _relist_into(self, sink: PeerSink) -> None:
+    async def run_watch(self, sink: PeerSink) -> None:
+        backoff = Backoff("watching subnets", self.options.retry_interval, self.options.retry_max)
+        need_list = True
+        self._periodic = False
+        self._last_listing = time.monotonic()  # the first listing is not a periodic one
+        timer = asyncio.ensure_future(self._relist_timer()) if self.options.relist_interval > 0 else None
+        try:
+            while True:
+                try:
+                    if need_list:
+                        periodic, self._periodic = self._periodic, False
+                        await self._relist_into(sink, periodic)
+                        need_list = False
+                        backoff.succeeded()
+                    self._relist.clear()
+                    watch_task = asyncio.ensure_future(self._follow(sink, backoff))
+                    relist_task = asyncio.ensure_future(self._relist.wait())
+                    try:
+                        done, _ = await asyncio.wait({watch_task, relist_task}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for task in (watch_task, relist_task):
+                            task.cancel()
+                            with contextlib.suppress(asyncio.CancelledError, Exception):
+                                await task
+                    if watch_task in done:
+                        watch_task.result()  # re-raise what ended the watch
+                    else:
+                        need_list = True
+                except WatchCompacted as e:
+                    logger.warning("watch fell behind a compaction ({}); relisting and reconciling peers", e)
+                    need_list = True
+                except WatchCanceled as e:
+                    # No more events would come on that watch (aetcd would have kept waiting on it forever).
+                    logger.warning("{}; relisting and watching again", e)
+                    need_list = True
+                    self._periodic = False
+                    await self.watcher.reconnect()
+                    await backoff.failed(e)
+                except ETCD_RETRYABLE as e:
+                    await self.watcher.reconnect()
+                    await backoff.failed(e)
+        finally:
+            if timer is not None:
+                timer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await timer
+
+    async def _relist_into(self, sink: PeerSink, periodic: bool = False) -> None:
         listing = await self.watcher.list_leases()
+        self._last_listing = time.monotonic()
         self.report_garbage(listing.garbage)
         previous, self.peers = self.peers, {}
         for lease in listing.leases:
@@ -415,7 +456,21 @@ class LeaseManager:
                 self.peers.update(kept)
         self.last_revision = listing.revision
         self.relists += 1
-        logger.info("listed {} peer lease(s) at revision {}", len(self.peers), listing.revision)
+        if periodic:
+            wrong = sorted(
+                str(subnet) for subnet in previous.keys() | self.peers.keys()
+                if (old := previous.get(subnet)) is None or (new := self.peers.get(subnet)) is None
+                or old.attrs != new.attrs
+            )  # fmt: skip
+            if wrong:
+                self.relist_corrections += len(wrong)
+                logger.warning("periodic relist at revision {}: the watch had missed {} peer change(s): {}; "
+                               "reconciling", listing.revision, len(wrong), ", ".join(wrong[:20]))  # fmt: skip
+            else:
+                logger.debug("periodic relist at revision {}: {} peer(s), as watched", listing.revision,
+                             len(self.peers))  # fmt: skip
+        else:
+            logger.info("listed {} peer lease(s) at revision {}", len(self.peers), listing.revision)
         await sink.sync_peers(list(self.peers.values()))
         await self._changed()
 

@@ -60,12 +60,61 @@ def grpc_code(error: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+# What gRPC's TLS layer says, mapped to the cause an operator can fix. The client-certificate case shows
+# up only after the handshake (TLS 1.3 sends the server's verdict later): the connection is torn down with
+# an alert, which gRPC reports as a decryption failure.
+_TLS_UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
+_TLS_CLIENT_CERT_REFUSED = ("TSI_DATA_CORRUPTED", "CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA")
+_TLS_NO_TLS = ("Handshake read failed", "WRONG_VERSION_NUMBER")
+
+
+def tls_error_kind(error: BaseException) -> str:
+    """'untrusted' (the server's certificate is not signed by our CA), 'client-cert' (the server refused our
+    client certificate, or wanted one), 'no-tls' (the endpoint does not speak TLS), or '' (not a TLS fault)."""
+    text = " ".join(str(part) for e in (error, error.__cause__) if e is not None for part in (e, grpc_code_details(e)))
+    if any(m in text for m in _TLS_UNTRUSTED):
+        return "untrusted"
+    if any(m in text for m in _TLS_CLIENT_CERT_REFUSED):
+        return "client-cert"
+    if any(m in text for m in _TLS_NO_TLS):
+        return "no-tls"
+    return ""
+
+
+def describe_tls_error(kind: str, endpoint: str, tls: EtcdTLS | None) -> str:
+    """The cause of a TLS failure, naming the endpoint and the files involved."""
+    tls = tls or EtcdTLS()
+    if kind == "untrusted":
+        if tls.cafile:
+            return (f"etcd at {endpoint} presents a TLS certificate that is not signed by the CA in --etcd-cafile "
+                    f"{tls.cafile} (certificate verify failed): give the CA that signed its certificate")  # fmt: skip
+        return (f"etcd at {endpoint} presents a TLS certificate that none of the system's CAs trusts "
+                "(certificate verify failed): give the CA that signed it with --etcd-cafile")  # fmt: skip
+    if kind == "client-cert":
+        if not tls.certfile:
+            return (f"etcd at {endpoint} requires a TLS client certificate and none was given: set --etcd-certfile "
+                    "and --etcd-keyfile")  # fmt: skip
+        return (f"etcd at {endpoint} refused the TLS client certificate {tls.certfile} (not signed by a CA that "
+                "etcd trusts: its --trusted-ca-file)")  # fmt: skip
+    if kind == "no-tls":
+        return (f"etcd at {endpoint} closed the connection during the TLS handshake: it does not speak TLS there "
+                "(a plaintext etcd needs an http:// endpoint and no TLS files)")  # fmt: skip
+    return f"TLS with etcd at {endpoint} failed"
+
+
 def describe_etcd_error(error: BaseException) -> str:
     """One line saying what went wrong talking to etcd, for the operator."""
     if isinstance(error, EtcdPermissionError | LeaseFormatError):
         return str(error)
     code = grpc_code(error)
     text = str(error) or type(error).__name__
+    kind = tls_error_kind(error)
+    if kind == "untrusted":
+        return f"etcd's TLS certificate is not trusted: check --etcd-cafile ({text})"
+    if kind == "client-cert":
+        return f"etcd refused our TLS client certificate or wants one: check --etcd-certfile/--etcd-keyfile ({text})"
+    if kind == "no-tls":
+        return f"etcd does not speak TLS on this https endpoint ({text})"
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return f"etcd denied the request (permission denied: {text}); see docs/SECURITY.md for the role the agent needs"
     if code == grpc.StatusCode.INVALID_ARGUMENT and "auth" in text.lower():
@@ -113,13 +162,24 @@ ETCD_UNAVAILABLE = (
 # (all logged, backed off and retried: the data path must never go down because etcd said something odd).
 ETCD_RETRYABLE = (*ETCD_UNAVAILABLE, aetcd.exceptions.ClientError, LeaseFormatError)
 
-# Keepalive pings let a watch notice a dead etcd (or a cut network) instead of waiting forever.
+# Keepalive pings let a watch notice a dead etcd (or a cut network) instead of waiting forever (etcd
+# refuses pings more often than every 5 s: --grpc-keepalive-min-time). gRPC's own reconnect back-off grows
+# to 120 s by default: a channel that failed during an outage would keep failing for up to two minutes
+# after etcd is back. Bounded to 1 s, it is never the slow part of a recovery (the agent also opens a new
+# channel after each failure).
 _CHANNEL_OPTIONS = {
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.max_pings_without_data": 0,
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1_000,
 }
+#: A watch stream silent for this long is asked for a progress report (etcd answers at once, even with
+#: nothing to report); no answer within WATCH_PROGRESS_TIMEOUT means the stream is dead: reconnect.
+WATCH_IDLE_SECONDS = 5.0
+WATCH_PROGRESS_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +242,19 @@ def parse_endpoint(endpoint: str) -> tuple[str, int, bool]:
     return url.hostname, url.port or 2379, url.scheme == "https"
 
 
+class WatchCanceled(aetcd.exceptions.ClientError):
+    """etcd canceled our watch for a reason other than a compaction (its reason is in the message):
+    no more events will come on it, so the caller must relist and watch again."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"etcd canceled the watch ({reason or 'no reason given'})")
+        self.reason = reason
+
+
+class WatchStalled(aetcd.exceptions.ConnectionTimeoutError):
+    """The watch stream stopped answering (a dead connection that TCP has not noticed yet)."""
+
+
 class WatchCompacted(Exception):
     """The revision a watch wanted to resume from was compacted away: relist."""
 
@@ -211,6 +284,8 @@ class SubnetRegistry:
         username: str = "",
         password: str = "",
         timeout: float = 5.0,
+        watch_idle: float = WATCH_IDLE_SECONDS,
+        watch_progress_timeout: float = WATCH_PROGRESS_TIMEOUT,
     ) -> None:
         if not endpoints:
             raise ValueError("no etcd endpoints given")
@@ -219,16 +294,16 @@ class SubnetRegistry:
         self._tls = tls
         self._auth = (username or None, password or None)
         self._timeout = timeout
+        self.watch_idle = watch_idle
+        self.watch_progress_timeout = watch_progress_timeout
         self._endpoint_index = 0
         self._client: _Client | None = None
 
     # --- connection ---
 
     def _new_client(self) -> _Client:
-        host, port, https = parse_endpoint(self.endpoints[self._endpoint_index])
-        tls = self._tls if (https or (self._tls and self._tls.enabled)) else None
-        if https and tls is None:
-            tls = EtcdTLS()
+        host, port, _https = parse_endpoint(self.endpoint)
+        tls = self.tls_for(self.endpoint)
         return _Client(host, port, tls, username=self._auth[0], password=self._auth[1], timeout=self._timeout)
 
     @property
@@ -253,6 +328,12 @@ class SubnetRegistry:
     @property
     def endpoint(self) -> str:
         return self.endpoints[self._endpoint_index]
+
+    def tls_for(self, endpoint: str) -> EtcdTLS | None:
+        """The TLS settings used for `endpoint` (None: plaintext). https:// never falls back to plaintext."""
+        https = parse_endpoint(endpoint)[2]
+        tls = self._tls if (https or (self._tls and self._tls.enabled)) else None
+        return EtcdTLS() if https and tls is None else tls
 
     # --- keys ---
 
@@ -515,44 +596,112 @@ class SubnetRegistry:
 
         Every event of every watch response is delivered (flanneld v0.20.2 kept only the first).
         A garbage key yields (revision, None, reason); a garbage value under a valid lease key yields
-        (revision, REMOVED event for that subnet, reason). Raises WatchCompacted when start_revision is gone,
-        and etcd's connection errors when the stream breaks: the caller resumes from the last revision.
+        (revision, REMOVED event for that subnet, reason).
+
+        The watch is our own gRPC stream (aetcd's watcher ignores a `canceled` response, which leaves a
+        watch that silently never delivers again). Raises WatchCompacted when start_revision is gone,
+        WatchCanceled when etcd cancels the watch for any other reason, WatchStalled when the stream
+        answers neither events nor a progress request in time, and etcd's connection errors when the
+        stream breaks (with `hasleader` set, etcd also ends it when its member loses the cluster's
+        leader). The caller resumes from the last revision, or relists.
         """
+        client = self.client
+        await client.connect()
         prefix = self.subnets_prefix.encode()
-        try:
-            watch = await self.client.watch_prefix(prefix, start_revision=start_revision)
-        except aetcd.exceptions.RevisionCompactedError as e:
-            raise WatchCompacted(e.compacted_revision) from e
-        try:
-            async for event in watch:
-                kv = event.kv
-                revision = kv.mod_revision
-                name = kv.key.decode(errors="replace")[len(self.subnets_prefix) :]
-                try:
-                    subnet = parse_subnet_key(name)
-                except LeaseFormatError as e:
-                    yield revision, None, f"{kv.key.decode(errors='replace')}: {e}"
-                    continue
-                removed = LeaseEvent(LeaseEvent.REMOVED, Lease(subnet, _NO_ATTRS))
-                if event.kind == "DELETE":
-                    # A delete (or an expiry) carries no value: the peer is known by its subnet.
-                    yield revision, removed, ""
-                    continue
-                try:
-                    lease = await self._lease_from_kv(kv, {})
-                except LeaseFormatError as e:
-                    # The key no longer describes a usable peer: whatever it held before is gone, exactly
-                    # as a relist would see it.
-                    yield revision, removed, f"{kv.key.decode(errors='replace')}: {e}"
-                    continue
-                yield revision, LeaseEvent(LeaseEvent.ADDED, lease), ""
-        except aetcd.exceptions.RevisionCompactedError as e:
-            raise WatchCompacted(e.compacted_revision) from e
-        finally:
+        requests: asyncio.Queue[rpc.WatchRequest | None] = asyncio.Queue()
+
+        async def outgoing() -> AsyncIterator[rpc.WatchRequest]:
+            while (request := await requests.get()) is not None:
+                yield request
+
+        create = rpc.WatchCreateRequest(
+            key=prefix, range_end=aetcd.utils.prefix_range_end(prefix), start_revision=start_revision
+        )
+        requests.put_nowait(rpc.WatchRequest(create_request=create))
+        metadata = (*(client.metadata or ()), ("hasleader", "true"))
+        call = rpc.WatchStub(client.channel).Watch(outgoing(), metadata=metadata)
+        # Responses are read by a task of their own: cancelling a pending read() would cancel the call.
+        responses: asyncio.Queue[rpc.WatchResponse | BaseException | None] = asyncio.Queue()
+
+        async def reader() -> None:
             try:
-                await watch.cancel()
-            except Exception as e:  # the stream may already be gone
-                logger.debug("cancelling watch: {}", e)
+                while True:
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        responses.put_nowait(None)
+                        return
+                    responses.put_nowait(response)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # handed to the consumer, which raises it
+                responses.put_nowait(e)
+
+        read_task = asyncio.ensure_future(reader())
+        try:
+            created, asked = False, False
+            while True:
+                wait = self._timeout if not created else self.watch_progress_timeout if asked else self.watch_idle
+                try:
+                    response = await asyncio.wait_for(responses.get(), wait)
+                except TimeoutError:
+                    if not created:
+                        raise WatchStalled(f"etcd did not confirm the watch within {self._timeout:g}s") from None
+                    if asked:
+                        raise WatchStalled(
+                            f"the watch stream is silent: no answer to a progress request within "
+                            f"{self.watch_progress_timeout:g}s"
+                        ) from None
+                    requests.put_nowait(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                    asked = True
+                    continue
+                if response is None:
+                    raise WatchStalled("etcd closed the watch stream")
+                if isinstance(response, BaseException):
+                    if isinstance(response, rpc.AioRpcError):
+                        _raise_client_error(response)
+                    raise response
+                asked = False
+                if response.compact_revision:
+                    raise WatchCompacted(response.compact_revision)
+                if response.canceled:
+                    raise WatchCanceled(response.cancel_reason)
+                if response.created:
+                    created = True
+                for event in response.events:
+                    for item in await self._watch_item(event):
+                        yield item
+        finally:
+            requests.put_nowait(None)
+            read_task.cancel()
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await read_task
+
+    async def _watch_item(self, event: rpc.Event) -> list[tuple[int, LeaseEvent | None, str]]:
+        kv = event.kv
+        revision = kv.mod_revision
+        name = kv.key.decode(errors="replace")[len(self.subnets_prefix) :]
+        try:
+            subnet = parse_subnet_key(name)
+        except LeaseFormatError as e:
+            return [(revision, None, f"{kv.key.decode(errors='replace')}: {e}")]
+        removed = LeaseEvent(LeaseEvent.REMOVED, Lease(subnet, _NO_ATTRS))
+        if event.type == rpc.Event.DELETE:
+            # A delete (or an expiry) carries no value: the peer is known by its subnet.
+            return [(revision, removed, "")]
+        try:
+            lease = await self._lease_from_kv(kv, {})
+        except LeaseFormatError as e:
+            # The key no longer describes a usable peer: whatever it held before is gone, exactly as a
+            # relist would see it.
+            return [(revision, removed, f"{kv.key.decode(errors='replace')}: {e}")]
+        return [(revision, LeaseEvent(LeaseEvent.ADDED, lease), "")]
+
+
+def _raise_client_error(error: rpc.AioRpcError) -> None:
+    """aetcd's exception for a gRPC error (UNAVAILABLE -> ConnectionFailedError, ...), chained to it."""
+    aetcd.exceptions._handle_exception(error)
+    raise error
 
 
 # Placeholder attributes for a removed lease (etcd does not send the old value on delete).
