@@ -1,5 +1,6 @@
 """Faults that tests inject: a TCP proxy in front of etcd that can cut every connection and refuse new ones,
-as a network partition would, while etcd itself keeps running (and can be compacted meanwhile)."""
+as a network partition would, while etcd itself keeps running (and can be compacted meanwhile); or stall
+them: connections stay open and nothing gets through (a black hole that TCP alone does not notice)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ class CuttableProxy:
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.connected = True
+        self.stalled = False
+        self._stalled_writers: set[asyncio.StreamWriter] = set()
 
     @property
     def endpoint(self) -> str:
@@ -40,6 +43,9 @@ class CuttableProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if self.stalled:  # swallowed: the connection can never carry a valid stream again
+                    self._stalled_writers.add(writer)
+                    continue
                 writer.write(data)
                 await writer.drain()
         finally:
@@ -52,8 +58,17 @@ class CuttableProxy:
             writer.transport.abort()
         self._writers.clear()
 
+    def stall(self) -> None:
+        """From now on every byte in either direction is swallowed; connections stay open."""
+        self.stalled = True
+
     def restore(self) -> None:
         self.connected = True
+        if self.stalled:
+            self.stalled = False
+            for writer in list(self._stalled_writers):  # their streams lost bytes: close them
+                writer.transport.abort()
+            self._stalled_writers.clear()
 
     async def close(self) -> None:
         self.cut()

@@ -31,7 +31,7 @@ from loguru import logger
 
 from .agent import RUN_MARK, Agent
 from .containers import Container, SubnetEnv, make_container
-from .etcd import EtcdServer
+from .etcd import EtcdCluster, EtcdServer
 from .netns import BPFFS, ExecResult, Netns, check_prefix, create_netns, delete_netns, list_netns, new_prefix, run
 from .topology import ETCD_INDEX, HOST_INDEX_BASE, Host, Topology, Underlay, split_segments
 from .traffic import (
@@ -69,6 +69,7 @@ class Lab:
         with_etcd: bool = True,
         network_config: Mapping[str, Any] | str | None = None,
         etcd_prefix: str = DEFAULT_ETCD_PREFIX,
+        etcd_members: int = 1,
         agent_command: Sequence[str] | None = None,
     ) -> None:
         names = [f"h{i + 1}" for i in range(hosts)] if isinstance(hosts, int) else list(hosts)
@@ -88,6 +89,7 @@ class Lab:
         self.prefix = check_prefix(prefix) if prefix else new_prefix()
         self.dir = Path(tempfile.mkdtemp(prefix=f"{LAB_DIR_PREFIX}{self.prefix}-", dir=base_dir))
         self.with_etcd = with_etcd
+        self.etcd_members = etcd_members  # > 1: a cluster, each member in a namespace of its own
         self.network_config = network_config
         self.etcd_prefix = etcd_prefix.rstrip("/")
         #: the `flannel-ebpf` command the agents run (None: this checkout's; e.g. a wheel installed in a venv)
@@ -96,8 +98,8 @@ class Lab:
         self.hosts: dict[str, Host] = {}
         self.agents: dict[str, Agent] = {}
         self.containers: list[Container] = []
-        self.etcd: EtcdServer | None = None
-        self.etcd_ns: Netns | None = None
+        self.etcd: EtcdServer | EtcdCluster | None = None
+        self.etcd_ns: Netns | None = None  # the (first) etcd member's namespace
         self._iperf: list[IperfServer] = []
         self._closed = False
         self._atexit_registered = False
@@ -137,7 +139,29 @@ class Lab:
         self.agents[name] = Agent(host, self.etcd_endpoint, self.pin_dir(name), command=self.agent_command)
         return host
 
+    def add_host(self, name: str, segment: str = "a") -> Host:
+        """A host joining the running lab (no agent yet: `start_agent` it)."""
+        if not _HOST_NAME_RE.match(name) or name in _RESERVED or name in self.hosts:
+            raise ValueError(f"host name {name!r}: 1-8 of [a-z0-9], starting with a letter, new, not {_RESERVED}")
+        host = self._add_host(name, segment, HOST_INDEX_BASE + len(self.host_names) + 1)
+        self.host_names.append(name)
+        self.segment_of.append(segment)
+        return host
+
     def _start_etcd(self) -> None:
+        if self.etcd_members > 1:
+            # Members at .2, .3, ... of segment a (hosts start at .11), each in a namespace of its own.
+            members = []
+            for i in range(1, self.etcd_members + 1):
+                ns = create_netns(f"{self.prefix}-etcd{i}", self.dir)
+                addr = self.underlay.attach(ns, f"etcd{i}", "a", ETCD_INDEX + i - 1)
+                members.append((f"{self.prefix}-etcd{i}", str(addr.ip), ns.name))
+                self.etcd_ns = self.etcd_ns or ns
+            self.etcd = EtcdCluster.create(members, str(self.dir / "etcd"), token=f"{self.prefix}-etcd")
+            self.etcd.start()
+            for agent in self.agents.values():  # made before etcd: they named the single etcd's address
+                agent.etcd_endpoint = self.etcd.endpoint
+            return
         self.etcd_ns = create_netns(f"{self.prefix}-etcd", self.dir)
         addr = self.underlay.attach(self.etcd_ns, "etcd", "a", ETCD_INDEX)
         self.etcd = EtcdServer(
@@ -169,7 +193,7 @@ class Lab:
             attempt("stopping iperf3", srv.stop)
         if self.etcd is not None:
             attempt("stopping etcd", self.etcd.stop)
-            shutil.rmtree(Path(self.etcd.data_dir) / "member-data", ignore_errors=True)
+            attempt("removing etcd's data", self.etcd.remove_data)
         attempt("deleting namespaces", delete_lab_namespaces, self.prefix)
         attempt("removing bpffs pins", remove_lab_pins, self.prefix)
         if remove_dir:
@@ -244,7 +268,7 @@ class Lab:
             return f"http://{seg_a.address(ETCD_INDEX).ip}:2379"
         return ""
 
-    def _etcd(self) -> EtcdServer:
+    def _etcd(self) -> EtcdServer | EtcdCluster:
         if self.etcd is None:
             raise RuntimeError("this lab has no etcd")
         return self.etcd

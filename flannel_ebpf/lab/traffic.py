@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +85,50 @@ def flood_ping(node: Node, dst: str, seconds: float = 3.0, size: int = 56, df: b
         argv += ["-M", "do"]
     res = node.exec([*argv, str(dst)], timeout=deadline + 10, check=False)
     return parse_ping(res.stdout + res.stderr, node.name, str(dst))
+
+
+def count_flood(
+    node: Node, dst: str, count: int = 1000, interval: float = 0.002, size: int = 56, deadline: float | None = None
+) -> PingResult:
+    """A count-bounded flood: echo requests `interval` apart until `count` are answered, so ping stops on an
+    answer and no probe is still in flight when it exits (`ping -f -w` counts the probe in flight at its
+    deadline as lost: off by one). Lost = sent - received, exactly, as long as replies take less than
+    `interval`. `deadline` (default: twice the nominal time + 5 s) bounds a run that loses everything."""
+    deadline = deadline or count * interval * 2 + 5
+    argv = ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "1", "-w", str(max(1, int(deadline)))]
+    res = node.exec([*argv, "-s", str(size), str(dst)], timeout=deadline + 10, check=False)
+    return parse_ping(res.stdout + res.stderr, node.name, str(dst))
+
+
+class FloodCounter:
+    """Count-bounded floods back to back in a thread until `stop()`: the pings a fault loses, exactly (each
+    flood ends on an answer; the gaps between floods, a few ms each, are not measured)."""
+
+    def __init__(self, node: Node, dst: str, segment: int = 1000, interval: float = 0.002) -> None:
+        self.node, self.dst, self.segment, self.interval = node, dst, segment, interval
+        self.results: list[PingResult] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> FloodCounter:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.results.append(count_flood(self.node, self.dst, self.segment, self.interval))
+
+    def stop(self) -> PingResult:
+        """Let the flood under way finish, then sum them all."""
+        self._stop.set()
+        self._thread.join()
+        return PingResult(
+            self.node.name,
+            self.dst,
+            sum(r.sent for r in self.results),
+            sum(r.received for r in self.results),
+            sum(r.errors for r in self.results),
+        )
 
 
 @dataclass
