@@ -13,8 +13,10 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from flannel_ebpf.agent import Agent, AgentOptions, FatalError
 from flannel_ebpf.lab.etcd import free_port
 from flannel_ebpf.subnet.lease import LeaseAttrs
+from flannel_ebpf.subnet.manager import LeaseOptions
 from flannel_ebpf.subnet.registry import EtcdTLS, SubnetRegistry
 
 pytestmark = pytest.mark.skipif(not shutil.which("openssl") or not shutil.which("etcd"), reason="needs openssl, etcd")
@@ -101,3 +103,70 @@ def test_tls_client_certs_and_auth(tls_etcd):
             await bad.close()
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def agent_for(endpoint: str, state_dir, tls: EtcdTLS, username: str = "", password: str = "") -> Agent:
+    options = AgentOptions(
+        etcd_endpoints=[endpoint], etcd_tls=tls, etcd_username=username, etcd_password=password,
+        state_dir=str(state_dir),
+    )  # fmt: skip
+    options.lease = LeaseOptions(retry_interval=0.1, retry_max=0.2)
+    return Agent(options)
+
+
+def fatal_line(agent: Agent) -> str:
+    """What the agent says when it gives up reading the config: one line (FatalError), within seconds."""
+
+    async def body() -> str:
+        reg = agent.options.registry()
+        try:
+            with pytest.raises(FatalError) as info:
+                await asyncio.wait_for(agent.wait_for_config(reg), 20)
+        finally:
+            await reg.close()
+        return str(info.value)
+
+    line = asyncio.run(body())
+    assert "\n" not in line and "Traceback" not in line
+    return line
+
+
+@pytest.fixture
+def other_pki(tmp_path):
+    d = tmp_path / "other-pki"
+    d.mkdir()
+    make_pki(str(d))
+    return str(d)
+
+
+def test_tls_misconfiguration_is_one_line_naming_the_cause(tls_etcd, other_pki, tmp_path):
+    """Issue 15 part 6: each mistake is one line that names it, at once, never "etcd unavailable" forever."""
+    url, d = tls_etcd
+    ca, cert, key = f"{d}/ca.crt", f"{d}/client.crt", f"{d}/client.key"
+    cases = {
+        "wrong CA": (EtcdTLS(f"{other_pki}/ca.crt", cert, key), f"not signed by the CA in --etcd-cafile {other_pki}"),
+        "no client certificate": (EtcdTLS(ca), "requires a TLS client certificate and none was given"),
+        "client certificate of another CA": (
+            EtcdTLS(ca, f"{other_pki}/client.crt", f"{other_pki}/client.key"),
+            f"refused the TLS client certificate {other_pki}/client.crt",
+        ),
+        "https without any TLS file": (EtcdTLS(), "none of the system's CAs trusts"),
+    }
+    for name, (tls, expected) in cases.items():
+        started = time.monotonic()
+        line = fatal_line(agent_for(url, tmp_path, tls))
+        print(f"{name} ({time.monotonic() - started:.1f}s): {line}")
+        assert expected in line and url in line, f"{name}: {line}"
+    # Right certificates, wrong password: the same one line as over plaintext.
+    line = fatal_line(agent_for(url, tmp_path, EtcdTLS(ca, cert, key), "root", "wrong"))
+    print(f"wrong password over TLS: {line}")
+    assert "authentication failed" in line and "--etcd-password" in line
+
+
+def test_https_to_a_plaintext_etcd_never_falls_back(etcd, tmp_path):
+    """An https:// endpoint whose etcd speaks plaintext: refused in one line; no plaintext fallback."""
+    url = etcd.endpoint.replace("http://", "https://")
+    etcd.ctl("put", "/coreos.com/network/config", '{"Network": "10.5.0.0/16"}')
+    line = fatal_line(agent_for(url, tmp_path, EtcdTLS()))
+    print(line)
+    assert "does not speak TLS" in line and url in line
