@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
+import re
 
 import pytest
 
+from flannel_ebpf.datapath import bpfsys, layout
+from flannel_ebpf.lab.traffic import FloodCounter
 from tests.helpers import wait_delivery_settled, wait_for
 from tests.packets import inner_echo
 
@@ -28,6 +29,18 @@ def bring_up(lab_factory, decap, hosts=3, topology="flat", segments=None):
         lab.add_container(host)
     wait_delivery_settled(lab)
     return lab
+
+
+def pinned_map_ids(lab, host) -> dict[str, int]:
+    """The kernel ids of the maps pinned for `host` (the lab's agents pin in this machine's bpffs)."""
+    ids = {}
+    for spec in layout.ALL_MAPS:
+        fd = bpfsys.obj_get(layout.pin_path(lab.pin_dir(host), spec))
+        try:
+            ids[spec.name] = bpfsys.map_info(fd).map_id
+        finally:
+            os.close(fd)
+    return ids
 
 
 def counters(lab, host) -> dict[str, int]:
@@ -67,22 +80,24 @@ def test_all_pairs_ping_and_tcp_both_ways(lab_factory, decap, topology):
 def test_agent_kill_9_under_flood_loses_nothing_and_restart_adopts(lab_factory, decap):
     lab = bring_up(lab_factory, decap, hosts=2)
     h1c, h2c = lab.containers
-    result: dict = {}
-    flood = threading.Thread(target=lambda: result.setdefault("r", lab.flood_ping(h1c, h2c, seconds=4)))
-    flood.start()
-    time.sleep(1)
+    # Count-bounded floods (each ends on an answer: no probe in flight is counted as lost), 2 ms apart.
+    flood = FloodCounter(lab.node(h1c), str(h2c.ip), segment=500).start()
+    wait_for(lambda: flood.results, what="a first flood to complete")
     lab.kill_agent("h1")
     lab.kill_agent("h2")
-    flood.join()
-    r = result["r"]
+    sent_at_kill = sum(r.sent for r in flood.results)
+    wait_for(lambda: sum(r.sent for r in flood.results) >= sent_at_kill + 1000, what="1000 pings after the kill")
+    r = flood.stop()
     print(f"kill -9 of both agents under a ping flood: {r.sent - r.received} of {r.sent} lost")
     assert r.sent > 1000 and r.received == r.sent
     peers_before = lab.agent_status("h1")["live"]["maps"]["peers"]
+    ids_before = pinned_map_ids(lab, "h1")
     lab.start_agent("h1", ["--lease-check-interval", "1"])
     lab.wait_ready("h1", 60)
     after = lab.agent_status("h1")
-    assert after["live"]["maps"]["peers"] == peers_before  # adopted the pinned map, same content
-    assert "adopt" in lab.agent_log("h1").lower()
+    assert after["live"]["maps"]["peers"] == peers_before  # same content...
+    assert pinned_map_ids(lab, "h1") == ids_before  # ...in the very same maps: adopted, not re-created
+    assert re.search(r"\b1 pinned peers adopted", lab.agent_log("h1", last_run=True)), "the peer map was adopted"
     assert lab.ping(h1c, h2c).received == 3
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from flannel_ebpf.lab.netns import Netns
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 NETWORK = "10.50.0.0/16"
@@ -304,7 +305,13 @@ def test_two_hosts_ping_spoof_restart_teardown(lab: Lab, decap: str) -> None:
     send_udp(lab.ns("h1"), "192.168.50.9", "192.168.50.2", inner_icmp_echo("10.50.1.2", "10.50.2.2"))
     # from a member, but for a destination outside h2's subnet
     send_udp(lab.ns("h1"), "192.168.50.1", "192.168.50.2", inner_icmp_echo("10.50.1.2", "10.50.7.7"))
-    time.sleep(0.3)
+    wait_for(
+        lambda: (
+            counters(a2)["decap_not_member"] > before["decap_not_member"]
+            and counters(a2)["decap_not_local"] > before["decap_not_local"]
+        ),
+        what="both drops counted",
+    )
     after = counters(a2)
     assert after["decap_not_member"] == before["decap_not_member"] + 1
     assert after["decap_not_local"] == before["decap_not_local"] + 1

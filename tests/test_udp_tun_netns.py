@@ -25,7 +25,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from flannel_ebpf.backends.udp_tun_proxy import (
     decrement_ttl,
     internet_checksum,
 )
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -493,7 +493,7 @@ def test_hand_made_datagram_arrives_in_the_container(lab: Lab) -> None:
     # A datagram for a destination outside h1's subnet is not injected (flannel would inject it).
     stray = ipv4_header(9, bytes([10, 5, 2, 77]), bytes([10, 5, 2, 2]), proto=1, payload_len=len(icmp))
     ns_python(lab.ns("h2"), SEND_UDP, "192.168.77.2", "192.168.77.1", str(PORT), (stray + icmp).hex())
-    time.sleep(0.3)
+    wait_for(lambda: lab.agents["h1"].counters()["drop_not_local"] > before["drop_not_local"], what="the stray counted")
     after = lab.agents["h1"].counters()
     assert after["rx_packets"] - before["rx_packets"] == 1
     assert after["drop_not_local"] - before["drop_not_local"] == 1
