@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 # bcc's Python module is Debian's python3-bpfcc (PyPI's "bcc" is an unrelated package: never install it).
 PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-pyroute2 python3-netaddr
-          etcd-server etcd-client iperf3 iproute2 iputils-ping iptables ethtool tcpdump clang llvm libbpf-dev)
+          etcd-server etcd-client iperf3 iproute2 iputils-ping iptables ethtool tcpdump clang llvm libbpf-dev
+          openssl)
 KREL=$(uname -r)
 missing=()
 for p in "${PACKAGES[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done

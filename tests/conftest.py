@@ -23,12 +23,29 @@ def _missing_for_lab() -> str | None:
     return None
 
 
+#: Set by `make test`: on a machine that `make setup` prepared, a skipped test is a setup bug (no root,
+#: no etcd, a missing tool), so every skip is reported as a failure instead of passing quietly.
+NO_SKIPS = os.environ.get("FLANNEL_EBPF_NO_SKIPS", "") not in ("", "0")
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     # Remember each phase's report on the test item so that fixtures can tell whether the test failed.
     rep = yield
+    if NO_SKIPS and rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped, but FLANNEL_EBPF_NO_SKIPS is set (`make test`): {reason}; run `make setup`"
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Skips outside a test (a whole module skipped at collection) fail the run too.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if NO_SKIPS and skipped and session.exitstatus == 0:
+        session.exitstatus = 1
 
 
 def _failed(request: pytest.FixtureRequest) -> bool:
