@@ -89,6 +89,13 @@ int flannel_encap(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 
+	/* The outer length fields have 16 bits: a packet over 65507 bytes (a GRO'd one forwarded into
+	 * the overlay) cannot be carried whole, and a wrapped length would be a malformed packet. */
+	if (inner_len > 0xffff - FL_ENCAP_LEN) {
+		fl_count(FL_ENCAP_TOO_BIG_DROP, pkt_len);
+		return TC_ACT_SHOT;
+	}
+
 	/* A GSO packet is cut into underlay-sized segments later (the route MTU on flannel0 is already
 	 * 28 below the underlay's); a single packet must fit as it is. bpf_check_mtu with *mtu_len set
 	 * compares that L3 length plus len_diff against the device MTU and returns the MTU. */

@@ -324,9 +324,12 @@ def _missing_programs(st: state_file.AgentState) -> str | None:
     try:
         backend = make_backend(st.backend_type, st.backend_config, options)
         assert isinstance(backend, UdpEbpfBackend)
-        if local is not None:
-            backend._ext = local.ext  # look where the agent looks (underlay, flannel0), not at every device
-        live = backend._programs_in_kernel()
+        devices = None
+        if local is not None:  # look where the agent looks (underlay, flannel0, its bridge), not everywhere
+            bridge = (st.backend_status or {}).get("container_bridge") or {}
+            index, name = bridge.get("bridge_index"), bridge.get("bridge")
+            devices = backend.watched_devices(local.ext, (index, name) if index and name else None)
+        live = backend.programs_in_kernel(devices)
     except Exception as e:
         return f"cannot check the eBPF programs: {e}"
 
@@ -415,8 +418,11 @@ def _live_backend_status(st: state_file.AgentState) -> dict[str, Any]:
     try:
         backend = make_backend(st.backend_type, st.backend_config, st.options())
         live = backend.status() if backend.status_from_kernel else {}
-        if "loader" in live and live["loader"] is None:  # known only to the agent that loaded the programs
-            live["loader"] = (st.backend_status or {}).get("loader")
+        # Known only to the agent that loaded the programs: taken from its last heartbeat.
+        agent_view = st.backend_status or {}
+        for key in ("loader", "decap", "kernel_features", "container_bridge"):
+            if key in agent_view:
+                live[key] = agent_view[key]
         return live
     except Exception as e:
         return {"error": f"cannot read the data path: {e}"}

@@ -24,6 +24,7 @@ import os
 import select
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -34,7 +35,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel_ebpf.datapath import bpfsys, layout
-from flannel_ebpf.datapath.maps import DatapathMapError, DatapathMaps
+from flannel_ebpf.datapath.maps import DatapathMaps
 from flannel_ebpf.loaders import attach as hooks
 
 DELIVERY_MODES = ("port", "bridge", "peer")
@@ -43,9 +44,10 @@ DELIVERY_MODES = ("port", "bridge", "peer")
 _RTMGRP_LINK = 0x1
 _RTMGRP_NEIGH = 0x4
 _RTMGRP_IPV4_IFADDR = 0x10
-# neighbour states whose link-layer address is valid (NUD_VALID without NUD_NOARP's meaning for us)
+# neighbour states with a usable link-layer address: REACHABLE STALE DELAY PROBE NOARP PERMANENT
 _DEBOUNCE = 0.05  # seconds of quiet that end a burst of netlink events
-_NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
+_DRAIN_MAX = 0.2  # the longest a burst may hold off a reconcile
+_NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,40 @@ def find_container_bridge(ipr: IPRoute, gateway: IPv4Address) -> ContainerBridge
     return None
 
 
+def container_ports(ipr: IPRoute, bridge: ContainerBridge) -> set[int]:
+    """The bridge's ports that lead into a container: veths that are up, whose peer lives in another
+    network namespace (what bpf_redirect_peer needs, and what a container's port looks like)."""
+    ports = set()
+    for link in ipr.get_links():
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        if (
+            link.get_attr("IFLA_MASTER") == bridge.index
+            and kind == "veth"
+            and link.get_attr("IFLA_LINK_NETNSID") is not None
+            and link.get_attr("IFLA_OPERSTATE") == "UP"
+        ):
+            ports.add(link["index"])
+    return ports
+
+
 def read_endpoints(ipr: IPRoute, bridge: ContainerBridge, subnet: IPv4Network) -> dict[IPv4Address, layout.Endpoint]:
-    """Container address -> (bridge port, MAC): the host's neighbours on the bridge joined with its FDB."""
+    """Container address -> (bridge port, MAC): the host's neighbours on the bridge joined with its FDB.
+
+    Only container ports count, and a MAC the bridge has learned on more than one port is left out: a
+    container forging another's MAC gets no hand-off for it (the bridge's own forwarding decides, as it
+    would without us)."""
+    ports = container_ports(ipr, bridge)
     port_of_mac: dict[str, int] = {}
+    ambiguous: set[str] = set()
     for entry in ipr.get_neighbours(family=socket.AF_BRIDGE):
-        mac, port = entry.get_attr("NDA_LLADDR"), entry["ifindex"]
-        if entry.get_attr("NDA_MASTER") == bridge.index and port != bridge.index and mac:
-            port_of_mac[mac.lower()] = port
+        mac, port = (entry.get_attr("NDA_LLADDR") or "").lower(), entry["ifindex"]
+        if entry.get_attr("NDA_MASTER") != bridge.index or port not in ports or not mac:
+            continue
+        if port_of_mac.setdefault(mac, port) != port:
+            ambiguous.add(mac)
+    for mac in ambiguous:
+        del port_of_mac[mac]
     endpoints: dict[IPv4Address, layout.Endpoint] = {}
     for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=bridge.index):
         dst, mac = entry.get_attr("NDA_DST"), entry.get_attr("NDA_LLADDR")
@@ -92,11 +121,18 @@ def read_endpoints(ipr: IPRoute, bridge: ContainerBridge, subnet: IPv4Network) -
 
 
 def detach_handoff_everywhere(ipr: IPRoute, keep: int | None = None) -> list[str]:
-    """Remove our hand-off filter from every device but `keep`; returns the devices cleaned."""
+    """Remove our hand-off filter from every device but `keep`; returns the devices cleaned. A device
+    that refuses is logged and skipped: one stubborn device must not stop a teardown."""
     cleaned = []
     for link in ipr.get_links():
-        if link["index"] != keep and hooks.tc_detach(link["index"], "egress", layout.PROG_DELIVER):
-            cleaned.append(link.get_attr("IFLA_IFNAME"))
+        name = link.get_attr("IFLA_IFNAME")
+        if link["index"] == keep:
+            continue
+        try:
+            if hooks.tc_detach(link["index"], "egress", layout.PROG_DELIVER):
+                cleaned.append(name)
+        except hooks.AttachError as e:
+            logger.warning("udp (eBPF): cannot remove the bridge hand-off from {}: {}", name, e)
     return cleaned
 
 
@@ -116,6 +152,9 @@ class EndpointSync:
         self.bridge: ContainerBridge | None = None
         self.endpoints = 0
         self._hooked: int | None = None  # the bridge this run attached its program to
+        self.last_reconcile = 0.0
+        self.last_error: str | None = None
+        self._stopping = threading.Event()
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._run, name="endpoint-sync", daemon=True)
         self._lock = threading.Lock()  # reconcile() from the thread or from a caller, one at a time
@@ -126,34 +165,45 @@ class EndpointSync:
 
     def stop(self) -> None:
         """Stop watching; the map and the hook stay (traffic keeps flowing while the agent is away)."""
+        self._stopping.set()
         with contextlib.suppress(OSError):
             os.write(self._stop_w, b"x")
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        for fd in (self._stop_r, self._stop_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        if not self._thread.is_alive():  # else its select() still holds the pipe: it is a daemon thread
+            for fd in (self._stop_r, self._stop_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def status(self) -> dict[str, Any]:
+        hooked = self.bridge is not None and self._hooked == self.bridge.index
         return {
             "bridge": self.bridge.name if self.bridge else None,
+            "bridge_index": self.bridge.index if self.bridge else None,
             "gateway": str(self.gateway),
-            "hook": f"tc egress of {self.bridge.name}" if self.bridge and self.attach_hook else None,
+            "hook": f"tc egress of {self.bridge.name}" if hooked and self.bridge else None,
             "endpoints": self.endpoints,
+            "last_reconcile": self.last_reconcile,
+            "last_error": self.last_error,
         }
 
     def reconcile(self) -> None:
-        """Find the bridge, make the hook and fl_endpoints match it. Errors are logged, never raised."""
+        """Find the bridge, make the hook and fl_endpoints match it. Errors are logged (and shown by
+        status), never raised: the thread must outlive anything the host hands it."""
         with self._lock:
             try:
                 self._reconcile()
-            except (NetlinkError, OSError, DatapathMapError, hooks.AttachError) as e:
-                logger.warning("udp (eBPF): cannot update the container endpoints: {}", e)
+                self.last_error = None
+            except Exception as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                logger.warning("udp (eBPF): cannot update the container endpoints: {}", self.last_error)
 
     def _reconcile(self) -> None:
         with IPRoute() as ipr:
             bridge = find_container_bridge(ipr, self.gateway)
-            if bridge != self.bridge:
+            # A bridge without a MAC of its own takes its lowest port's: the MAC changes as containers
+            # come and go, the bridge does not.
+            if (bridge and bridge.index) != (self.bridge and self.bridge.index):
                 if bridge is None:
                     logger.info("udp (eBPF): no container bridge holds {} (yet)", self.gateway)
                 else:
@@ -161,19 +211,25 @@ class EndpointSync:
                 keep = bridge.index if bridge is not None and self.attach_hook else None
                 for name in detach_handoff_everywhere(ipr, keep=keep):
                     logger.info("udp (eBPF): bridge hand-off removed from {}", name)
-                self.bridge = bridge
+            self.bridge = bridge
             desired = read_endpoints(ipr, bridge, self.subnet) if bridge else {}
-        if bridge is not None and self.attach_hook:
+        if bridge is not None and self.attach_hook and not self._stopping.is_set():
             self._ensure_hook(bridge)
         with DatapathMaps(self.pin_dir) as maps:
             current = maps.read_endpoints()
-            for ip, endpoint in desired.items():
-                if current.get(ip) != endpoint:
-                    maps.set_endpoint(ip, endpoint)
-                    logger.debug("udp (eBPF): endpoint {} on port #{} ({})", ip, endpoint.port_ifindex, endpoint.mac)
-            for ip in current.keys() - desired.keys():
+            for ip in current.keys() - desired.keys():  # first: room for the new ones in a full map
                 maps.delete_endpoint(ip)
-        self.endpoints = len(desired)
+            for ip, endpoint in desired.items():
+                if current.get(ip) == endpoint:
+                    continue
+                try:
+                    maps.set_endpoint(ip, endpoint)
+                except OSError as e:  # that container takes the bridge's path; the others are kept
+                    logger.error("udp (eBPF): cannot record endpoint {}: {}", ip, e)
+                    continue
+                logger.debug("udp (eBPF): endpoint {} on port #{} ({})", ip, endpoint.port_ifindex, endpoint.mac)
+            self.endpoints = len(maps.read_endpoints())
+        self.last_reconcile = time.time()
 
     def _ensure_hook(self, bridge: ContainerBridge) -> None:
         """Attach this run's program once per bridge (replacing a previous run's in place, atomically),
@@ -192,16 +248,19 @@ class EndpointSync:
     def _run(self) -> None:
         with IPRoute() as events:
             events.bind(groups=_RTMGRP_LINK | _RTMGRP_NEIGH | _RTMGRP_IPV4_IFADDR)
-            while True:
-                ready, _, _ = select.select([events, self._stop_r], [], [], self.resync)
-                if self._stop_r in ready:
-                    return
-                # Drain the burst (a container start is a dozen link/FDB/neighbour events) before one
-                # reconcile: what changed is re-read whole.
-                while events in ready:
+            while not self._stopping.is_set():
+                due = self.last_reconcile + self.resync - time.time()  # a full reconcile every `resync` s
+                ready, _, _ = select.select([events, self._stop_r], [], [], max(0.0, due))
+                # Drain a burst (a container start is a dozen link/FDB/neighbour events) before one
+                # reconcile, for at most _DRAIN_MAX seconds: a stream of events (a container flooding
+                # forged MACs, say) must not hold the reconcile off.
+                drain_until = time.monotonic() + _DRAIN_MAX
+                while events in ready and self._stop_r not in ready and time.monotonic() < drain_until:
                     try:
                         events.get()
                     except (NetlinkError, OSError) as e:  # ENOBUFS after a flood: the reconcile covers it
                         logger.debug("udp (eBPF): netlink event socket: {}", e)
-                    ready, _, _ = select.select([events], [], [], _DEBOUNCE)
+                    ready, _, _ = select.select([events, self._stop_r], [], [], _DEBOUNCE)
+                if self._stop_r in ready:
+                    return
                 self.reconcile()

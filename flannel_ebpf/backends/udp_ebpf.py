@@ -49,7 +49,7 @@ from flannel_ebpf.datapath import bpfsys, layout
 from flannel_ebpf.datapath.maps import DatapathMapError, DatapathMaps, remove_pins
 from flannel_ebpf.loaders import LoaderError, make_loader
 from flannel_ebpf.loaders import attach as hooks
-from flannel_ebpf.loaders.base import Loader, foreign_xdp_refusal
+from flannel_ebpf.loaders.base import Attachment, Loader, foreign_xdp_refusal
 from flannel_ebpf.loaders.probes import KernelFeatures, probe_kernel
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 from flannel_ebpf.subnet_file import atomic_write
@@ -116,7 +116,7 @@ class UdpEbpfBackend(Backend):
     def start(self, local: LocalNetwork) -> None:
         self._local = local
         self._ext = local.ext
-        self._decap = self._decap_mode(local.ext.name)
+        self._decap = self._decap_mode(local.ext)
         foreign = Loader.foreign_xdp(local.ext.index, layout.PROG_DECAP_XDP) if self._decap == "xdp" else None
         if foreign and not hooks.POLICY.replace_foreign_xdp:  # refused before anything is created
             raise BackendError(f"udp (eBPF): {foreign_xdp_refusal(local.ext.index, foreign)}")
@@ -124,6 +124,37 @@ class UdpEbpfBackend(Backend):
         old_rp_filter = _loosen_rp_filter(local.ext.name)
         if old_rp_filter is not None:
             self._remember_setting(f"rp_filter:{local.ext.name}", old_rp_filter)
+        try:
+            encap, decap, adopted = self._load_and_attach(local, tun_index)
+        except BackendError as e:
+            if self.options.udp_decap != "auto" or self._decap != "xdp":
+                raise
+            # auto chose XDP for this device, and the kernel or the driver would not take it (an old
+            # kernel without multi-buffer XDP, a driver with MTU limits): tc works on every device.
+            logger.warning("udp (eBPF): XDP decapsulation on {} failed, using tc instead: {}", local.ext.name, e)
+            self._decap = "tc"
+            encap, decap, adopted = self._load_and_attach(local, tun_index)
+        self._attachments = [
+            {"program": a.program, "ifindex": a.ifindex, "hook": a.hook, "prog_id": a.prog_id, "xdp_mode": a.xdp_mode}
+            for a in (encap, decap)
+        ]
+        mode = f" ({decap.xdp_mode})" if decap.xdp_mode else ""
+        logger.info(
+            "udp (eBPF): encap on {} egress, decap {}{} on {}, port {}, {} pinned peers adopted from {}",
+            DEVICE,
+            decap.hook,
+            mode,
+            local.ext.name,
+            self.port,
+            adopted,
+            self.pin_dir,
+        )
+        self._start_delivery(local)
+
+    def _load_and_attach(self, local: LocalNetwork, tun_index: int) -> tuple[Attachment, Attachment, int]:
+        """Load this run's programs (adopting the pinned maps), fill the config, attach encap and decap
+        (swapping a previous run's in place) and pin the programs; returns both attachments and the
+        number of pinned peers adopted."""
         decap_program = layout.PROG_DECAP_XDP if self._decap == "xdp" else layout.PROG_DECAP_TC
         delivery = self.options.udp_delivery
         programs = [layout.PROG_ENCAP, decap_program, layout.PROG_PROBE_DECAP]
@@ -168,32 +199,20 @@ class UdpEbpfBackend(Backend):
                 decap = loader.attach_tc(decap_program, local.ext.index, "ingress")
                 Loader.detach_xdp(local.ext.index, layout.PROG_DECAP_XDP)
             # Pinned: status finds the ids; the bridge hand-off is attached from its pin whenever the
-            # container bridge appears (udp_delivery.EndpointSync).
-            for program in [layout.PROG_ENCAP, decap_program] + ([layout.PROG_DELIVER] if delivery == "port" else []):
+            # container bridge appears (udp_delivery.EndpointSync). A previous run's programs that this
+            # run does not use (another decap or delivery mode) are unpinned, so they can go.
+            pinned = [p for p in programs if p != layout.PROG_PROBE_DECAP]
+            for program in layout.PROGRAM_NAMES:
                 path = layout.prog_pin_path(self.pin_dir, program)
                 with contextlib.suppress(FileNotFoundError):
-                    path.unlink()  # the previous run's program: replaced just now
-                bpfsys.obj_pin(loader.program_fd(program), path)
+                    path.unlink()  # the previous run's program: replaced just now, or not used now
+                if program in pinned:
+                    bpfsys.obj_pin(loader.program_fd(program), path)
         except (LoaderError, DatapathMapError, OSError) as e:
             raise BackendError(f"udp (eBPF): {e}") from e
         finally:
             loader.close()  # attached programs stay; only our fds go
-        self._attachments = [
-            {"program": a.program, "ifindex": a.ifindex, "hook": a.hook, "prog_id": a.prog_id, "xdp_mode": a.xdp_mode}
-            for a in (encap, decap)
-        ]
-        mode = f" ({decap.xdp_mode})" if decap.xdp_mode else ""
-        logger.info(
-            "udp (eBPF): encap on {} egress, decap {}{} on {}, port {}, {} pinned peers adopted from {}",
-            DEVICE,
-            decap.hook,
-            mode,
-            local.ext.name,
-            self.port,
-            adopted,
-            self.pin_dir,
-        )
-        self._start_delivery(local)
+        return encap, decap, adopted
 
     def sync(self, peers: list[Lease]) -> None:
         maps = self._require_maps()
@@ -277,8 +296,11 @@ class UdpEbpfBackend(Backend):
         with IPRoute() as ipr:
             index = next(iter(ipr.link_lookup(ifname=DEVICE)), None)
             if index is not None:
-                ipr.link("del", index=index)  # its address, route and tc filter go with it
-                logger.info("udp (eBPF): {} deleted", DEVICE)
+                try:
+                    ipr.link("del", index=index)  # its address, route and tc filter go with it
+                    logger.info("udp (eBPF): {} deleted", DEVICE)
+                except NetlinkError as e:  # the rest of the teardown still runs
+                    logger.warning("udp (eBPF): cannot delete {}: {}", DEVICE, e)
             alive = {(link["index"], link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
         for entry in hooks.created_clsacts(record):
             if entry not in alive:  # flannel0's, or a device gone since: nothing left to delete
@@ -327,7 +349,7 @@ class UdpEbpfBackend(Backend):
             "decap": self._decap or self.options.udp_decap,
             "delivery": self.options.udp_delivery,
             "loader": self._loader_name,  # None in a process that did not load them (cli fills it in)
-            "programs": self._programs_in_kernel(),
+            "programs": self.programs_in_kernel(self.watched_devices() or None),
         }
         if self._features is not None:
             result["kernel_features"] = self._features.as_dict()
@@ -342,16 +364,19 @@ class UdpEbpfBackend(Backend):
         return result
 
     # --- helpers --------------------------------------------------------------------------------
-    def _decap_mode(self, iface: str) -> str:
+    def _decap_mode(self, ext: ExternalInterface) -> str:
         """--udp-decap auto: tc on veth underlays, XDP elsewhere (see docs/PERFORMANCE.md). On a veth,
         native XDP turns TSO off on the peer and copies every skb (skb_pp_cow_data), while tc decap sees
         the whole GSO skb; on a physical NIC XDP runs before GRO, so the inner TCP is GRO'd, while tc
         decap gets unmerged 1.5 KB packets (UDP GRO does not merge port 8285)."""
         if self.options.udp_decap != "auto":
             return self.options.udp_decap
-        if self.options.udp_delivery == "peer":
+        if self.options.udp_delivery == "peer" or _driver(ext.name) == "veth":
             return "tc"
-        return "tc" if _driver(iface) == "veth" else "xdp"
+        if Loader.foreign_xdp(ext.index, layout.PROG_DECAP_XDP) and not hooks.POLICY.replace_foreign_xdp:
+            logger.info("udp (eBPF): {} has another tool's XDP program: decapsulating in tc", ext.name)
+            return "tc"
+        return "xdp"
 
     def _start_delivery(self, local: LocalNetwork) -> None:
         """Keep fl_endpoints (and the bridge hook) in step; remove a hand-off this run does not want."""
@@ -359,10 +384,11 @@ class UdpEbpfBackend(Backend):
         delivery = self.options.udp_delivery
         attach_hook = delivery == "port" and self._features.bridge_handoff_needed
         logger.info("udp (eBPF): delivery: {}", delivery)
-        if delivery == "bridge" or (delivery == "port" and not attach_hook):
+        if not attach_hook:  # a previous run's hand-off, left by another mode or kernel
             with IPRoute() as ipr:
                 for name in detach_handoff_everywhere(ipr):
                     logger.info("udp (eBPF): bridge-port hand-off removed from {} (not wanted now)", name)
+        if delivery == "bridge" or (delivery == "port" and not attach_hook):
             if delivery == "port":
                 logger.info("udp (eBPF): this kernel keeps decapsulated skbs whole: no bridge hand-off needed")
             return
@@ -491,16 +517,32 @@ class UdpEbpfBackend(Backend):
                 logger.info("udp (eBPF): clsact qdisc removed from {} (we had added it)", name)
         hooks.forget_clsact(record, index, name)
 
-    def _programs_in_kernel(self) -> list[dict[str, Any]]:
-        """Our programs as the kernel has them attached now (works from a fresh `status` process)."""
-        found: list[dict[str, Any]] = []
+    def watched_devices(
+        self, ext: ExternalInterface | None = None, bridge: tuple[int, str] | None = None
+    ) -> dict[int, str]:
+        """Where this host's programs sit (index -> name): the underlay, flannel0 and the container bridge
+        (this agent's, or `ext` and `bridge` as another process read them from the agent's state)."""
+        ext = ext or self._ext
+        if ext is None:
+            return {}
+        devices = {ext.index: ext.name}
         with IPRoute() as ipr:
-            if self._ext is not None:
-                # The running agent knows where its programs are: a node with hundreds of pod veths is
-                # not scanned on every heartbeat. A fresh `status` process looks everywhere.
-                links = {self._ext.index: self._ext.name}
-                links.update({i: DEVICE for i in ipr.link_lookup(ifname=DEVICE)})
-            else:
+            devices.update({i: DEVICE for i in ipr.link_lookup(ifname=DEVICE)})
+        own = self._endpoint_sync.bridge if self._endpoint_sync is not None else None
+        if own is not None:
+            bridge = (own.index, own.name)
+        if bridge is not None:
+            devices[bridge[0]] = bridge[1]
+        return devices
+
+    def programs_in_kernel(self, devices: dict[int, str] | None = None) -> list[dict[str, Any]]:
+        """Our programs as the kernel has them attached now, on `devices` (the running agent knows where
+        they are: a node with hundreds of pod veths is not scanned on every heartbeat), else on every
+        device (a fresh `status` process)."""
+        found: list[dict[str, Any]] = []
+        links = devices
+        if links is None:
+            with IPRoute() as ipr:
                 links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for index, name in links.items():
             xdp = hooks.xdp_query(index)
