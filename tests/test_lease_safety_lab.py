@@ -59,6 +59,22 @@ def first_log_time(lab, host) -> float:
     raise AssertionError(f"no log line from the agent on {host}")
 
 
+def agent_acts_again(lab, host, times: int = 2) -> None:
+    """Until the agent has rewritten its state `times` more times (it does after each lease check or
+    attempt, every --lease-check-interval): instead of a fixed sleep, a window in which it has acted."""
+    path = lab.host(host).state_dir / "state.json"
+    seen: set[float] = set()
+    start = json.loads(path.read_text())["updated"]
+
+    def more() -> bool:
+        updated = json.loads(path.read_text())["updated"]
+        if updated > start:
+            seen.add(updated)
+        return len(seen) >= times
+
+    wait_for(more, 15, f"{host}'s agent to act {times} more times")
+
+
 def etcd_revision(lab) -> int:
     return json.loads(lab.etcd.ctl("get", "no-such-key", "-w", "json"))["header"]["revision"]
 
@@ -151,10 +167,12 @@ def test_subnet_taken_meanwhile_is_never_overwritten(lab_factory):
     # While running: another host's lease replaces ours (it was deleted and taken by someone else).
     lab.etcd_delete(lease_key(mine))
     lab.etcd_put(lease_key(mine), intruder)
-    wait_for(lambda: "not-ready" in lab.agent("h1").health().stdout, 15, "not-ready")
+    # Not-ready first says either "vanished and was re-created by another host" (the agent's re-create
+    # lost the race against the put) or names the holder; the next check (1 s) names the holder.
+    wait_for(lambda: "192.168.50.99" in lab.agent("h1").health().stdout, 15, "not-ready naming the holder")
     health = lab.agent("h1").health()
     assert health.returncode == 1 and mine in health.stdout and "192.168.50.99" in health.stdout
-    time.sleep(2)
+    agent_acts_again(lab, "h1")  # checks in which it could have overwritten the key
     assert json.loads(lab.etcd_get(lease_key(mine)))["PublicIP"] == "192.168.50.99"  # never overwritten
 
     # After a restart: the agent refuses to move the host's containers to another subnet.
@@ -200,7 +218,7 @@ def test_two_hosts_with_one_public_ip_never_fight(lab_factory):
     h1_ip = str(lab.host("h1").underlay_ip)
     lab.start_agent("h2", [*FAST, "--public-ip", h1_ip])
     wait_for(lambda: "DUPLICATE PUBLIC IP" in lab.agent("h2").health().stdout, 20, "duplicate reported")
-    time.sleep(2)
+    agent_acts_again(lab, "h2")  # attempts in which it could have taken or changed a lease
     assert lab.etcd_get_prefix(f"{PREFIX}/subnets/") == {key: before}
     assert lab.agent("h1").health().stdout.startswith("ready")
     assert "DUPLICATE PUBLIC IP" in lab.agent_log("h2")
