@@ -269,9 +269,12 @@ def render_chart(results: ResultsInput, meta: RunMetadata, path: Path) -> Path:
 
     rows = normalize(results)
     names = [r.name for r in rows]
-    fig = Figure(figsize=(15, 8.5), layout="constrained")
+    fig = Figure(figsize=(20, 8.5), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 3, sharey=True).flatten()
+    grid = fig.subplots(2, (len(METRICS) + 1) // 2, sharey=True).flatten()
+    for unused in grid[len(METRICS) :]:
+        unused.set_visible(False)
+    axes = grid[: len(METRICS)]
     colours = {
         "udp-ebpf": "#2a9d8f",
         "udp-ebpf-xdp": "#52b788",
