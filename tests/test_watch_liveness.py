@@ -82,7 +82,11 @@ def test_silent_watch_stream_is_noticed_and_resumed(etcd, prefix, logs):
                 assert NET1 not in sink.peers
                 proxy.restore()
                 restored = time.monotonic()
-                await eventually(lambda: NET1 in sink.peers, 10, "the peer added during the black hole")
+                try:
+                    await eventually(lambda: NET1 in sink.peers, 10, "the peer added during the black hole")
+                except AssertionError:
+                    print("\n".join(["last log lines:", *logs[-25:]]))  # what the watch loop was doing
+                    raise
                 print(f"peer seen {time.monotonic() - restored:.2f}s after the path came back")
             assert m.relists == 1  # resumed from the last revision: no relist needed
         finally:
