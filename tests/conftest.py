@@ -74,6 +74,17 @@ def etcd(etcd_server: EtcdServer) -> EtcdServer:
 
 
 @pytest.fixture
+def logs() -> Iterator[list[str]]:
+    """Every log line (level and message) the code under test writes while the test runs."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(f"{m.record['level'].name} {m.record['message']}"), level="DEBUG")
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
+
+
+@pytest.fixture
 def lab_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
     """`lab_factory(hosts=3, topology="flat", network_config={...}, ...)` -> a Lab that is up.
 

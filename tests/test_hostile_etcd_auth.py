@@ -11,7 +11,6 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
 from flannel_ebpf.agent import Agent, AgentOptions, FatalError
 from flannel_ebpf.config import parse_config
@@ -52,16 +51,6 @@ def auth_etcd() -> Iterator[EtcdServer]:
         yield server
     finally:
         server.close()
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(f"{m.record['level'].name} {m.record['message']}"), level="DEBUG")
-    try:
-        yield lines
-    finally:
-        logger.remove(sink)
 
 
 def run(coro):

@@ -4,11 +4,9 @@ backends' lease evaluation. No etcd, no kernel (see test_hostile_etcd.py for tho
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
-from loguru import logger
 
 from flannel_ebpf.backends.base import BackendError, BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.config import ConfigError, parse_config
@@ -21,17 +19,6 @@ from flannel_ebpf.subnet.lease import (
     parse_subnet_key,
     subnet_key,
 )
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(f"{m.record['level'].name} {m.record['message']}"), level="DEBUG")
-    try:
-        yield lines
-    finally:
-        logger.remove(sink)
-
 
 # --- 1. deep nesting --------------------------------------------------------------------------------
 
