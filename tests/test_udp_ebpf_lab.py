@@ -21,9 +21,9 @@ UDP = {"Network": "10.5.0.0/16", "Backend": {"Type": "udp"}}
 PREFIX = "/coreos.com/network"
 
 
-def bring_up(lab_factory, decap, hosts=3, topology="flat", segments=None):
+def bring_up(lab_factory, decap, hosts=3, topology="flat", segments=None, loader="auto"):
     lab = lab_factory(hosts, topology=topology, segments=segments, network_config=UDP)
-    lab.start_agents(["--udp-decap", decap, "--lease-check-interval", "1"])
+    lab.start_agents(["--udp-decap", decap, "--loader", loader, "--lease-check-interval", "1"])
     lab.wait_all_ready(60)
     for host in lab.host_names:
         lab.add_container(host)
@@ -48,9 +48,14 @@ def counters(lab, host) -> dict[str, int]:
     return {name: c["packets"] for name, c in live["maps"]["counters"].items()}
 
 
-@pytest.mark.parametrize(("decap", "topology"), [("xdp", "flat"), ("tc", "flat"), ("xdp", "routed"), ("tc", "routed")])
-def test_all_pairs_ping_and_tcp_both_ways(lab_factory, decap, topology):
-    lab = bring_up(lab_factory, decap, topology=topology, segments=["a", "a", "b"] if topology == "routed" else None)
+@pytest.mark.parametrize(
+    ("decap", "topology", "loader"),
+    [("xdp", "flat", "elf"), ("tc", "flat", "elf"), ("xdp", "routed", "elf"), ("tc", "routed", "elf"),
+     ("tc", "routed", "bcc")],
+)  # fmt: skip
+def test_all_pairs_ping_and_tcp_both_ways(lab_factory, decap, topology, loader):
+    segments = ["a", "a", "b"] if topology == "routed" else None
+    lab = bring_up(lab_factory, decap, topology=topology, segments=segments, loader=loader)
     assert all(lab.subnet_env(h).mtu == 1472 for h in lab.host_names)  # underlay 1500 - 28
     matrix = lab.ping_matrix()
     print(matrix.format())
@@ -62,7 +67,7 @@ def test_all_pairs_ping_and_tcp_both_ways(lab_factory, decap, topology):
             report = lab.iperf3(h1c, h3c, seconds=2, reverse=reverse)
             received = report["end"]["sum_received"]
             assert received["bytes"] > 10_000_000, report["end"]
-            print(f"udp-ebpf {decap} {topology} {'h3->h1' if reverse else 'h1->h3'}: "
+            print(f"udp-ebpf {loader} {decap} {topology} {'h3->h1' if reverse else 'h1->h3'}: "
                   f"{received['bits_per_second'] / 1e9:.2f} Gbit/s")  # fmt: skip
     finally:
         server.stop()
@@ -74,6 +79,9 @@ def test_all_pairs_ping_and_tcp_both_ways(lab_factory, decap, topology):
     assert all(p.get("prog_id", 0) > 0 for p in programs), programs  # ids as bpftool shows them
     c = counters(lab, "h1")
     assert c["encap_ok"] > 0 and c["decap_ok"] > 0
+    for host in lab.host_names:  # the loader asked for is the one that loaded the programs
+        assert lab.agent_status(host)["live"].get("loader") == loader
+        assert f"programs loaded by the {loader} loader" in lab.agent_log(host)
 
 
 @pytest.mark.parametrize("decap", ["xdp", "auto"])
