@@ -45,9 +45,9 @@ _RTMGRP_LINK = 0x1
 _RTMGRP_NEIGH = 0x4
 _RTMGRP_IPV4_IFADDR = 0x10
 # neighbour states with a usable link-layer address: REACHABLE STALE DELAY PROBE NOARP PERMANENT
+_NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80
 _DEBOUNCE = 0.05  # seconds of quiet that end a burst of netlink events
 _DRAIN_MAX = 0.2  # the longest a burst may hold off a reconcile
-_NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80
 
 
 @dataclass(frozen=True)
