@@ -63,15 +63,19 @@ class Loader(ABC):
 
     def __init__(self, pin_dir: str | Path) -> None:
         self.pin_dir = Path(pin_dir)
+        self._fds: dict[str, int] = {}  # program name -> fd, filled by load()
 
     @abstractmethod
     def load(self, programs: Sequence[str]) -> None:
         """Load these programs (names from datapath.layout.PROGRAM_NAMES); their maps are pinned under
         pin_dir, adopting pins that are already there (live maps keep their entries)."""
 
-    @abstractmethod
     def program_fd(self, program: str) -> int:
         """The fd of a loaded program."""
+        try:
+            return self._fds[program]
+        except KeyError:
+            raise LoaderError(f"program {program} was not loaded") from None
 
     def close(self) -> None:  # noqa: B027 - loaders without resources need nothing
         """Release fds; attached programs and pinned maps stay."""

@@ -86,7 +86,6 @@ class BccLoader(Loader):
     def __init__(self, pin_dir: str | Path) -> None:
         super().__init__(pin_dir)
         self._bpf: Any = None
-        self._fds: dict[str, int] = {}
         self._own_fds: list[int] = []  # loaded by us, not by bcc: closed by us
 
     def load(self, programs: Sequence[str]) -> None:
@@ -153,12 +152,6 @@ class BccLoader(Loader):
             raise LoaderError(f"the kernel refused {program}: {e}") from e
         self._own_fds.append(fd)
         return fd
-
-    def program_fd(self, program: str) -> int:
-        try:
-            return self._fds[program]
-        except KeyError:
-            raise LoaderError(f"program {program} was not loaded") from None
 
     def close(self) -> None:
         if self._bpf is not None:

@@ -300,7 +300,6 @@ class ElfLoader(Loader):
     def __init__(self, pin_dir: str | Path, object_dir: str | Path | None = None) -> None:
         super().__init__(pin_dir)
         self.object_dir = Path(object_dir) if object_dir is not None else layout.BPF_SOURCE_DIR
-        self._fds: dict[str, int] = {}
         self._map_fds: dict[str, int] = {}
 
     def load(self, programs: Sequence[str]) -> None:
@@ -379,12 +378,6 @@ class ElfLoader(Loader):
                 if e.errno != errno.EEXIST:  # else pinned meanwhile: adopt that one
                     raise LoaderError(f"cannot pin map {spec.name} at {path}: {e}") from None
         raise LoaderError(f"cannot pin map {spec.name} at {path}: it keeps changing")
-
-    def program_fd(self, program: str) -> int:
-        try:
-            return self._fds[program]
-        except KeyError:
-            raise LoaderError(f"program {program} was not loaded") from None
 
     def close(self) -> None:
         for fd in [*self._fds.values(), *self._map_fds.values()]:

@@ -228,6 +228,14 @@ class LeaseManager:
         await self._changed()
         return False
 
+    async def _keep_previous(self, problem: str) -> None:
+        """Our previous subnet cannot be had and we may not move: say why (not-ready), wait a check
+        interval, and let the caller try again (None: no lease this attempt)."""
+        self._set_problem(problem)
+        await self._changed()
+        await asyncio.sleep(self.options.check_interval)
+        return None
+
     async def _try_acquire(self, previous: IPv4Network | None) -> Lease | None:
         if not self.presence_lease and not await self._claim_presence():
             await asyncio.sleep(self.options.check_interval)
@@ -257,14 +265,11 @@ class LeaseManager:
         if previous is not None and previous in occupied:
             key = self.leases.lease_key(previous)
             if not self.options.allow_subnet_change:
-                self._set_problem(
+                return await self._keep_previous(
                     f"subnet {previous} (from the subnet file, used by this host's containers) has an invalid "
                     f"value in etcd at {key} ({occupied[previous]}); not taking another subnet under running "
                     f"containers. Delete that key, or the subnet file, or pass --allow-subnet-change"
                 )
-                await self._changed()
-                await asyncio.sleep(self.options.check_interval)
-                return None
             logger.warning("previous subnet {} has an invalid value at {}; taking another subnet", previous, key)
             previous = None
         if previous is not None:
@@ -276,14 +281,11 @@ class LeaseManager:
                     self._set_problem(None)
                 return got
             if holder is not None and not self.options.allow_subnet_change:
-                self._set_problem(
+                return await self._keep_previous(
                     f"subnet {previous} (from the subnet file, used by this host's containers) is held by "
                     f"{holder.public_ip}; not taking another subnet under running containers. Remove the "
                     f"subnet file or pass --allow-subnet-change to take a new one"
                 )
-                await self._changed()
-                await asyncio.sleep(self.options.check_interval)
-                return None
             if holder is None:
                 logger.warning("previous subnet {} does not fit the network config; ignoring it", previous)
         subnet = pick_subnet(self.config, [*taken, *occupied])  # raises OutOfSubnets
