@@ -142,7 +142,12 @@ class EtcdServer:
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError):
             return None
         st = out[0]["Status"]
-        return {"member_id": st["header"]["member_id"], "leader": st["leader"], "revision": st["header"]["revision"]}
+        # During an election a member knows no leader: etcd's JSON then omits the field (a zero value).
+        return {
+            "member_id": st["header"]["member_id"],
+            "leader": st.get("leader", 0),
+            "revision": st["header"]["revision"],
+        }
 
     def wipe(self) -> None:
         """Forget all data (etcd must be stopped): the next `start()` is an empty cluster."""
