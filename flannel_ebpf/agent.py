@@ -22,8 +22,8 @@ import aetcd.exceptions
 import grpc
 from loguru import logger
 
+from flannel_ebpf import sd_notify, subnet_file
 from flannel_ebpf import state as state_file
-from flannel_ebpf import subnet_file
 from flannel_ebpf.backends import make_backend
 from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, LocalNetwork
 from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
@@ -231,13 +231,18 @@ class Agent:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+            loop.add_signal_handler(sig, self._stop_requested)
         try:
             return await self._run()
         except FatalError as e:
             logger.error("{}", e)
             self.set_phase("failed", str(e))
             return 1
+
+    def _stop_requested(self) -> None:
+        if not self._stopping.is_set():  # systemd: this stop is ordered, not a crash
+            sd_notify.stopping("stopping; the data path stays up")
+        self._stopping.set()
 
     async def _run(self) -> int:
         opts = self.options
@@ -338,6 +343,8 @@ class Agent:
                 self.state.phase = "ready"
                 self.save_state()
                 logger.info("ready: subnet {} on {}, {} peer(s)", lease.subnet, ext.name, len(self.manager.peers))
+                # systemd (Type=notify): the data path holds every peer now; units ordered After= us start.
+                sd_notify.ready(f"ready: subnet {lease.subnet} on {ext.name}, {len(self.manager.peers)} peer(s)")
             await self._until_stopped(asyncio.gather(*tasks))
         finally:
             for task in tasks:

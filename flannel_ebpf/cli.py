@@ -24,10 +24,11 @@ from loguru import logger
 from flannel_ebpf import package_version
 from flannel_ebpf import state as state_file
 from flannel_ebpf.backends.base import BackendOptions
+from flannel_ebpf.runtimes import commands as runtime_commands
 from flannel_ebpf.subnet.manager import LeaseOptions
 from flannel_ebpf.subnet.registry import DEFAULT_PREFIX, EtcdTLS
 
-COMMANDS = ("up", "down", "status", "health")
+COMMANDS = ("up", "down", "status", "health", *runtime_commands.COMMANDS)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     status = sub.add_parser("status", parents=[common], help="lease, peers, data path and counters")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("health", parents=[common], help="`ready ...` or `not-ready <reason>` (exit 0/1)")
+    runtime_commands.add_parsers(sub, environ)  # docker-opts, bridge, cni-config: subnet.env for runtimes
     return parser
 
 
@@ -303,8 +305,10 @@ def cmd_health(args: argparse.Namespace) -> int:
     if missing:
         print(f"not-ready {missing}")
         return 1
-    print(f"ready {st.iface.get('name', '?')} subnet:{st.subnet} mtu:{st.mtu}")
-    return 0
+    # With a bridge made by `flannel-ebpf bridge`: its form (`ready lxcbr:10.10.16.1 subnet:... mtu:...`).
+    ok, line = runtime_commands.health_line(args.state_dir, st.iface.get("name", "?"), st.subnet, st.mtu)
+    print(line)
+    return 0 if ok else 1
 
 
 def _missing_programs(st: state_file.AgentState) -> str | None:
@@ -515,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "up")  # `flannel-ebpf --flags` starts the agent, like flanneld
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    handler = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "health": cmd_health}[args.command]
+    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "health": cmd_health}
+    handler = {**handlers, **runtime_commands.HANDLERS}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
