@@ -13,10 +13,13 @@ import dataclasses
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import aetcd.exceptions
 import grpc
@@ -26,8 +29,9 @@ from flannel_ebpf import sd_notify, subnet_file
 from flannel_ebpf import state as state_file
 from flannel_ebpf.backends import make_backend
 from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, LocalNetwork
-from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
+from flannel_ebpf.config import MAX_CONFIG_BYTES, ConfigError, NetworkConfig, parse_config
 from flannel_ebpf.iface import InterfaceError, choose_interface
+from flannel_ebpf.subnet import etcd_v2
 from flannel_ebpf.subnet.allocation import OutOfSubnets
 from flannel_ebpf.subnet.lease import Lease, unusable_address_reason
 from flannel_ebpf.subnet.manager import Backoff, LeaseManager, LeaseOptions, PeerSink
@@ -42,6 +46,8 @@ from flannel_ebpf.subnet.registry import (
 )
 
 CONFIG_POLL_SECONDS = 1.0
+#: while the v3 config is missing, how often etcd's v2 store is asked whether the config is there instead
+V2_PROBE_SECONDS = 30.0
 HEARTBEAT_SECONDS = 5.0
 
 
@@ -54,6 +60,8 @@ class AgentOptions:
     etcd_password: str = ""
     ifaces: list[str] = field(default_factory=list)
     iface_regexes: list[str] = field(default_factory=list)
+    iface_can_reach: str = ""  # pick the interface the kernel routes this address via (flanneld's flag)
+    net_config_path: str = ""  # read the network config from this file, not from etcd (leases stay there)
     public_ip: str = ""
     subnet_file: str = "/run/flannel/subnet.env"
     state_dir: str = "/run/flannel-ebpf"
@@ -186,16 +194,22 @@ class Agent:
     # --- start-up ------------------------------------------------------------------------------------
 
     async def wait_for_config(self, registry: SubnetRegistry) -> NetworkConfig:
-        """Read and parse the network config, waiting for etcd and for the key.
+        """Read and parse the network config, waiting for etcd and for the key (or, with
+        --net-config-path, read it from that file once: a missing or invalid file is fatal).
 
         Every etcd error is one line (logged once while it lasts, and the not-ready reason) and retried
         with back-off: an outage ends, a missing permission can be granted. Only a refused password is
         fatal: retrying the same credentials cannot succeed. So is a TLS setup that fails on every endpoint
         (an untrusted server certificate, a refused or missing client certificate, an https endpoint that
-        does not speak TLS): one line naming the cause, never a fall-back to plaintext."""
+        does not speak TLS): one line naming the cause, never a fall-back to plaintext. While the key is
+        missing, etcd's v2 store is asked now and then whether the config was written there (the old
+        tutorials' `etcdctl set`): if so, that is said, with the command that copies it to v3."""
+        if self.options.net_config_path:
+            return self._config_from_file(self.options.net_config_path)
         backoff = Backoff("reading the network config", self.options.lease.retry_interval, self.options.lease.retry_max)
         said_waiting = False
         tls_failures: dict[str, str] = {}  # endpoint -> what its TLS setup got wrong
+        next_v2_probe, v2_hint = 0.0, ""
         while True:
             try:
                 raw = await registry.get_config()
@@ -226,18 +240,67 @@ class Agent:
                 logger.info("waiting for the network config at {} (write it with etcdctl put)", registry.config_key)
                 said_waiting = True
                 self.set_phase("waiting-config", f"no network config at {registry.config_key}")
+            if time.monotonic() >= next_v2_probe:
+                next_v2_probe = time.monotonic() + V2_PROBE_SECONDS
+                v2_hint = await self._v2_config_hint(registry, v2_hint)
             await asyncio.sleep(CONFIG_POLL_SECONDS)
+
+    def _config_from_file(self, path: str) -> NetworkConfig:
+        """--net-config-path: the config from a file (flanneld reads it so with its Kubernetes subnet
+        manager); one line for a file that cannot be read or is not a valid config."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)  # parse_config refuses more than that
+        except OSError as e:
+            raise FatalError(f"cannot read the network config file {path}: {e.strerror or e}") from None
+        try:
+            config = parse_config(raw)
+        except ConfigError as e:
+            raise FatalError(f"invalid network config in {path}: {e}") from None
+        logger.info("network config from {} (--net-config-path); leases in etcd", path)
+        return config
+
+    async def _v2_config_hint(self, registry: SubnetRegistry, said: str) -> str:
+        """Ask etcd's v2 store for the config (in a thread: blocking HTTP, short timeout); log the hint
+        when it is new and make it the not-ready reason. Returns the hint in force ("" for none)."""
+        opts = self.options
+        # the endpoint that just answered first: it is the one most likely to answer this quickly too
+        endpoints = [registry.endpoint, *(e for e in registry.endpoints if e != registry.endpoint)]
+        tls = opts.etcd_tls if opts.etcd_tls.enabled else None
+        try:
+            found = await asyncio.to_thread(
+                etcd_v2.find_v2_config, endpoints, registry.config_key, tls, opts.etcd_username, opts.etcd_password
+            )
+        except Exception as e:  # a hint only: never a reason to stop waiting
+            logger.debug("probing etcd's v2 store failed: {}", e)
+            return said
+        if found is None:
+            if said:  # the v2 copy is gone: back to the plain reason
+                self.set_phase("waiting-config", f"no network config at {registry.config_key}")
+            return ""
+        text = etcd_v2.hint(found, tls, opts.etcd_username)
+        if text != said:
+            logger.warning("{}", text)
+            self.set_phase("waiting-config", text)
+        return text
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop_requested)
+        # As flanneld: /healthz answers from the start (while waiting for etcd and the config too)
+        healthz = asyncio.ensure_future(self._healthz()) if self.options.healthz_port else None
         try:
             return await self._run()
         except FatalError as e:
             logger.error("{}", e)
             self.set_phase("failed", str(e))
             return 1
+        finally:
+            if healthz is not None:
+                healthz.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await healthz
 
     def _stop_requested(self) -> None:
         if not self._stopping.is_set():  # systemd: this stop is ordered, not a crash
@@ -260,7 +323,7 @@ class Agent:
         for warning in config.warnings:
             logger.warning("network config: {}", warning)
         try:
-            ext = choose_interface(opts.ifaces, opts.iface_regexes, opts.public_ip)
+            ext = choose_interface(opts.ifaces, opts.iface_regexes, opts.public_ip, opts.iface_can_reach)
             why = unusable_address_reason(ext.public_ip)
             if why:
                 # Every other host would refuse a lease with this PublicIP as garbage.
@@ -335,8 +398,6 @@ class Agent:
         ]
         if masq is not None:
             tasks.append(asyncio.ensure_future(self._every(opts.iptables_resync, masq.ensure)))
-        if opts.healthz_port:
-            tasks.append(asyncio.ensure_future(self._healthz()))
         try:
             await self._until_stopped(self.dataplane.synced.wait())
             if not self._stopping.is_set():
@@ -394,28 +455,68 @@ class Agent:
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _healthz(self) -> None:
-        """flanneld's /healthz: 200 while ready, 503 otherwise."""
+        """The HTTP health endpoint on --healthz-ip:--healthz-port (http.server in a thread of its own,
+        so that it answers even while the event loop is busy; it only reads the agent's state).
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(reader.readline(), 5)
-                ok = self.state.phase == "ready"
-                body = b"flanneld is running\n" if ok else f"not-ready {self.state.reason}\n".encode()
-                status = b"200 OK" if ok else b"503 Service Unavailable"
-                writer.write(
-                    b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\nContent-Length: "
-                    + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
-                )  # fmt: skip
-                await writer.drain()
-            writer.close()
+        `/healthz` is flanneld v0.20.2's: liveness, 200 "flanneld is running" whenever the process runs
+        (probes written for flanneld keep working). `/readyz` is readiness: 200 `ready <iface>
+        subnet:<subnet> mtu:<mtu>` once the data path holds every peer and the agent keeps its heartbeat,
+        else 503 `not-ready <phase>: <reason>` (the same words as `flannel-ebpf health`). Anything else:
+        404, as flanneld's mux answers."""
+        agent = self
 
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "flannel-ebpf"
+
+            def do_GET(self) -> None:  # http.server's naming
+                path = urlsplit(self.path).path
+                if path == "/healthz":
+                    code, body = 200, "flanneld is running"
+                elif path == "/readyz":
+                    ready, body = agent.readiness()
+                    code = 200 if ready else 503
+                else:
+                    code, body = 404, "404 page not found"
+                payload = (body + "\n").encode() if path != "/healthz" else body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_HEAD = do_GET  # same answer, body left out
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # a probe every few seconds is not worth a log line
+
+        host, port = self.options.healthz_ip, self.options.healthz_port
+        server_class = type("HealthzServer", (ThreadingHTTPServer,), {"daemon_threads": True})
+        if ":" in host:
+            server_class.address_family = socket.AF_INET6
         try:
-            server = await asyncio.start_server(handle, self.options.healthz_ip, self.options.healthz_port)
+            server = server_class((host, port), Handler)
         except OSError as e:
-            logger.error("cannot serve /healthz on {}:{}: {}", self.options.healthz_ip, self.options.healthz_port, e)
+            logger.error("cannot serve /healthz on {}:{}: {}", host, port, e)
             return
-        async with server:
-            await server.serve_forever()
+        thread = threading.Thread(target=server.serve_forever, name="healthz", daemon=True)
+        thread.start()
+        logger.info("serving /healthz and /readyz on {}:{}", host, port)
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready (and the line saying so) as `flannel-ebpf health` judges it from inside the agent."""
+        st = self.state
+        if st.phase != "ready":
+            return False, f"not-ready {st.phase}: {st.reason}"
+        age, limit = time.time() - st.updated, state_file.heartbeat_limit(self.options.resync_interval)
+        if age > limit:
+            return False, f"not-ready no heartbeat for {age:.0f}s (limit {limit:.0f}s): stuck?"
+        return True, f"ready {st.iface.get('name', '?')} subnet:{st.subnet} mtu:{st.mtu}"
 
 
 def warn_route_overlaps(network: Any, own_subnet: Any) -> list[str]:

@@ -2,7 +2,8 @@
 
 As with flanneld, every flag can be set in the environment: `--etcd-endpoints` is FLANNELD_ETCD_ENDPOINTS.
 A flag on the command line wins over the environment. With no sub-command, `flannel-ebpf --flags...` runs
-`up`, so that it starts like flanneld.
+`up`, so that it starts like flanneld. Flags are read as Go's flag package reads flanneld's: `-iface=eth0`,
+`-iface eth0`, `--iface=eth0` and `--iface eth0` are the same, a boolean alone (`-ip-masq`) is true.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ FLAGS = (
     Flag("etcd-username", "", "etcd user name"),
     Flag("etcd-password", "", "etcd password"),
     Flag("iface", [], "interface (name or IPv4) for inter-host traffic; repeatable, first match wins", "list"),
-    Flag("iface-regex", [], "regex matched against interface names and IPs; repeatable", "list"),
+    Flag("iface-regex", [], "regex matched (unanchored) against interface IPs, then names; repeatable", "list"),
+    Flag("iface-can-reach", "", "use the interface (and source address) the kernel routes this IPv4 address via"),
+    Flag("net-config-path", "", "read the network config from this JSON file instead of <etcd-prefix>/config"),
     Flag("public-ip", "", "IP the other hosts reach this one at (default: the interface's address)"),
     Flag("subnet-file", "/run/flannel/subnet.env", "where FLANNEL_NETWORK/SUBNET/MTU/IPMASQ are written"),
     Flag("subnet-lease-renew-margin", 60, "renew the lease this many minutes before it expires (1-1439)", "int"),
@@ -118,8 +121,110 @@ FLAGS = (
     Flag("allow-subnet-change", False, "take a new subnet if ours is held by another host", "bool"),
 )
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_TRUE = {"1", "true", "yes", "on", "t"}
+_FALSE = {"0", "false", "no", "off", "", "f"}
+_KUBE = "its leases live in etcd only; for the Kubernetes subnet manager run flanneld"
+_ISSUE_17 = "old flanneld's client/server and multi-network mode (not in flanneld v0.20.2); planned: issue 17"
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A flanneld flag flannel-ebpf does not have: why, and the flanneld defaults that change nothing (a
+    setting that is a no-op in flanneld too is accepted, e.g. FLANNELD_KUBE_SUBNET_MGR=false)."""
+
+    why: str
+    boolean: bool = False
+    harmless: tuple[str, ...] = ("",)
+
+
+#: flanneld v0.20.2's flags (klog's included) and older flanneld's that flannel-ebpf does not support.
+UNSUPPORTED = {
+    "kube-subnet-mgr": Unsupported(_KUBE, boolean=True, harmless=tuple(_FALSE)),
+    "kube-api-url": Unsupported(_KUBE),
+    "kubeconfig-file": Unsupported(_KUBE),
+    "kube-annotation-prefix": Unsupported(_KUBE, harmless=("", "flannel.alpha.coreos.com")),
+    # a no-op without the Kubernetes subnet manager, whatever its value
+    "set-node-network-unavailable": Unsupported(_KUBE, boolean=True, harmless=tuple(_TRUE | _FALSE)),
+    "public-ipv6": Unsupported("flannel-ebpf runs IPv4 overlays only"),
+    "vmodule": Unsupported("klog's per-file log levels; use -v"),
+    "log_backtrace_at": Unsupported("klog's Go stack traces; there are none to log"),
+    "listen": Unsupported(_ISSUE_17),
+    "remote": Unsupported(_ISSUE_17),
+    "remote-keyfile": Unsupported(_ISSUE_17),
+    "remote-certfile": Unsupported(_ISSUE_17),
+    "remote-cafile": Unsupported(_ISSUE_17),
+    "networks": Unsupported(_ISSUE_17),
+}
+
+_GO_FLAG = re.compile(r"--?([A-Za-z][A-Za-z0-9_.-]*)(=.*)?", re.DOTALL)
+
+
+def go_style_argv(argv: list[str]) -> list[str]:
+    """Rewrite Go flag-package spellings into the one argparse reads, before argparse sees them.
+
+    Go's flag package (flanneld's) takes `-name` and `--name` alike, a value as `-name=v` or `-name v`,
+    and a boolean only as `-name` (true) or `-name=v`: `-ip-masq false` is ip-masq=true followed by a
+    stray argument. So every `-name...` becomes `--name...`; a boolean given alone becomes `--name=true`
+    (argparse must not take the next word as its value); a flag that takes a value and the word after it
+    become one `--name=word` (argparse would refuse a value starting with a dash, such as a password);
+    `-h`/`-help` become `--help`. One-letter options stay as they are: argparse reads `-v`, `-v 2` and
+    `-v=2` (flanneld's klog verbosity) itself, and sub-commands may have short options of their own."""
+    booleans = {f.name for f in FLAGS if f.kind == "bool"} | {n for n, u in UNSUPPORTED.items() if u.boolean}
+    takes_value = {f.name for f in FLAGS if f.kind != "bool"} | {n for n, u in UNSUPPORTED.items() if not u.boolean}
+    out: list[str] = []
+    rest = iter(argv)
+    for token in rest:
+        if token == "--":  # Go's end of flags: the rest is passed on as it is
+            out += [token, *rest]
+            break
+        match = _GO_FLAG.fullmatch(token)
+        if match is None:  # a sub-command, a value, `-` or a negative number
+            out.append(token)
+            continue
+        name, value = match.group(1), match.group(2)
+        if name in ("h", "help") and value is None:
+            out.append("--help")
+        elif len(name) == 1:
+            out.append(token)
+        elif value is not None:
+            out.append(f"--{name}{value}")
+        elif name in booleans:
+            out.append(f"--{name}=true")
+        elif name in takes_value:
+            word = next(rest, None)  # missing at the very end: argparse says "expected one argument"
+            out.append(f"--{name}" if word is None else f"--{name}={word}")
+        else:  # not one of ours (a sub-command's own flag, or unknown): argparse decides
+            out.append(f"--{name}")
+    return out
+
+
+def refuse_unsupported(argv: list[str], environ: dict[str, str]) -> list[str]:
+    """One line naming a flanneld flag (or its FLANNELD_* variable) flannel-ebpf lacks, and exit 2, before
+    argparse could print its generic usage error. `argv` is in go_style_argv's form (`--name=value`).
+    Returns `argv` without the unsupported flags whose value changes nothing in flanneld either."""
+    kept: list[str] = []
+    found: list[tuple[str, str, str]] = []  # (how it was given, flag name, value)
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--":
+            kept += [token, *tokens]
+            break
+        name, _, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        if name in UNSUPPORTED:
+            found.append((f"flag --{name}", name, value if "=" in token else "(missing)"))
+        else:
+            kept.append(token)
+    for name in UNSUPPORTED:
+        env = "FLANNELD_" + name.upper().replace("-", "_")
+        if env in environ:
+            found.append((f"{env} (flag --{name})", name, environ[env]))
+    for how, name, value in found:
+        spec = UNSUPPORTED[name]
+        if value.strip().lower() in spec.harmless:
+            continue  # flanneld's own default (or a no-op there): accepted, as flanneld would
+        print(f"flannel-ebpf: {how} of flanneld is not supported by flannel-ebpf ({spec.why})", file=sys.stderr)
+        raise SystemExit(2)
+    return kept
 
 
 def _env_value(flag: Flag, raw: str) -> Any:
@@ -167,7 +272,14 @@ def _add_flags(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None
         else:
             kind = {"int": int, "float": float}.get(flag.kind, str)
             parser.add_argument(opt, type=kind, default=default, help=help_text)
-    parser.add_argument("-v", "--v", dest="verbose", type=int, nargs="?", const=1, default=0, help="log more")
+    verbose = environ.get("FLANNELD_V", "0") or "0"
+    if not verbose.isdigit():
+        raise SystemExit(f"flannel-ebpf: invalid FLANNELD_V={verbose!r} (int expected)")
+    parser.add_argument(
+        "-v", "--v", dest="verbose", type=int, nargs="?", const=1, default=int(verbose), help="log more [FLANNELD_V]"
+    )
+    # flanneld's -version works among its other flags: here after the sub-command (or the implied `up`) too
+    parser.add_argument("--version", action="version", version=f"flannel-ebpf {package_version()}")
 
 
 def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
@@ -206,6 +318,13 @@ def agent_options(args: argparse.Namespace) -> Any:
             IPv4Address(args.public_ip)
         except ValueError:
             raise SystemExit(f"flannel-ebpf: --public-ip {args.public_ip!r} is not an IPv4 address") from None
+    if args.iface_can_reach:
+        try:
+            IPv4Address(args.iface_can_reach)
+        except ValueError:
+            raise SystemExit(
+                f"flannel-ebpf: --iface-can-reach {args.iface_can_reach!r} is not an IPv4 address"
+            ) from None
     for pattern in _list_flag(args, "iface_regex"):
         try:
             re.compile(pattern)
@@ -224,6 +343,8 @@ def agent_options(args: argparse.Namespace) -> Any:
         etcd_password=args.etcd_password,
         ifaces=_list_flag(args, "iface"),
         iface_regexes=_list_flag(args, "iface_regex"),
+        iface_can_reach=args.iface_can_reach,
+        net_config_path=args.net_config_path,
         public_ip=args.public_ip,
         subnet_file=args.subnet_file,
         state_dir=args.state_dir,
@@ -513,11 +634,17 @@ async def _release_lease(opts: Any, st: state_file.AgentState) -> bool:
         await registry.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
+def parse_argv(argv: list[str], environ: dict[str, str] | None = None) -> argparse.Namespace:
+    """The command line as flanneld would read it (Go flag spellings, FLANNELD_*), into argparse's."""
+    environ = dict(os.environ if environ is None else environ)
+    argv = refuse_unsupported(go_style_argv(list(argv)), environ)
+    if not argv or argv[0] not in (*COMMANDS, "--help", "--version"):
         argv.insert(0, "up")  # `flannel-ebpf --flags` starts the agent, like flanneld
-    args = build_parser().parse_args(argv)
+    return build_parser(environ).parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_argv(list(sys.argv[1:] if argv is None else argv))
     setup_logging(args.verbose)
     handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "health": cmd_health}
     handler = {**handlers, **runtime_commands.HANDLERS}[args.command]

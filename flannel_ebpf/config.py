@@ -66,6 +66,11 @@ def _ipv4(value: Any, name: str) -> IPv4Address:
         raise ConfigError(f"{name} is not an IPv4 address: {value!r}") from None
 
 
+def _given_address(doc: dict[str, Any], name: str) -> bool:
+    """Whether `name` is set; "0.0.0.0" (flanneld's zero value, written out by some tools) is unset."""
+    return name in doc and doc[name] != "0.0.0.0"
+
+
 def network_problem(network: IPv4Network) -> str | None:
     """Why `network` can never be an overlay (None when it can): it covers addresses that are never
     routed between hosts, so its route would hijack them or its subnets could never be reached."""
@@ -144,14 +149,15 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
         subnet_len = network.prefixlen + 2
 
     subnet_size = 1 << (32 - subnet_len)
-    if "SubnetMin" in doc:
+    # flanneld keeps SubnetMin/SubnetMax as integers where 0 means unset: "0.0.0.0" is the default too.
+    if _given_address(doc, "SubnetMin"):
         subnet_min = _ipv4(doc["SubnetMin"], "SubnetMin")
         if subnet_min not in network:
             raise ConfigError(f"SubnetMin {subnet_min} is not inside Network {network}")
     else:
         # Skip the first subnet: its network address would equal the overlay's own network address.
         subnet_min = network.network_address + subnet_size
-    if "SubnetMax" in doc:
+    if _given_address(doc, "SubnetMax"):
         subnet_max = _ipv4(doc["SubnetMax"], "SubnetMax")
         if subnet_max not in network:
             raise ConfigError(f"SubnetMax {subnet_max} is not inside Network {network}")
@@ -169,12 +175,24 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
         backend = {}
     if not isinstance(backend, dict):
         raise ConfigError(f"Backend must be a JSON object, got {backend!r}")
-    backend_type = backend.get("Type") or "udp"
+    raw_type = backend.get("Type") or "udp"
+    if not isinstance(raw_type, str):
+        raise ConfigError(f"Backend.Type must be a string, got {raw_type!r}")
+    # flanneld looks backends up by the lower-cased Type: "VXLAN" and "Host-GW" work there, so here too.
+    backend_type = raw_type.lower()
     if backend_type not in KNOWN_BACKENDS:
-        raise ConfigError(f"unknown backend type {backend_type!r}; known: {', '.join(KNOWN_BACKENDS)}")
+        raise ConfigError(f"unknown backend type {raw_type!r}; known: {', '.join(KNOWN_BACKENDS)}")
+    backend = dict(backend)
+    if "Type" in backend:
+        backend["Type"] = backend_type  # the backends and the state file see the canonical name
     port = backend.get("Port")
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536):
         raise ConfigError(f"Backend.Port must be a UDP port number (1-65535), got {port!r}")
+    if port == 0:
+        # Go's zero value: flanneld's vxlan leaves the port to the kernel (8472). A Port the backends never
+        # see means the same for every backend (udp: 8285), so it is dropped here rather than in each.
+        del backend["Port"]
+        port = None
     warnings: list[str] = []
     if backend_type == "udp" and port is not None:
         problem = udp_port_problem(port)

@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "setup: run as root (it installs packages and mounts bpffs)" >&2; exit 1; }
 
 # bcc's Python module is Debian's python3-bpfcc (PyPI's "bcc" is an unrelated package: never install it).
+# containernetworking-plugins: the CNI bridge/host-local/loopback/portmap plugins (/usr/lib/cni) for the CNI
+# lab test; systemd: systemd-analyze verifies the shipped unit (installing it in a container starts nothing).
 PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-pyroute2 python3-netaddr
           etcd-server etcd-client iperf3 iproute2 iputils-ping iptables ethtool tcpdump clang llvm libbpf-dev
-          openssl)
+          openssl containernetworking-plugins systemd)
 KREL=$(uname -r)
 missing=()
 for p in "${PACKAGES[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done

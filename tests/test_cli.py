@@ -4,6 +4,8 @@ import os
 import stat
 from ipaddress import IPv4Network
 
+import pytest
+
 from flannel_ebpf import subnet_file
 from flannel_ebpf.cli import agent_options, build_parser
 
@@ -69,3 +71,107 @@ def test_bad_flags_are_one_clear_line():
         agent_options(parse(["up", "--iface-regex", "eth[0"]))
     with pytest.raises(SystemExit, match="cannot read etcd TLS file /nonexistent"):
         agent_options(parse(["up", "--etcd-cafile", "/nonexistent"]))
+
+
+# --- Go's flag spellings, as flanneld reads them ----------------------------------------------------------
+
+
+def go(argv, env=None):
+    from flannel_ebpf.cli import parse_argv
+
+    return parse_argv(argv, env or {})
+
+
+def test_go_style_flags_all_mean_the_same():
+    for argv in (
+        ["-etcd-endpoints=http://10.0.0.1:2379", "-iface=eth0"],
+        ["-etcd-endpoints", "http://10.0.0.1:2379", "-iface", "eth0"],
+        ["--etcd-endpoints=http://10.0.0.1:2379", "--iface=eth0"],
+        ["--etcd-endpoints", "http://10.0.0.1:2379", "--iface", "eth0"],
+        ["up", "-etcd-endpoints=http://10.0.0.1:2379", "--iface", "eth0"],
+    ):
+        args = go(argv)
+        assert args.command == "up", argv
+        opts = agent_options(args)
+        assert opts.etcd_endpoints == ["http://10.0.0.1:2379"] and opts.ifaces == ["eth0"], argv
+
+
+def test_go_style_booleans_take_only_an_equals_value():
+    assert go(["-ip-masq"]).ip_masq is True
+    assert go(["--ip-masq"]).ip_masq is True
+    assert go(["-ip-masq=false"]).ip_masq is False
+    assert go(["-ip-masq=true", "-iptables-forward-rules=false"]).iptables_forward_rules is False
+    assert go(["-ip-masq", "-iface", "eth1"]).iface == ["eth1"]  # the bool did not eat `-iface`
+    # Go's `-ip-masq false` is ip-masq=true and a stray argument: an error, never ip-masq=false
+    with pytest.raises(SystemExit):
+        go(["-ip-masq", "false"])
+
+
+def test_verbosity_as_flanneld_s_klog_v():
+    assert go(["-v=2"]).verbose == 2
+    assert go(["--v=2"]).verbose == 2
+    assert go(["-v", "3"]).verbose == 3
+    assert go(["up", "-v"]).verbose == 1
+    assert go([], {"FLANNELD_V": "4"}).verbose == 4
+
+
+def test_a_value_that_looks_like_a_flag_is_a_value():
+    args = go(["-etcd-password", "-secret-", "-etcd-username=-u"])
+    assert (args.etcd_password, args.etcd_username) == ("-secret-", "-u")
+
+
+def test_subcommands_and_their_own_flags_keep_working():
+    assert go(["status", "-json"]).json is True
+    assert go(["down", "--release-lease", "-state-dir=/tmp/x"]).release_lease is True
+    assert go(["health", "-state-dir", "/tmp/x"]).state_dir == "/tmp/x"
+    assert go(["--etcd-endpoints=http://e:2379"]).command == "up"
+
+
+@pytest.mark.parametrize("argv", [["-version"], ["--version"], ["-iface=eth0", "-version"], ["up", "-version"]])
+def test_version_in_go_spelling(argv, capsys):
+    from flannel_ebpf import package_version
+
+    with pytest.raises(SystemExit) as e:
+        go(argv)
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"flannel-ebpf {package_version()}"
+
+
+def test_iface_can_reach_and_net_config_path():
+    opts = agent_options(go(["-iface-can-reach=10.0.0.9", "-net-config-path", "/etc/flannel/net.json"]))
+    assert (opts.iface_can_reach, opts.net_config_path) == ("10.0.0.9", "/etc/flannel/net.json")
+    opts = agent_options(go([], {"FLANNELD_IFACE_CAN_REACH": "10.0.0.8", "FLANNELD_NET_CONFIG_PATH": "/n.json"}))
+    assert (opts.iface_can_reach, opts.net_config_path) == ("10.0.0.8", "/n.json")
+    with pytest.raises(SystemExit, match="--iface-can-reach 'gw' is not an IPv4 address"):
+        agent_options(go(["-iface-can-reach=gw"]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["-kube-subnet-mgr"], {}, "flag --kube-subnet-mgr"),
+        (["--kube-subnet-mgr=true"], {}, "flag --kube-subnet-mgr"),
+        (["-kubeconfig-file", "/root/.kube/config"], {}, "flag --kubeconfig-file"),
+        (["up", "--kube-api-url=https://k:6443"], {}, "flag --kube-api-url"),
+        (["-public-ipv6=fd00::1"], {}, "flag --public-ipv6"),
+        (["-vmodule=main=2"], {}, "flag --vmodule"),
+        (["-remote", "10.0.0.1:8888"], {}, "flag --remote"),
+        (["-networks=blue,red"], {}, "flag --networks"),
+        ([], {"FLANNELD_KUBE_SUBNET_MGR": "true"}, "FLANNELD_KUBE_SUBNET_MGR (flag --kube-subnet-mgr)"),
+        ([], {"FLANNELD_KUBECONFIG_FILE": "/k"}, "FLANNELD_KUBECONFIG_FILE (flag --kubeconfig-file)"),
+        (["status"], {"FLANNELD_LISTEN": ":8888"}, "FLANNELD_LISTEN (flag --listen)"),
+    ],
+)
+def test_unsupported_flanneld_flags_are_one_line_and_exit_2(argv, env, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        go(argv, env)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flannel-ebpf: {named} of flanneld is not supported by flannel-ebpf (")
+    assert len(err.splitlines()) == 1 and "usage:" not in err
+
+
+def test_unsupported_flags_that_change_nothing_in_flanneld_are_accepted():
+    # flanneld's own defaults: a unit file that spells them out still starts
+    env = {"FLANNELD_KUBE_SUBNET_MGR": "false", "FLANNELD_KUBE_ANNOTATION_PREFIX": "flannel.alpha.coreos.com"}
+    assert go(["-kube-subnet-mgr=false", "-set-node-network-unavailable=true"], env).command == "up"

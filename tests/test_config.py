@@ -72,3 +72,40 @@ def test_bad_configs_are_one_clear_line(raw, message):
         parse_config(raw)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+# --- flanneld's quirks: what it accepts, we accept -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "canonical"), [("VXLAN", "vxlan"), ("Host-GW", "host-gw"), ("UDP", "udp")])
+def test_backend_type_is_case_insensitive_as_flanneld_lowercases_it(raw, canonical):
+    c = parse_config(f'{{"Network": "10.5.0.0/16", "Backend": {{"Type": "{raw}"}}}}')
+    assert c.backend_type == canonical and c.backend["Type"] == canonical
+
+
+def test_backend_type_must_be_a_known_string():
+    with pytest.raises(ConfigError, match="unknown backend type 'Wireguard'"):
+        parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": "Wireguard"}}')
+    with pytest.raises(ConfigError, match=r"Backend\.Type must be a string"):
+        parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": 3}}')
+
+
+def test_zero_subnet_min_and_max_mean_unset():
+    c = parse_config('{"Network": "10.5.0.0/16", "SubnetMin": "0.0.0.0", "SubnetMax": "0.0.0.0"}')
+    assert (str(c.subnet_min), str(c.subnet_max)) == ("10.5.1.0", "10.5.255.0")
+    c = parse_config('{"Network": "10.5.0.0/16", "SubnetMin": "0.0.0.0", "SubnetMax": "10.5.9.0"}')
+    assert (str(c.subnet_min), str(c.subnet_max)) == ("10.5.1.0", "10.5.9.0")
+
+
+@pytest.mark.parametrize("backend", ["vxlan", "udp"])
+def test_port_zero_means_the_default_port(backend):
+    # flanneld's vxlan passes Port 0 to the kernel, which then uses 8472; the backends never see a 0.
+    c = parse_config(f'{{"Network": "10.5.0.0/16", "Backend": {{"Type": "{backend}", "Port": 0}}}}')
+    assert c.backend == {"Type": backend}
+
+
+def test_port_zero_gives_vxlan_the_kernel_default():
+    from flannel_ebpf.backends.vxlan import LINUX_DEFAULT_PORT, VxlanConfig
+
+    c = parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan", "Port": 0}}')
+    assert VxlanConfig.from_backend_config(c.backend).effective_port == LINUX_DEFAULT_PORT == 8472
