@@ -239,10 +239,12 @@ class Agent:
             if not said_waiting:
                 logger.info("waiting for the network config at {} (write it with etcdctl put)", registry.config_key)
                 said_waiting = True
-                self.set_phase("waiting-config", f"no network config at {registry.config_key}")
             if time.monotonic() >= next_v2_probe:
                 next_v2_probe = time.monotonic() + V2_PROBE_SECONDS
                 v2_hint = await self._v2_config_hint(registry, v2_hint)
+            reason = v2_hint or f"no network config at {registry.config_key}"
+            if (self.state.phase, self.state.reason) != ("waiting-config", reason):  # e.g. after an etcd error
+                self.set_phase("waiting-config", reason)
             await asyncio.sleep(CONFIG_POLL_SECONDS)
 
     def _config_from_file(self, path: str) -> NetworkConfig:
@@ -262,7 +264,8 @@ class Agent:
 
     async def _v2_config_hint(self, registry: SubnetRegistry, said: str) -> str:
         """Ask etcd's v2 store for the config (in a thread: blocking HTTP, short timeout); log the hint
-        when it is new and make it the not-ready reason. Returns the hint in force ("" for none)."""
+        when it is new. Returns the hint in force ("" for none), which the caller makes the not-ready
+        reason."""
         opts = self.options
         # the endpoint that just answered first: it is the one most likely to answer this quickly too
         endpoints = [registry.endpoint, *(e for e in registry.endpoints if e != registry.endpoint)]
@@ -275,13 +278,10 @@ class Agent:
             logger.debug("probing etcd's v2 store failed: {}", e)
             return said
         if found is None:
-            if said:  # the v2 copy is gone: back to the plain reason
-                self.set_phase("waiting-config", f"no network config at {registry.config_key}")
             return ""
         text = etcd_v2.hint(found, tls, opts.etcd_username)
         if text != said:
             logger.warning("{}", text)
-            self.set_phase("waiting-config", text)
         return text
 
     async def run(self) -> int:

@@ -133,3 +133,19 @@ def test_a_bad_net_config_file_is_one_line_and_exit_1(lab, content, says):
     errors = [line for line in log.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and says.format(path=path) in errors[0], log
     assert "Traceback" not in log
+
+
+def test_the_not_ready_reason_follows_an_etcd_outage_while_waiting_for_the_config(lab):
+    lab.exec("h1", ["env", "ETCDCTL_API=2", "etcdctl", f"--endpoints={lab.etcd_endpoint}", "rm", f"{PREFIX}/config"])
+    lab.etcd_delete(f"{PREFIX}/config")
+    agent = lab.start_agent("h1", HEALTHZ)
+    missing = f"not-ready waiting-config: no network config at {PREFIX}/config"
+    wait_for(lambda: agent.health().stdout.strip() == missing, timeout=20, what="waiting for the config")
+    lab.stop_etcd()
+    try:
+        wait_for(lambda: "etcd unavailable" in http(lab, "/readyz")["/readyz"][1], timeout=20, what="the outage")
+        assert http(lab, "/healthz")["/healthz"] == [200, "flanneld is running"]  # alive all along
+    finally:
+        lab.start_etcd()
+    wait_for(lambda: agent.health().stdout.strip() == missing, timeout=20, what="back to the missing config")
+    assert lab.stop_agent("h1") == 0
