@@ -637,6 +637,8 @@ async def _release_lease(opts: Any, st: state_file.AgentState) -> bool:
 def parse_argv(argv: list[str], environ: dict[str, str] | None = None) -> argparse.Namespace:
     """The command line as flanneld would read it (Go flag spellings, FLANNELD_*), into argparse's."""
     environ = dict(os.environ if environ is None else environ)
+    if argv and argv[0] in runtime_commands.COMMANDS:  # getopt-style short options (-ic, -kKEY), not Go's
+        return build_parser(environ).parse_args(argv)
     argv = refuse_unsupported(go_style_argv(list(argv)), environ)
     if not argv or argv[0] not in (*COMMANDS, "--help", "--version"):
         argv.insert(0, "up")  # `flannel-ebpf --flags` starts the agent, like flanneld
