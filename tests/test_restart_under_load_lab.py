@@ -91,13 +91,13 @@ def longest_stall(intervals: list[dict[str, Any]]) -> tuple[float, int]:
     return longest, longest_n
 
 
-def ready_logged_at(lab, host) -> float | None:
-    """time.time() of the last run's `ready:` line (the log's timestamps are local time, to the ms)."""
+def logged_at(lab, host, needle: str) -> float | None:
+    """time.time() of the last run's first log line containing `needle` (the agent logs local time, to
+    the millisecond)."""
     for line in lab.agent_log(host, last_run=True).splitlines():
-        if " ready: subnet " in line:
-            m = _LOG_TIME_RE.match(line)
-            if m:
-                return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        m = _LOG_TIME_RE.match(line)
+        if m and needle in line:
+            return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
     return None
 
 
@@ -195,20 +195,20 @@ def test_restart_under_load(lab_factory, backend):
                 results[name] = fn()
             except BaseException as e:  # handed to the test's thread
                 results[name] = e
-            done[name] = time.monotonic()
+            done[name] = time.time()
 
         threads.append(threading.Thread(target=run, daemon=True))
         threads[-1].start()
 
-    timeline: list[str] = [f"{backend}:"]
-    restart: dict[str, float] = {}
+    marks: list[tuple[float, str]] = []  # (time.time(), what): the window's timeline
+    ready: dict[str, float] = {}  # time.time() at which each restarted agent had the data path in hand
     try:
         for m in monitors.values():
             m.start()
-        opened = time.monotonic()
+        opened = time.time()  # wall clock: compared with the agents' log lines
 
-        def note(what: str) -> None:
-            timeline.append(f"  {time.monotonic() - opened:5.2f}s {what}")
+        def note(what: str, at: float | None = None) -> None:
+            marks.append((at or time.time(), what))
 
         background("ping", lambda: count_flood(lab.node(a), str(b.ip), PING_COUNT, PING_INTERVAL))
         background("iperf3", lambda: lab.iperf3(a, b, seconds=IPERF_SECONDS, extra=["-i", str(INTERVAL)]))
@@ -220,19 +220,21 @@ def test_restart_under_load(lab_factory, backend):
             agent = lab.start_agent(host)  # the same (default) arguments
             note(f"{host}'s agent restarted")
             lab.wait_ready(host, 30)
-            restart[host] = (ready_logged_at(lab, host) or time.time()) - agent.started_at
-            note(f"{host} ready: logged {restart[host]:.2f}s after its restart")
+            note(f"{host}: health says ready")
+            ready[host] = logged_at(lab, host, " ready: subnet ") or time.time()
+            note(f"{host} ready, {ready[host] - agent.started_at:.2f}s after its restart (its log)", ready[host])
             if backend == "udp":
                 wait_delivery_settled(lab)
-                note(f"{host}'s bridge hand-off settled")
-        ready_at = time.monotonic() - opened
+                handoff = logged_at(lab, host, "hand-off attached") or time.time()
+                note(f"{host}'s bridge hand-off attached (its log)", handoff)
+                ready[host] = max(ready[host], handoff)
     finally:
         for thread in threads:
             thread.join(IPERF_SECONDS * 3 + 30)
         events = {h: m.stop() for h, m in monitors.items()}
         server.stop()
-    for name in sorted(done, key=done.__getitem__):
-        timeline.append(f"  {done.get(name, opened) - opened:5.2f}s {name} done")
+    marks.extend((at, f"{name} done") for name, at in done.items())
+    timeline = [f"{backend}:"] + [f"  {at - opened:5.2f}s {what}" for at, what in sorted(marks)]
     pings, report = results.get("ping"), results.get("iperf3")
     assert isinstance(pings, PingResult), f"the ping flood failed: {pings!r}"
     assert isinstance(report, dict), f"iperf3 failed: {report!r}"
@@ -252,8 +254,9 @@ def test_restart_under_load(lab_factory, backend):
 
     # Both restarts, with their program swap and first resync, landed inside the traffic window, and the
     # flood covered all of it.
+    ready_at = max(ready.values()) - opened
     assert ready_at < IPERF_SECONDS, f"the restarts took until {ready_at:.1f}s, past the {IPERF_SECONDS}s window"
-    assert done["ping"] - opened > ready_at
+    assert done["ping"] - opened > ready_at, "the ping flood ended before the restarts did"
     assert pings.received == pings.sent, f"{pings.sent - pings.received} of {pings.sent} pings lost"
     assert pings.sent >= PING_COUNT, pings
     assert len(intervals) >= IPERF_SECONDS / INTERVAL - 1, f"iperf3 ended early: {len(intervals)} intervals"
