@@ -6,7 +6,7 @@ CLANG  ?= clang
 BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(BPF_SRC:.c=.o)
 
-.PHONY: setup demo test test-unit lint bench bench-quick bpf wheel clean lab-cleanup
+.PHONY: setup demo test test-unit lint bench bench-quick bench-scale bpf wheel clean lab-cleanup
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ bench: setup bpf
 
 bench-quick: setup bpf
 	$(PY) -m flannel_ebpf.bench --quick
+
+# 10,000 flanneld-format leases in a real etcd, one agent per backend: start to ready, listing, sync,
+# a 1,000-lease burst, a periodic relist, event-loop stalls, memory (bench/results/scale-*.md).
+bench-scale: setup bpf
+	$(PY) -m flannel_ebpf.bench.scale
 
 # Precompiled objects for the ELF loader (and for `tc ... bpf obj`): no LLVM or headers needed at run time.
 # bpf/sources.sha256 records the sources they were built from: the agent's `--loader auto` takes the

@@ -13,9 +13,11 @@ import dataclasses
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -49,6 +51,13 @@ CONFIG_POLL_SECONDS = 1.0
 #: while the v3 config is missing, how often etcd's v2 store is asked whether the config is there instead
 V2_PROBE_SECONDS = 30.0
 HEARTBEAT_SECONDS = 5.0
+#: lease and peer changes reach the state file at most this often: a burst of 1,000 watch events must
+#: not write (and serialise 10,000 peers into) the file 1,000 times. Phase changes are written at once.
+STATE_WRITE_INTERVAL = 0.5
+#: the event loop's health: how late a timer of this period fires is how long the loop was blocked
+LOOP_PROBE_SECONDS = 0.05
+LOOP_STALL_SECONDS = 0.1  # a lateness above this counts as a stall
+GIL_SWITCH_SECONDS = 0.001
 
 
 @dataclass
@@ -123,7 +132,11 @@ class DataPlane(PeerSink):
 
     async def sync_peers(self, peers: list[Lease]) -> None:
         # Ready only once the data path holds the peers; a failed sync is retried by the periodic resync.
+        began = time.monotonic()
         if await self.call("syncing the data path", self.backend.sync, peers):
+            took = time.monotonic() - began
+            if not self.synced.is_set() or took > 1.0:
+                logger.info("synced {} peer(s) into the data path in {:.2f} s", len(peers), took)
             self.synced.set()
 
     async def add_peer(self, lease: Lease) -> None:
@@ -158,11 +171,19 @@ class Agent:
         self.dataplane: DataPlane | None = None
         self.local: LocalNetwork | None = None
         self._stopping = asyncio.Event()
+        self._state_write: asyncio.TimerHandle | None = None
+        self._peers_written = -1  # the manager's peers_version that the state file shows
+        self._peers_listed: list[dict[str, str]] = []  # its peer list (made by the writer thread)
+        self._state_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
 
     # --- state -----------------------------------------------------------------------------------
 
-    def save_state(self) -> None:
+    def save_state(self, wait: bool = False) -> None:
+        """Write the state file. The JSON (megabytes with 10,000 peers) is made and written by one writer
+        thread, in order, so that the event loop never stalls on it; `wait`: until it is on disk (a phase
+        change, which `health` must see at once)."""
         st = self.state
+        peers: tuple[Lease, ...] | None = None  # the peers, when they changed since the last write
         if self.manager is not None:
             m = self.manager
             if m.lease is not None:
@@ -174,22 +195,57 @@ class Agent:
                 }
             st.last_revision = m.last_revision
             st.relists = m.relists
-            st.peers = [
-                {"subnet": str(p.subnet), "public_ip": str(p.public_ip), "backend_type": p.attrs.backend_type}
-                for p in sorted(m.peers.values(), key=lambda p: p.subnet)
-            ]
+            st.last_listing_seconds = round(m.listing_seconds, 3)
+            if m.peers_version != self._peers_written:  # 10,000 peers: described anew only when they changed
+                self._peers_written = m.peers_version
+                peers = tuple(m.peers.values())
             if st.phase in ("ready", "conflict"):
                 st.phase, st.reason = ("conflict", m.problem) if m.problem else ("ready", "")
             elif st.phase == "acquiring":
                 st.reason = m.problem or m.acquire_error or "acquiring a subnet lease"
+        written = self._state_writer.submit(self._write_state, state_file.snapshot(st), peers)
+        if wait:
+            written.result()
+
+    def _write_state(self, snap: dict[str, Any], peers: tuple[Lease, ...] | None) -> None:
+        """In the writer thread: the peers as the state file lists them (sorted, as text) are made here
+        too, off the event loop, and kept for the writes that follow until the peers change."""
+        if peers is not None:
+            self._peers_listed = [
+                {"subnet": str(p.subnet), "public_ip": str(p.public_ip), "backend_type": p.attrs.backend_type}
+                for p in sorted(peers, key=lambda p: p.subnet)
+            ]
+        snap["peers"] = self._peers_listed
         try:
-            state_file.save(self.options.state_dir, st)
+            state_file.write_snapshot(self.options.state_dir, snap)
         except OSError as e:
             logger.warning("cannot write state file in {}: {}", self.options.state_dir, e)
 
+    def _state_changed(self) -> None:
+        """The lease manager changed something: write the state file soon, once for a whole burst."""
+        if self._state_write is None:
+            self._state_write = asyncio.get_running_loop().call_later(STATE_WRITE_INTERVAL, self._write_pending)
+
+    def _write_pending(self) -> None:
+        self._state_write = None
+        self.save_state()
+
+    async def _watch_loop(self) -> None:
+        """Measure how long the event loop is ever blocked (status: loop_stall_max_ms, loop_stalls): a
+        timer that should fire every LOOP_PROBE_SECONDS fires late by exactly the time the loop was busy."""
+        while True:
+            began = time.monotonic()
+            await asyncio.sleep(LOOP_PROBE_SECONDS)
+            late = time.monotonic() - began - LOOP_PROBE_SECONDS
+            if late * 1000 > self.state.loop_stall_max_ms:
+                self.state.loop_stall_max_ms = round(late * 1000, 1)
+            if late > LOOP_STALL_SECONDS:
+                self.state.loop_stalls += 1
+                logger.debug("event loop blocked for {:.0f} ms", late * 1000)
+
     def set_phase(self, phase: str, reason: str = "") -> None:
         self.state.phase, self.state.reason = phase, reason
-        self.save_state()
+        self.save_state(wait=True)
 
     # --- start-up ------------------------------------------------------------------------------------
 
@@ -288,6 +344,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop_requested)
+        monitor = asyncio.ensure_future(self._watch_loop())
         # As flanneld: /healthz answers from the start (while waiting for etcd and the config too)
         healthz = asyncio.ensure_future(self._healthz()) if self.options.healthz_port else None
         try:
@@ -297,6 +354,10 @@ class Agent:
             self.set_phase("failed", str(e))
             return 1
         finally:
+            monitor.cancel()
+            if self._state_write is not None:
+                self._state_write.cancel()
+            self._state_writer.shutdown(wait=True)  # the last state (stopped, failed) is on disk
             if healthz is not None:
                 healthz.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -342,7 +403,7 @@ class Agent:
 
         lease_options = dataclasses.replace(opts.lease, identity=agent_identity(opts.state_dir))
         self.manager = LeaseManager(
-            config, attrs, opts.registry(), opts.registry(), lease_options, on_change=self.save_state
+            config, attrs, opts.registry(), opts.registry(), lease_options, on_change=self._state_changed
         )
         try:
             previous = subnet_file.previous_subnet(opts.subnet_file)
@@ -402,7 +463,7 @@ class Agent:
             await self._until_stopped(self.dataplane.synced.wait())
             if not self._stopping.is_set():
                 self.state.phase = "ready"
-                self.save_state()
+                self.save_state(wait=True)
                 logger.info("ready: subnet {} on {}, {} peer(s)", lease.subnet, ext.name, len(self.manager.peers))
                 # systemd (Type=notify): the data path holds every peer now; units ordered After= us start.
                 sd_notify.ready(f"ready: subnet {lease.subnet} on {ext.name}, {len(self.manager.peers)} peer(s)")
@@ -557,6 +618,9 @@ def agent_identity(state_dir: str) -> str:
 def run_agent(options: AgentOptions) -> int:
     os.makedirs(options.state_dir, mode=0o755, exist_ok=True)  # readable: status/health run as any user
     started = time.monotonic()
+    # Worker threads (full syncs of thousands of peers, the state writer) run Python too: hand the GIL
+    # back to the event loop after 1 ms instead of CPython's 5 ms, so that they never stall it for long.
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     code = asyncio.run(Agent(options).run())
     logger.debug("agent ran {:.1f}s", time.monotonic() - started)
     return code

@@ -15,7 +15,7 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -50,8 +50,11 @@ class AgentState:
     lease: dict[str, Any] = field(default_factory=dict)  # expiration, lease_id, mod_revision
     last_revision: int = 0
     relists: int = 0
+    last_listing_seconds: float = 0.0  # how long the last listing of all leases in etcd took
     peers: list[dict[str, Any]] = field(default_factory=list)
     backend_status: dict[str, Any] = field(default_factory=dict)
+    loop_stall_max_ms: float = 0.0  # the longest the agent's event loop was ever blocked
+    loop_stalls: int = 0  # how often it was blocked for more than 100 ms
 
     def local_network(self) -> LocalNetwork | None:
         """The LocalNetwork the agent ran with, for `down` (None if it never got a lease)."""
@@ -75,12 +78,26 @@ def path(state_dir: str) -> str:
     return os.path.join(state_dir, STATE_FILE)
 
 
-def save(state_dir: str, state: AgentState) -> None:
+def snapshot(state: AgentState) -> dict[str, Any]:
+    """What save() writes, taken now: a shallow copy (the agent replaces, never mutates, the lists and
+    dicts it holds), so that it can be serialised in another thread while the agent goes on."""
     state.updated = time.time()
     if state.pid == os.getpid() and not state.pid_start:  # the agent itself: who it is, once
         state.pid_start = process_start_time(state.pid) or 0
         state.boot_id = boot_id()
-    atomic_write(path(state_dir), json.dumps(asdict(state), indent=1, default=str) + "\n", mode=0o644)
+    return {f.name: getattr(state, f.name) for f in fields(state)}
+
+
+def write_snapshot(state_dir: str, snap: dict[str, Any]) -> None:
+    """Write a snapshot. With 10,000 peers the JSON is megabytes: made compact, and piece by piece by
+    json's Python encoder, which lets other threads run between pieces (its C encoder makes the whole
+    text in one call that holds the GIL for 100 ms, stalling the agent's event loop that long)."""
+    encoder = json.JSONEncoder(separators=(",", ":"), default=str)
+    atomic_write(path(state_dir), "".join(encoder.iterencode(snap)) + "\n", mode=0o644)
+
+
+def save(state_dir: str, state: AgentState) -> None:
+    write_snapshot(state_dir, snapshot(state))
 
 
 def load(state_dir: str) -> AgentState | None:

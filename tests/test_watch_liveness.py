@@ -103,6 +103,9 @@ class IdleBeforeFirstWatch(SubnetRegistry):
 
     async def watch_leases(self, start_revision):
         if self.idle:
+            # Its last request (the agent's first listing may come from the other client) gets it a token,
+            # which then lapses while it idles.
+            await self.current_revision()
             await asyncio.sleep(self.idle)
             self.idle = 0
         async for item in super().watch_leases(start_revision):

@@ -15,15 +15,16 @@ from loguru import logger
 
 from flannel_ebpf.backends.base import BackendError, ExternalInterface, LocalNetwork
 from flannel_ebpf.backends.routes import (
+    Reachability,
     RoutedBackend,
     RouteSpec,
     delete_all_our_routes,
     delete_route,
     host_gw_route,
     lease_problem,
-    list_our_routes,
     not_direct_reason,
     reachability,
+    reachability_of_many,
     reconcile_routes,
     replace_route,
 )
@@ -55,8 +56,9 @@ class HostGwBackend(RoutedBackend):
     # ------------------------------------------------------------------------------------------------
     # peers
 
-    def _desired(self, lease: Lease) -> RouteSpec | None:
-        """The route for a peer, or None (then the reason is recorded in the book)."""
+    def _desired(self, lease: Lease, reach: Reachability | None = None) -> RouteSpec | None:
+        """The route for a peer, or None (then the reason is recorded in the book). `reach`: the kernel's
+        route to the peer, if already looked up (a full sync asks for all of them in one batch)."""
         ext = self._ext()
         problem = lease_problem(
             lease, self.type_name, self.local.subnet if self.local else None, {ext.address, ext.public_ip}
@@ -64,24 +66,32 @@ class HostGwBackend(RoutedBackend):
         if problem:
             self.book.skip(lease, problem)
             return None
-        reach = reachability(self.ipr, lease.public_ip)
+        reach = reach or reachability(self.ipr, lease.public_ip)
         if not reach.directly_connected_on(ext.index):
             self.book.refuse(lease, not_direct_reason(self.ipr, reach, ext.name))
             return None
         return host_gw_route(lease.subnet, lease.public_ip, ext.index)
 
     def sync(self, peers: list[Lease]) -> None:
+        self.book.begin_sync()
+        try:
+            self._sync(peers)
+        finally:
+            self.book.end_sync()
+
+    def _sync(self, peers: list[Lease]) -> None:
         self.book.replace_leases(peers)
+        reach = reachability_of_many(self.bulk, (lease.public_ip for lease in peers))
         desired: dict[Any, RouteSpec] = {}
         for lease in peers:
             try:
-                spec = self._desired(lease)
+                spec = self._desired(lease, reach.get(lease.public_ip))
             except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
                 self.book.refuse(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
                 continue
             if spec is not None:
                 desired[lease.subnet] = spec
-        result = reconcile_routes(self.ipr, desired.values())
+        result = reconcile_routes(self.ipr, self.routes, desired.values())
         for lease in peers:
             spec = desired.get(lease.subnet)
             if spec is None:
@@ -112,9 +122,8 @@ class HostGwBackend(RoutedBackend):
                 # a lease that changed into something we cannot serve must not leave its old route behind
                 delete_route(self.ipr, lease.subnet)
                 return
-            have, _ = list_our_routes(self.ipr)
-            if have.get(lease.subnet) != spec:
-                replace_route(self.ipr, spec)
+            # One replace, not a dump of every route to compare first: that cost O(peers) per event.
+            replace_route(self.routes, spec)
             self.book.accept(lease, {"public_ip": str(lease.public_ip), "route": spec.describe()})
         except Exception as e:  # a peer must never take the agent down: record it, resync retries
             self.book.refuse(lease, f"programming failed: {e}")
@@ -125,7 +134,7 @@ class HostGwBackend(RoutedBackend):
             logger.info("host-gw: subnet removed: {}", lease.subnet)
 
     def teardown(self, local: LocalNetwork | None) -> None:
-        count = delete_all_our_routes(self.ipr)
+        count = delete_all_our_routes(self.ipr, self.routes)
         logger.info("host-gw: teardown removed {} routes", count)
         self.stop()
 

@@ -98,6 +98,8 @@ class UdpEbpfBackend(Backend):
         self._local: LocalNetwork | None = None
         self._maps: DatapathMaps | None = None
         self._peers: dict[IPv4Network, IPv4Address] = {}  # what fl_peers holds (after start: adopted)
+        self._leases_of: Counter[IPv4Address] = Counter()  # public IP -> how many of _peers it holds
+        self._refused_full = 0  # peers not programmed because fl_peers is full (status: peers_refused_map_full)
         self._attachments: list[dict[str, Any]] = []
         self._features: KernelFeatures | None = None
         self._decap: str | None = None  # "xdp" | "tc" once started (--udp-decap auto resolved)
@@ -187,6 +189,7 @@ class UdpEbpfBackend(Backend):
                 )
             )
             self._peers = self._maps.read_peers()
+            self._leases_of = Counter(self._peers.values())
             adopted = len(self._peers)
             encap = loader.attach_tc(layout.PROG_ENCAP, tun_index, "egress")
             if decap_program == layout.PROG_DECAP_XDP:
@@ -222,17 +225,44 @@ class UdpEbpfBackend(Backend):
                 desired[lease.subnet] = lease.public_ip
         self._skipped.prune({lease.subnet for lease in peers})
         current = maps.read_peers()
+        # Room first: departed peers leave the map before new ones go in.
+        for subnet in current.keys() - desired.keys():
+            maps.delete_peer(subnet)
+        desired = self._within_capacity(desired, current)
         for subnet, public_ip in desired.items():
             if current.get(subnet) != public_ip:
                 try:
                     maps.set_peer(subnet, public_ip)
-                except OSError as e:  # a full map, say: that peer is missing, the others are programmed
+                except OSError as e:  # the kernel refused that one entry: that peer is missing, not the others
                     logger.error("udp (eBPF): cannot program peer {} at {}: {}", subnet, public_ip, e)
-        for subnet in current.keys() - desired.keys():
-            maps.delete_peer(subnet)
         self._peers = {subnet: ip for subnet, ip in maps.read_peers().items() if desired.get(subnet) == ip}
+        self._leases_of = Counter(self._peers.values())
         self._sync_members()
         logger.debug("udp (eBPF): {} peers after sync", len(desired))
+
+    def _within_capacity(
+        self, desired: dict[IPv4Network, IPv4Address], current: dict[IPv4Network, IPv4Address]
+    ) -> dict[IPv4Network, IPv4Address]:
+        """At most fl_peers' max_entries peers: those already programmed first, then by subnet, so that
+        a full map refuses the same peers on every sync (a counted refusal, said once) and never swaps
+        a working peer for another, nor stops half-way."""
+        capacity = layout.PEERS_MAP.max_entries
+        if len(desired) <= capacity:
+            if self._refused_full:
+                logger.info("udp (eBPF): every peer fits in fl_peers again ({} of {})", len(desired), capacity)
+            self._refused_full = 0
+            return desired
+        order = sorted(desired, key=lambda subnet: (subnet not in current, subnet))
+        refused = len(desired) - capacity
+        if refused != self._refused_full:
+            logger.error(
+                "udp (eBPF): {} peers, but the fl_peers map holds at most {}: {} peer(s) NOT programmed ({} "
+                "first); hosts in those subnets are unreachable from here. Use fewer, larger subnets (a "
+                "shorter SubnetLen) or vxlan for a cluster this size", len(desired), capacity, refused,
+                ", ".join(str(subnet) for subnet in order[capacity : capacity + 5]),
+            )  # fmt: skip
+        self._refused_full = refused
+        return {subnet: desired[subnet] for subnet in order[:capacity]}
 
     def add_peer(self, lease: Lease) -> None:
         if not self._accept(lease):
@@ -241,7 +271,16 @@ class UdpEbpfBackend(Backend):
             return
         maps = self._require_maps()
         previous = self._peers.get(lease.subnet)
+        if previous is None and len(self._peers) >= layout.PEERS_MAP.max_entries:
+            self._refused_full += 1
+            logger.error("udp (eBPF): fl_peers is full ({} peers): peer {} at {} NOT programmed",
+                         len(self._peers), lease.subnet, lease.public_ip)  # fmt: skip
+            return
         self._peers[lease.subnet] = lease.public_ip
+        if previous != lease.public_ip:
+            self._leases_of[lease.public_ip] += 1
+            if previous is not None:
+                self._leases_of[previous] -= 1
         maps.set_peer(lease.subnet, lease.public_ip)
         self._update_member(lease.public_ip)
         if previous is not None and previous != lease.public_ip:
@@ -255,6 +294,8 @@ class UdpEbpfBackend(Backend):
     def _drop_peer(self, subnet: IPv4Network) -> None:
         maps = self._require_maps()
         public_ip = self._peers.pop(subnet, None)
+        if public_ip is not None:
+            self._leases_of[public_ip] -= 1
         maps.delete_peer(subnet)
         if public_ip is not None:
             self._update_member(public_ip)
@@ -349,6 +390,7 @@ class UdpEbpfBackend(Backend):
             "decap": self._decap or self.options.udp_decap,
             "delivery": self.options.udp_delivery,
             "loader": self._loader_name,  # None in a process that did not load them (cli fills it in)
+            "peers_refused_map_full": self._refused_full,
             "programs": self.programs_in_kernel(self.watched_devices() or None),
         }
         if self._features is not None:
@@ -445,15 +487,16 @@ class UdpEbpfBackend(Backend):
     def _update_member(self, public_ip: IPv4Address) -> None:
         """fl_members[public_ip] = number of leases it holds; removed at zero."""
         maps = self._require_maps()
-        count = sum(1 for ip in self._peers.values() if ip == public_ip)
-        if count:
+        count = self._leases_of[public_ip]  # kept with _peers: a watch event must not count 10,000 peers
+        if count > 0:
             maps.set_member(public_ip, count)
         else:
+            self._leases_of.pop(public_ip, None)
             maps.delete_member(public_ip)
 
     def _sync_members(self) -> None:
         maps = self._require_maps()
-        desired = Counter(self._peers.values())
+        desired = +self._leases_of  # (unary + drops the zero counts)
         current = maps.read_members()
         for public_ip, count in desired.items():
             if current.get(public_ip) != count:

@@ -19,8 +19,10 @@ previous one left without flapping a single entry.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from socket import AF_INET
@@ -31,7 +33,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import flags as NTF
 from pyroute2.netlink.rtnl.ndmsg import states as NUD
 
+from flannel_ebpf.backends import netlink_bulk
 from flannel_ebpf.backends.base import BackendError, BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.backends.netlink_bulk import AF_BRIDGE, format_mac
 from flannel_ebpf.backends.routes import (
     RoutedBackend,
     RouteSpec,
@@ -39,7 +43,6 @@ from flannel_ebpf.backends.routes import (
     delete_route,
     host_gw_route,
     lease_problem,
-    list_our_routes,
     reachability,
     reconcile_routes,
     replace_route,
@@ -144,6 +147,38 @@ class VxlanPeer:
         }
 
 
+class ProgrammedPeers(dict[IPv4Network, "VxlanPeer"]):
+    """The peers programmed in the kernel, by subnet, with an index of who uses which VtepMAC: a watch
+    event asks "who else has this MAC?", which must not cost a scan of 10,000 peers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_mac: dict[str, set[IPv4Network]] = {}
+
+    def __setitem__(self, subnet: IPv4Network, peer: VxlanPeer) -> None:
+        self.pop(subnet, None)
+        super().__setitem__(subnet, peer)
+        if peer.vtep_mac:
+            self._by_mac.setdefault(peer.vtep_mac, set()).add(subnet)
+
+    def pop(self, subnet: IPv4Network, default: Any = None) -> Any:  # type: ignore[override]
+        peer = super().pop(subnet, default)
+        if peer is not default and peer.vtep_mac:
+            users = self._by_mac.get(peer.vtep_mac, set())
+            users.discard(subnet)
+            if not users:
+                self._by_mac.pop(peer.vtep_mac, None)
+        return peer
+
+    def clear(self) -> None:
+        super().clear()
+        self._by_mac.clear()
+
+    def other_with_mac(self, mac: str, except_subnet: IPv4Network) -> VxlanPeer | None:
+        """Another programmed peer that uses `mac` (any one of them), or None."""
+        return next((self[s] for s in self._by_mac.get(mac, ()) if s != except_subnet), None)
+
+
 def _linkinfo(link: Any) -> tuple[str | None, Any]:
     info = link.get_attr("IFLA_LINKINFO")
     if info is None:
@@ -159,7 +194,7 @@ class VxlanBackend(RoutedBackend):
         self.cfg = VxlanConfig.from_backend_config(backend_config)
         self.ifindex: int | None = None
         self.vtep_mac: str | None = None
-        self._peers: dict[IPv4Network, VxlanPeer] = {}  # programmed in the kernel
+        self._peers = ProgrammedPeers()  # programmed in the kernel
         self._vni_warned: set[tuple[IPv4Network, Any]] = set()
 
     def overhead(self) -> int:
@@ -271,7 +306,9 @@ class VxlanBackend(RoutedBackend):
     # ------------------------------------------------------------------------------------------------
     # peers: desired state
 
-    def _evaluate(self, lease: Lease, claimed_macs: dict[str, VxlanPeer]) -> VxlanPeer | None:
+    def _evaluate(self, lease: Lease, mac_owner: Callable[[str], VxlanPeer | None]) -> VxlanPeer | None:
+        """The peer to program for a lease, or None (the reason is in the book). `mac_owner(mac)`: a
+        peer other than this lease's already holding that VtepMAC."""
         ext = self._ext()
         problem = lease_problem(
             lease, self.type_name, self.local.subnet if self.local else None, {ext.address, ext.public_ip}
@@ -301,7 +338,7 @@ class VxlanBackend(RoutedBackend):
             # same L2 segment: no encapsulation needed (flanneld's DirectRouting)
             route = host_gw_route(lease.subnet, lease.public_ip, ext.index)
             return VxlanPeer(lease.subnet, lease.public_ip, None, route)
-        other = claimed_macs.get(mac)
+        other = mac_owner(mac)
         if other is not None and other.subnet != lease.subnet and other.public_ip != lease.public_ip:
             # one FDB entry per MAC: two hosts claiming one VtepMAC cannot both be served
             self.book.refuse(lease, f"VtepMAC {mac} is already used by peer {other.subnet} ({other.public_ip})")
@@ -313,20 +350,16 @@ class VxlanBackend(RoutedBackend):
 
     def _kernel_neighbours(self) -> dict[IPv4Address, tuple[str, int]]:
         out: dict[IPv4Address, tuple[str, int]] = {}
-        for msg in self.ipr.get_neighbours(family=AF_INET, ifindex=self._index()):
-            dst = msg.get_attr("NDA_DST")
-            if dst is not None:
-                out[IPv4Address(dst)] = ((msg.get_attr("NDA_LLADDR") or "").lower(), msg["state"])
+        for state, _flags, dst, lladdr in self.bulk.neighbours(self._index()):
+            if len(dst) == 4:
+                out[IPv4Address(dst)] = (format_mac(lladdr), state)
         return out
 
     def _kernel_fdb(self) -> dict[str, IPv4Address]:
         out: dict[str, IPv4Address] = {}
-        for msg in self.ipr.fdb("dump", ifindex=self._index()):
-            if msg["ifindex"] != self._index():
-                continue
-            mac = (msg.get_attr("NDA_LLADDR") or "").lower()
-            dst = msg.get_attr("NDA_DST")
-            if dst and mac and mac != "00:00:00:00:00:00":
+        for _state, _flags, dst, lladdr in self.bulk.neighbours(self._index(), AF_BRIDGE):
+            mac = format_mac(lladdr)
+            if len(dst) == 4 and lladdr and mac != "00:00:00:00:00:00":
                 out[mac] = IPv4Address(dst)
         return out
 
@@ -362,12 +395,19 @@ class VxlanBackend(RoutedBackend):
     # peers: Backend interface
 
     def sync(self, peers: list[Lease]) -> None:
+        self.book.begin_sync()
+        try:
+            self._sync(peers)
+        finally:
+            self.book.end_sync()
+
+    def _sync(self, peers: list[Lease]) -> None:
         self.book.replace_leases(peers)
         desired: dict[IPv4Network, VxlanPeer] = {}
         claimed: dict[str, VxlanPeer] = {}
         for lease in sorted(peers, key=lambda x: x.subnet):
             try:
-                peer = self._evaluate(lease, claimed)
+                peer = self._evaluate(lease, claimed.get)
             except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
                 self.book.refuse(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
                 continue
@@ -390,27 +430,28 @@ class VxlanBackend(RoutedBackend):
                 self._del_fdb(mac)
                 changes += 1
         have_neigh = self._kernel_neighbours()
-        failed: dict[IPv4Network, str] = {}
+        # What is missing or wrong goes in one batch; a request the kernel refuses costs exactly that peer
+        # (no route for it, below; the next resync retries it).
+        requests: list[tuple[VxlanPeer, netlink_bulk.Request]] = []
         for peer in desired.values():
             if peer.vtep_mac is None:
                 continue
             ip = peer.subnet.network_address
-            try:
-                if have_neigh.get(ip, ("", 0)) != (peer.vtep_mac, NUD["permanent"]):
-                    self._set_neigh(ip, peer.vtep_mac)
-                    changes += 1
-                if have_fdb.get(peer.vtep_mac) != peer.public_ip:
-                    self._set_fdb(peer.vtep_mac, peer.public_ip)
-                    have_fdb[peer.vtep_mac] = peer.public_ip
-                    changes += 1
-            except Exception as e:
-                # one bad peer must not stop the others; it gets no route (below) and resync retries it
-                failed[peer.subnet] = f"kernel refused its neighbour/FDB entry: {e}"
+            if have_neigh.get(ip, ("", 0)) != (peer.vtep_mac, NUD["permanent"]):
+                requests.append((peer, netlink_bulk.neigh_replace(self._index(), ip, peer.vtep_mac)))
+            if have_fdb.get(peer.vtep_mac) != peer.public_ip:
+                requests.append((peer, netlink_bulk.fdb_replace(self._index(), peer.vtep_mac, peer.public_ip)))
+                have_fdb[peer.vtep_mac] = peer.public_ip
+        failed: dict[IPv4Network, str] = {}
+        for (peer, _request), code in zip(requests, self.bulk.execute([r for _, r in requests]), strict=True):
+            if code:
+                failed[peer.subnet] = f"kernel refused its neighbour/FDB entry: {os.strerror(code)}"
+        changes += len(requests)
         desired = {s: p for s, p in desired.items() if s not in failed}
         for subnet, reason in failed.items():
             self.book.refuse(self.book.leases[subnet], reason)
-        result = reconcile_routes(self.ipr, (p.route for p in desired.values()))
-        self._peers = {}
+        result = reconcile_routes(self.ipr, self.routes, (p.route for p in desired.values()))
+        self._peers.clear()
         for subnet, peer in desired.items():
             lease = self.book.leases[subnet]
             if subnet in result.failed:
@@ -435,8 +476,7 @@ class VxlanBackend(RoutedBackend):
     def add_peer(self, lease: Lease) -> None:
         self.book.leases[lease.subnet] = lease
         try:
-            claimed = {p.vtep_mac: p for p in self._peers.values() if p.vtep_mac and p.subnet != lease.subnet}
-            new = self._evaluate(lease, claimed)
+            new = self._evaluate(lease, lambda mac: self._peers.other_with_mac(mac, lease.subnet))
             old = self._peers.get(lease.subnet)
             if new is None:
                 if old is not None:
@@ -462,15 +502,13 @@ class VxlanBackend(RoutedBackend):
         logger.info("vxlan: subnet removed: {}", lease.subnet)
 
     def _mac_in_use(self, mac: str, except_subnet: IPv4Network) -> bool:
-        return any(p.vtep_mac == mac for s, p in self._peers.items() if s != except_subnet)
+        return self._peers.other_with_mac(mac, except_subnet) is not None
 
     def _program(self, new: VxlanPeer, old: VxlanPeer | None) -> None:
         if new.vtep_mac is not None:
             self._set_neigh(new.subnet.network_address, new.vtep_mac)
             self._set_fdb(new.vtep_mac, new.public_ip)
-        have, _ = list_our_routes(self.ipr)
-        if have.get(new.subnet) != new.route:
-            replace_route(self.ipr, new.route)
+        replace_route(self.routes, new.route)  # one replace: comparing first would dump every route per event
         if old is not None and old.vtep_mac is not None:
             if new.vtep_mac is None:
                 self._del_neigh(old.subnet.network_address)
@@ -495,7 +533,7 @@ class VxlanBackend(RoutedBackend):
                 # its neighbours, FDB entries and the routes through it go with it
                 self.ipr.link("del", index=index)
                 logger.info("vxlan: deleted {}", name)
-        count = delete_all_our_routes(self.ipr)  # DirectRouting routes are on the external interface
+        count = delete_all_our_routes(self.ipr, self.routes)  # DirectRouting routes are on the external interface
         if count:
             logger.info("vxlan: teardown removed {} direct routes", count)
         self.ifindex = None

@@ -50,6 +50,8 @@ def unusable_address_reason(ip: IPv4Address) -> str | None:
 def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether `text` nests arrays/objects deeper than `limit`, decided without parsing it (parsing a
     few thousand levels raises RecursionError). Brackets inside strings do not count."""
+    if text.count("[") + text.count("{") <= limit:  # the common case, 10,000 times per listing: cheap
+        return False
     depth = 0
     in_string = escaped = False
     for ch in re.sub(r'[^\[\]{}"\\]', "", text):  # only what matters for nesting
@@ -182,8 +184,10 @@ def _short(value: Any, limit: int = 80) -> str:
 class Lease:
     """A subnet and the host that holds it.
 
-    `expiration` is a Unix time, or None for a reservation (a key written without an etcd lease, which
-    flannel never expires). `lease_id` and `mod_revision` are etcd's, used for safe renewal.
+    `expiration` is a Unix time, or None: for a reservation (a key written without an etcd lease, which
+    flannel never expires), and for leases read from a listing or a watch, whose expiration is not looked
+    up (only this host's own lease needs it). `lease_id` and `mod_revision` are etcd's, used for safe
+    renewal; `is_reservation` goes by `lease_id`.
     """
 
     subnet: IPv4Network

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -33,8 +34,9 @@ from flannel_ebpf.subnet.lease import (
 DEFAULT_PREFIX = "/coreos.com/network"
 #: Keys per range request when listing subnets/. One unpaginated range is a single gRPC message, and
 #: gRPC refuses to receive more than 4 MiB: about 35,000 leases, or a few large values, would make every
-#: listing fail forever. A page that is still too big is asked for again in smaller pieces.
-LIST_PAGE_SIZE = 1000
+#: listing fail forever. A page that is still too big is asked for again in smaller pieces. 500 keys are
+#: parsed in ~20 ms between two awaits: the event loop is never held long.
+LIST_PAGE_SIZE = 500
 
 
 class EtcdPermissionError(aetcd.exceptions.ClientError):
@@ -355,19 +357,22 @@ class SubnetRegistry:
             kv = await self.client.get(self.config_key.encode())
         return None if kv is None else kv.value
 
-    async def _lease_from_kv(self, kv: aetcd.rtypes.KeyValue, remaining: dict[int, float]) -> Lease:
+    def _lease_from_kv(self, kv: aetcd.rtypes.KeyValue) -> Lease:
+        """The lease a key holds, without its expiration (see _with_expiration)."""
         name = kv.key.decode(errors="replace")[len(self.subnets_prefix) :]
         subnet = parse_subnet_key(name)
         if len(kv.value) > MAX_VALUE_BYTES:  # said before even trying to decode it
             raise LeaseFormatError(f"value of {len(kv.value)} bytes is larger than the {MAX_VALUE_BYTES} accepted")
         attrs = LeaseAttrs.from_json(kv.value)
-        expiration = None
-        if kv.lease:
-            if kv.lease not in remaining:
-                info = await self.client.get_lease_info(kv.lease, keys=False)
-                remaining[kv.lease] = time.time() + max(info.TTL, 0)
-            expiration = remaining[kv.lease]
-        return Lease(subnet, attrs, expiration, lease_id=kv.lease, mod_revision=kv.mod_revision)
+        return Lease(subnet, attrs, None, lease_id=kv.lease, mod_revision=kv.mod_revision)
+
+    async def _with_expiration(self, lease: Lease) -> Lease:
+        """The lease with its expiration: one TTL request to etcd. Only our own lease needs it (to renew
+        in time); a listing never asks, which would cost one round trip per peer (10,000 at scale)."""
+        if lease.is_reservation:
+            return lease
+        info = await self.client.get_lease_info(lease.lease_id, keys=False)
+        return dataclasses.replace(lease, expiration=time.time() + max(info.TTL, 0))
 
     async def _range(
         self, start: bytes, end: bytes, limit: int, revision: int, keys_only: bool = False
@@ -409,7 +414,6 @@ class SubnetRegistry:
         leases: list[Lease] = []
         garbage: list[tuple[str, str]] = []
         occupied: dict[IPv4Network, str] = {}
-        ttl_cache: dict[int, float] = {}
         while True:
             try:
                 page = await self._range(start, end, limit, revision)
@@ -437,7 +441,7 @@ class SubnetRegistry:
                     garbage.append((key, str(e)))
                     continue
                 try:
-                    leases.append(await self._lease_from_kv(kv, ttl_cache))
+                    leases.append(self._lease_from_kv(kv))
                 except LeaseFormatError as e:
                     garbage.append((key, str(e)))
                     occupied[subnet] = str(e)
@@ -451,7 +455,7 @@ class SubnetRegistry:
             kv = await self.client.get(self.lease_key(subnet).encode())
         if kv is None:
             return None
-        return await self._lease_from_kv(kv, {})
+        return await self._with_expiration(self._lease_from_kv(kv))
 
     async def current_revision(self) -> tuple[int, int]:
         """(revision, cluster_id) now: a revision lower than one seen before means etcd lost its data."""
@@ -690,7 +694,7 @@ class SubnetRegistry:
             # A delete (or an expiry) carries no value: the peer is known by its subnet.
             return [(revision, removed, "")]
         try:
-            lease = await self._lease_from_kv(kv, {})
+            lease = self._lease_from_kv(kv)
         except LeaseFormatError as e:
             # The key no longer describes a usable peer: whatever it held before is gone, exactly as a
             # relist would see it.
