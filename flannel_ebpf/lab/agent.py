@@ -77,11 +77,20 @@ class Agent:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+    def start(
+        self, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None, go_style: bool = False
+    ) -> None:
+        """`go_style`: the command line as flanneld's unit files and the etcd-era tutorials write it: no
+        subcommand, one dash, `-flag=value` (`flannel-ebpf -etcd-endpoints=http://... -iface=eth0`)."""
         if self.running:
             raise RuntimeError(f"agent on {self.host.name} already runs (pid {self.proc.pid})")  # type: ignore[union-attr]
         self.host.dir.mkdir(parents=True, exist_ok=True)
-        self.argv = [*self._command(), "up", *self.common_flags(), "--iface", self.host.iface, *extra_args]
+        flags = [*self.common_flags(), "--iface", self.host.iface]
+        if go_style:
+            pairs = zip(flags[::2], flags[1::2], strict=True)
+            self.argv = [*self._command(), *(f"-{name.lstrip('-')}={value}" for name, value in pairs), *extra_args]
+        else:
+            self.argv = [*self._command(), "up", *flags, *extra_args]
         with open(self.host.agent_log, "ab") as log:
             log.write(f"{RUN_MARK}{time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
             log.flush()

@@ -84,26 +84,27 @@ class Container:
         return f"{self.name}({self.ip})"
 
 
-def ensure_bridge(host: Host, env: SubnetEnv) -> None:
-    """Create or re-address docker0 to match the subnet file (a new lease means a new --bip)."""
+def ensure_bridge(host: Host, env: SubnetEnv, bridge: str = BRIDGE) -> None:
+    """Create or re-address the bridge to match the subnet file (a new lease means a new --bip)."""
     node = host.node
     assert isinstance(node, Netns)
-    link = node.ip("-o", "link", "show", BRIDGE, check=False)
+    link = node.ip("-o", "link", "show", bridge, check=False)
     if not link.ok:
-        node.ip("link", "add", BRIDGE, "type", "bridge")
-    addrs = node.ip("-o", "-4", "addr", "show", "dev", BRIDGE).stdout
+        node.ip("link", "add", bridge, "type", "bridge")
+    addrs = node.ip("-o", "-4", "addr", "show", "dev", bridge).stdout
     if str(env.subnet) not in addrs.split():
-        node.ip("addr", "flush", "dev", BRIDGE)
-        node.ip("addr", "add", str(env.subnet), "dev", BRIDGE)
-    node.ip("link", "set", BRIDGE, "mtu", str(env.mtu))
-    node.ip("link", "set", BRIDGE, "up")
+        node.ip("addr", "flush", "dev", bridge)
+        node.ip("addr", "add", str(env.subnet), "dev", bridge)
+    node.ip("link", "set", bridge, "mtu", str(env.mtu))
+    node.ip("link", "set", bridge, "up")
 
 
-def make_container(host: Host, name: str, env: SubnetEnv, used: set[IPv4Address]) -> Container:
-    """A container namespace on `host`, addressed from `env`; `used` are addresses already taken."""
+def make_container(host: Host, name: str, env: SubnetEnv, used: set[IPv4Address], bridge: str = BRIDGE) -> Container:
+    """A container namespace on `host`, addressed from `env`, a port of `bridge`; `used` are addresses
+    already taken."""
     node = host.node
     assert isinstance(node, Netns)
-    ensure_bridge(host, env)
+    ensure_bridge(host, env, bridge)
     # Docker hands out the subnet's addresses in order, skipping the bridge's own.
     free = (a for a in env.subnet.network.hosts() if a != env.subnet.ip and a not in used)
     ip = next(free, None)
@@ -114,7 +115,7 @@ def make_container(host: Host, name: str, env: SubnetEnv, used: set[IPv4Address]
     host_veth = f"veth{name}"[:15]
     # Created inside the container namespace, the peer born in the host namespace.
     veth_between(ns, "eth0", node, host_veth, mtu=env.mtu)
-    node.ip("link", "set", host_veth, "master", BRIDGE, "up")
+    node.ip("link", "set", host_veth, "master", bridge, "up")
     ns.ip("addr", "add", f"{ip}/{env.subnet.network.prefixlen}", "dev", "eth0")
     ns.ip("link", "set", "eth0", "up")
     ns.ip("route", "add", "default", "via", str(env.subnet.ip), "dev", "eth0")

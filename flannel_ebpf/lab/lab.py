@@ -30,7 +30,7 @@ from typing import Any
 from loguru import logger
 
 from .agent import RUN_MARK, Agent
-from .containers import Container, SubnetEnv, make_container
+from .containers import BRIDGE, Container, SubnetEnv, make_container
 from .etcd import EtcdCluster, EtcdServer
 from .netns import BPFFS, ExecResult, Netns, check_prefix, create_netns, delete_netns, list_netns, new_prefix, run
 from .topology import ETCD_INDEX, HOST_INDEX_BASE, Host, Topology, Underlay, split_segments
@@ -332,10 +332,14 @@ class Lab:
         return self.agents[self.host(host).name]
 
     def start_agent(
-        self, host: Host | str, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None
+        self,
+        host: Host | str,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        go_style: bool = False,
     ) -> Agent:
         a = self.agent(host)
-        a.start(extra_args, env)
+        a.start(extra_args, env, go_style)
         return a
 
     def start_agents(self, extra_args: Sequence[str] = (), hosts: Sequence[Host | str] | None = None) -> None:
@@ -391,8 +395,9 @@ class Lab:
 
     # ---------------------------------------------------------------- containers
 
-    def add_container(self, host: Host | str, name: str | None = None) -> Container:
-        """A container on `host`, addressed from its subnet file (written by the agent beforehand)."""
+    def add_container(self, host: Host | str, name: str | None = None, bridge: str = BRIDGE) -> Container:
+        """A container on `host`, addressed from its subnet file (written by the agent beforehand), on
+        `bridge` (docker0; e.g. lxcbr0 as `flannel-ebpf bridge lxcbr0` made it)."""
         h = self.host(host)
         env = self.subnet_env(h)
         if env is None:
@@ -402,7 +407,7 @@ class Lab:
         if len(name) > 10 or any(c.name == name for c in self.containers):
             raise ValueError(f"container name {name!r}: too long or already used")
         used = {c.ip for c in mine}
-        c = make_container(h, name, env, used)
+        c = make_container(h, name, env, used, bridge)
         self.containers.append(c)
         return c
 
