@@ -129,6 +129,9 @@ class RemoteServer:
         self.options = options
         self._registries: dict[str, SubnetRegistry] = {}
         self._last_reconnect = 0.0
+        #: set when the server stops: long polls answer at once (no events, same cursor), so that the
+        #: clients reconnect to the next server instead of holding this one's shutdown up
+        self.stopping = asyncio.Event()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=wire.MAX_BODY_BYTES)
@@ -354,10 +357,16 @@ class RemoteServer:
         try:
             deadline = self.options.poll_seconds
             while len(events) < BATCH_MAX:
-                try:
-                    item = await asyncio.wait_for(items.get(), deadline)
-                except TimeoutError:
+                if self.stopping.is_set():
                     break
+                getter = asyncio.ensure_future(items.get())
+                stopper = asyncio.ensure_future(self.stopping.wait())
+                done, _ = await asyncio.wait({getter, stopper}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if getter not in done:
+                    getter.cancel()
+                    break
+                item = getter.result()
                 if isinstance(item, BaseException):
                     if last > cursor:
                         break  # answer what we have; the next poll meets the error again
@@ -385,7 +394,7 @@ async def serve(registry_factory: Callable[[str], SubnetRegistry], prefix: str, 
     server = RemoteServer(registry_factory, prefix, options)
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=ctx)
+    site = web.SockSite(runner, sock, ssl_context=ctx, shutdown_timeout=2.0)
     await site.start()
     mode = "plain HTTP" if ctx is None else "TLS, client certificates required" if options.tls.cafile else "TLS"
     logger.info("serving flannel's remote API on {} ({}) for the leases under {}", options.listen, mode, prefix)
@@ -394,6 +403,7 @@ async def serve(registry_factory: Callable[[str], SubnetRegistry], prefix: str, 
         await stop.wait()
     finally:
         sd_notify.stopping("stopping")
+        server.stopping.set()
         await runner.cleanup()
         await server.close()
     logger.info("server stopped")
