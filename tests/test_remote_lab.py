@@ -93,7 +93,8 @@ def test_udp_clients_without_etcd_mutual_tls_and_server_restart_under_flood(lab_
         # A client with the CA but no certificate of its own is refused: never ready, no lease.
         lab.start_agent("h3", ["--remote", f"{h1_ip}:{PORT}", *tls])
         wait_for(lambda: "flannel server" in health(lab, "h3"), timeout=15, what="h3 refused")
-        assert health(lab, "h3").startswith("not-ready waiting-config"), health(lab, "h3")
+        refused = health(lab, "h3")
+        assert refused.startswith("not-ready waiting-config") and "--remote-certfile" in refused, refused
         assert lab.stop_agent("h3") == 0
         assert lab.leases() == {}
 

@@ -157,7 +157,11 @@ class RemoteRegistry:
             raise self._lost(f"the flannel server {self.url} presents an untrusted certificate "
                              f"(check --remote-cafile): {e}") from None  # fmt: skip
         except (aiohttp.ClientError, OSError) as e:
-            raise self._lost(f"flannel server {self.url} unreachable ({type(e).__name__}: {e})") from None
+            hint = ""
+            if self.tls is not None and not self.tls.certfile and isinstance(e, aiohttp.ServerDisconnectedError):
+                # TLS 1.3: a server that wants a client certificate drops the connection after the handshake
+                hint = "; if it requires client certificates (mutual TLS), set --remote-certfile and --remote-keyfile"
+            raise self._lost(f"flannel server {self.url} unreachable ({type(e).__name__}: {e}){hint}") from None
         except TimeoutError:
             raise self._lost(f"flannel server {self.url} did not answer {method} {path} in time") from None
         if status >= 500:

@@ -41,6 +41,7 @@ from loguru import logger
 from flannel_ebpf import sd_notify
 from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
 from flannel_ebpf.remote import wire
+from flannel_ebpf.subnet.allocation import OutOfSubnets
 from flannel_ebpf.subnet.lease import LeaseEvent, LeaseFormatError, parse_subnet_key
 from flannel_ebpf.subnet.manager import LeaseManager, LeaseOptions
 from flannel_ebpf.subnet.registry import (
@@ -236,7 +237,10 @@ class RemoteServer:
         config, _ = await self._config(registry)
         manager = LeaseManager(config, attrs, registry, registry, LeaseOptions(ttl=self.options.ttl))
         for _ in range(ACQUIRE_ATTEMPTS):
-            lease = await manager._try_acquire(None)
+            try:
+                lease = await manager._try_acquire(None)  # one attempt of the agent's own acquisition
+            except OutOfSubnets as e:
+                raise HttpError(503, str(e)) from None
             if lease is not None:
                 logger.info("lease {} acquired for {}", lease.subnet, attrs.public_ip)
                 return await self._respond(registry, wire.lease_to_wire(lease), lease.mod_revision)
