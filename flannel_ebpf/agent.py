@@ -82,11 +82,23 @@ class AgentOptions:
     resync_interval: float = 10.0  # full reconcile of the data path (flanneld re-checks host-gw every 10 s)
     lease: LeaseOptions = field(default_factory=LeaseOptions)
     backend: BackendOptions = field(default_factory=BackendOptions)
+    # client/server mode (issue 17): --listen serves the lease API (flannel_ebpf/remote/server.py), --remote
+    # takes leases from such a server instead of etcd; --remote-*file secure that link
+    listen: str = ""
+    remote: str = ""
+    remote_tls: EtcdTLS = field(default_factory=EtcdTLS)
 
     def registry(self) -> SubnetRegistry:
+        if self.remote:
+            from flannel_ebpf.remote.client import RemoteRegistry
+
+            return RemoteRegistry(self.remote, tls=self.remote_tls)  # type: ignore[return-value]  # same interface
+        return self.registry_for_prefix(self.etcd_prefix)
+
+    def registry_for_prefix(self, prefix: str) -> SubnetRegistry:
         return SubnetRegistry(
             self.etcd_endpoints,
-            self.etcd_prefix,
+            prefix,
             tls=self.etcd_tls if self.etcd_tls.enabled else None,
             username=self.etcd_username,
             password=self.etcd_password,
@@ -199,8 +211,12 @@ class Agent:
             if m.peers_version != self._peers_written:  # 10,000 peers: described anew only when they changed
                 self._peers_written = m.peers_version
                 peers = tuple(m.peers.values())
-            if st.phase in ("ready", "conflict"):
+            if st.phase in ("ready", "conflict", "server-lost"):
                 st.phase, st.reason = ("conflict", m.problem) if m.problem else ("ready", "")
+                # --remote: a client that cannot reach its server keeps its data path but is not ready
+                lost = getattr(m.watcher, "lost_reason", "") or getattr(m.leases, "lost_reason", "")
+                if lost and st.phase == "ready":
+                    st.phase, st.reason = "server-lost", lost
             elif st.phase == "acquiring":
                 st.reason = m.problem or m.acquire_error or "acquiring a subnet lease"
         written = self._state_writer.submit(self._write_state, state_file.snapshot(st), peers)
@@ -295,7 +311,7 @@ class Agent:
             if not said_waiting:
                 logger.info("waiting for the network config at {} (write it with etcdctl put)", registry.config_key)
                 said_waiting = True
-            if time.monotonic() >= next_v2_probe:
+            if time.monotonic() >= next_v2_probe and not getattr(registry, "remote", False):
                 next_v2_probe = time.monotonic() + V2_PROBE_SECONDS
                 v2_hint = await self._v2_config_hint(registry, v2_hint)
             reason = v2_hint or f"no network config at {registry.config_key}"

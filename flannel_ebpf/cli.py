@@ -66,6 +66,12 @@ FLAGS = (
     Flag("iptables-forward-rules", True, "accept overlay traffic in the FORWARD chain (FLANNEL-FWD)", "bool"),
     Flag("healthz-ip", "0.0.0.0", "address of the /healthz HTTP endpoint"),
     Flag("healthz-port", 0, "port of the /healthz HTTP endpoint (0: off)", "int"),
+    # older flanneld's (v0.5) client/server mode
+    Flag("listen", "", "run as the server of client/server mode on this address (e.g. :8888, fd://)"),
+    Flag("remote", "", "run as a client of the server at this address (e.g. 10.1.2.3:8888): no etcd access"),
+    Flag("remote-keyfile", "", "TLS key file for the client/server link"),
+    Flag("remote-certfile", "", "TLS certificate file for the client/server link"),
+    Flag("remote-cafile", "", "TLS CA file for the client/server link (server: clients must present a cert)"),
     # flannel-ebpf's own
     Flag("state-dir", "/run/flannel-ebpf", "directory of the agent's state file (read by status/health/down)"),
     Flag("bpf-pin-dir", "/sys/fs/bpf/flannel-ebpf", "where the eBPF udp path pins its maps"),
@@ -148,11 +154,6 @@ UNSUPPORTED = {
     "public-ipv6": Unsupported("flannel-ebpf runs IPv4 overlays only"),
     "vmodule": Unsupported("klog's per-file log levels; use -v"),
     "log_backtrace_at": Unsupported("klog's Go stack traces; there are none to log"),
-    "listen": Unsupported(_ISSUE_17),
-    "remote": Unsupported(_ISSUE_17),
-    "remote-keyfile": Unsupported(_ISSUE_17),
-    "remote-certfile": Unsupported(_ISSUE_17),
-    "remote-cafile": Unsupported(_ISSUE_17),
     "networks": Unsupported(_ISSUE_17),
 }
 
@@ -333,6 +334,17 @@ def agent_options(args: argparse.Namespace) -> Any:
     for path in (args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile):
         if path and not os.access(path, os.R_OK):
             raise SystemExit(f"flannel-ebpf: cannot read etcd TLS file {path}")
+    if args.listen and args.remote:
+        raise SystemExit("flannel-ebpf: --listen and --remote are mutually exclusive")
+    for path in (args.remote_cafile, args.remote_certfile, args.remote_keyfile):
+        if path and not os.access(path, os.R_OK):
+            raise SystemExit(f"flannel-ebpf: cannot read TLS file {path}")
+    if (
+        args.listen
+        and (args.remote_cafile or args.remote_keyfile)
+        and not (args.remote_certfile and args.remote_keyfile)
+    ):
+        raise SystemExit("flannel-ebpf: a TLS server (--listen) needs --remote-certfile and --remote-keyfile")
     if args.etcd_retry_max <= 0 or args.subnet_relist_interval < 0:
         raise SystemExit("flannel-ebpf: --etcd-retry-max must be > 0 and --subnet-relist-interval >= 0")
     return AgentOptions(
@@ -354,6 +366,9 @@ def agent_options(args: argparse.Namespace) -> Any:
         healthz_ip=args.healthz_ip,
         healthz_port=args.healthz_port,
         resync_interval=args.resync_interval,
+        listen=args.listen,
+        remote=args.remote,
+        remote_tls=EtcdTLS(cafile=args.remote_cafile, certfile=args.remote_certfile, keyfile=args.remote_keyfile),
         lease=LeaseOptions(
             ttl=args.subnet_lease_ttl,
             renew_margin=args.subnet_lease_renew_margin * 60.0,
@@ -394,6 +409,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from flannel_ebpf.loaders import attach
 
     options = agent_options(args)
+    if options.listen:  # the server of client/server mode: no networking, no state dir (as flanneld v0.5)
+        from flannel_ebpf.remote.server import run_server
+
+        return run_server(options)
     try:
         lock = state_file.InstanceLock.acquire(args.state_dir, "up")
     except state_file.AlreadyRunning as e:

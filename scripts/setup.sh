@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 
 # bcc's Python module is Debian's python3-bpfcc (PyPI's "bcc" is an unrelated package: never install it).
 # containernetworking-plugins: the CNI bridge/host-local/loopback/portmap plugins (/usr/lib/cni) for the CNI
-# lab test; systemd: systemd-analyze verifies the shipped unit (installing it in a container starts nothing).
-PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-pyroute2 python3-netaddr
+# lab test; python3-aiohttp: client/server mode's HTTP (the venv sees it: --system-site-packages);
+# systemd: systemd-analyze verifies the shipped unit (installing it in a container starts nothing).
+PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-pyroute2 python3-netaddr python3-aiohttp
           etcd-server etcd-client iperf3 iproute2 iputils-ping iptables ethtool tcpdump clang llvm libbpf-dev
           openssl containernetworking-plugins systemd)
 KREL=$(uname -r)

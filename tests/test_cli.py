@@ -146,6 +146,21 @@ def test_iface_can_reach_and_net_config_path():
         agent_options(go(["-iface-can-reach=gw"]))
 
 
+def test_client_server_flags_and_variables(tmp_path):
+    opts = agent_options(go(["-remote=10.0.0.3:8888", "-remote-cafile", "/dev/null"]))
+    assert (opts.remote, opts.listen, opts.remote_tls.cafile) == ("10.0.0.3:8888", "", "/dev/null")
+    env = {"FLANNELD_LISTEN": ":8888", "FLANNELD_REMOTE_CERTFILE": "/dev/null", "FLANNELD_REMOTE_KEYFILE": "/dev/null"}
+    opts = agent_options(go([], env))
+    assert (opts.listen, opts.remote_tls.certfile, opts.remote_tls.keyfile) == (":8888", "/dev/null", "/dev/null")
+    assert agent_options(go(["--listen=fd://"])).listen == "fd://"
+    with pytest.raises(SystemExit, match="mutually exclusive"):
+        agent_options(go(["-listen=:8888", "-remote=10.0.0.3:8888"]))
+    with pytest.raises(SystemExit, match="needs --remote-certfile and --remote-keyfile"):
+        agent_options(go(["-listen=:8888", "-remote-cafile=/dev/null"]))
+    with pytest.raises(SystemExit, match="cannot read TLS file"):
+        agent_options(go(["-remote=h:1", f"-remote-certfile={tmp_path}/missing.pem"]))
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "named"),
     [
@@ -155,11 +170,10 @@ def test_iface_can_reach_and_net_config_path():
         (["up", "--kube-api-url=https://k:6443"], {}, "flag --kube-api-url"),
         (["-public-ipv6=fd00::1"], {}, "flag --public-ipv6"),
         (["-vmodule=main=2"], {}, "flag --vmodule"),
-        (["-remote", "10.0.0.1:8888"], {}, "flag --remote"),
         (["-networks=blue,red"], {}, "flag --networks"),
         ([], {"FLANNELD_KUBE_SUBNET_MGR": "true"}, "FLANNELD_KUBE_SUBNET_MGR (flag --kube-subnet-mgr)"),
         ([], {"FLANNELD_KUBECONFIG_FILE": "/k"}, "FLANNELD_KUBECONFIG_FILE (flag --kubeconfig-file)"),
-        (["status"], {"FLANNELD_LISTEN": ":8888"}, "FLANNELD_LISTEN (flag --listen)"),
+        (["status"], {"FLANNELD_NETWORKS": "blue"}, "FLANNELD_NETWORKS (flag --networks)"),
     ],
 )
 def test_unsupported_flanneld_flags_are_one_line_and_exit_2(argv, env, named, capsys):

@@ -106,7 +106,7 @@ def describe_tls_error(kind: str, endpoint: str, tls: EtcdTLS | None) -> str:
 
 def describe_etcd_error(error: BaseException) -> str:
     """One line saying what went wrong talking to etcd, for the operator."""
-    if isinstance(error, EtcdPermissionError | LeaseFormatError | WatchCanceled):
+    if isinstance(error, EtcdPermissionError | LeaseFormatError | WatchCanceled) or getattr(error, "one_line", False):
         return str(error)
     code = grpc_code(error)
     text = str(error) or type(error).__name__

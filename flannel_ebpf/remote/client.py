@@ -1,0 +1,310 @@
+"""`flannel-ebpf up --remote=HOST:PORT`: the lease manager's registry, spoken over flannel v0.5's HTTP API
+to a `--listen` server instead of etcd. The agent (data path, lease manager) is the same as in etcd mode.
+
+How the registry's operations map onto the API (see server.py for the routes):
+- get_config              GET  config (404: not written yet -> None, the agent waits)
+- list_leases             GET  leases (no cursor): the snapshot; its cursor is the listing's revision
+- watch_leases(rev)       GET  leases?next=rev-1, again and again (long polls); a snapshot in the answer
+                          (cursor compacted or from before an etcd data loss) raises WatchCompacted:
+                          the manager relists, as after an etcd compaction
+- create/update_lease     PUT  leases/<subnet>?ttl=: the server creates the key only if it is free and
+                          renews it only for the same PublicIP (409 -> None: the caller re-reads)
+- get_lease               GET  leases/<subnet>; delete_lease DELETE leases/<subnet>?PublicIP=
+- current_revision        the revision and cluster id headers of GET config
+- presence claims         not over the API: no one-agent-per-PublicIP guard in client mode
+Against a flanneld v0.5 server (no GET/DELETE of one lease, no headers) the registry falls back to the
+snapshot for get_lease and current_revision; releasing a lease is not possible there.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import aetcd.exceptions
+import aiohttp
+from loguru import logger
+
+from flannel_ebpf.remote import wire
+from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseFormatError, subnet_key
+from flannel_ebpf.subnet.registry import EtcdTLS, Listing, WatchCompacted
+
+REVISION_HEADER = "X-Flannel-Ebpf-Revision"
+CLUSTER_HEADER = "X-Flannel-Ebpf-Cluster-Id"
+#: how long a watch request may take beyond the server's long-poll time before the server counts as lost
+WATCH_GRACE = 10.0
+WATCH_TIMEOUT = 25.0 + WATCH_GRACE
+
+
+class RemoteError(aetcd.exceptions.ClientError):
+    """The server could not be reached or did not answer as expected. A ClientError, so that the agent's
+    loops retry it with their bounded back-off exactly as they retry etcd's errors."""
+
+    one_line = True  # describe_etcd_error shows it as is
+
+
+@dataclass
+class _Link:
+    """Whether the server answers, shared by every registry talking to it (the agent's lease and watch
+    registries): either one's failure makes the agent not-ready, either one's success ends that."""
+
+    lost_reason: str = ""
+    since: float = 0.0
+
+
+_LINKS: dict[str, _Link] = {}
+
+
+class RemoteRegistry:
+    """SubnetRegistry's interface, over HTTP(S) to a flannel-ebpf (or flanneld v0.5) server."""
+
+    remote = True
+
+    def __init__(self, server: str, network: str = "", tls: EtcdTLS | None = None, timeout: float = 5.0) -> None:
+        self.tls = tls if tls is not None and tls.enabled else None
+        scheme = "https" if self.tls else "http"
+        server = server.split("://", 1)[-1].rstrip("/")
+        self.url = f"{scheme}://{server}"
+        self.base = f"{self.url}/v1/{network or '_'}"
+        self.endpoints = [self.url]
+        self.prefix = self.base
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._link = _LINKS.setdefault(self.base, _Link())
+
+    # --- what the agent reads for its messages ---
+
+    @property
+    def endpoint(self) -> str:
+        return self.url
+
+    def tls_for(self, endpoint: str) -> EtcdTLS | None:
+        return None  # the agent's etcd TLS diagnosis does not apply; our errors say what went wrong
+
+    @property
+    def config_key(self) -> str:
+        return f"{self.base}/config"
+
+    @property
+    def subnets_prefix(self) -> str:
+        return f"{self.base}/leases/"
+
+    def lease_key(self, subnet: IPv4Network) -> str:
+        return self.subnets_prefix + subnet_key(subnet)
+
+    def presence_key(self, public_ip: IPv4Address) -> str:
+        return f"{self.base} (no presence claims in client mode)"
+
+    # --- connection ---
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if self.tls is None:
+            return False
+        ctx = ssl.create_default_context(cafile=self.tls.cafile or None)
+        if self.tls.certfile:
+            ctx.load_cert_chain(self.tls.certfile, self.tls.keyfile or None)
+        return ctx
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self._ssl(), limit=8)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def reconnect(self) -> None:
+        await self.close()  # the next request opens new connections
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    @property
+    def lost_reason(self) -> str:
+        """Why the server is unreachable right now ("" while it answers): the agent turns not-ready."""
+        return self._link.lost_reason
+
+    def _lost(self, reason: str) -> RemoteError:
+        if not self._link.lost_reason:
+            self._link.since = time.monotonic()
+            logger.warning("{}", reason)
+        self._link.lost_reason = reason
+        return RemoteError(reason)
+
+    async def _request(
+        self, method: str, path: str, *, body: Any = None, params: dict[str, str] | None = None,
+        timeout: float | None = None, accept: tuple[int, ...] = (200,),
+    ) -> tuple[int, bytes, Any]:  # fmt: skip
+        """(status, body, headers) for a status in `accept`; anything else raises RemoteError."""
+        url = f"{self.base}/{path}" if path else self.base
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else None
+        try:
+            async with self._client().request(
+                method, url, data=data, params=params, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout or self._timeout),
+            ) as response:  # fmt: skip
+                raw = await response.content.read(wire.MAX_BODY_BYTES + 1)
+                status, got_headers = response.status, response.headers
+        except ssl.SSLError as e:
+            raise self._lost(f"TLS with the flannel server {self.url} failed: {e}") from None
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise self._lost(f"the flannel server {self.url} presents an untrusted certificate "
+                             f"(check --remote-cafile): {e}") from None  # fmt: skip
+        except (aiohttp.ClientError, OSError) as e:
+            hint = ""
+            if self.tls is not None and not self.tls.certfile and isinstance(e, aiohttp.ServerDisconnectedError):
+                # TLS 1.3: a server that wants a client certificate drops the connection after the handshake
+                hint = "; if it requires client certificates (mutual TLS), set --remote-certfile and --remote-keyfile"
+            raise self._lost(f"flannel server {self.url} unreachable ({type(e).__name__}: {e}){hint}") from None
+        except TimeoutError:
+            raise self._lost(f"flannel server {self.url} did not answer {method} {path} in time") from None
+        if status >= 500:
+            text = raw[:300].decode(errors="replace").strip()
+            raise self._lost(f"flannel server {self.url} answered {status} to {method} {path}: {text}")
+        if self._link.lost_reason:
+            logger.info("flannel server {} answers again after {:.1f}s", self.url, time.monotonic() - self._link.since)
+            self._link.lost_reason = ""
+        if status not in accept:
+            text = raw[:300].decode(errors="replace").strip()
+            raise RemoteError(f"flannel server {self.url} answered {status} to {method} {path}: {text}")
+        return status, raw, got_headers
+
+    @staticmethod
+    def _decode(raw: bytes, what: str) -> Any:
+        try:
+            return wire.load_body(raw, what)
+        except ValueError as e:
+            raise RemoteError(f"the flannel server sent a bad {what}: {e}") from None
+
+    # --- reads ---
+
+    async def get_config(self) -> bytes | None:
+        status, raw, _ = await self._request("GET", "config", accept=(200, 404))
+        return raw if status == 200 else None
+
+    async def current_revision(self) -> tuple[int, int]:
+        _, _, headers = await self._request("GET", "config", accept=(200, 404))
+        if REVISION_HEADER in headers:
+            try:
+                return int(headers[REVISION_HEADER]), int(headers.get(CLUSTER_HEADER, "0"), 16)
+            except ValueError:
+                pass
+        return (await self.list_leases()).revision, 0  # a flanneld v0.5 server: its cursor
+
+    def _lease(self, value: Any, headers: Any = None) -> Lease:
+        revision = headers.get(REVISION_HEADER, "0") if headers is not None else "0"
+        try:
+            return wire.lease_from_wire(value, int(revision) if revision.isdigit() else 0)
+        except LeaseFormatError as e:
+            raise RemoteError(f"the flannel server sent a bad lease: {e}") from None
+
+    async def list_leases(self, page_size: int = 0) -> Listing:
+        _, raw, _ = await self._request("GET", "leases")
+        body = self._decode(raw, "watch result")
+        return self._listing(body)
+
+    def _listing(self, body: Any) -> Listing:
+        if not isinstance(body, dict):
+            raise RemoteError("the flannel server sent a watch result that is not an object")
+        leases, garbage = [], []
+        for value in body.get("snapshot") or []:
+            try:
+                leases.append(wire.lease_from_wire(value))
+            except LeaseFormatError as e:
+                garbage.append((f"{self.subnets_prefix}{str(value)[:60]}", str(e)))
+        try:
+            revision = wire.parse_cursor(str(body.get("cursor")))
+        except ValueError as e:
+            raise RemoteError(f"the flannel server sent a bad cursor: {e}") from None
+        return Listing(leases, revision, garbage)
+
+    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+        status, raw, headers = await self._request("GET", f"leases/{subnet_key(subnet)}", accept=(200, 404, 405))
+        if status == 200:
+            return self._lease(self._decode(raw, "lease"), headers)
+        if status == 404 and raw.startswith(b"no lease"):  # our server's answer for a free subnet
+            return None
+        # flanneld v0.5's server has no such route: find it in a snapshot
+        return next((lease for lease in (await self.list_leases()).leases if lease.subnet == subnet), None)
+
+    # --- writes ---
+
+    async def _put(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
+        body = {"Subnet": str(subnet), "Attrs": wire.attrs_to_wire(attrs), "Expiration": wire.ZERO_TIME}
+        params = {"ttl": str(ttl)} if ttl else None
+        status, raw, headers = await self._request(
+            "PUT", f"leases/{subnet_key(subnet)}", body=body, params=params, accept=(200, 409)
+        )
+        if status == 409:
+            logger.debug("flannel server refused {}: {}", subnet, raw[:200].decode(errors="replace").strip())
+            return None
+        return self._lease(self._decode(raw, "lease"), headers)
+
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
+        return await self._put(subnet, attrs, ttl)
+
+    async def update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
+        return await self._put(lease.subnet, attrs, ttl)
+
+    async def delete_lease(self, lease: Lease) -> bool:
+        status, _, _ = await self._request(
+            "DELETE", f"leases/{subnet_key(lease.subnet)}", params={"PublicIP": str(lease.public_ip)},
+            accept=(200, 404, 409),
+        )  # fmt: skip
+        return status in (200, 404)
+
+    # --- presence: the server has no such thing; every claim succeeds (documented) ---
+
+    async def claim_presence(self, public_ip: IPv4Address, identity: str, ttl: int) -> tuple[int, str]:
+        return 1, ""  # a token "claim" (not an etcd lease): the manager treats 0 as a refusal
+
+    async def refresh_presence(self, lease_id: int) -> bool:
+        return True
+
+    async def release_presence(self, lease_id: int) -> None:
+        return None
+
+    # --- watch ---
+
+    async def watch_leases(self, start_revision: int) -> AsyncIterator[tuple[int, LeaseEvent | None, str]]:
+        """Long polls from `start_revision` on, forever. Within one answer every event but the last carries
+        the previous cursor: if the caller stops in the middle of an answer, it resumes before it (events
+        are idempotent: an add replaces, a remove of an absent peer is nothing)."""
+        cursor = max(start_revision - 1, 0)
+        if self._link.lost_reason:
+            # A long poll answers only when something happens: ask something quick first, so that the
+            # server's return is noticed (and health is ready again) at once.
+            await self._request("GET", "config", accept=(200, 404))
+        while True:
+            _, raw, _ = await self._request("GET", "leases", params={"next": str(cursor)}, timeout=WATCH_TIMEOUT)
+            body = self._decode(raw, "watch result")
+            if not isinstance(body, dict):
+                raise RemoteError("the flannel server sent a watch result that is not an object")
+            if body.get("snapshot") is not None:
+                # The server no longer has our cursor's history: relist (the manager reconciles the set).
+                raise WatchCompacted(cursor)
+            try:
+                after = wire.parse_cursor(str(body.get("cursor")))
+            except ValueError as e:
+                raise RemoteError(f"the flannel server sent a bad cursor: {e}") from None
+            events = body.get("events") or []
+            for i, value in enumerate(events):
+                try:
+                    event = wire.event_from_wire(value)
+                except LeaseFormatError as e:
+                    yield (after if i == len(events) - 1 else cursor), None, f"{self.subnets_prefix}?: {e}"
+                    continue
+                yield (after if i == len(events) - 1 else cursor), event, ""
+            if not events and after != cursor:
+                yield after, None, ""  # only keys that are not leases: the cursor moves on all the same
+            cursor = max(cursor, after)
+
+
+def is_remote(registry: object) -> bool:
+    return bool(getattr(registry, "remote", False))

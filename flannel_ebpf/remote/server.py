@@ -1,0 +1,429 @@
+"""`flannel-ebpf up --listen=ADDR`: the server of flannel's client/server mode (flanneld v0.5's `remote/`).
+
+It is the only process that talks to etcd. Clients (`up --remote=ADDR`) read the network config, lease,
+renew and watch subnets through it over HTTP(S). As flanneld v0.5's server, it does no networking itself:
+no interface, no backend, no subnet file.
+
+Routes (`{network}` is `_` for the default network, else a name under the etcd prefix, as v0.5's
+multi-network mode laid them out):
+- GET  /v1/{network}/config              the network config, defaults filled in (404: not written yet)
+- POST /v1/{network}/leases              acquire a lease for the posted LeaseAttrs (the server picks)
+- PUT  /v1/{network}/leases/{subnet}     renew that lease; also creates it when the key is free
+- GET  /v1/{network}/leases[?next=C]     watch: events after cursor C (long poll), or a snapshot
+Added (a v0.5 client never calls them; v0.5's server answered 404/405 there):
+- GET    /v1/{network}/leases/{subnet}               one lease with its expiration (404: none)
+- DELETE /v1/{network}/leases/{subnet}?PublicIP=IP   release it, only if IP still holds it
+Every response carries `X-Flannel-Ebpf-Revision` and `X-Flannel-Ebpf-Cluster-Id` when known, and PUT
+accepts `?ttl=SECONDS` (default: the server's --subnet-lease-ttl).
+
+Lease safety is the etcd registry's: create-only transactions, compare-revision renewals, and a PUT for a
+subnet that another PublicIP holds is refused (409), never an overwrite (v0.5's server overwrote it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from aiohttp import web
+from loguru import logger
+
+from flannel_ebpf import sd_notify
+from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
+from flannel_ebpf.remote import wire
+from flannel_ebpf.subnet.allocation import OutOfSubnets
+from flannel_ebpf.subnet.lease import LeaseEvent, LeaseFormatError, parse_subnet_key
+from flannel_ebpf.subnet.manager import LeaseManager, LeaseOptions
+from flannel_ebpf.subnet.registry import (
+    ETCD_RETRYABLE,
+    EtcdTLS,
+    SubnetRegistry,
+    WatchCompacted,
+    describe_etcd_error,
+)
+
+#: a watch with nothing to report is answered (no events, same cursor) after this long, so that the
+#: client learns the server is alive and a dead connection is noticed on both sides
+POLL_SECONDS = 25.0
+#: after the first event, more that etcd delivers within this window go into the same answer
+BATCH_WINDOW = 0.02
+BATCH_MAX = 1000
+ACQUIRE_ATTEMPTS = 10  # as flanneld v0.5: lost races before an acquisition gives up (the client retries)
+_NETWORK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+REVISION_HEADER = "X-Flannel-Ebpf-Revision"
+CLUSTER_HEADER = "X-Flannel-Ebpf-Cluster-Id"
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    listen: str  # `[tcp://]host:port`, `:port`, `fd://` or `fd://N` (systemd socket activation)
+    tls: EtcdTLS  # --remote-cafile/certfile/keyfile: a CA means clients must present a certificate
+    ttl: int = 24 * 3600
+    poll_seconds: float = POLL_SECONDS
+
+
+def server_ssl_context(tls: EtcdTLS) -> ssl.SSLContext | None:
+    if not tls.enabled:
+        return None
+    if not (tls.certfile and tls.keyfile):
+        raise ValueError("serving TLS needs --remote-certfile and --remote-keyfile")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tls.certfile, tls.keyfile)
+    if tls.cafile:
+        ctx.load_verify_locations(tls.cafile)
+        ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: no certificate signed by that CA, no API
+    return ctx
+
+
+def listen_socket(listen: str, environ: dict[str, str] | None = None) -> socket.socket:
+    """The listening socket for --listen: a TCP address, or a socket systemd passed (LISTEN_FDS)."""
+    env = os.environ if environ is None else environ
+    scheme, sep, rest = listen.partition("://")
+    if not sep:
+        scheme, rest = "tcp", listen
+    if scheme == "fd":
+        count = int(env.get("LISTEN_FDS", "0") or 0)
+        if env.get("LISTEN_PID") and env["LISTEN_PID"] != str(os.getpid()):
+            count = 0  # meant for another process (our parent)
+        fd = int(rest) if rest else 3
+        if not 3 <= fd < 3 + count:
+            raise ValueError(f"--listen={listen}: fd {fd} was not passed by systemd (LISTEN_FDS={count})")
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return sock
+    if scheme != "tcp":
+        raise ValueError(f"--listen={listen}: unknown scheme {scheme!r} (tcp:// or fd://)")
+    host, _, port = rest.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"--listen={listen}: no port (e.g. 0.0.0.0:8888 or :8888)")
+    host = host.strip("[]") or "0.0.0.0"
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted server binds at once
+    sock.bind((host, int(port)))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class RemoteServer:
+    """The API over etcd registries (one per network, made on first use by `make_registry(prefix)`)."""
+
+    def __init__(self, make_registry: Callable[[str], SubnetRegistry], prefix: str, options: ServerOptions) -> None:
+        self._make_registry = make_registry
+        self._prefix = prefix.rstrip("/")
+        self.options = options
+        self._registries: dict[str, SubnetRegistry] = {}
+        self._last_reconnect = 0.0
+        #: set when the server stops: long polls answer at once (no events, same cursor), so that the
+        #: clients reconnect to the next server instead of holding this one's shutdown up
+        self.stopping = asyncio.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=wire.MAX_BODY_BYTES)
+        app.router.add_get("/v1/{network}/config", self._wrap(self.get_config))
+        app.router.add_post("/v1/{network}/leases", self._wrap(self.acquire_lease))
+        app.router.add_post("/v1/{network}/leases/", self._wrap(self.acquire_lease))  # v0.5's client adds "/"
+        app.router.add_get("/v1/{network}/leases", self._wrap(self.watch_leases))
+        app.router.add_put("/v1/{network}/leases/{subnet}", self._wrap(self.renew_lease))
+        app.router.add_get("/v1/{network}/leases/{subnet}", self._wrap(self.get_lease))
+        app.router.add_delete("/v1/{network}/leases/{subnet}", self._wrap(self.delete_lease))
+        return app
+
+    async def close(self) -> None:
+        for registry in self._registries.values():
+            await registry.close()
+
+    # --- plumbing ---
+
+    def registry(self, request: web.Request) -> SubnetRegistry:
+        network = request.match_info["network"]
+        if network != "_" and (not _NETWORK_NAME.fullmatch(network) or network in (".", "..")):
+            raise HttpError(400, f"bad network name {network[:64]!r}")
+        if network not in self._registries:
+            prefix = self._prefix if network == "_" else f"{self._prefix}/{network}"
+            self._registries[network] = self._make_registry(prefix)
+        return self._registries[network]
+
+    def _wrap(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+        async def run(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except HttpError as e:
+                if e.status >= 500:
+                    logger.warning("{} {} from {}: {}", request.method, request.path, request.remote, e)
+                else:
+                    logger.info("{} {} from {}: {} {}", request.method, request.path, request.remote, e.status, e)
+                return web.Response(status=e.status, text=str(e) + "\n")
+            except ETCD_RETRYABLE as e:
+                reason = describe_etcd_error(e)
+                logger.warning("{} {} from {}: {}", request.method, request.path, request.remote, reason)
+                await self._reconnect(request)
+                return web.Response(status=503, text=reason + "\n")
+
+        return run
+
+    async def _reconnect(self, request: web.Request) -> None:
+        # One reconnect per second at most: every request in flight fails together when etcd goes away.
+        if time.monotonic() - self._last_reconnect < 1.0:
+            return
+        self._last_reconnect = time.monotonic()
+        with contextlib.suppress(HttpError):
+            await self.registry(request).reconnect()
+
+    async def _json(self, request: web.Request, what: str) -> Any:
+        try:
+            return wire.load_body(await request.read(), what)
+        except ValueError as e:
+            raise HttpError(400, f"JSON decoding error: {e}") from None
+
+    async def _respond(self, registry: SubnetRegistry, value: Any, revision: int = 0) -> web.Response:
+        headers = {}
+        if revision:
+            headers[REVISION_HEADER] = str(revision)
+        return web.json_response(value, headers=headers)
+
+    async def _config(self, registry: SubnetRegistry) -> tuple[NetworkConfig, bytes]:
+        raw = await registry.get_config()
+        if raw is None:
+            raise HttpError(404, f"no network config at {registry.config_key}")
+        try:
+            return parse_config(raw), raw
+        except ConfigError as e:
+            raise HttpError(500, f"invalid network config at {registry.config_key}: {e}") from None
+
+    def _subnet(self, request: web.Request) -> IPv4Network:
+        try:
+            return parse_subnet_key(request.match_info["subnet"])
+        except LeaseFormatError as e:
+            raise HttpError(400, str(e)) from None
+
+    # --- the API ---
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        registry = self.registry(request)
+        revision, cluster_id = await registry.current_revision()
+        config, raw = await self._config(registry)
+        response = web.json_response(wire.config_to_wire(config, raw))
+        # What the client's lease manager checks every few seconds: a revision going backwards or another
+        # cluster id means etcd lost its data, and the client relists (as an agent on etcd would).
+        response.headers[REVISION_HEADER] = str(revision)
+        response.headers[CLUSTER_HEADER] = f"{cluster_id:x}"
+        return response
+
+    async def acquire_lease(self, request: web.Request) -> web.Response:
+        """flanneld v0.5's acquisition for a client that names only its attributes: its PublicIP's lease if
+        it has one, else a random free subnet; through the same create-only transactions as an agent."""
+        registry = self.registry(request)
+        try:
+            attrs = wire.attrs_from_wire(await self._json(request, "lease attributes"))
+        except LeaseFormatError as e:
+            raise HttpError(400, str(e)) from None
+        config, _ = await self._config(registry)
+        manager = LeaseManager(config, attrs, registry, registry, LeaseOptions(ttl=self.options.ttl))
+        for _ in range(ACQUIRE_ATTEMPTS):
+            try:
+                lease = await manager._try_acquire(None)  # one attempt of the agent's own acquisition
+            except OutOfSubnets as e:
+                raise HttpError(503, str(e)) from None
+            if lease is not None:
+                logger.info("lease {} acquired for {}", lease.subnet, attrs.public_ip)
+                return await self._respond(registry, wire.lease_to_wire(lease), lease.mod_revision)
+        raise HttpError(503, "lost every race for a free subnet; try again")
+
+    async def renew_lease(self, request: web.Request) -> web.Response:
+        """Renew (or re-create) one lease. Refused when another PublicIP holds the subnet: the client that
+        lost it must not take it back from the host that leased it since."""
+        registry = self.registry(request)
+        subnet = self._subnet(request)
+        body = await self._json(request, "lease")
+        try:
+            sent = wire.lease_from_wire(body)
+        except LeaseFormatError as e:
+            raise HttpError(400, str(e)) from None
+        if sent.subnet != subnet:
+            raise HttpError(400, f"lease {sent.subnet} sent to the URL of {subnet}")
+        ttl = self._ttl(request)
+        config, _ = await self._config(registry)
+        if not config.contains_subnet(subnet):
+            raise HttpError(400, f"subnet {subnet} does not fit the network config ({config.network} /"
+                                 f"{config.subnet_len}, {config.subnet_min} to {config.subnet_max})")  # fmt: skip
+        for _ in range(3):  # a race lost to another writer: read again and decide again
+            current = await registry.get_lease(subnet)
+            if current is None:
+                got = await registry.create_lease(subnet, sent.attrs, ttl)
+                if got is not None:
+                    logger.info("lease {} created for {}", subnet, sent.attrs.public_ip)
+            elif current.public_ip != sent.attrs.public_ip:
+                raise HttpError(409, f"subnet {subnet} is held by {current.public_ip}, not by {sent.public_ip}")
+            else:
+                got = await registry.update_lease(current, sent.attrs, ttl)
+            if got is not None:
+                return await self._respond(registry, wire.lease_to_wire(got), got.mod_revision)
+        raise HttpError(409, f"subnet {subnet} keeps changing under us; try again")
+
+    def _ttl(self, request: web.Request) -> int:
+        raw = request.query.get("ttl")
+        if raw is None:
+            return self.options.ttl
+        if not raw.isdigit() or not 10 <= int(raw) <= 7 * 24 * 3600:
+            raise HttpError(400, f"ttl must be 10 to {7 * 24 * 3600} seconds, not {raw[:20]!r}")
+        return int(raw)
+
+    async def get_lease(self, request: web.Request) -> web.Response:
+        registry = self.registry(request)
+        lease = await registry.get_lease(self._subnet(request))
+        if lease is None:
+            raise HttpError(404, f"no lease at {registry.lease_key(self._subnet(request))}")
+        return await self._respond(registry, wire.lease_to_wire(lease), lease.mod_revision)
+
+    async def delete_lease(self, request: web.Request) -> web.Response:
+        registry = self.registry(request)
+        subnet = self._subnet(request)
+        try:
+            holder = IPv4Address(request.query.get("PublicIP", ""))
+        except ValueError:
+            raise HttpError(400, "DELETE needs ?PublicIP=<the address holding the lease>") from None
+        lease = await registry.get_lease(subnet)
+        if lease is None:
+            raise HttpError(404, f"no lease at {registry.lease_key(subnet)}")
+        if lease.public_ip != holder:
+            raise HttpError(409, f"subnet {subnet} is held by {lease.public_ip}, not by {holder}")
+        if not await registry.delete_lease(lease):
+            raise HttpError(409, f"subnet {subnet} changed meanwhile; not deleted")
+        logger.info("lease {} of {} released", subnet, holder)
+        return web.json_response({})
+
+    async def watch_leases(self, request: web.Request) -> web.Response:
+        """No cursor: a snapshot and its revision. A cursor: the events after it, waiting for the first one
+        up to poll_seconds. A cursor etcd no longer has (compacted), or one beyond etcd's revision (etcd
+        lost its data, or this is another cluster), gets a snapshot: the client replaces its whole view, so
+        it misses nothing either way."""
+        registry = self.registry(request)
+        raw = request.query.get("next")
+        if raw is None:
+            return await self._snapshot(registry)
+        try:
+            cursor = wire.parse_cursor(raw)
+        except ValueError as e:
+            raise HttpError(400, f"failed to parse cursor: {e}") from None
+        revision, _ = await registry.current_revision()
+        if cursor > revision:
+            logger.info("watch from {}: cursor {} is beyond etcd's revision {}; sending a snapshot",
+                        request.remote, cursor, revision)  # fmt: skip
+            return await self._snapshot(registry)
+        try:
+            events, last = await self._events_after(registry, cursor)
+        except WatchCompacted:
+            logger.info("watch from {}: cursor {} was compacted away; sending a snapshot", request.remote, cursor)
+            return await self._snapshot(registry)
+        body = {"events": [wire.event_to_wire(e) for e in events], "snapshot": None, "cursor": str(last)}
+        return await self._respond(registry, body, revision)
+
+    async def _snapshot(self, registry: SubnetRegistry) -> web.Response:
+        listing = await registry.list_leases()
+        body = {"events": None, "snapshot": [wire.lease_to_wire(lease) for lease in listing.leases],
+                "cursor": str(listing.revision)}  # fmt: skip
+        return await self._respond(registry, body, listing.revision)
+
+    async def _events_after(self, registry: SubnetRegistry, cursor: int) -> tuple[list[LeaseEvent], int]:
+        """The events after `cursor` that etcd has or delivers within poll_seconds, and the cursor that
+        follows them (the revision of the last one; garbage keys advance it too)."""
+        items: asyncio.Queue[tuple[int, LeaseEvent | None] | BaseException] = asyncio.Queue()
+
+        async def follow() -> None:
+            try:
+                async for revision, event, _garbage in registry.watch_leases(cursor + 1):
+                    items.put_nowait((revision, event))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # handed to the request, which answers for it
+                items.put_nowait(e)
+
+        task = asyncio.ensure_future(follow())
+        events: list[LeaseEvent] = []
+        last = cursor
+        try:
+            deadline = self.options.poll_seconds
+            while len(events) < BATCH_MAX:
+                if self.stopping.is_set():
+                    break
+                getter = asyncio.ensure_future(items.get())
+                stopper = asyncio.ensure_future(self.stopping.wait())
+                done, _ = await asyncio.wait({getter, stopper}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if getter not in done:
+                    getter.cancel()
+                    break
+                item = getter.result()
+                if isinstance(item, BaseException):
+                    if last > cursor:
+                        break  # answer what we have; the next poll meets the error again
+                    raise item
+                revision, event = item
+                if event is not None:
+                    events.append(event)
+                last = max(last, revision)
+                deadline = BATCH_WINDOW
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        return events, last
+
+
+async def serve(registry_factory: Callable[[str], SubnetRegistry], prefix: str, options: ServerOptions,
+                stop: asyncio.Event) -> int:  # fmt: skip
+    try:
+        ctx = server_ssl_context(options.tls)
+        sock = listen_socket(options.listen)
+    except (OSError, ValueError, ssl.SSLError) as e:
+        logger.error("cannot listen on {}: {}", options.listen, e)
+        return 1
+    server = RemoteServer(registry_factory, prefix, options)
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.SockSite(runner, sock, ssl_context=ctx, shutdown_timeout=2.0)
+    await site.start()
+    mode = "plain HTTP" if ctx is None else "TLS, client certificates required" if options.tls.cafile else "TLS"
+    logger.info("serving flannel's remote API on {} ({}) for the leases under {}", options.listen, mode, prefix)
+    sd_notify.ready(f"serving on {options.listen}")
+    try:
+        await stop.wait()
+    finally:
+        sd_notify.stopping("stopping")
+        server.stopping.set()
+        await runner.cleanup()
+        await server.close()
+    logger.info("server stopped")
+    return 0
+
+
+def run_server(agent_options: Any) -> int:
+    """`up --listen`: serve until SIGTERM/SIGINT. `agent_options` is the agent's (AgentOptions): its etcd
+    settings, its lease TTL, and listen/remote_tls."""
+    options = ServerOptions(listen=agent_options.listen, tls=agent_options.remote_tls, ttl=agent_options.lease.ttl)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await serve(agent_options.registry_for_prefix, agent_options.etcd_prefix, options, stop)
+
+    return asyncio.run(main())
