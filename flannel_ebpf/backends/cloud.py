@@ -41,5 +41,5 @@ class MetadataClient:
             reason = getattr(e, "reason", e)
             raise MetadataUnreachable(
                 f"{self.cloud} instance metadata service {self.root} unreachable ({reason}): "
-                f"this host does not look like a {self.cloud} instance"
+                f"this host does not look like {'an' if self.cloud == 'AWS' else 'a'} {self.cloud} instance"
             ) from None
