@@ -30,7 +30,7 @@ from loguru import logger
 from flannel_ebpf import sd_notify, subnet_file
 from flannel_ebpf import state as state_file
 from flannel_ebpf.backends import make_backend
-from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions, LocalNetwork
+from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady, BackendOptions, LocalNetwork
 from flannel_ebpf.config import MAX_CONFIG_BYTES, ConfigError, NetworkConfig, parse_config
 from flannel_ebpf.iface import InterfaceError, choose_interface
 from flannel_ebpf.subnet import etcd_v2
@@ -117,6 +117,10 @@ class DataPlane(PeerSink):
         self._lock = asyncio.Lock()
         self.synced = asyncio.Event()
         self.errors = 0
+        #: the last sync's BackendNotReady message ("" when the last sync worked): the agent is not-ready
+        self.problem = ""
+        self.on_problem: Any = None  # called when `problem` changes
+        self._last_error: Exception | None = None
 
     async def _run_locked(self, fn: Any, *args: Any) -> Any:
         """Run `fn` in a worker thread holding the lock until the thread is done, even if the caller is
@@ -139,13 +143,20 @@ class DataPlane(PeerSink):
             raise
         except Exception as e:
             self.errors += 1
+            self._last_error = e
             logger.opt(exception=not isinstance(e, BackendError)).error("{} failed: {}", what, e)
             return False
 
     async def sync_peers(self, peers: list[Lease]) -> None:
         # Ready only once the data path holds the peers; a failed sync is retried by the periodic resync.
         began = time.monotonic()
-        if await self.call("syncing the data path", self.backend.sync, peers):
+        ok = await self.call("syncing the data path", self.backend.sync, peers)
+        problem = "" if ok or not isinstance(self._last_error, BackendNotReady) else str(self._last_error)
+        if problem != self.problem:
+            self.problem = problem
+            if self.on_problem is not None:
+                self.on_problem()
+        if ok:
             took = time.monotonic() - began
             if not self.synced.is_set() or took > 1.0:
                 logger.info("synced {} peer(s) into the data path in {:.2f} s", len(peers), took)
@@ -211,14 +222,21 @@ class Agent:
             if m.peers_version != self._peers_written:  # 10,000 peers: described anew only when they changed
                 self._peers_written = m.peers_version
                 peers = tuple(m.peers.values())
-            if st.phase in ("ready", "conflict", "server-lost"):
-                st.phase, st.reason = ("conflict", m.problem) if m.problem else ("ready", "")
+            backend_problem = self.dataplane.problem if self.dataplane is not None else ""
+            if st.phase in ("ready", "conflict", "server-lost", "backend"):
+                st.phase, st.reason = (
+                    ("conflict", m.problem) if m.problem else ("backend", backend_problem) if backend_problem
+                    else ("ready", "")
+                )  # fmt: skip
                 # --remote: a client that cannot reach its server keeps its data path but is not ready
                 lost = getattr(m.watcher, "lost_reason", "") or getattr(m.leases, "lost_reason", "")
                 if lost and st.phase == "ready":
                     st.phase, st.reason = "server-lost", lost
             elif st.phase == "acquiring":
-                st.reason = m.problem or m.acquire_error or "acquiring a subnet lease"
+                if backend_problem:  # e.g. a full cloud route table: not-ready, said as the backend says it
+                    st.phase, st.reason = "backend", backend_problem
+                else:
+                    st.reason = m.problem or m.acquire_error or "acquiring a subnet lease"
         written = self._state_writer.submit(self._write_state, state_file.snapshot(st), peers)
         if wait:
             written.result()
@@ -467,6 +485,7 @@ class Agent:
         logger.info("wrote {}: subnet {} mtu {}", opts.subnet_file, lease.subnet, mtu)
 
         self.dataplane = DataPlane(self.backend)
+        self.dataplane.on_problem = lambda: self.save_state(wait=True)
         tasks = [
             asyncio.ensure_future(self.manager.run_watch(self.dataplane)),
             asyncio.ensure_future(self.manager.run_maintenance()),

@@ -13,7 +13,7 @@ from typing import Any
 
 from flannel_ebpf.subnet.lease import UNUSABLE_RANGES, load_bounded_json
 
-KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "alloc")
+KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "alloc", "aws-vpc", "gce")
 #: The network config is a few hundred bytes; refuse anything absurd before parsing it.
 MAX_CONFIG_BYTES = 64 * 1024
 #: Below this, UDP ports belong to the host's own services (DNS 53, DHCP 67/68, NTP 123, SNMP 161,

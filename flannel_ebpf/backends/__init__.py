@@ -21,6 +21,14 @@ def backend_class(backend_type: str, options: BackendOptions) -> type[Backend]:
         from flannel_ebpf.backends.alloc import AllocBackend
 
         return AllocBackend
+    if backend_type == "aws-vpc":
+        from flannel_ebpf.backends.awsvpc import AwsVpcBackend
+
+        return AwsVpcBackend
+    if backend_type == "gce":
+        from flannel_ebpf.backends.gce import GceBackend
+
+        return GceBackend
     if backend_type == "udp":
         if options.udp_datapath == "tun":
             from flannel_ebpf.backends.udp_tun import UdpTunBackend

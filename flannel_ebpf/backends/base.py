@@ -56,6 +56,11 @@ class BackendError(RuntimeError):
     """A backend cannot do what it was asked; the message is meant for the operator."""
 
 
+class BackendNotReady(BackendError):
+    """Raised by `sync()`: this host's own subnet cannot be served right now (e.g. a cloud route table is
+    full). The agent stays up but not-ready with this message, and the periodic resync retries."""
+
+
 @dataclass(frozen=True)
 class ExternalInterface:
     """The underlay interface chosen with --iface/--iface-regex/--public-ip."""
