@@ -18,6 +18,7 @@ snapshot for get_lease and current_revision; releasing a lease is not possible t
 
 from __future__ import annotations
 
+import errno
 import json
 import ssl
 import time
@@ -158,8 +159,10 @@ class RemoteRegistry:
                              f"(check --remote-cafile): {e}") from None  # fmt: skip
         except (aiohttp.ClientError, OSError) as e:
             hint = ""
-            if self.tls is not None and not self.tls.certfile and isinstance(e, aiohttp.ServerDisconnectedError):
+            dropped = isinstance(e, aiohttp.ServerDisconnectedError) or getattr(e, "errno", None) == errno.ECONNRESET
+            if self.tls is not None and not self.tls.certfile and dropped:
                 # TLS 1.3: a server that wants a client certificate drops the connection after the handshake
+                # (the client sees the disconnect or, as often, a reset)
                 hint = "; if it requires client certificates (mutual TLS), set --remote-certfile and --remote-keyfile"
             raise self._lost(f"flannel server {self.url} unreachable ({type(e).__name__}: {e}){hint}") from None
         except TimeoutError:
