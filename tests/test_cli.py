@@ -156,7 +156,7 @@ def test_iface_can_reach_and_net_config_path():
         (["-public-ipv6=fd00::1"], {}, "flag --public-ipv6"),
         (["-vmodule=main=2"], {}, "flag --vmodule"),
         (["-remote", "10.0.0.1:8888"], {}, "flag --remote"),
-        (["-networks=blue,red"], {}, "flag --networks"),
+        (["-remote-cafile=/ca.pem"], {}, "flag --remote-cafile"),
         ([], {"FLANNELD_KUBE_SUBNET_MGR": "true"}, "FLANNELD_KUBE_SUBNET_MGR (flag --kube-subnet-mgr)"),
         ([], {"FLANNELD_KUBECONFIG_FILE": "/k"}, "FLANNELD_KUBECONFIG_FILE (flag --kubeconfig-file)"),
         (["status"], {"FLANNELD_LISTEN": ":8888"}, "FLANNELD_LISTEN (flag --listen)"),
