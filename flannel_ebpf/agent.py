@@ -63,6 +63,7 @@ class Agent:
         self._stopping = asyncio.Event()
         claims = HostClaims()
         if options.networks:
+            claims.seed_from_state([(name, options.for_network(name).state_dir) for name in options.networks])
             self.networks = [
                 Network(
                     net_options,

@@ -132,6 +132,15 @@ class HostClaims:
 
     held: dict[str, str] = field(default_factory=dict)  # resource -> the network holding it
 
+    def seed_from_state(self, networks: list[tuple[str, str]]) -> None:
+        """Give each resource first to the network that held it in the previous run (its state dir shows
+        a backend past this claim), so that a restart never hands flannel0 to another udp network
+        because its config happened to be read first. `networks`: (name, state dir) in --networks order."""
+        for name, state_dir in networks:
+            previous = state_file.load(state_dir)
+            if previous is not None and previous.backend_type == "udp":
+                self.held.setdefault("udp", name)
+
     def claim(self, resource: str, network: str) -> str | None:
         """None if `network` now holds `resource`, else the network that already does."""
         holder = self.held.setdefault(resource, network)
@@ -387,17 +396,13 @@ class Network:
             logger.warning("{}", text)
         return text
 
-    @property
-    def label(self) -> str:
-        return f"network {self.name}" if self.name else "network"
-
     async def run(self) -> int:
         """Run this network until stopped (0) or until it fails (1: the reason is logged and in its state,
         as `failed`). In multi-network mode one network failing leaves the others running."""
         try:
             return await self._run()
         except FatalError as e:
-            logger.error("{}", f"{self.label}: {e}" if self.name else e)
+            logger.error("{}", e)  # multi-network mode: the log line names the network (agent's patcher)
             self.set_phase("failed", str(e))
             return 1
         finally:
