@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Network
 from typing import Any
 
 import aetcd.exceptions
@@ -131,6 +132,16 @@ class HostClaims:
     per udp network, on distinct ports; flannel-ebpf runs one udp network per host)."""
 
     held: dict[str, str] = field(default_factory=dict)  # resource -> the network holding it
+    networks: dict[str, IPv4Network] = field(default_factory=dict)  # name -> its Network, once configured
+
+    def add_network(self, name: str, network: IPv4Network) -> str | None:
+        """Record `name`'s overlay Network; None, or the network whose Network it overlaps (each network
+        owns the proto-102 routes inside its Network: two overlapping ones would fight over them)."""
+        for other, theirs in self.networks.items():
+            if other != name and theirs.overlaps(network):
+                return other
+        self.networks[name] = network
+        return None
 
     def seed_from_state(self, networks: list[tuple[str, str]]) -> None:
         """Give each resource first to the network that held it in the previous run (its state dir shows
@@ -425,6 +436,12 @@ class Network:
         )  # fmt: skip
         for warning in config.warnings:
             logger.warning("network config: {}", warning)
+        overlapped = self.claims.add_network(self.name, config.network) if self.name else None
+        if overlapped is not None:
+            raise FatalError(
+                f"Network {config.network} overlaps network {overlapped}'s "
+                f"{self.claims.networks[overlapped]}: the networks of one host must not overlap"
+            )
         if config.backend_type == "udp" and self.name:
             holder = self.claims.claim("udp", self.name)
             if holder is not None:
