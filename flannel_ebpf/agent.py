@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,12 +54,16 @@ LOOP_PROBE_SECONDS = 0.05
 LOOP_STALL_SECONDS = 0.1  # a lateness above this counts as a stall
 GIL_SWITCH_SECONDS = 0.001
 
+#: makes a network's lease source from its name ("" in classic mode): SubnetRegistry or anything with its
+#: methods (client/server mode's remote one)
+NamedRegistryFactory = Callable[[str], SubnetRegistry]
+
 
 class Agent:
     """Runs the networks of `options` (one in classic mode). `registry_factory(name)` makes a network's
     lease source (None: etcd, from the options); client/server mode plugs a remote one in here."""
 
-    def __init__(self, options: AgentOptions, registry_factory: Any = None) -> None:
+    def __init__(self, options: AgentOptions, registry_factory: NamedRegistryFactory | None = None) -> None:
         self.options = options
         self._stopping = asyncio.Event()
         claims = HostClaims()
@@ -80,7 +85,7 @@ class Agent:
             self.networks = [Network(options, registries=registries, stopping=self._stopping, claims=claims)]
 
     @staticmethod
-    def _registries(factory: Any, name: str, options: AgentOptions) -> RegistryFactory:
+    def _registries(factory: NamedRegistryFactory | None, name: str, options: AgentOptions) -> RegistryFactory:
         if factory is None:
             return options.registry
         return lambda: factory(name)
@@ -216,7 +221,7 @@ def _name_the_network(record: Any) -> None:
         record["message"] = f"[{name}] {record['message']}"
 
 
-def run_agent(options: AgentOptions, registry_factory: Any = None) -> int:
+def run_agent(options: AgentOptions, registry_factory: NamedRegistryFactory | None = None) -> int:
     os.makedirs(options.state_dir, mode=0o755, exist_ok=True)  # readable: status/health run as any user
     for name in options.networks:
         os.makedirs(options.for_network(name).state_dir, mode=0o755, exist_ok=True)
