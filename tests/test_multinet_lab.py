@@ -12,6 +12,7 @@ others. h1 gets pink, a second udp network, once red runs: refused, one host run
 from __future__ import annotations
 
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Network
@@ -158,3 +159,23 @@ def test_three_networks_side_by_side(lab_factory):
     assert not red_pins.exists() or not any(red_pins.iterdir())
     # the other hosts lose h1 from every network (its leases stay, as with flanneld: down keeps them)
     assert health(lab, "h2")["blue"].startswith("ready")
+
+
+def test_multi_network_mode_sends_no_systemd_readiness(lab_factory, tmp_path):
+    """As flanneld documents: in multi-network mode no READY=1 at start (nor anything else)."""
+    lab = lab_factory(1)
+    lab.etcd_put(f"{PREFIX}/blue/config", json.dumps({"Network": "10.26.0.0/16", "Backend": {"Type": "alloc"}}))
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        agent = lab.start_agent(
+            "h1", ["--networks", "blue", "--subnet-dir", str(subnet_dir(lab, "h1"))], env={"NOTIFY_SOCKET": str(path)}
+        )
+        assert agent.proc is not None
+        wait_for(lambda: health(lab, "h1").get("blue", "").startswith("ready"), what="blue ready")
+        time.sleep(0.5)
+        assert lab.stop_agent("h1") == 0
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            print("unexpected notification:", sock.recv(4096))
+    assert SubnetEnv.read(subnet_dir(lab, "h1") / "blue.env").network == IPv4Network("10.26.0.0/16")
