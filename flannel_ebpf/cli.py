@@ -398,12 +398,16 @@ def network_names(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def recorded_networks(args: argparse.Namespace) -> list[str]:
+def recorded_networks(args: argparse.Namespace, beside_classic: bool = False) -> list[str]:
     """The networks `status`, `health` and `down` look at: --networks when given, else those a
-    multi-network agent left state for under --state-dir (none: classic mode)."""
+    multi-network agent left state for under --state-dir (none: classic mode). A classic agent's state
+    there wins over networks of an earlier multi-network run, except for `down` (`beside_classic`),
+    which removes both."""
     names = network_names(args)
     if names:
         return names
+    if not beside_classic and os.path.exists(state_file.path(args.state_dir)):
+        return []
     from flannel_ebpf.network import NETWORKS_STATE_SUBDIR
 
     base = os.path.join(args.state_dir, NETWORKS_STATE_SUBDIR)
@@ -654,7 +658,7 @@ def cmd_down(args: argparse.Namespace) -> int:
             print(f"flannel-ebpf: {e}", file=sys.stderr)
             return 1
     try:
-        networks = recorded_networks(args)
+        networks = recorded_networks(args, beside_classic=True)
         if not networks:
             return _down(args)
         # Multi-network mode: every network's data path, rules, env file and state; a classic agent's
