@@ -1,378 +1,106 @@
-"""The agent loop: config -> interface -> backend -> lease -> subnet.env -> watch, renew, resync.
+"""The agent: supervises the networks of this host in one asyncio loop.
 
-One asyncio loop. The control plane (LeaseManager) hands peers to a DataPlane, which serialises every
-backend call in one worker thread, so that netlink and bpf(2) never run concurrently and never block the
-lease renewal. A backend error on one peer is logged, never fatal.
+Classic mode (flanneld v0.20.2) runs one Network with flanneld's files. Multi-network mode
+(`--networks=blue,green`, flanneld v0.5's) runs one Network per name, each with its own config, leases,
+backend, env file and state; a network whose config is missing or invalid does not hold up the others.
+The agent owns what is one per process: signals, the event-loop stall probe and the /healthz endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-import aetcd.exceptions
-import grpc
 from loguru import logger
 
-from flannel_ebpf import sd_notify, subnet_file
-from flannel_ebpf import state as state_file
-from flannel_ebpf.backends import make_backend
-from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady, BackendOptions, LocalNetwork
-from flannel_ebpf.config import MAX_CONFIG_BYTES, ConfigError, NetworkConfig, parse_config
-from flannel_ebpf.iface import InterfaceError, choose_interface
-from flannel_ebpf.subnet import etcd_v2
-from flannel_ebpf.subnet.allocation import OutOfSubnets
-from flannel_ebpf.subnet.lease import Lease, unusable_address_reason
-from flannel_ebpf.subnet.manager import Backoff, LeaseManager, LeaseOptions, PeerSink
-from flannel_ebpf.subnet.registry import (
-    ETCD_UNAVAILABLE,
-    EtcdTLS,
-    SubnetRegistry,
-    describe_etcd_error,
-    describe_tls_error,
-    grpc_code,
-    tls_error_kind,
+from flannel_ebpf import sd_notify
+from flannel_ebpf.network import (
+    HEARTBEAT_SECONDS,
+    AgentOptions,
+    DataPlane,
+    FatalError,
+    HostClaims,
+    Network,
+    RegistryFactory,
+    agent_identity,
+    warn_route_overlaps,
 )
+from flannel_ebpf.subnet.registry import SubnetRegistry
 
-CONFIG_POLL_SECONDS = 1.0
-#: while the v3 config is missing, how often etcd's v2 store is asked whether the config is there instead
-V2_PROBE_SECONDS = 30.0
-HEARTBEAT_SECONDS = 5.0
-#: lease and peer changes reach the state file at most this often: a burst of 1,000 watch events must
-#: not write (and serialise 10,000 peers into) the file 1,000 times. Phase changes are written at once.
-STATE_WRITE_INTERVAL = 0.5
+__all__ = [
+    "HEARTBEAT_SECONDS",
+    "Agent",
+    "AgentOptions",
+    "DataPlane",
+    "FatalError",
+    "Network",
+    "agent_identity",
+    "run_agent",
+    "warn_route_overlaps",
+]
+
 #: the event loop's health: how late a timer of this period fires is how long the loop was blocked
 LOOP_PROBE_SECONDS = 0.05
 LOOP_STALL_SECONDS = 0.1  # a lateness above this counts as a stall
 GIL_SWITCH_SECONDS = 0.001
 
-
-@dataclass
-class AgentOptions:
-    etcd_endpoints: list[str]
-    etcd_prefix: str = "/coreos.com/network"
-    etcd_tls: EtcdTLS = field(default_factory=EtcdTLS)
-    etcd_username: str = ""
-    etcd_password: str = ""
-    ifaces: list[str] = field(default_factory=list)
-    iface_regexes: list[str] = field(default_factory=list)
-    iface_can_reach: str = ""  # pick the interface the kernel routes this address via (flanneld's flag)
-    net_config_path: str = ""  # read the network config from this file, not from etcd (leases stay there)
-    public_ip: str = ""
-    subnet_file: str = "/run/flannel/subnet.env"
-    state_dir: str = "/run/flannel-ebpf"
-    ip_masq: bool = False
-    iptables_forward_rules: bool = True
-    iptables_resync: float = 5.0
-    healthz_ip: str = "0.0.0.0"
-    healthz_port: int = 0
-    resync_interval: float = 10.0  # full reconcile of the data path (flanneld re-checks host-gw every 10 s)
-    lease: LeaseOptions = field(default_factory=LeaseOptions)
-    backend: BackendOptions = field(default_factory=BackendOptions)
-    # client/server mode (issue 17): --listen serves the lease API (flannel_ebpf/remote/server.py), --remote
-    # takes leases from such a server instead of etcd; --remote-*file secure that link
-    listen: str = ""
-    remote: str = ""
-    remote_tls: EtcdTLS = field(default_factory=EtcdTLS)
-
-    def registry(self) -> SubnetRegistry:
-        if self.remote:
-            from flannel_ebpf.remote.client import RemoteRegistry
-
-            return RemoteRegistry(self.remote, tls=self.remote_tls)  # type: ignore[return-value]  # same interface
-        return self.registry_for_prefix(self.etcd_prefix)
-
-    def registry_for_prefix(self, prefix: str) -> SubnetRegistry:
-        return SubnetRegistry(
-            self.etcd_endpoints,
-            prefix,
-            tls=self.etcd_tls if self.etcd_tls.enabled else None,
-            username=self.etcd_username,
-            password=self.etcd_password,
-        )
-
-
-class FatalError(RuntimeError):
-    """Stops the agent with a non-zero exit; the message is the one line the operator sees."""
-
-
-class DataPlane(PeerSink):
-    """Drives the backend from the control plane's events, one call at a time, off the event loop."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self._lock = asyncio.Lock()
-        self.synced = asyncio.Event()
-        self.errors = 0
-        #: the last sync's BackendNotReady message ("" when the last sync worked): the agent is not-ready
-        self.problem = ""
-        self.on_problem: Any = None  # called when `problem` changes
-        self._last_error: Exception | None = None
-
-    async def _run_locked(self, fn: Any, *args: Any) -> Any:
-        """Run `fn` in a worker thread holding the lock until the thread is done, even if the caller is
-        cancelled meanwhile (a relist cancels the watch mid-event): a cancelled await would otherwise free
-        the lock while the thread still uses the backend's netlink socket or map fds."""
-        async with self._lock:
-            work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-            try:
-                return await asyncio.shield(work)
-            except asyncio.CancelledError:
-                await asyncio.wait({work})
-                raise
-
-    async def call(self, what: str, fn: Any, *args: Any) -> bool:
-        """One backend call; False (logged) if it failed: one bad peer must never stop the agent."""
-        try:
-            await self._run_locked(fn, *args)
-            return True
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self.errors += 1
-            self._last_error = e
-            logger.opt(exception=not isinstance(e, BackendError)).error("{} failed: {}", what, e)
-            return False
-
-    async def sync_peers(self, peers: list[Lease]) -> None:
-        # Ready only once the data path holds the peers; a failed sync is retried by the periodic resync.
-        began = time.monotonic()
-        ok = await self.call("syncing the data path", self.backend.sync, peers)
-        problem = "" if ok or not isinstance(self._last_error, BackendNotReady) else str(self._last_error)
-        if problem != self.problem:
-            self.problem = problem
-            if self.on_problem is not None:
-                self.on_problem()
-        if ok:
-            took = time.monotonic() - began
-            if not self.synced.is_set() or took > 1.0:
-                logger.info("synced {} peer(s) into the data path in {:.2f} s", len(peers), took)
-            self.synced.set()
-
-    async def add_peer(self, lease: Lease) -> None:
-        await self.call(f"adding peer {lease.subnet}", self.backend.add_peer, lease)
-
-    async def remove_peer(self, lease: Lease) -> None:
-        await self.call(f"removing peer {lease.subnet}", self.backend.remove_peer, lease)
-
-    async def status(self) -> dict[str, Any]:
-        """The backend's status, taken like any other backend call: never concurrently with one."""
-        try:
-            return await self._run_locked(self.backend.status)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            return {"error": f"status failed: {e}"}
+#: makes a network's lease source from its name ("" in classic mode): SubnetRegistry or anything with its
+#: methods (client/server mode's remote one)
+NamedRegistryFactory = Callable[[str], SubnetRegistry]
 
 
 class Agent:
-    def __init__(self, options: AgentOptions) -> None:
+    """Runs the networks of `options` (one in classic mode). `registry_factory(name)` makes a network's
+    lease source (None: etcd, from the options); client/server mode plugs a remote one in here."""
+
+    def __init__(self, options: AgentOptions, registry_factory: NamedRegistryFactory | None = None) -> None:
         self.options = options
-        self.state = state_file.AgentState(
-            pid=os.getpid(),
-            etcd_endpoints=options.etcd_endpoints,
-            etcd_prefix=options.etcd_prefix,
-            subnet_file=options.subnet_file,
-            ip_masq=options.ip_masq,
-            backend_options=asdict(options.backend),
-        )
-        self.backend: Backend | None = None
-        self.manager: LeaseManager | None = None
-        self.dataplane: DataPlane | None = None
-        self.local: LocalNetwork | None = None
         self._stopping = asyncio.Event()
-        self._state_write: asyncio.TimerHandle | None = None
-        self._peers_written = -1  # the manager's peers_version that the state file shows
-        self._peers_listed: list[dict[str, str]] = []  # its peer list (made by the writer thread)
-        self._state_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
-
-    # --- state -----------------------------------------------------------------------------------
-
-    def save_state(self, wait: bool = False) -> None:
-        """Write the state file. The JSON (megabytes with 10,000 peers) is made and written by one writer
-        thread, in order, so that the event loop never stalls on it; `wait`: until it is on disk (a phase
-        change, which `health` must see at once)."""
-        st = self.state
-        peers: tuple[Lease, ...] | None = None  # the peers, when they changed since the last write
-        if self.manager is not None:
-            m = self.manager
-            if m.lease is not None:
-                st.lease = {
-                    "subnet": str(m.lease.subnet),
-                    "expiration": m.lease.expiration,
-                    "lease_id": m.lease.lease_id,
-                    "mod_revision": m.lease.mod_revision,
-                }
-            st.last_revision = m.last_revision
-            st.relists = m.relists
-            st.last_listing_seconds = round(m.listing_seconds, 3)
-            if m.peers_version != self._peers_written:  # 10,000 peers: described anew only when they changed
-                self._peers_written = m.peers_version
-                peers = tuple(m.peers.values())
-            backend_problem = self.dataplane.problem if self.dataplane is not None else ""
-            if st.phase in ("ready", "conflict", "server-lost", "backend"):
-                st.phase, st.reason = (
-                    ("conflict", m.problem) if m.problem else ("backend", backend_problem) if backend_problem
-                    else ("ready", "")
-                )  # fmt: skip
-                # --remote: a client that cannot reach its server keeps its data path but is not ready
-                lost = getattr(m.watcher, "lost_reason", "") or getattr(m.leases, "lost_reason", "")
-                if lost and st.phase == "ready":
-                    st.phase, st.reason = "server-lost", lost
-            elif st.phase == "acquiring":
-                if backend_problem:  # e.g. a full cloud route table: not-ready, said as the backend says it
-                    st.phase, st.reason = "backend", backend_problem
-                else:
-                    st.reason = m.problem or m.acquire_error or "acquiring a subnet lease"
-        written = self._state_writer.submit(self._write_state, state_file.snapshot(st), peers)
-        if wait:
-            written.result()
-
-    def _write_state(self, snap: dict[str, Any], peers: tuple[Lease, ...] | None) -> None:
-        """In the writer thread: the peers as the state file lists them (sorted, as text) are made here
-        too, off the event loop, and kept for the writes that follow until the peers change."""
-        if peers is not None:
-            self._peers_listed = [
-                {"subnet": str(p.subnet), "public_ip": str(p.public_ip), "backend_type": p.attrs.backend_type}
-                for p in sorted(peers, key=lambda p: p.subnet)
+        claims = HostClaims()
+        if options.networks:
+            claims.seed_from_state([(name, options.for_network(name).state_dir) for name in options.networks])
+            self.networks = [
+                Network(
+                    net_options,
+                    name=name,
+                    registries=self._registries(registry_factory, name, net_options),
+                    stopping=self._stopping,
+                    claims=claims,
+                )
+                for name in options.networks
+                for net_options in [options.for_network(name)]
             ]
-        snap["peers"] = self._peers_listed
-        try:
-            state_file.write_snapshot(self.options.state_dir, snap)
-        except OSError as e:
-            logger.warning("cannot write state file in {}: {}", self.options.state_dir, e)
+        else:
+            registries = self._registries(registry_factory, "", options)
+            self.networks = [Network(options, registries=registries, stopping=self._stopping, claims=claims)]
 
-    def _state_changed(self) -> None:
-        """The lease manager changed something: write the state file soon, once for a whole burst."""
-        if self._state_write is None:
-            self._state_write = asyncio.get_running_loop().call_later(STATE_WRITE_INTERVAL, self._write_pending)
+    @staticmethod
+    def _registries(factory: NamedRegistryFactory | None, name: str, options: AgentOptions) -> RegistryFactory:
+        if factory is None:
+            return options.registry
+        return lambda: factory(name)
 
-    def _write_pending(self) -> None:
-        self._state_write = None
-        self.save_state()
+    @property
+    def multi(self) -> bool:
+        return bool(self.options.networks)
 
-    async def _watch_loop(self) -> None:
-        """Measure how long the event loop is ever blocked (status: loop_stall_max_ms, loop_stalls): a
-        timer that should fire every LOOP_PROBE_SECONDS fires late by exactly the time the loop was busy."""
-        while True:
-            began = time.monotonic()
-            await asyncio.sleep(LOOP_PROBE_SECONDS)
-            late = time.monotonic() - began - LOOP_PROBE_SECONDS
-            if late * 1000 > self.state.loop_stall_max_ms:
-                self.state.loop_stall_max_ms = round(late * 1000, 1)
-            if late > LOOP_STALL_SECONDS:
-                self.state.loop_stalls += 1
-                logger.debug("event loop blocked for {:.0f} ms", late * 1000)
+    # The classic single network, as the agent exposed it before multi-network mode (tests use these).
+    @property
+    def state(self) -> Any:
+        return self.networks[0].state
 
-    def set_phase(self, phase: str, reason: str = "") -> None:
-        self.state.phase, self.state.reason = phase, reason
-        self.save_state(wait=True)
-
-    # --- start-up ------------------------------------------------------------------------------------
-
-    async def wait_for_config(self, registry: SubnetRegistry) -> NetworkConfig:
-        """Read and parse the network config, waiting for etcd and for the key (or, with
-        --net-config-path, read it from that file once: a missing or invalid file is fatal).
-
-        Every etcd error is one line (logged once while it lasts, and the not-ready reason) and retried
-        with back-off: an outage ends, a missing permission can be granted. Only a refused password is
-        fatal: retrying the same credentials cannot succeed. So is a TLS setup that fails on every endpoint
-        (an untrusted server certificate, a refused or missing client certificate, an https endpoint that
-        does not speak TLS): one line naming the cause, never a fall-back to plaintext. While the key is
-        missing, etcd's v2 store is asked now and then whether the config was written there (the old
-        tutorials' `etcdctl set`): if so, that is said, with the command that copies it to v3."""
-        if self.options.net_config_path:
-            return self._config_from_file(self.options.net_config_path)
-        backoff = Backoff("reading the network config", self.options.lease.retry_interval, self.options.lease.retry_max)
-        said_waiting = False
-        tls_failures: dict[str, str] = {}  # endpoint -> what its TLS setup got wrong
-        next_v2_probe, v2_hint = 0.0, ""
-        while True:
-            try:
-                raw = await registry.get_config()
-                backoff.succeeded()
-            except (*ETCD_UNAVAILABLE, aetcd.exceptions.ClientError) as e:
-                reason = describe_etcd_error(e)
-                if grpc_code(e) == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in str(e).lower():
-                    raise FatalError(f"reading {registry.config_key} from {registry.endpoint}: {reason}") from None
-                kind = tls_error_kind(e) if registry.tls_for(registry.endpoint) is not None else ""
-                if kind:
-                    tls_failures[registry.endpoint] = describe_tls_error(
-                        kind, registry.endpoint, registry.tls_for(registry.endpoint)
-                    )
-                    if set(tls_failures) >= set(registry.endpoints):
-                        raise FatalError("; ".join(dict.fromkeys(tls_failures.values()))) from None
-                else:
-                    tls_failures.pop(registry.endpoint, None)
-                self.set_phase("waiting-config", f"{reason} at {registry.endpoint}")
-                await registry.reconnect()
-                await backoff.failed(e)
-                continue
-            if raw is not None:
-                try:
-                    return parse_config(raw)
-                except ConfigError as e:
-                    raise FatalError(f"invalid network config at {registry.config_key}: {e}") from None
-            if not said_waiting:
-                logger.info("waiting for the network config at {} (write it with etcdctl put)", registry.config_key)
-                said_waiting = True
-            if time.monotonic() >= next_v2_probe and not getattr(registry, "remote", False):
-                next_v2_probe = time.monotonic() + V2_PROBE_SECONDS
-                v2_hint = await self._v2_config_hint(registry, v2_hint)
-            reason = v2_hint or f"no network config at {registry.config_key}"
-            if (self.state.phase, self.state.reason) != ("waiting-config", reason):  # e.g. after an etcd error
-                self.set_phase("waiting-config", reason)
-            await asyncio.sleep(CONFIG_POLL_SECONDS)
-
-    def _config_from_file(self, path: str) -> NetworkConfig:
-        """--net-config-path: the config from a file (flanneld reads it so with its Kubernetes subnet
-        manager); one line for a file that cannot be read or is not a valid config."""
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_CONFIG_BYTES + 1)  # parse_config refuses more than that
-        except OSError as e:
-            raise FatalError(f"cannot read the network config file {path}: {e.strerror or e}") from None
-        try:
-            config = parse_config(raw)
-        except ConfigError as e:
-            raise FatalError(f"invalid network config in {path}: {e}") from None
-        logger.info("network config from {} (--net-config-path); leases in etcd", path)
-        return config
-
-    async def _v2_config_hint(self, registry: SubnetRegistry, said: str) -> str:
-        """Ask etcd's v2 store for the config (in a thread: blocking HTTP, short timeout); log the hint
-        when it is new. Returns the hint in force ("" for none), which the caller makes the not-ready
-        reason."""
-        opts = self.options
-        # the endpoint that just answered first: it is the one most likely to answer this quickly too
-        endpoints = [registry.endpoint, *(e for e in registry.endpoints if e != registry.endpoint)]
-        tls = opts.etcd_tls if opts.etcd_tls.enabled else None
-        try:
-            found = await asyncio.to_thread(
-                etcd_v2.find_v2_config, endpoints, registry.config_key, tls, opts.etcd_username, opts.etcd_password
-            )
-        except Exception as e:  # a hint only: never a reason to stop waiting
-            logger.debug("probing etcd's v2 store failed: {}", e)
-            return said
-        if found is None:
-            return ""
-        text = etcd_v2.hint(found, tls, opts.etcd_username)
-        if text != said:
-            logger.warning("{}", text)
-        return text
+    async def wait_for_config(self, registry: SubnetRegistry) -> Any:
+        return await self.networks[0].wait_for_config(registry)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -382,173 +110,54 @@ class Agent:
         # As flanneld: /healthz answers from the start (while waiting for etcd and the config too)
         healthz = asyncio.ensure_future(self._healthz()) if self.options.healthz_port else None
         try:
-            return await self._run()
-        except FatalError as e:
-            logger.error("{}", e)
-            self.set_phase("failed", str(e))
-            return 1
+            if not self.multi:
+                return await self.networks[0].run()
+            logger.info("multi-network mode: networks {}", ", ".join(self.options.networks))
+            codes = await asyncio.gather(*(self._run_network(net) for net in self.networks))
+            # Failed networks were said one by one; the agent fails only if it served none at all.
+            return 1 if all(codes) else 0
         finally:
             monitor.cancel()
-            if self._state_write is not None:
-                self._state_write.cancel()
-            self._state_writer.shutdown(wait=True)  # the last state (stopped, failed) is on disk
             if healthz is not None:
                 healthz.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await healthz
 
+    async def _run_network(self, network: Network) -> int:
+        # Every log line of this network (its tasks and worker threads inherit the context) names it.
+        with logger.contextualize(network=network.name):
+            return await network.run()
+
     def _stop_requested(self) -> None:
-        if not self._stopping.is_set():  # systemd: this stop is ordered, not a crash
+        if not self._stopping.is_set() and not self.multi:  # systemd: this stop is ordered, not a crash
             sd_notify.stopping("stopping; the data path stays up")
         self._stopping.set()
 
-    async def _run(self) -> int:
-        opts = self.options
-        config_registry = opts.registry()
-        try:
-            config = await self._until_stopped(self.wait_for_config(config_registry))
-        finally:
-            await config_registry.close()
-        if config is None:
-            return 0
-        logger.info(
-            "network {} subnets /{} from {} to {}, backend {}",
-            config.network, config.subnet_len, config.subnet_min, config.subnet_max, config.backend_type,
-        )  # fmt: skip
-        for warning in config.warnings:
-            logger.warning("network config: {}", warning)
-        try:
-            ext = choose_interface(opts.ifaces, opts.iface_regexes, opts.public_ip, opts.iface_can_reach)
-            why = unusable_address_reason(ext.public_ip)
-            if why:
-                # Every other host would refuse a lease with this PublicIP as garbage.
-                raise FatalError(f"the public IP cannot be used to reach this host: {why} (set --public-ip)")
-            self.backend = make_backend(config.backend_type, config.backend, opts.backend)
-            attrs = await asyncio.to_thread(self.backend.prepare, ext)
-        except (InterfaceError, BackendError) as e:
-            raise FatalError(str(e)) from None
-        except Exception as e:  # netlink or OS errors: one clear line, not a traceback
-            raise FatalError(f"backend {config.backend_type}: preparing failed: {e}") from None
-        logger.info("using interface {} ({}), public IP {}", ext.name, ext.address, ext.public_ip)
-        self.state.iface = state_file.ext_to_dict(ext)
-        self.state.backend_type = config.backend_type
-        self.state.backend_config = config.backend
-        self.set_phase("acquiring", "acquiring a subnet lease")
-
-        lease_options = dataclasses.replace(opts.lease, identity=agent_identity(opts.state_dir))
-        self.manager = LeaseManager(
-            config, attrs, opts.registry(), opts.registry(), lease_options, on_change=self._state_changed
-        )
-        try:
-            previous = subnet_file.previous_subnet(opts.subnet_file)
-            try:
-                lease = await self._until_stopped(self.manager.acquire(previous))
-            except OutOfSubnets as e:
-                raise FatalError(str(e)) from None
-            if lease is None:
-                return 0
-            return await self._serve(config, ext, lease)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.manager.release_presence(), 3)
-            await self.manager.leases.close()
-            await self.manager.watcher.close()
-
-    async def _serve(self, config: NetworkConfig, ext: Any, lease: Lease) -> int:
-        assert self.backend is not None and self.manager is not None
-        opts = self.options
-        warn_route_overlaps(config.network, lease.subnet)
-        mtu = ext.mtu - self.backend.overhead()
-        self.local = LocalNetwork(config.network, lease.subnet, ext, mtu)
-        self.state.network, self.state.subnet, self.state.mtu = str(config.network), str(lease.subnet), mtu
-        try:
-            await asyncio.to_thread(self.backend.start, self.local)
-        except Exception as e:  # BackendError, or netlink/OS errors: one clear line, not a traceback
-            raise FatalError(f"backend {config.backend_type}: {e}") from None
-        masq = None
-        if opts.ip_masq or opts.iptables_forward_rules:
-            from flannel_ebpf import ipmasq
-
-            if ipmasq.iptables_available():
-                masq = ipmasq.make_manager(
-                    config.network, lease.subnet, ip_masq=opts.ip_masq, forward_rules=opts.iptables_forward_rules
-                )
-                try:
-                    await asyncio.to_thread(masq.setup)
-                except Exception as e:
-                    raise FatalError(f"setting up iptables rules failed: {e}") from None
-            elif opts.ip_masq:
-                raise FatalError("--ip-masq needs iptables, which is not installed")
-            else:
-                logger.warning("iptables is not installed: no FLANNEL-FWD forward rules")
-        subnet_file.write(opts.subnet_file, config.network, lease.subnet, mtu, opts.ip_masq)
-        logger.info("wrote {}: subnet {} mtu {}", opts.subnet_file, lease.subnet, mtu)
-
-        self.dataplane = DataPlane(self.backend)
-        self.dataplane.on_problem = lambda: self.save_state(wait=True)
-        tasks = [
-            asyncio.ensure_future(self.manager.run_watch(self.dataplane)),
-            asyncio.ensure_future(self.manager.run_maintenance()),
-            asyncio.ensure_future(self._resync_loop()),
-            asyncio.ensure_future(self._heartbeat()),
-        ]
-        if masq is not None:
-            tasks.append(asyncio.ensure_future(self._every(opts.iptables_resync, masq.ensure)))
-        try:
-            await self._until_stopped(self.dataplane.synced.wait())
-            if not self._stopping.is_set():
-                self.state.phase = "ready"
-                self.save_state(wait=True)
-                logger.info("ready: subnet {} on {}, {} peer(s)", lease.subnet, ext.name, len(self.manager.peers))
-                # systemd (Type=notify): the data path holds every peer now; units ordered After= us start.
-                sd_notify.ready(f"ready: subnet {lease.subnet} on {ext.name}, {len(self.manager.peers)} peer(s)")
-            await self._until_stopped(asyncio.gather(*tasks))
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            # Leave the data path (and the lease) in place: traffic keeps flowing until `down`.
-            await self.dataplane.call("stopping the backend", self.backend.stop)  # waits for a call in flight
-            self.set_phase("stopped", "agent stopped")
-            logger.info("stopped; the data path stays up (flannel-ebpf down removes it)")
-        return 0
-
-    async def _until_stopped(self, awaitable: Any) -> Any:
-        """Await something unless SIGTERM/SIGINT arrives first (then None)."""
-        task = asyncio.ensure_future(awaitable)
-        stop = asyncio.ensure_future(self._stopping.wait())
-        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            stop.cancel()
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        return None
-
-    async def _resync_loop(self) -> None:
-        assert self.manager is not None and self.dataplane is not None
+    async def _watch_loop(self) -> None:
+        """Measure how long the event loop is ever blocked (status: loop_stall_max_ms, loop_stalls): a
+        timer that should fire every LOOP_PROBE_SECONDS fires late by exactly the time the loop was busy.
+        The loop is shared, so every network's state shows the same figures."""
+        stall_max_ms, stalls = 0.0, 0
         while True:
-            await asyncio.sleep(self.options.resync_interval)
-            if self.manager.relists:  # peers are known (the first listing is done)
-                await self.dataplane.sync_peers(list(self.manager.peers.values()))
+            began = time.monotonic()
+            await asyncio.sleep(LOOP_PROBE_SECONDS)
+            late = time.monotonic() - began - LOOP_PROBE_SECONDS
+            if late * 1000 > stall_max_ms:
+                stall_max_ms = round(late * 1000, 1)
+            if late > LOOP_STALL_SECONDS:
+                stalls += 1
+                logger.debug("event loop blocked for {:.0f} ms", late * 1000)
+            for network in self.networks:
+                network.state.loop_stall_max_ms, network.state.loop_stalls = stall_max_ms, stalls
 
-    async def _every(self, seconds: float, fn: Any) -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                await asyncio.to_thread(fn)
-            except Exception as e:
-                logger.error("periodic {} failed: {}", getattr(fn, "__qualname__", fn), e)
-
-    async def _heartbeat(self) -> None:
-        assert self.dataplane is not None
-        while True:
-            self.state.backend_status = await self.dataplane.status()
-            self.save_state()
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+    def readiness(self) -> tuple[bool, str]:
+        """Ready (and the line saying so) as `flannel-ebpf health` judges it from inside the agent; in
+        multi-network mode ready when every network is, one `<name>: <line>` part per network."""
+        if not self.multi:
+            return self.networks[0].readiness()
+        answers = [(net.name, *net.readiness()) for net in self.networks]
+        ready = all(ok for _, ok, _ in answers)
+        return ready, "; ".join(f"{name}: {line}" for name, _, line in answers)
 
     async def _healthz(self) -> None:
         """The HTTP health endpoint on --healthz-ip:--healthz-port (http.server in a thread of its own,
@@ -604,58 +213,24 @@ class Agent:
             await asyncio.to_thread(server.shutdown)
             server.server_close()
 
-    def readiness(self) -> tuple[bool, str]:
-        """Ready (and the line saying so) as `flannel-ebpf health` judges it from inside the agent."""
-        st = self.state
-        if st.phase != "ready":
-            return False, f"not-ready {st.phase}: {st.reason}"
-        age, limit = time.time() - st.updated, state_file.heartbeat_limit(self.options.resync_interval)
-        if age > limit:
-            return False, f"not-ready no heartbeat for {age:.0f}s (limit {limit:.0f}s): stuck?"
-        return True, f"ready {st.iface.get('name', '?')} subnet:{st.subnet} mtu:{st.mtu}"
+
+def _name_the_network(record: Any) -> None:
+    """loguru patcher: in multi-network mode each line says which network it is about."""
+    name = record["extra"].get("network")
+    if name:
+        record["message"] = f"[{name}] {record['message']}"
 
 
-def warn_route_overlaps(network: Any, own_subnet: Any) -> list[str]:
-    """Warn (once, at start) about routes of this host that the overlay Network overlaps: its addresses
-    would be routed into the overlay, or the overlay's into them. Returns the warnings."""
-    from flannel_ebpf.backends.routes import overlapping_routes  # netlink: only where needed
-
-    try:
-        found = overlapping_routes(network, exclude=own_subnet)
-    except Exception as e:  # a check only: never a reason not to start
-        logger.debug("cannot read the routing table: {}", e)
-        return []
-    warnings = [
-        f"the overlay Network {network} overlaps the host's route {route}: traffic for the overlapping "
-        "addresses goes to whichever route is more specific; pick a Network that overlaps no route of the hosts"
-        for route in found
-    ]
-    for warning in warnings:
-        logger.warning("{}", warning)
-    return warnings
-
-
-def agent_identity(state_dir: str) -> str:
-    """Who this agent is, kept across restarts in the state dir: `<hostname>:<random>`."""
-    path = os.path.join(state_dir, "agent-id")
-    try:
-        with open(path) as f:
-            identity = f.read().strip()
-        if identity:
-            return identity
-    except FileNotFoundError:
-        pass
-    identity = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
-    subnet_file.atomic_write(path, identity + "\n")
-    return identity
-
-
-def run_agent(options: AgentOptions) -> int:
+def run_agent(options: AgentOptions, registry_factory: NamedRegistryFactory | None = None) -> int:
     os.makedirs(options.state_dir, mode=0o755, exist_ok=True)  # readable: status/health run as any user
+    for name in options.networks:
+        os.makedirs(options.for_network(name).state_dir, mode=0o755, exist_ok=True)
+    if options.networks:
+        logger.configure(patcher=_name_the_network)
     started = time.monotonic()
     # Worker threads (full syncs of thousands of peers, the state writer) run Python too: hand the GIL
     # back to the event loop after 1 ms instead of CPython's 5 ms, so that they never stall it for long.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
-    code = asyncio.run(Agent(options).run())
+    code = asyncio.run(Agent(options, registry_factory).run())
     logger.debug("agent ran {:.1f}s", time.monotonic() - started)
     return code

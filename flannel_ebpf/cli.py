@@ -72,6 +72,9 @@ FLAGS = (
     Flag("remote-keyfile", "", "TLS key file for the client/server link"),
     Flag("remote-certfile", "", "TLS certificate file for the client/server link"),
     Flag("remote-cafile", "", "TLS CA file for the client/server link (server: clients must present a cert)"),
+    # older flanneld's (v0.5-v0.7) multi-network mode
+    Flag("networks", "", "run in multi-network mode and serve these comma-separated networks"),
+    Flag("subnet-dir", "/run/flannel/networks", "multi-network mode: where <network>.env files are written"),
     # flannel-ebpf's own
     Flag("state-dir", "/run/flannel-ebpf", "directory of the agent's state file (read by status/health/down)"),
     Flag("bpf-pin-dir", "/sys/fs/bpf/flannel-ebpf", "where the eBPF udp path pins its maps"),
@@ -130,7 +133,6 @@ FLAGS = (
 _TRUE = {"1", "true", "yes", "on", "t"}
 _FALSE = {"0", "false", "no", "off", "", "f"}
 _KUBE = "its leases live in etcd only; for the Kubernetes subnet manager run flanneld"
-_ISSUE_17 = "old flanneld's client/server and multi-network mode (not in flanneld v0.20.2); planned: issue 17"
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,6 @@ UNSUPPORTED = {
     "public-ipv6": Unsupported("flannel-ebpf runs IPv4 overlays only"),
     "vmodule": Unsupported("klog's per-file log levels; use -v"),
     "log_backtrace_at": Unsupported("klog's Go stack traces; there are none to log"),
-    "networks": Unsupported(_ISSUE_17),
 }
 
 _GO_FLAG = re.compile(r"--?([A-Za-z][A-Za-z0-9_.-]*)(=.*)?", re.DOTALL)
@@ -347,7 +348,13 @@ def agent_options(args: argparse.Namespace) -> Any:
         raise SystemExit("flannel-ebpf: a TLS server (--listen) needs --remote-certfile and --remote-keyfile")
     if args.etcd_retry_max <= 0 or args.subnet_relist_interval < 0:
         raise SystemExit("flannel-ebpf: --etcd-retry-max must be > 0 and --subnet-relist-interval >= 0")
+    networks = network_names(args)
+    if networks and args.net_config_path:
+        raise SystemExit("flannel-ebpf: --net-config-path and --networks exclude each other (each network's "
+                         "config is <etcd-prefix>/<network>/config)")  # fmt: skip
     return AgentOptions(
+        networks=networks,
+        subnet_dir=args.subnet_dir,
         etcd_endpoints=[e.strip() for e in args.etcd_endpoints.split(",") if e.strip()],
         etcd_prefix=args.etcd_prefix,
         etcd_tls=EtcdTLS(cafile=args.etcd_cafile, certfile=args.etcd_certfile, keyfile=args.etcd_keyfile),
@@ -390,6 +397,58 @@ def agent_options(args: argparse.Namespace) -> Any:
     )
 
 
+NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def network_names(args: argparse.Namespace) -> list[str]:
+    """--networks (FLANNELD_NETWORKS) as a list; each name becomes an etcd key part, a file name and a
+    directory name, so only plain names are taken."""
+    names = [n.strip() for n in (args.networks or "").split(",") if n.strip()]
+    for name in names:
+        if not NETWORK_NAME.fullmatch(name):
+            raise SystemExit(f"flannel-ebpf: --networks: {name!r} is not a network name (letters, digits, _ . -)")
+    if len(set(names)) != len(names):
+        raise SystemExit(f"flannel-ebpf: --networks names a network twice: {args.networks}")
+    return names
+
+
+def recorded_networks(args: argparse.Namespace, beside_classic: bool = False) -> list[str]:
+    """The networks `status`, `health` and `down` look at: --networks when given, else those a
+    multi-network agent left state for under --state-dir (none: classic mode). A classic agent's state
+    there wins over networks of an earlier multi-network run, except for `down` (`beside_classic`),
+    which removes both."""
+    names = network_names(args)
+    if names:
+        return names
+    if not beside_classic and os.path.exists(state_file.path(args.state_dir)):
+        return []
+    from flannel_ebpf.network import NETWORKS_STATE_SUBDIR
+
+    base = os.path.join(args.state_dir, NETWORKS_STATE_SUBDIR)
+    try:
+        found = sorted(d for d in os.listdir(base) if os.path.exists(state_file.path(os.path.join(base, d))))
+    except OSError:
+        return []
+    return found
+
+
+def network_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """The arguments as one network of a multi-network agent sees them (its state dir, env file, pins)."""
+    from flannel_ebpf.network import network_state_dir
+
+    return argparse.Namespace(
+        **{
+            **vars(args),
+            "state_dir": network_state_dir(args.state_dir, name),
+            "subnet_file": os.path.join(args.subnet_dir, f"{name}.env"),
+            "bpf_pin_dir": os.path.join(args.bpf_pin_dir, name),
+            "etcd_prefix": f"{args.etcd_prefix.rstrip('/')}/{name}",
+            "networks": "",
+            "network_name": name,
+        }
+    )
+
+
 def setup_logging(verbose: int) -> None:
     logger.remove()
     logger.add(
@@ -425,30 +484,41 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """`ready ...` only while the agent that wrote the state runs (same PID and start time), is ready,
-    keeps its heartbeat, and (udp eBPF) the programs it reported are still attached."""
-    st = state_file.load(args.state_dir)
+    keeps its heartbeat, and (udp eBPF) the programs it reported are still attached. Multi-network mode:
+    one `<network>: <line>` per network, exit 0 only when every network is ready."""
+    networks = recorded_networks(args)
+    if not networks:
+        ok, line = _health(args.state_dir, args.resync_interval)
+        print(line)
+        return 0 if ok else 1
+    all_ok = True
+    for name in networks:
+        ok, line = _health(network_args(args, name).state_dir, args.resync_interval)
+        print(f"{name}: {line}")
+        all_ok = all_ok and ok
+    return 0 if all_ok else 1
+
+
+def _health(state_dir: str, resync_interval: float) -> tuple[bool, str]:
+    st = state_file.load(state_dir)
     if st is None:
-        print(f"not-ready no agent state in {args.state_dir} (is flannel-ebpf up running?)")
-        return 1
+        return False, f"not-ready no agent state in {state_dir} (is flannel-ebpf up running?)"
     gone = state_file.agent_gone(st)
     if gone:
-        print(f"not-ready {gone}; last phase {st.phase}")
-        return 1
+        return False, f"not-ready {gone}; last phase {st.phase}"
     if st.phase != "ready":
-        print(f"not-ready {st.phase}: {st.reason}")
-        return 1
-    age, limit = time.time() - st.updated, state_file.heartbeat_limit(args.resync_interval)
+        return False, f"not-ready {st.phase}: {st.reason}"
+    age, limit = time.time() - st.updated, state_file.heartbeat_limit(resync_interval)
     if age > limit:
-        print(f"not-ready no heartbeat from the agent (pid {st.pid}) for {age:.0f}s (limit {limit:.0f}s): stuck?")
-        return 1
+        return (
+            False,
+            f"not-ready no heartbeat from the agent (pid {st.pid}) for {age:.0f}s (limit {limit:.0f}s): stuck?",
+        )
     missing = _missing_programs(st)
     if missing:
-        print(f"not-ready {missing}")
-        return 1
+        return False, f"not-ready {missing}"
     # With a bridge made by `flannel-ebpf bridge`: its form (`ready lxcbr:10.10.16.1 subnet:... mtu:...`).
-    ok, line = runtime_commands.health_line(args.state_dir, st.iface.get("name", "?"), st.subnet, st.mtu)
-    print(line)
-    return 0 if ok else 1
+    return runtime_commands.health_line(state_dir, st.iface.get("name", "?"), st.subnet, st.mtu)
 
 
 def _missing_programs(st: state_file.AgentState) -> str | None:
@@ -492,15 +562,39 @@ def _missing_programs(st: state_file.AgentState) -> str | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = state_file.load(args.state_dir)
+    """The agent's state; multi-network mode: every network's (`--json`: {"networks": {name: doc}})."""
+    networks = recorded_networks(args)
+    if not networks:
+        return _status(args.state_dir, args.json)
+    if args.json:
+        docs = {name: _status_doc(network_args(args, name).state_dir) for name in networks}
+        print(json.dumps({"networks": docs}, indent=2, default=str))
+        return 0 if all(docs.values()) else 1
+    code = 0
+    for name in networks:
+        print(f"=== network {name}")
+        code |= _status(network_args(args, name).state_dir, False)
+    return code
+
+
+def _status_doc(state_dir: str) -> dict[str, Any] | None:
+    st = state_file.load(state_dir)
     if st is None:
-        print(f"no agent state in {args.state_dir}: flannel-ebpf is not running here", file=sys.stderr)
+        return None
+    live = _live_backend_status(st) if st.backend_type else {}
+    return {"running": state_file.agent_gone(st) is None, **st.__dict__, "live": live}
+
+
+def _status(state_dir: str, as_json: bool) -> int:
+    st = state_file.load(state_dir)
+    if st is None:
+        print(f"no agent state in {state_dir}: flannel-ebpf is not running here", file=sys.stderr)
         return 1
     running = state_file.agent_gone(st) is None
     live: dict[str, Any] = {}
     if st.backend_type:
         live = _live_backend_status(st)
-    if args.json:
+    if as_json:
         doc = {"running": running, **st.__dict__, "live": live}
         print(json.dumps(doc, indent=2, default=str))
         return 0
@@ -582,7 +676,16 @@ def cmd_down(args: argparse.Namespace) -> int:
             print(f"flannel-ebpf: {e}", file=sys.stderr)
             return 1
     try:
-        return _down(args)
+        networks = recorded_networks(args, beside_classic=True)
+        if not networks:
+            return _down(args)
+        # Multi-network mode: every network's data path, rules, env file and state; a classic agent's
+        # state left in the same state dir goes too.
+        failures = _down(args) if os.path.exists(state_file.path(args.state_dir)) else 0
+        for name in networks:
+            logger.info("network {}: removing its data path", name)
+            failures += _down(network_args(args, name))
+        return 1 if failures else 0
     finally:
         if lock is not None:
             lock.release()
@@ -593,6 +696,12 @@ def _down(args: argparse.Namespace) -> int:
 
     st = state_file.load(args.state_dir)
     opts = agent_options(args)
+    network_name = getattr(args, "network_name", "")
+    if st is None and network_name:
+        # A network of a multi-network agent that left no state: nothing of it is known to remove (the
+        # classic by-name sweep would take the other networks' devices and routes too).
+        logger.info("network {}: no state in {}; nothing to remove", network_name, args.state_dir)
+        return 0
     if st is None:
         logger.info("no state in {}; removing what can be found by name", args.state_dir)
         backend_types = ["udp", "vxlan", "host-gw"]
@@ -614,7 +723,7 @@ def _down(args: argparse.Namespace) -> int:
 
     if ipmasq.iptables_available():
         try:
-            ipmasq.teardown_chains(ipmasq.all_flannel_chains())
+            ipmasq.teardown_chains(ipmasq.all_flannel_chains(network_name))
         except Exception as e:
             failures += 1
             logger.error("removing iptables rules failed: {}", e)

@@ -13,6 +13,7 @@ iptables runs in the caller's network namespace; tests run this module under `ip
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
@@ -47,7 +48,24 @@ class FlannelChain:
         return ("-m", "comment", "--comment", self.comment, "-j", self.name)
 
 
-def masq_chain(network: IPv4Network, subnet: IPv4Network, random_fully: bool) -> FlannelChain:
+#: iptables' longest chain name (XT_EXTENSION_MAXNAMELEN - 1)
+CHAIN_NAME_MAX = 28
+
+
+def chain_name(base: str, network_name: str = "") -> str:
+    """flannel's chain name, or in multi-network mode one per network (`FLANNEL-FWD-BLUE`), so that one
+    network's rules never replace another's. A name too long for iptables is shortened with a hash."""
+    if not network_name:
+        return base
+    suffix = re.sub(r"[^A-Za-z0-9_]", "_", network_name).upper()
+    room = CHAIN_NAME_MAX - len(base) - 1
+    if len(suffix) > room:
+        digest = hashlib.sha1(network_name.encode()).hexdigest()[:4].upper()
+        suffix = f"{suffix[: room - 5]}_{digest}"
+    return f"{base}-{suffix}"
+
+
+def masq_chain(network: IPv4Network, subnet: IPv4Network, random_fully: bool, network_name: str = "") -> FlannelChain:
     """flanneld's MasqRules(network, lease): masquerade traffic leaving the overlay, nothing inside it."""
     n, sn = str(network), str(subnet)
     c = ("-m", "comment", "--comment", MASQ_COMMENT)
@@ -55,7 +73,7 @@ def masq_chain(network: IPv4Network, subnet: IPv4Network, random_fully: bool) ->
     return FlannelChain(
         table="nat",
         parent="POSTROUTING",
-        name=MASQ_CHAIN,
+        name=chain_name(MASQ_CHAIN, network_name),
         comment=MASQ_COMMENT,
         rules=(
             # kube-proxy already masquerades what it marks: a second NAT breaks on some kernels
@@ -72,7 +90,7 @@ def masq_chain(network: IPv4Network, subnet: IPv4Network, random_fully: bool) ->
     )
 
 
-def forward_chain(network: IPv4Network) -> FlannelChain:
+def forward_chain(network: IPv4Network, network_name: str = "") -> FlannelChain:
     """flanneld's ForwardRules(network): accept forwarding to and from the overlay (Docker sets the
     FORWARD policy to DROP)."""
     n = str(network)
@@ -80,7 +98,7 @@ def forward_chain(network: IPv4Network) -> FlannelChain:
     return FlannelChain(
         table="filter",
         parent="FORWARD",
-        name=FORWARD_CHAIN,
+        name=chain_name(FORWARD_CHAIN, network_name),
         comment=FORWARD_COMMENT,
         rules=(("-s", n, *c, "-j", "ACCEPT"), ("-d", n, *c, "-j", "ACCEPT")),
     )
@@ -220,21 +238,27 @@ def teardown_chains(chains: list[FlannelChain], ipt: Iptables | None = None) -> 
             logger.info("iptables: removed {}/{}", chain.table, chain.name)
 
 
-def all_flannel_chains() -> list[FlannelChain]:
+def all_flannel_chains(network_name: str = "") -> list[FlannelChain]:
     """The chains `flannel-ebpf down` removes when it does not know the network (rules do not matter
-    for a teardown: it removes by chain name)."""
+    for a teardown: it removes by chain name); `network_name`: that network's (multi-network mode)."""
     any_net = IPv4Network("0.0.0.0/32")
-    return [masq_chain(any_net, any_net, False), forward_chain(any_net)]
+    return [masq_chain(any_net, any_net, False, network_name), forward_chain(any_net, network_name)]
 
 
 def make_manager(
-    network: IPv4Network, subnet: IPv4Network, *, ip_masq: bool, forward_rules: bool, ipt: Iptables | None = None
+    network: IPv4Network,
+    subnet: IPv4Network,
+    *,
+    ip_masq: bool,
+    forward_rules: bool,
+    ipt: Iptables | None = None,
+    network_name: str = "",
 ) -> ChainManager:
     """The agent's entry point: the chains flanneld would install for these flags."""
     ipt = ipt or Iptables()
     chains: list[FlannelChain] = []
     if ip_masq:
-        chains.append(masq_chain(network, subnet, ipt.has_random_fully()))
+        chains.append(masq_chain(network, subnet, ipt.has_random_fully(), network_name))
     if forward_rules:
-        chains.append(forward_chain(network))
+        chains.append(forward_chain(network, network_name))
     return ChainManager(chains, ipt)

@@ -170,10 +170,8 @@ def test_client_server_flags_and_variables(tmp_path):
         (["up", "--kube-api-url=https://k:6443"], {}, "flag --kube-api-url"),
         (["-public-ipv6=fd00::1"], {}, "flag --public-ipv6"),
         (["-vmodule=main=2"], {}, "flag --vmodule"),
-        (["-networks=blue,red"], {}, "flag --networks"),
         ([], {"FLANNELD_KUBE_SUBNET_MGR": "true"}, "FLANNELD_KUBE_SUBNET_MGR (flag --kube-subnet-mgr)"),
         ([], {"FLANNELD_KUBECONFIG_FILE": "/k"}, "FLANNELD_KUBECONFIG_FILE (flag --kubeconfig-file)"),
-        (["status"], {"FLANNELD_NETWORKS": "blue"}, "FLANNELD_NETWORKS (flag --networks)"),
     ],
 )
 def test_unsupported_flanneld_flags_are_one_line_and_exit_2(argv, env, named, capsys):

@@ -94,6 +94,7 @@ class BackendOptions:
     udp_allow_foreign_source: bool = False  # eBPF decap accepts any inner source from a member (flanneld's way)
     xdp_mode: str = "auto"  # "auto" | "native" | "generic"
     loader: str = "auto"  # "auto" (elf when precompiled objects are present, else bcc) | "elf" | "bcc"
+    network_name: str = ""  # multi-network mode (--networks): the network this backend serves; "" classic
 
 
 class Backend(ABC):

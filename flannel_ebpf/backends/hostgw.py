@@ -91,7 +91,7 @@ class HostGwBackend(RoutedBackend):
                 continue
             if spec is not None:
                 desired[lease.subnet] = spec
-        result = reconcile_routes(self.ipr, self.routes, desired.values())
+        result = reconcile_routes(self.ipr, self.routes, desired.values(), self.route_scope(self.local))
         for lease in peers:
             spec = desired.get(lease.subnet)
             if spec is None:
@@ -134,7 +134,7 @@ class HostGwBackend(RoutedBackend):
             logger.info("host-gw: subnet removed: {}", lease.subnet)
 
     def teardown(self, local: LocalNetwork | None) -> None:
-        count = delete_all_our_routes(self.ipr, self.routes)
+        count = delete_all_our_routes(self.ipr, self.routes, self.route_scope(local))
         logger.info("host-gw: teardown removed {} routes", count)
         self.stop()
 

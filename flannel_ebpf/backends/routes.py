@@ -220,9 +220,11 @@ class RouteTable:
                 self.our_ids.add(nexthop_id(spec.gateway))
         return failed
 
-    def collect(self, desired: Iterable[RouteSpec]) -> int:
-        """Delete our nexthop objects that no desired route uses any more (after the routes). How many."""
-        keep = {nexthop_id(spec.gateway) for spec in desired}
+    def collect(self, desired: Iterable[RouteSpec], also_keep: Iterable[RouteSpec] = ()) -> int:
+        """Delete our nexthop objects that no desired route uses any more (after the routes). How many.
+        `also_keep`: routes of other networks (multi-network mode), whose nexthops are not ours to drop
+        (two host-gw networks to one peer host share the nexthop of its PublicIP)."""
+        keep = {nexthop_id(spec.gateway) for spec in (*desired, *also_keep)}
         unused = sorted(self.our_ids - keep)
         codes = self.bulk.execute([netlink_bulk.nexthop_delete(i) for i in unused])
         self.our_ids -= {i for i, code in zip(unused, codes, strict=True) if code in (0, errno.ENOENT)}
@@ -268,8 +270,16 @@ class ReconcileResult:
         return bool(self.added or self.replaced or self.removed)
 
 
-def reconcile_routes(ipr: IPRoute, table: RouteTable, desired: Iterable[RouteSpec]) -> ReconcileResult:
-    """Make the kernel's proto-102 IPv4 routes exactly `desired`.
+def in_scope(dst: IPv4Network, scope: IPv4Network | None) -> bool:
+    """Whether a route belongs to the network `scope` (None: every proto-102 route is ours, as with one
+    network per host). In multi-network mode each network owns only the routes into its own Network."""
+    return scope is None or dst.subnet_of(scope)
+
+
+def reconcile_routes(
+    ipr: IPRoute, table: RouteTable, desired: Iterable[RouteSpec], scope: IPv4Network | None = None
+) -> ReconcileResult:
+    """Make the kernel's proto-102 IPv4 routes (those inside `scope`, when given) exactly `desired`.
 
     Routes already right are left alone (no flap on an agent restart); wrong ones are replaced in place;
     proto-102 routes nobody wants any more are deleted, and then the nexthop objects nobody uses. A route
@@ -279,6 +289,9 @@ def reconcile_routes(ipr: IPRoute, table: RouteTable, desired: Iterable[RouteSpe
     want = {spec.dst: spec for spec in desired}
     table.refresh()
     have, odd = list_our_routes(table.bulk)
+    others = [spec for dst, spec in have.items() if not in_scope(dst, scope)]  # another network's routes
+    have = {dst: spec for dst, spec in have.items() if in_scope(dst, scope)}
+    odd = [route for route in odd if in_scope(route.dst, scope)]
     result = ReconcileResult()
     for route in odd:
         _delete_odd(ipr, route)
@@ -295,22 +308,25 @@ def reconcile_routes(ipr: IPRoute, table: RouteTable, desired: Iterable[RouteSpe
             logger.error("kernel refused route {}: {}", spec.describe(), os.strerror(failed[spec.dst]))
             continue
         (result.replaced if spec.dst in have else result.added).append(spec)
-    table.collect(spec for dst, spec in want.items() if dst not in failed)
+    table.collect((spec for dst, spec in want.items() if dst not in failed), also_keep=others)
     return result
 
 
-def delete_all_our_routes(ipr: IPRoute, table: RouteTable) -> int:
-    """Teardown: delete every proto-102 IPv4 route in the main table, then our nexthop objects. Returns
-    how many routes went."""
+def delete_all_our_routes(ipr: IPRoute, table: RouteTable, scope: IPv4Network | None = None) -> int:
+    """Teardown: delete every proto-102 IPv4 route in the main table (inside `scope`, when given), then
+    the nexthop objects no remaining route uses. Returns how many routes went."""
     table.refresh()
     have, odd = list_our_routes(table.bulk)
+    others = [spec for dst, spec in have.items() if not in_scope(dst, scope)]
+    have = {dst: spec for dst, spec in have.items() if in_scope(dst, scope)}
+    odd = [route for route in odd if in_scope(route.dst, scope)]
     count = 0
     for dst in have:
         count += delete_route(ipr, dst)
     for route in odd:
         _delete_odd(ipr, route)
         count += 1
-    table.collect(())
+    table.collect((), also_keep=others)
     return count
 
 
@@ -343,6 +359,13 @@ class RoutedBackend(Backend):
         if self._bulk is None:
             self._bulk = BulkNetlink()
         return self._bulk
+
+    def route_scope(self, local: LocalNetwork | None) -> IPv4Network | None:
+        """The routes this backend owns: in multi-network mode only those into its own Network (another
+        network's routes on this host are not ours to delete); else every proto-102 route, as always."""
+        if self.options.network_name and local is not None:
+            return local.network
+        return None
 
     @property
     def routes(self) -> RouteTable:

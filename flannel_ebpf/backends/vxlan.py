@@ -450,7 +450,9 @@ class VxlanBackend(RoutedBackend):
         desired = {s: p for s, p in desired.items() if s not in failed}
         for subnet, reason in failed.items():
             self.book.refuse(self.book.leases[subnet], reason)
-        result = reconcile_routes(self.ipr, self.routes, (p.route for p in desired.values()))
+        result = reconcile_routes(
+            self.ipr, self.routes, (p.route for p in desired.values()), self.route_scope(self.local)
+        )
         self._peers.clear()
         for subnet, peer in desired.items():
             lease = self.book.leases[subnet]
@@ -533,7 +535,9 @@ class VxlanBackend(RoutedBackend):
                 # its neighbours, FDB entries and the routes through it go with it
                 self.ipr.link("del", index=index)
                 logger.info("vxlan: deleted {}", name)
-        count = delete_all_our_routes(self.ipr, self.routes)  # DirectRouting routes are on the external interface
+        count = delete_all_our_routes(
+            self.ipr, self.routes, self.route_scope(local)
+        )  # DirectRouting routes are on the external interface
         if count:
             logger.info("vxlan: teardown removed {} direct routes", count)
         self.ifindex = None

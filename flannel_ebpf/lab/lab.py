@@ -395,18 +395,23 @@ class Lab:
 
     # ---------------------------------------------------------------- containers
 
-    def add_container(self, host: Host | str, name: str | None = None, bridge: str = BRIDGE) -> Container:
+    def add_container(
+        self, host: Host | str, name: str | None = None, bridge: str = BRIDGE, subnet_file: Path | None = None
+    ) -> Container:
         """A container on `host`, addressed from its subnet file (written by the agent beforehand), on
-        `bridge` (docker0; e.g. lxcbr0 as `flannel-ebpf bridge lxcbr0` made it)."""
+        `bridge` (docker0; e.g. lxcbr0 as `flannel-ebpf bridge lxcbr0` made it). `subnet_file`: another
+        env file than the host's, e.g. one network's `<subnet-dir>/<network>.env` in multi-network mode
+        (give each network a bridge of its own)."""
         h = self.host(host)
-        env = self.subnet_env(h)
+        path = subnet_file if subnet_file is not None else h.subnet_file
+        env = SubnetEnv.read(path) if path.exists() else None
         if env is None:
-            raise RuntimeError(f"{h.name}: no {h.subnet_file} yet (start the agent and wait_ready first)")
+            raise RuntimeError(f"{h.name}: no {path} yet (start the agent and wait_ready first)")
         mine = self.containers_of(h)
         name = name or f"{h.name}c{len(mine) + 1}"
         if len(name) > 10 or any(c.name == name for c in self.containers):
             raise ValueError(f"container name {name!r}: too long or already used")
-        used = {c.ip for c in mine}
+        used = {c.ip for c in mine if c.ip in env.subnet.network}
         c = make_container(h, name, env, used, bridge)
         self.containers.append(c)
         return c
