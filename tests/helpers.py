@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
+
+from flannel_ebpf.datapath import bpfsys, layout
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
@@ -44,3 +47,16 @@ def rx_bytes_per_packet(lab: Any, container: Any, traffic: Callable[[], object])
     traffic()
     bytes1, packets1 = counters()
     return (bytes1 - bytes0) / max(1, packets1 - packets0)
+
+
+def pinned_map_ids(lab: Any, host: str) -> dict[str, int]:
+    """The kernel ids of the maps pinned for `host` (the lab's agents pin in this machine's bpffs): the
+    same ids after a restart mean the maps were adopted, not re-created."""
+    ids = {}
+    for spec in layout.ALL_MAPS:
+        fd = bpfsys.obj_get(layout.pin_path(lab.pin_dir(host), spec))
+        try:
+            ids[spec.name] = bpfsys.map_info(fd).map_id
+        finally:
+            os.close(fd)
+    return ids

@@ -43,9 +43,7 @@ def lab() -> Iterator:
 
     the_lab = Lab(1).up()
     try:
-        # etcd 3.4/3.5 serve the v2 API only when asked to (3.6 has none)
-        the_lab.etcd.extra_args.append("--enable-v2")
-        the_lab.restart_etcd()
+        the_lab.enable_etcd_v2()
         yield the_lab
     finally:
         for name, agent in the_lab.agents.items():

@@ -36,10 +36,9 @@ from typing import Any
 
 import pytest
 
-from flannel_ebpf.datapath import bpfsys, layout
 from flannel_ebpf.lab.netns import stop_process
 from flannel_ebpf.lab.traffic import PingResult, count_flood
-from tests.helpers import wait_delivery_settled, wait_for
+from tests.helpers import pinned_map_ids, wait_delivery_settled, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -99,17 +98,6 @@ def logged_at(lab, host, needle: str) -> float | None:
         if m and needle in line:
             return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
     return None
-
-
-def pinned_map_ids(lab, host) -> dict[str, int]:
-    ids = {}
-    for spec in layout.ALL_MAPS:
-        fd = bpfsys.obj_get(layout.pin_path(lab.pin_dir(host), spec))
-        try:
-            ids[spec.name] = bpfsys.map_info(fd).map_id
-        finally:
-            os.close(fd)
-    return ids
 
 
 def program_ids(lab, host) -> dict[str, int]:

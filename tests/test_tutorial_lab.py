@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from collections.abc import Iterator
 
 import pytest
 
-from flannel_ebpf.lab.lab import Lab
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.lab
@@ -24,24 +21,9 @@ PREFIX = "/coreos.com/network"
 CONFIG = {"Network": "10.100.0.0/16", "Backend": {"Type": "vxlan", "VNI": 100, "Port": 8472}}
 
 
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    if shutil.which("etcd") is None:
-        pytest.fail("etcd is not installed (make setup)")
-    the_lab = Lab(2).up()
-    try:
-        assert the_lab.etcd is not None
-        the_lab.etcd.extra_args.append("--enable-v2")
-        the_lab.restart_etcd()
-        yield the_lab
-    finally:
-        for name, agent in the_lab.agents.items():
-            if agent.ever_started:
-                print(f"\n---- agent log of {name} (tail) ----\n{agent.log_tail()}")
-        the_lab.close()
-
-
-def test_the_etcd_era_tutorial_end_to_end(lab: Lab) -> None:
+def test_the_etcd_era_tutorial_end_to_end(lab_factory) -> None:
+    lab = lab_factory(2)
+    lab.enable_etcd_v2()
     endpoint = lab.etcd_endpoint
     # "etcdctl set /coreos.com/network/config '{...}'": the v2 API, as the tutorials of the time wrote it
     lab.exec("h1", ["env", "ETCDCTL_API=2", "etcdctl", f"--endpoints={endpoint}", "set", f"{PREFIX}/config",

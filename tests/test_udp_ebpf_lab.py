@@ -10,9 +10,8 @@ import re
 
 import pytest
 
-from flannel_ebpf.datapath import bpfsys, layout
 from flannel_ebpf.lab.traffic import FloodCounter
-from tests.helpers import wait_delivery_settled, wait_for
+from tests.helpers import pinned_map_ids, wait_delivery_settled, wait_for
 from tests.packets import inner_echo
 
 pytestmark = [pytest.mark.lab, pytest.mark.bpf]
@@ -29,18 +28,6 @@ def bring_up(lab_factory, decap, hosts=3, topology="flat", segments=None, loader
         lab.add_container(host)
     wait_delivery_settled(lab)
     return lab
-
-
-def pinned_map_ids(lab, host) -> dict[str, int]:
-    """The kernel ids of the maps pinned for `host` (the lab's agents pin in this machine's bpffs)."""
-    ids = {}
-    for spec in layout.ALL_MAPS:
-        fd = bpfsys.obj_get(layout.pin_path(lab.pin_dir(host), spec))
-        try:
-            ids[spec.name] = bpfsys.map_info(fd).map_id
-        finally:
-            os.close(fd)
-    return ids
 
 
 def counters(lab, host) -> dict[str, int]:

@@ -72,13 +72,6 @@ class HostGwBackend(RoutedBackend):
             return None
         return host_gw_route(lease.subnet, lease.public_ip, ext.index)
 
-    def sync(self, peers: list[Lease]) -> None:
-        self.book.begin_sync()
-        try:
-            self._sync(peers)
-        finally:
-            self.book.end_sync()
-
     def _sync(self, peers: list[Lease]) -> None:
         self.book.replace_leases(peers)
         reach = reachability_of_many(self.bulk, (lease.public_ip for lease in peers))

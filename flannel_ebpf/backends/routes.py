@@ -374,6 +374,16 @@ class RoutedBackend(Backend):
             self._routes = RouteTable(self.bulk)
         return self._routes
 
+    def sync(self, peers: list[Lease]) -> None:
+        self.book.begin_sync()  # the peers it adds are logged in one line at the end
+        try:
+            self._sync(peers)
+        finally:
+            self.book.end_sync()
+
+    def _sync(self, peers: list[Lease]) -> None:
+        raise NotImplementedError
+
     def stop(self) -> None:
         if self._ipr is not None:
             self._ipr.close()

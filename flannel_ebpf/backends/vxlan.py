@@ -394,13 +394,6 @@ class VxlanBackend(RoutedBackend):
     # ------------------------------------------------------------------------------------------------
     # peers: Backend interface
 
-    def sync(self, peers: list[Lease]) -> None:
-        self.book.begin_sync()
-        try:
-            self._sync(peers)
-        finally:
-            self.book.end_sync()
-
     def _sync(self, peers: list[Lease]) -> None:
         self.book.replace_leases(peers)
         desired: dict[IPv4Network, VxlanPeer] = {}

@@ -320,6 +320,15 @@ class Lab:
         self.stop_etcd()
         self.start_etcd()
 
+    def enable_etcd_v2(self) -> None:
+        """Restart etcd serving its v2 API too (etcd 3.4/3.5 do only when asked; 3.6 has none), for the
+        etcd-era tutorials' `etcdctl set`."""
+        etcd = self._etcd()
+        assert isinstance(etcd, EtcdServer), "one member only"
+        if "--enable-v2" not in etcd.extra_args:
+            etcd.extra_args.append("--enable-v2")
+        self.restart_etcd()
+
     def wipe_etcd(self) -> None:
         """An empty etcd (stops, forgets all data, starts again); the network config is gone too."""
         self.stop_etcd()
