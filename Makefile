@@ -6,7 +6,8 @@ CLANG  ?= clang
 BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(BPF_SRC:.c=.o)
 
-.PHONY: setup demo test test-unit lint bench bench-quick bench-scale bpf wheel clean lab-cleanup
+.PHONY: setup demo test test-unit lint bench bench-quick bench-scale bpf wheel clean lab-cleanup \
+	vagrant-box vagrant-up vagrant-check vagrant-bench vagrant-destroy
 
 setup: $(STAMP)
 
@@ -56,6 +57,38 @@ bpf/sources.sha256: $(BPF_OBJ)
 wheel: setup bpf
 	rm -rf dist
 	$(PY) -m build --outdir dist .
+
+# The Vagrant multi-VM lab (vagrant/README.md). Not part of `make test` (it boots VMs); `vagrant validate` is.
+# vagrant-box: a Debian 12 libvirt box built here from this host's apt mirror (no box download; root).
+# vagrant-up: one etcd VM + $(VAGRANT_HOSTS) host VMs, backend $(VAGRANT_BACKEND) (udp, vxlan, host-gw).
+VAGRANT_HOSTS   ?= 3
+VAGRANT_BACKEND ?= udp
+# vagrant runs inside vagrant/lab-ns.sh's namespaces (a libvirt session with qemu user networking only);
+# FLANNEL_VAGRANT_DIRECT=1 (VirtualBox, a system libvirt) runs it as it is.
+VAGRANT_NS := $(if $(filter 1,$(FLANNEL_VAGRANT_DIRECT)),,./lab-ns.sh)
+VAGRANT := cd vagrant && FLANNEL_VAGRANT_HOSTS=$(VAGRANT_HOSTS) FLANNEL_VAGRANT_BACKEND=$(VAGRANT_BACKEND) $(VAGRANT_NS) vagrant
+
+vagrant-box: setup
+	@t0=$$(date +%s); bash vagrant/build-box.sh && echo "vagrant-box: $$(( $$(date +%s) - t0 )) s"
+
+# The VMs have no internet: the agent's Python dependencies go in with the synced checkout.
+vagrant/.wheelhouse/.done: pyproject.toml
+	$(PY) -m pip wheel -q --wheel-dir vagrant/.wheelhouse . 'setuptools>=77' wheel
+	touch $@
+
+vagrant-up: setup vagrant/.wheelhouse/.done
+	@t0=$$(date +%s); $(VAGRANT) up --no-parallel --provider $${VAGRANT_DEFAULT_PROVIDER:-libvirt} \
+	  && echo "vagrant-up: $$(( $$(date +%s) - t0 )) s"
+
+vagrant-check: setup
+	$(PY) -m flannel_ebpf.lab.vagrant check
+
+vagrant-bench: setup
+	$(PY) -m flannel_ebpf.lab.vagrant bench
+
+vagrant-destroy:
+	$(VAGRANT) destroy -f
+	$(if $(VAGRANT_NS),cd vagrant && ./lab-ns.sh --delete)
 
 lab-cleanup: setup
 	$(PY) -m flannel_ebpf.lab cleanup

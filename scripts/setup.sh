@@ -4,8 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ "$(id -u)" = 0 ] || { echo "setup: run as root (it installs packages and mounts bpffs)" >&2; exit 1; }
-
 # bcc's Python module is Debian's python3-bpfcc (PyPI's "bcc" is an unrelated package: never install it).
 # containernetworking-plugins: the CNI bridge/host-local/loopback/portmap plugins (/usr/lib/cni) for the CNI
 # lab test; python3-aiohttp: client/server mode's HTTP (the venv sees it: --system-site-packages);
@@ -13,22 +11,37 @@ cd "$(dirname "$0")/.."
 PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-pyroute2 python3-netaddr python3-aiohttp
           etcd-server etcd-client iperf3 iproute2 iputils-ping iptables ethtool tcpdump clang llvm libbpf-dev
           openssl containernetworking-plugins systemd)
+# The Vagrant lab (vagrant/): `vagrant validate` runs in `make test`. No recommends: vagrant-libvirt recommends
+# nfs-kernel-server and libguestfs-tools, which the lab does not use (and an NFS server would start).
+# Neither package starts a daemon or creates a network: libvirtd and qemu come with `make vagrant-box`'s own set-up.
+VAGRANT_PACKAGES=(vagrant vagrant-libvirt)
+# vagrant/build-box.sh puts the same packages into the lab's box (its VMs have no internet access).
+if [ "${1:-}" = --print-packages ]; then echo "${PACKAGES[*]}"; exit 0; fi
+[ "$(id -u)" = 0 ] || { echo "setup: run as root (it installs packages and mounts bpffs)" >&2; exit 1; }
+# FLANNEL_EBPF_SETUP_EXTRAS: the pip extras installed with the package (default "dev": tests, lint, bench
+# plots); the lab's VMs use "" (the agent alone, from a wheelhouse: PIP_NO_INDEX, PIP_FIND_LINKS).
+SETUP_EXTRAS=${FLANNEL_EBPF_SETUP_EXTRAS-dev}
+# FLANNEL_EBPF_SETUP_VAGRANT=0 (the lab's VMs): no vagrant.
+[ "${FLANNEL_EBPF_SETUP_VAGRANT:-1}" = 1 ] || VAGRANT_PACKAGES=()
 KREL=$(uname -r)
 missing=()
 for p in "${PACKAGES[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+vmissing=()
+for p in "${VAGRANT_PACKAGES[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || vmissing+=("$p"); done
 # Kernel headers: the running kernel's own if the distribution has them, else Debian's generic ones.
 headers=""
 if [ ! -e "/lib/modules/$KREL/build" ]; then
   if ls /usr/src/linux-headers-*-common >/dev/null 2>&1; then :; else headers=1; fi
 fi
-if [ ${#missing[@]} -gt 0 ] || [ -n "$headers" ]; then
-  echo "setup: installing ${missing[*]:-} ${headers:+kernel headers}"
+if [ ${#missing[@]} -gt 0 ] || [ ${#vmissing[@]} -gt 0 ] || [ -n "$headers" ]; then
+  echo "setup: installing ${missing[*]:-} ${vmissing[*]:-} ${headers:+kernel headers}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   # Installing etcd-server must not start a system etcd on this host: the lab runs its own.
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d.flannel-ebpf; chmod +x /usr/sbin/policy-rc.d.flannel-ebpf
   [ -e /usr/sbin/policy-rc.d ] || { cp /usr/sbin/policy-rc.d.flannel-ebpf /usr/sbin/policy-rc.d; own_policy=1; }
   [ ${#missing[@]} -gt 0 ] && apt-get install -y -qq "${missing[@]}" >/dev/null
+  [ ${#vmissing[@]} -gt 0 ] && apt-get install -y -qq --no-install-recommends "${vmissing[@]}" >/dev/null
   if [ -n "$headers" ]; then
     apt-get install -y -qq "linux-headers-$KREL" >/dev/null 2>&1 || apt-get install -y -qq linux-headers-amd64 >/dev/null
   fi
@@ -61,5 +74,5 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
   /usr/bin/python3 -m venv --system-site-packages .venv
   echo "setup: created .venv with /usr/bin/python3 and system site-packages"
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/pip install -q --disable-pip-version-check -e ".${SETUP_EXTRAS:+[$SETUP_EXTRAS]}"
 echo "setup: ready (bcc $(.venv/bin/python -c 'import bcc, aetcd, pyroute2; print(bcc.__version__)'))"

@@ -1,0 +1,47 @@
+"""The Vagrant lab's Vagrantfile is valid (`vagrant validate`), for both of its shapes: the local box in
+qemu:///session with qemu's own networks, and a public box with the providers' private networks. No VM is
+booted here (`make vagrant-up` does that). Skipped only where vagrant is not installed (`make setup`
+installs it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+VAGRANT_DIR = Path(__file__).resolve().parents[1] / "vagrant"
+
+pytestmark = pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant is not installed (make setup)")
+
+
+def _validate(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    e = dict(os.environ, VAGRANT_CWD=str(VAGRANT_DIR), VAGRANT_DOTFILE_PATH=str(tmp_path / "dot"),
+             VAGRANT_CHECKPOINT_DISABLE="1", **env)  # fmt: skip
+    return subprocess.run(["vagrant", "validate"], env=e, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("box", "backend", "hosts"),
+    [("flannel-ebpf/debian12", "udp", "3"), ("flannel-ebpf/debian12", "vxlan", "2"),
+     ("debian/bookworm64", "host-gw", "3")],
+)  # fmt: skip
+def test_vagrantfile_validates(tmp_path: Path, box: str, backend: str, hosts: str) -> None:
+    r = _validate(tmp_path, FLANNEL_VAGRANT_BOX=box, FLANNEL_VAGRANT_BACKEND=backend, FLANNEL_VAGRANT_HOSTS=hosts)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "validated successfully" in r.stdout
+
+
+def test_vagrantfile_refuses_unknown_backend(tmp_path: Path) -> None:
+    r = _validate(tmp_path, FLANNEL_VAGRANT_BACKEND="ipsec")
+    assert "FLANNEL_VAGRANT_BACKEND must be udp, vxlan or host-gw" in r.stdout + r.stderr
+
+
+def test_scripts_parse() -> None:
+    for script in ("build-box.sh", "provision.sh"):
+        subprocess.run(["bash", "-n", str(VAGRANT_DIR / script)], check=True, timeout=10)
+    out = subprocess.run(["bash", str(VAGRANT_DIR.parent / "scripts" / "setup.sh"), "--print-packages"],
+                         capture_output=True, text=True, check=True, timeout=10).stdout.split()  # fmt: skip
+    assert "python3-bpfcc" in out and "etcd-server" in out
