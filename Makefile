@@ -72,8 +72,12 @@ vagrant-box: setup
 	@t0=$$(date +%s); bash vagrant/build-box.sh && echo "vagrant-box: $$(( $$(date +%s) - t0 )) s"
 
 # The VMs have no internet: the agent's Python dependencies go in with the synced checkout.
+# (setup.sh installs the checkout itself, editable: its build backend goes in too).
 vagrant/.wheelhouse/.done: pyproject.toml
-	$(PY) -m pip wheel -q --wheel-dir vagrant/.wheelhouse . 'setuptools>=77' wheel
+	mkdir -p vagrant/.wheelhouse
+	$(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+	  > vagrant/.wheelhouse/requirements.txt
+	$(PY) -m pip wheel -q --wheel-dir vagrant/.wheelhouse -r vagrant/.wheelhouse/requirements.txt 'setuptools>=77' wheel
 	touch $@
 
 vagrant-up: setup vagrant/.wheelhouse/.done

@@ -98,6 +98,7 @@ class VagrantLab:
     vagrant_dir: Path = VAGRANT_DIR
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="flannel-ebpf-vagrant.")))
     prefix: Sequence[str] | None = None  # None: default_prefix()
+    _running: list[str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.prefix is None:
@@ -113,10 +114,12 @@ class VagrantLab:
         return env
 
     def running(self) -> list[str]:
-        """The machines vagrant reports as running, in the Vagrantfile's order."""
-        out = self.vagrant("status", "--machine-readable").stdout
-        return [f[1] for f in (line.split(",") for line in out.splitlines()) if len(f) >= 4 and f[2] == "state"
-                and f[3] == "running"]  # fmt: skip
+        """The machines vagrant reports as running, in the Vagrantfile's order (asked once: a Ruby start-up)."""
+        if self._running is None:
+            out = self.vagrant("status", "--machine-readable").stdout
+            self._running = [f[1] for f in (line.split(",") for line in out.splitlines())
+                             if len(f) >= 4 and f[2] == "state" and f[3] == "running"]  # fmt: skip
+        return self._running
 
     def ssh_config(self) -> Path:
         path = self.workdir / "ssh-config"
