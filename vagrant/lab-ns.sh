@@ -9,10 +9,11 @@
 # use (ssh forwarded to 127.0.0.1:<port>, the lab network's multicast on lo) is inside the namespace:
 # nothing reaches this host's interfaces. Files are created as the real root user.
 #   lab-ns.sh <command...>     run it there          lab-ns.sh --delete    remove the network namespace
-# State: LAB_HOME (/var/tmp/flannel-ebpf-vagrant: libvirt's session config, disks, logs, sockets).
+# State: LAB_HOME (/var/tmp/fevg: libvirt's session config, disks, logs, sockets).
 set -euo pipefail
 NS=${FLANNEL_VAGRANT_NETNS:-flannel-vagrant}
-LAB_HOME=${FLANNEL_VAGRANT_HOME:-/var/tmp/flannel-ebpf-vagrant}
+# Short: libvirt puts UNIX sockets (the guest agent channel) under XDG_CONFIG_HOME, and they are limited to 107 bytes.
+LAB_HOME=${FLANNEL_VAGRANT_HOME:-/var/tmp/fevg}
 [ "$(id -u)" = 0 ] || { echo "lab-ns: run as root" >&2; exit 1; }
 if [ "${1:-}" = --delete ]; then
   if [ -e "/run/netns/$NS" ]; then ip netns del "$NS"; echo "lab-ns: deleted network namespace $NS"; fi
@@ -26,6 +27,6 @@ mkdir -p "$LAB_HOME/run"; chmod 700 "$LAB_HOME/run"
 # vagrant keeps its boxes where root's vagrant does (VAGRANT_HOME), so `vagrant box add` as root is seen here.
 export VAGRANT_HOME=${VAGRANT_HOME:-/root/.vagrant.d}
 exec ip netns exec "$NS" unshare --user --map-user=65534 --map-group=65534 \
-  env HOME="$LAB_HOME" XDG_RUNTIME_DIR="$LAB_HOME/run" XDG_CONFIG_HOME="$LAB_HOME/config" \
+  env HOME="$LAB_HOME" XDG_RUNTIME_DIR="$LAB_HOME/run" XDG_CONFIG_HOME="$LAB_HOME/c" \
       XDG_CACHE_HOME="$LAB_HOME/cache" XDG_DATA_HOME="$LAB_HOME/data" VAGRANT_HOME="$VAGRANT_HOME" \
       LIBVIRT_DEFAULT_URI=qemu:///session "$@"
