@@ -35,7 +35,7 @@ from flannel_ebpf.network import (
     agent_identity,
     warn_route_overlaps,
 )
-from flannel_ebpf.subnet.registry import SubnetRegistry
+from flannel_ebpf.subnet.registry import LeaseSource
 
 __all__ = [
     "HEARTBEAT_SECONDS",
@@ -54,9 +54,9 @@ LOOP_PROBE_SECONDS = 0.05
 LOOP_STALL_SECONDS = 0.1  # a lateness above this counts as a stall
 GIL_SWITCH_SECONDS = 0.001
 
-#: makes a network's lease source from its name ("" in classic mode): SubnetRegistry or anything with its
-#: methods (client/server mode's remote one)
-NamedRegistryFactory = Callable[[str], SubnetRegistry]
+#: makes a network's lease source from its name ("" in classic mode): SubnetRegistry, or client/server
+#: mode's RemoteRegistry
+NamedRegistryFactory = Callable[[str], LeaseSource]
 
 
 class Agent:
@@ -99,7 +99,7 @@ class Agent:
     def state(self) -> Any:
         return self.networks[0].state
 
-    async def wait_for_config(self, registry: SubnetRegistry) -> Any:
+    async def wait_for_config(self, registry: LeaseSource) -> Any:
         return await self.networks[0].wait_for_config(registry)
 
     async def run(self) -> int:

@@ -35,13 +35,13 @@ from flannel_ebpf.backends import make_backend
 from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady, BackendOptions, LocalNetwork
 from flannel_ebpf.config import MAX_CONFIG_BYTES, ConfigError, NetworkConfig, parse_config
 from flannel_ebpf.iface import InterfaceError, choose_interface
-from flannel_ebpf.subnet import etcd_v2
 from flannel_ebpf.subnet.allocation import OutOfSubnets
 from flannel_ebpf.subnet.lease import Lease, unusable_address_reason
 from flannel_ebpf.subnet.manager import Backoff, LeaseManager, LeaseOptions, PeerSink
 from flannel_ebpf.subnet.registry import (
     ETCD_UNAVAILABLE,
     EtcdTLS,
+    LeaseSource,
     SubnetRegistry,
     describe_etcd_error,
     describe_tls_error,
@@ -90,12 +90,12 @@ class AgentOptions:
     remote_tls: EtcdTLS = field(default_factory=EtcdTLS)
     remote_network: str = ""  # the network's name on the server ("": the default network)
 
-    def registry(self) -> SubnetRegistry:
-        """This network's lease source: etcd, or with --remote the server (same interface)."""
+    def registry(self) -> LeaseSource:
+        """This network's lease source: etcd, or with --remote the server."""
         if self.remote:
             from flannel_ebpf.remote.client import RemoteRegistry
 
-            return RemoteRegistry(self.remote, network=self.remote_network, tls=self.remote_tls)  # type: ignore[return-value]
+            return RemoteRegistry(self.remote, network=self.remote_network, tls=self.remote_tls)
         return self.registry_for_prefix(self.etcd_prefix)
 
     def registry_for_prefix(self, prefix: str) -> SubnetRegistry:
@@ -136,8 +136,8 @@ def network_state_dir(state_dir: str, name: str) -> str:
     return os.path.join(state_dir, NETWORKS_STATE_SUBDIR, name)
 
 
-#: makes the lease source of one network (SubnetRegistry, or anything with its methods: a remote one)
-RegistryFactory = Callable[[], SubnetRegistry]
+#: makes the lease source of one network (SubnetRegistry, or with --remote a RemoteRegistry)
+RegistryFactory = Callable[[], LeaseSource]
 
 
 @dataclass
@@ -312,7 +312,7 @@ class Network:
                     else ("ready", "")
                 )  # fmt: skip
                 # --remote: a client that cannot reach its server keeps its data path but is not ready
-                lost = getattr(m.watcher, "lost_reason", "") or getattr(m.leases, "lost_reason", "")
+                lost = m.watcher.lost_reason or m.leases.lost_reason
                 if lost and st.phase == "ready":
                     st.phase, st.reason = "server-lost", lost
             elif st.phase == "acquiring":
@@ -353,7 +353,7 @@ class Network:
 
     # --- start-up ------------------------------------------------------------------------------------
 
-    async def wait_for_config(self, registry: SubnetRegistry) -> NetworkConfig:
+    async def wait_for_config(self, registry: LeaseSource) -> NetworkConfig:
         """Read and parse the network config, waiting for etcd and for the key (or, with
         --net-config-path, read it from that file once: a missing or invalid file is fatal).
 
@@ -399,7 +399,7 @@ class Network:
             if not said_waiting:
                 logger.info("waiting for the network config at {} (write it with etcdctl put)", registry.config_key)
                 said_waiting = True
-            if time.monotonic() >= next_v2_probe and not getattr(registry, "remote", False):
+            if time.monotonic() >= next_v2_probe:
                 next_v2_probe = time.monotonic() + V2_PROBE_SECONDS
                 v2_hint = await self._v2_config_hint(registry, v2_hint)
             reason = v2_hint or f"no network config at {registry.config_key}"
@@ -422,25 +422,16 @@ class Network:
         logger.info("network config from {} (--net-config-path); leases in etcd", path)
         return config
 
-    async def _v2_config_hint(self, registry: SubnetRegistry, said: str) -> str:
-        """Ask etcd's v2 store for the config (in a thread: blocking HTTP, short timeout); log the hint
-        when it is new. Returns the hint in force ("" for none), which the caller makes the not-ready
-        reason."""
-        opts = self.options
-        # the endpoint that just answered first: it is the one most likely to answer this quickly too
-        endpoints = [registry.endpoint, *(e for e in registry.endpoints if e != registry.endpoint)]
-        tls = opts.etcd_tls if opts.etcd_tls.enabled else None
+    async def _v2_config_hint(self, registry: LeaseSource, said: str) -> str:
+        """Ask the lease source whether the config was written where flannel-ebpf does not read it (etcd's
+        v2 store); log the hint when it is new. Returns the hint in force ("" for none), which the caller
+        makes the not-ready reason."""
         try:
-            found = await asyncio.to_thread(
-                etcd_v2.find_v2_config, endpoints, registry.config_key, tls, opts.etcd_username, opts.etcd_password
-            )
+            text = await registry.v2_config_hint()
         except Exception as e:  # a hint only: never a reason to stop waiting
             logger.debug("probing etcd's v2 store failed: {}", e)
             return said
-        if found is None:
-            return ""
-        text = etcd_v2.hint(found, tls, opts.etcd_username)
-        if text != said:
+        if text and text != said:
             logger.warning("{}", text)
         return text
 

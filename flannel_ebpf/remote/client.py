@@ -62,9 +62,7 @@ _LINKS: dict[str, _Link] = {}
 
 
 class RemoteRegistry:
-    """SubnetRegistry's interface, over HTTP(S) to a flannel-ebpf (or flanneld v0.5) server."""
-
-    remote = True
+    """A LeaseSource (SubnetRegistry's interface) over HTTP(S) to a flannel-ebpf (or flanneld v0.5) server."""
 
     def __init__(self, server: str, network: str = "", tls: EtcdTLS | None = None, timeout: float = 5.0) -> None:
         self.tls = tls if tls is not None and tls.enabled else None
@@ -191,6 +189,9 @@ class RemoteRegistry:
         status, raw, _ = await self._request("GET", "config", accept=(200, 404))
         return raw if status == 200 else None
 
+    async def v2_config_hint(self) -> str:
+        return ""  # no etcd to look in: the server reads the config
+
     async def current_revision(self) -> tuple[int, int]:
         _, _, headers = await self._request("GET", "config", accept=(200, 404))
         if REVISION_HEADER in headers:
@@ -307,7 +308,3 @@ class RemoteRegistry:
             if not events and after != cursor:
                 yield after, None, ""  # only keys that are not leases: the cursor moves on all the same
             cursor = max(cursor, after)
-
-
-def is_remote(registry: object) -> bool:
-    return bool(getattr(registry, "remote", False))

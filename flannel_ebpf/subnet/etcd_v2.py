@@ -6,7 +6,7 @@ would wait for a config the operator believes is there. etcd 3.4 and 3.5 serve t
 `<client URL>/v2/keys/<key>` when started with `--enable-v2` (3.6 removed it): one GET per endpoint
 tells whether the config is there.
 
-Blocking (urllib), short timeouts: the agent runs `find_v2_config` in a thread (asyncio.to_thread).
+Blocking (urllib), short timeouts: SubnetRegistry.v2_config_hint runs `find_v2_config` in a thread.
 """
 
 from __future__ import annotations

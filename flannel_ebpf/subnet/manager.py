@@ -31,8 +31,8 @@ from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent
 from flannel_ebpf.subnet.registry import (
     ETCD_RETRYABLE,
     EtcdPermissionError,
+    LeaseSource,
     Listing,
-    SubnetRegistry,
     WatchCanceled,
     WatchCompacted,
     describe_etcd_error,
@@ -116,8 +116,8 @@ class LeaseManager:
         self,
         config: NetworkConfig,
         attrs: LeaseAttrs,
-        lease_registry: SubnetRegistry,
-        watch_registry: SubnetRegistry,
+        lease_registry: LeaseSource,
+        watch_registry: LeaseSource,
         options: LeaseOptions | None = None,
         on_change: Callable[[], Awaitable[None] | None] | None = None,
     ) -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
 from urllib.parse import urlparse
 
 import aetcd
@@ -275,8 +276,58 @@ class Listing:
     occupied: dict[IPv4Network, str] = field(default_factory=dict)
 
 
+class LeaseSource(Protocol):
+    """Where a network's config and leases come from: etcd (SubnetRegistry) or, with --remote, a lease
+    server (flannel_ebpf.remote.client.RemoteRegistry). What the agent and its LeaseManager use of it."""
+
+    endpoints: list[str]
+
+    # --- what the agent names in its messages ---
+    @property
+    def endpoint(self) -> str: ...
+    def tls_for(self, endpoint: str) -> EtcdTLS | None: ...
+    @property
+    def config_key(self) -> str: ...
+    @property
+    def subnets_prefix(self) -> str: ...
+    def lease_key(self, subnet: IPv4Network) -> str: ...
+    def presence_key(self, public_ip: IPv4Address) -> str: ...
+
+    # --- connection ---
+    async def reconnect(self) -> None: ...
+    async def close(self) -> None: ...
+
+    # --- config and leases ---
+    async def get_config(self) -> bytes | None: ...
+    async def list_leases(self) -> Listing: ...
+    async def get_lease(self, subnet: IPv4Network) -> Lease | None: ...
+    async def current_revision(self) -> tuple[int, int]: ...
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int | None) -> Lease | None: ...
+    async def update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int | None) -> Lease | None: ...
+    async def delete_lease(self, lease: Lease) -> bool: ...
+    def watch_leases(self, start_revision: int) -> AsyncIterator[tuple[int, LeaseEvent | None, str]]: ...
+
+    # --- one agent per PublicIP ---
+    async def claim_presence(self, public_ip: IPv4Address, identity: str, ttl: int) -> tuple[int, str]: ...
+    async def refresh_presence(self, lease_id: int) -> bool: ...
+    async def release_presence(self, lease_id: int) -> None: ...
+
+    # --- what the agent reports while it waits for the config, or while the source is cut off ---
+    async def v2_config_hint(self) -> str:
+        """While get_config() finds no config: the line saying that etcd's v2 store holds one (written the
+        old way, `etcdctl set`) and how to copy it to v3; "" when there is none or nothing to look in.
+        May raise: the agent keeps the hint it had."""
+        ...
+
+    @property
+    def lost_reason(self) -> str:
+        """Why the source is unreachable right now ("" while it answers, or where that is not tracked):
+        while it is set, an agent that would be ready is not-ready `server-lost`."""
+        ...
+
+
 class SubnetRegistry:
-    """flannel's keys under one prefix, on one etcd cluster (tries the endpoints in turn)."""
+    """flannel's keys under one prefix, on one etcd cluster (tries the endpoints in turn). A LeaseSource."""
 
     def __init__(
         self,
@@ -328,6 +379,10 @@ class SubnetRegistry:
                 logger.debug("closing etcd client: {}", e)
 
     @property
+    def lost_reason(self) -> str:
+        return ""  # not tracked: etcd's errors surface as the errors of the calls that meet them
+
+    @property
     def endpoint(self) -> str:
         return self.endpoints[self._endpoint_index]
 
@@ -356,6 +411,19 @@ class SubnetRegistry:
         with _access(self.config_key, "read"):
             kv = await self.client.get(self.config_key.encode())
         return None if kv is None else kv.value
+
+    async def v2_config_hint(self) -> str:
+        """Ask etcd's v2 store for the config (in a thread: blocking HTTP, short timeout): the hint for a
+        config written with `etcdctl set`, with the command that copies it to v3; "" when none has it."""
+        from flannel_ebpf.subnet import etcd_v2  # it imports this module
+
+        # the endpoint that just answered first: it is the one most likely to answer this quickly too
+        endpoints = [self.endpoint, *(e for e in self.endpoints if e != self.endpoint)]
+        username, password = self._auth[0] or "", self._auth[1] or ""
+        found = await asyncio.to_thread(
+            etcd_v2.find_v2_config, endpoints, self.config_key, self._tls, username, password
+        )
+        return "" if found is None else etcd_v2.hint(found, self._tls, username)
 
     def _lease_from_kv(self, kv: aetcd.rtypes.KeyValue) -> Lease:
         """The lease a key holds, without its expiration (see _with_expiration)."""
