@@ -238,7 +238,7 @@ class RemoteServer:
         manager = LeaseManager(config, attrs, registry, registry, LeaseOptions(ttl=self.options.ttl))
         for _ in range(ACQUIRE_ATTEMPTS):
             try:
-                lease = await manager._try_acquire(None)  # one attempt of the agent's own acquisition
+                lease = await manager.acquire_once(None)  # one attempt of the agent's own acquisition
             except OutOfSubnets as e:
                 raise HttpError(503, str(e)) from None
             if lease is not None:

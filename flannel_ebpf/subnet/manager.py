@@ -184,7 +184,7 @@ class LeaseManager:
         idle = 0
         while True:
             try:
-                lease = await self._try_acquire(previous)
+                lease = await self.acquire_once(previous)
             except ETCD_RETRYABLE as e:
                 await self.leases.reconnect()
                 self.acquire_error = describe_etcd_error(e)
@@ -242,7 +242,15 @@ class LeaseManager:
         await asyncio.sleep(self.options.check_interval)
         return None
 
-    async def _try_acquire(self, previous: IPv4Network | None) -> Lease | None:
+    async def acquire_once(self, previous: IPv4Network | None) -> Lease | None:
+        """One attempt of acquire(): the lease, or None when another host won the race for it (or when
+        none may be taken now: a conflict or a duplicate PublicIP, said as `problem`, after waiting a
+        check interval). Raises OutOfSubnets, and etcd's errors: nothing is retried here.
+
+        acquire() repeats this until it holds a lease. The lease server (remote/server.py) calls it for
+        a client inside that client's HTTP request: it must answer within the request (after a few lost
+        races at most; an etcd error as 503) and leave the retrying to the client, not wait through an
+        etcd outage as acquire() does."""
         if not self.presence_lease and not await self._claim_presence():
             await asyncio.sleep(self.options.check_interval)
             return None
