@@ -2,7 +2,8 @@
 started here are ever stopped (by their PID).
 
 - `MotoServer`: moto's EC2 server (`moto_server`, PyPI `moto[server]`), a real HTTP server process that
-  implements the EC2 API. The aws-vpc backend talks to it with boto3, unchanged.
+  implements the EC2 API. The aws-vpc backend talks to it with boto3, unchanged. `with MotoServer() as
+  moto:` runs one for the block (the aws-vpc tests' `moto` fixtures).
 - `AwsMetadataStandIn`: a stand-in for the EC2 instance metadata service (IMDS), which moto does not
   serve: IMDSv2's token, instance-id, placement/region and availability-zone, mac, and the mac's subnet-id.
 - `GceStandIn` (in tests/gce_standin.py): a stand-in for the GCE metadata server and the Compute API's
@@ -76,6 +77,13 @@ class MotoServer:
         if self.proc is not None:
             stop_process(self.proc, 5)
             self.proc = None
+
+    def __enter__(self) -> MotoServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _Server(ThreadingHTTPServer):

@@ -31,12 +31,8 @@ REGION = "us-east-1"
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    server.start()
-    try:
+    with MotoServer() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

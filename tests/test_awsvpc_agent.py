@@ -51,12 +51,8 @@ def subnet_for(address: str) -> str:
 
 @pytest.fixture
 def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    server.start()
-    try:
+    with MotoServer() as server:
         yield server
-    finally:
-        server.close()
 
 
 def health(state_dir: Path) -> str:
