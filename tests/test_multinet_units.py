@@ -1,13 +1,18 @@
-"""Multi-network mode's pieces without a lab: names, per-network options, chain names, route scopes."""
+"""Multi-network mode's pieces without a lab: names, per-network options, chain names, route scopes, the
+network's name on the log lines of a backend's own thread."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from ipaddress import IPv4Network
 
 import pytest
+from loguru import logger
 
 from flannel_ebpf import ipmasq
 from flannel_ebpf.backends.routes import in_scope
+from flannel_ebpf.backends.udp_delivery import EndpointSync
 from flannel_ebpf.cli import agent_options, parse_argv
 from flannel_ebpf.network import HostClaims
 
@@ -56,3 +61,40 @@ def test_route_scope_and_host_claims():
     assert claims.claim("udp", "pink") == "red"
     assert claims.add_network("blue", blue) is None
     assert claims.add_network("navy", IPv4Network("10.21.128.0/17")) == "blue"
+
+
+def test_the_endpoint_sync_thread_logs_under_its_network_name(tmp_path):
+    """The agent tags a network's log lines with logger.contextualize (a context variable): asyncio's
+    worker threads inherit it, a thread a backend starts must be given it. The udp backend's
+    endpoint-sync thread is made and started as the backend's start() does, in a worker thread of the
+    network's context. (Its reconcile is replaced by a log line: no pinned maps or container bridge.)"""
+    lines: list[tuple[str, str]] = []  # (thread, network) of each line
+    sink = logger.add(lambda m: lines.append((m.record["thread"].name, m.record["extra"].get("network", ""))))
+    syncs: list[EndpointSync] = []
+
+    def start() -> None:  # as UdpEbpfBackend._start_delivery
+        sync = EndpointSync(tmp_path, IPv4Network("10.254.253.0/24"), attach_hook=False, resync=0.05)
+        syncs.append(sync)
+
+        def reconcile() -> None:
+            sync.last_reconcile = time.time()
+            logger.info("reconciled")
+
+        sync._reconcile = reconcile  # type: ignore[method-assign]
+        sync.start()
+
+    async def start_as_the_agent_does() -> None:
+        with logger.contextualize(network="blue"):
+            await asyncio.to_thread(start)
+
+    try:
+        asyncio.run(start_as_the_agent_does())
+        deadline = time.monotonic() + 5
+        while not any(thread == "endpoint-sync" for thread, _ in lines) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        for sync in syncs:
+            sync.stop()
+        logger.remove(sink)
+    from_thread = [network for thread, network in lines if thread == "endpoint-sync"]
+    assert from_thread and set(from_thread) == {"blue"}, lines

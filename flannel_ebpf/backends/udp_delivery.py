@@ -20,6 +20,7 @@ full reconcile on every event batch and every `resync` seconds: state, not delta
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import select
 import socket
@@ -156,7 +157,11 @@ class EndpointSync:
         self.last_error: str | None = None
         self._stopping = threading.Event()
         self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name="endpoint-sync", daemon=True)
+        # The thread runs in a copy of its creator's context: in multi-network mode that holds the network
+        # name the agent tags every log line with (logger.contextualize), which a new thread does not inherit.
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._run,), name="endpoint-sync", daemon=True
+        )
         self._lock = threading.Lock()  # reconcile() from the thread or from a caller, one at a time
 
     def start(self) -> None:
