@@ -6,15 +6,18 @@ namespace lab with a real etcd and Docker-style `docker0` bridges.
   container's eth0 show whether GSO skbs arrived whole (tens of KB) or were cut by the bridge (~1.4 KB).
 - bridge: the kernel's own path, for contrast: on kernels that need the hand-off it segments.
 - peer: straight into the container; FORWARD is bypassed, as the README says.
+  Its pinned maps removed under the agent, the endpoint sync says so once and retries after a pause.
 `down` removes the hook, the clsact qdisc it needed and the pins.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
+from flannel_ebpf.datapath import layout
 from flannel_ebpf.loaders.probes import BRIDGE_TUNNEL_GSO_SINCE, kernel_version
 from tests.helpers import rx_bytes_per_packet, wait_delivery_settled, wait_for
 
@@ -142,3 +145,13 @@ def test_peer_delivery_goes_straight_in_and_bypasses_forward(lab_factory):
     forward_drop(lab, "h2", h2c.ip, on=True)  # not consulted: that is what this mode gives up (iptables
     # has applied the rule when the command returns: nothing to wait for)
     assert lab.ping(h1c, h2c).received == 3
+
+    # Its pinned endpoints map removed under the running agent, the endpoint sync cannot open the maps:
+    # it says so once and retries after a pause. It used to retry at once, thousands of times a second,
+    # from the first periodic reconcile (due 10 s after its last success) on: watched past that.
+    layout.pin_path(lab.pin_dir("h2"), layout.ENDPOINTS_MAP).unlink()
+    lab.exec("h2", ["ip", "addr", "add", "192.0.2.1/32", "dev", "lo"])  # a netlink event: a reconcile now
+    time.sleep(12)
+    log = lab.agent_log("h2", last_run=True).splitlines()
+    failed = [line for line in log if "WARNING" in line and "cannot update the container endpoints" in line]
+    assert len(failed) == 1, f"{len(failed)} warnings in 12 s: {failed[:2]}"

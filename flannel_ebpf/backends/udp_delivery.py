@@ -14,7 +14,9 @@ The container bridge is found, not configured: it is the bridge holding this hos
 and it may appear long after the agent starts. fl_endpoints maps each container address to its bridge
 port and MAC, joined from the bridge's neighbour table (IP -> MAC, what the host resolved) and its FDB
 (MAC -> port). EndpointSync keeps that map and the bridge hook in step from netlink events, with a
-full reconcile on every event batch and every `resync` seconds: state, not deltas.
+full reconcile on every event batch and every `resync` seconds: state, not deltas. A reconcile that
+fails (its pinned maps removed under the agent, say) is retried after a pause that doubles each time, up
+to `resync`, and the same failure is logged once (then once a minute while it lasts), not on every try.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ _RTMGRP_IPV4_IFADDR = 0x10
 _NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80
 _DEBOUNCE = 0.05  # seconds of quiet that end a burst of netlink events
 _DRAIN_MAX = 0.2  # the longest a burst may hold off a reconcile
+_RETRY_FIRST = 0.5  # seconds before the first retry of a failed reconcile; doubled at each failure
+_REPEAT_WARNING = 60.0  # seconds before the same failure, still going on, is logged again
+
+
+def retry_delay(failures: int, resync: float) -> float:
+    """The pause after `failures` failed reconciles in a row: 0.5 s, 1 s, 2 s, ... up to `resync`."""
+    return min(resync, _RETRY_FIRST * 2.0 ** min(max(failures - 1, 0), 30))
 
 
 @dataclass(frozen=True)
@@ -153,8 +162,11 @@ class EndpointSync:
         self.bridge: ContainerBridge | None = None
         self.endpoints = 0
         self._hooked: int | None = None  # the bridge this run attached its program to
-        self.last_reconcile = 0.0
+        self.last_reconcile = 0.0  # when a reconcile last succeeded
         self.last_error: str | None = None
+        self.failures = 0  # failed reconciles in a row
+        self._due = 0.0  # when the thread reconciles next, at the latest (events may bring it forward)
+        self._warned = 0.0  # when last_error was last logged as a warning
         self._stopping = threading.Event()
         self._stop_r, self._stop_w = os.pipe()
         # The thread runs in a copy of its creator's context: in multi-network mode that holds the network
@@ -190,18 +202,39 @@ class EndpointSync:
             "endpoints": self.endpoints,
             "last_reconcile": self.last_reconcile,
             "last_error": self.last_error,
+            "failures": self.failures,
         }
 
     def reconcile(self) -> None:
         """Find the bridge, make the hook and fl_endpoints match it. Errors are logged (and shown by
-        status), never raised: the thread must outlive anything the host hands it."""
+        status), never raised: the thread must outlive anything the host hands it. After a failure the
+        thread waits retry_delay() before the next try, and a failure like the last is logged once a
+        minute (at debug level in between)."""
         with self._lock:
             try:
                 self._reconcile()
-                self.last_error = None
             except Exception as e:
-                self.last_error = f"{type(e).__name__}: {e}"
-                logger.warning("udp (eBPF): cannot update the container endpoints: {}", self.last_error)
+                self._failed(f"{type(e).__name__}: {e}")
+                return
+            if self.failures:
+                logger.info("udp (eBPF): container endpoints updated again, after {} failed attempt(s)", self.failures)
+            self.failures, self.last_error = 0, None
+            self._due = time.time() + self.resync
+
+    def _failed(self, error: str) -> None:
+        now = time.time()
+        self.failures += 1
+        delay = retry_delay(self.failures, self.resync)
+        self._due = now + delay
+        if error != self.last_error or now - self._warned >= _REPEAT_WARNING:
+            still = f" (still: {self.failures} attempts in a row)" if error == self.last_error else ""
+            logger.warning("udp (eBPF): cannot update the container endpoints: {}{}", error, still)
+            self._warned = now
+        else:
+            logger.debug(
+                "udp (eBPF): cannot update the container endpoints: {} (again; next try in {:.1f} s)", error, delay
+            )
+        self.last_error = error
 
     def _reconcile(self) -> None:
         with IPRoute() as ipr:
@@ -254,7 +287,7 @@ class EndpointSync:
         with IPRoute() as events:
             events.bind(groups=_RTMGRP_LINK | _RTMGRP_NEIGH | _RTMGRP_IPV4_IFADDR)
             while not self._stopping.is_set():
-                due = self.last_reconcile + self.resync - time.time()  # a full reconcile every `resync` s
+                due = self._due - time.time()  # a full reconcile every `resync` s, or the retry of a failed one
                 ready, _, _ = select.select([events, self._stop_r], [], [], max(0.0, due))
                 # Drain a burst (a container start is a dozen link/FDB/neighbour events) before one
                 # reconcile, for at most _DRAIN_MAX seconds: a stream of events (a container flooding
@@ -268,4 +301,6 @@ class EndpointSync:
                     ready, _, _ = select.select([events, self._stop_r], [], [], _DEBOUNCE)
                 if self._stop_r in ready:
                     return
+                if self.failures and time.time() < self._due:
+                    continue  # events do not cut a retry's pause short: the retry reconciles in full anyway
                 self.reconcile()
