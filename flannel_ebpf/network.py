@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import os
 import socket
@@ -320,7 +321,11 @@ class Network:
                     st.phase, st.reason = "backend", backend_problem
                 else:
                     st.reason = m.problem or m.acquire_error or "acquiring a subnet lease"
-        written = self._state_writer.submit(self._write_state, state_file.snapshot(st), peers)
+        # In the caller's context (a copy): in multi-network mode it names the network on the writer's log
+        # lines (logger.contextualize), which a pool's thread does not inherit as asyncio.to_thread's do.
+        written = self._state_writer.submit(
+            contextvars.copy_context().run, self._write_state, state_file.snapshot(st), peers
+        )
         if wait:
             written.result()
 

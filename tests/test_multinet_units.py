@@ -1,5 +1,5 @@
 """Multi-network mode's pieces without a lab: names, per-network options, chain names, route scopes, the
-network's name on the log lines of a backend's own thread."""
+network's name on the log lines of a backend's own thread and of the state writer's."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from flannel_ebpf import ipmasq
 from flannel_ebpf.backends.routes import in_scope
 from flannel_ebpf.backends.udp_delivery import EndpointSync
 from flannel_ebpf.cli import agent_options, parse_argv
-from flannel_ebpf.network import HostClaims
+from flannel_ebpf.network import AgentOptions, HostClaims, Network
 
 
 def options(argv, env=None):
@@ -98,3 +98,30 @@ def test_the_endpoint_sync_thread_logs_under_its_network_name(tmp_path):
         logger.remove(sink)
     from_thread = [network for thread, network in lines if thread == "endpoint-sync"]
     assert from_thread and set(from_thread) == {"blue"}, lines
+
+
+def test_the_state_writer_logs_under_its_network_name(tmp_path):
+    """The state file is written by the network's writer thread (a thread pool's): a write that fails is
+    logged there, and in multi-network mode that line must name the network like its others. The
+    network saves its state as the agent runs it, in the network's context; the state dir is under a
+    file, so the write fails."""
+    (tmp_path / "file").write_text("")
+    lines: list[tuple[str, str, str]] = []  # (thread, network, message) of each warning
+    sink = logger.add(
+        lambda m: lines.append((m.record["thread"].name, m.record["extra"].get("network", ""), m.record["message"])),
+        level="WARNING",
+    )
+    network = Network(AgentOptions(etcd_endpoints=[], state_dir=str(tmp_path / "file" / "blue")), name="blue")
+
+    async def save_as_the_agent_does() -> None:
+        with logger.contextualize(network="blue"):
+            network.save_state(wait=True)
+
+    try:
+        asyncio.run(save_as_the_agent_does())
+    finally:
+        network._state_writer.shutdown(wait=True)
+        logger.remove(sink)
+    from_writer = [(name, message) for thread, name, message in lines if thread.startswith("state-writer")]
+    assert from_writer and all(name == "blue" for name, _ in from_writer), lines
+    assert "cannot write state file" in from_writer[0][1]
