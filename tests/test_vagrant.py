@@ -8,9 +8,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from flannel_ebpf.lab.traffic import parse_cpu_times
 
 VAGRANT_DIR = Path(__file__).resolve().parents[1] / "vagrant"
 
@@ -45,3 +48,20 @@ def test_scripts_parse() -> None:
     out = subprocess.run(["bash", str(VAGRANT_DIR.parent / "scripts" / "setup.sh"), "--print-packages"],
                          capture_output=True, text=True, check=True, timeout=10).stdout.split()  # fmt: skip
     assert "python3-bpfcc" in out and "etcd-server" in out
+
+
+def test_bench_refuses_an_unknown_data_path() -> None:
+    # argument checking happens before any vagrant call: no VM is needed
+    r = subprocess.run([sys.executable, "-m", "flannel_ebpf.lab.vagrant", "bench", "--variants", "udp-xdp,ipsec"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2
+    assert "unknown variant(s) ipsec; choose from udp-xdp, udp-tc, vxlan, host-gw" in r.stderr
+
+
+def test_vm_cpu_times_parse_from_proc_stat_text() -> None:
+    # what the bench reads from each VM's /proc/stat (USER_HZ 100): busy = user nice system irq softirq steal
+    text = "cpu  100 5 50 1000 20 3 7 2 0 0\ncpu0 100 5 50 1000 20 3 7 2 0 0\nintr 1\n"
+    times = parse_cpu_times(text)
+    assert times.busy == pytest.approx(1.67) and times.idle == pytest.approx(10.2)
+    with pytest.raises(RuntimeError, match="no aggregate cpu line in host1:/proc/stat"):
+        parse_cpu_times("intr 1\n", "host1:/proc/stat")

@@ -308,15 +308,20 @@ class CpuTimes:
 
 def read_cpu_times(path: str | Path = "/proc/stat") -> CpuTimes:
     """The aggregate `cpu` line of /proc/stat (in USER_HZ ticks) as seconds."""
-    hz = float(os.sysconf("SC_CLK_TCK"))
-    for line in Path(path).read_text().splitlines():
+    return parse_cpu_times(Path(path).read_text(), str(path))
+
+
+def parse_cpu_times(proc_stat: str, where: str = "/proc/stat") -> CpuTimes:
+    """`read_cpu_times` of a /proc/stat text (read on another machine: a VM of the Vagrant lab)."""
+    hz = float(os.sysconf("SC_CLK_TCK"))  # USER_HZ: 100 on every Linux/x86 kernel
+    for line in proc_stat.splitlines():
         fields = line.split()
         if fields and fields[0] == "cpu":
             # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
             ticks = [int(x) for x in fields[1:9]] + [0] * max(0, 9 - len(fields))
             user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
             return CpuTimes((user + nice + system + irq + softirq + steal) / hz, (idle + iowait) / hz)
-    raise RuntimeError(f"no aggregate cpu line in {path}")
+    raise RuntimeError(f"no aggregate cpu line in {where}")
 
 
 def process_cpu_seconds(pids: Sequence[int]) -> float:

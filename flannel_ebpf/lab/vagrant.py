@@ -8,12 +8,14 @@ prints (what `vagrant ssh` itself uses), through one shared connection per VM (C
 `vagrant ssh -c` per command would cost a Ruby start-up (1-2 s) each.
 
     python -m flannel_ebpf.lab.vagrant check [--vagrant-dir DIR]   # health on each VM, the container ping matrix
-    python -m flannel_ebpf.lab.vagrant bench [--seconds N]          # TCP/UDP/RTT between containers on two VMs
+    python -m flannel_ebpf.lab.vagrant bench [--variants udp-xdp,udp-tc,vxlan,host-gw] [--seconds N]
+        # each data path in turn (the lab switched to it): TCP/UDP/RTT/CPU between containers on two VMs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -26,8 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from ..datapath import layout
 from .netns import ExecResult, run
-from .traffic import Endpoint, IperfServer, iperf3_bits_per_second, iperf3_client, ping_matrix, ping_rtts
+from .traffic import (
+    CpuTimes,
+    Endpoint,
+    IperfServer,
+    iperf3_bits_per_second,
+    iperf3_client,
+    parse_cpu_times,
+    ping_matrix,
+    ping_rtts,
+)
 
 VAGRANT_DIR = Path(__file__).resolve().parents[2] / "vagrant"
 AGENT = "/opt/flannel-ebpf/bin/flannel-ebpf"
@@ -188,34 +200,108 @@ def check(lab: VagrantLab, count: int = 3) -> int:
     return 0 if not fails and not bad else 1
 
 
-def bench(lab: VagrantLab, seconds: float = 5.0) -> int:
-    """`make vagrant-bench`: TCP (1 and 4 streams), small-packet UDP and RTT between a container of host1
-    and one of host2, over whatever backend the lab runs (FLANNEL_VAGRANT_BACKEND at `vagrant up`)."""
+@dataclass(frozen=True)
+class Variant:
+    """A data path the bench measures: the network config's backend, and the eBPF udp path's decap hook."""
+
+    label: str
+    backend: str  # udp | vxlan | host-gw
+    udp_decap: str = "auto"  # auto | xdp | tc (udp only)
+
+
+VARIANTS = {
+    "udp-xdp": Variant("eBPF udp, XDP decap", "udp", "xdp"),
+    "udp-tc": Variant("eBPF udp, tc decap", "udp", "tc"),
+    "vxlan": Variant("vxlan (kernel)", "vxlan"),
+    "host-gw": Variant("host-gw (kernel)", "host-gw"),
+}
+DECAP_PROGRAMS = (layout.PROG_DECAP_XDP, layout.PROG_DECAP_TC)
+PROVISION = "/vagrant/vagrant/provision.sh"  # the synced checkout's copy, in every VM
+
+
+def switch(lab: VagrantLab, variant: Variant) -> None:
+    """Turn the running lab to `variant` without rebuilding it: the network config in etcd, then on every host
+    VM the agent restarted (`down` of the old data path first) and the containers made again from the new
+    subnet.env (MTU). vagrant/provision.sh does both: the same steps as at `vagrant up`."""
+    lab.node("etcd").exec(["bash", PROVISION, "net-config", variant.backend], timeout=60)
+    for h in lab.hosts():
+        lab.node(h).exec(["bash", PROVISION, "agent", variant.udp_decap], timeout=180)
+
+
+def cpu_times(node: VagrantNode) -> CpuTimes:
+    return parse_cpu_times(node.exec(["cat", "/proc/stat"]).stdout, f"{node.name}:/proc/stat")
+
+
+def measure(lab: VagrantLab, seconds: float) -> dict[str, float]:
+    """TCP (1 and 4 streams), 64-byte UDP, RTT and CPU per Gbit between a container of host1 and one of
+    host2. CPU: both VMs' busy time (/proc/stat: the whole guest, softirqs included) during the 1-stream
+    run, per Gbit carried."""
     hosts = lab.hosts()
-    if len(hosts) < 2:
-        print("vagrant-bench: needs two host VMs", file=sys.stderr)
-        return 1
-    src, dst = lab.container_endpoints(hosts[:2])[0], lab.container_endpoints(hosts[1:2])[0]
-    status = lab.node(hosts[0]).exec([AGENT, "health"], check=False).stdout.strip()
-    rows: dict[str, str] = {}
+    src, dst = lab.container_endpoints(hosts[:1])[0], lab.container_endpoints(hosts[1:2])[0]
+    vms = [lab.node(hosts[0]), lab.node(hosts[1])]
+    out: dict[str, float] = {}
     with IperfServer(dst.node):
         time.sleep(1.0)  # the ssh session and server start
-        rows["TCP, 1 stream (Gbit/s)"] = f"{iperf3_bits_per_second(iperf3_client(src.node, dst.ip, seconds)) / 1e9:.2f}"
-        rep = iperf3_client(src.node, dst.ip, seconds, streams=4)
-        rows["TCP, 4 streams (Gbit/s)"] = f"{iperf3_bits_per_second(rep) / 1e9:.2f}"
+        before = [cpu_times(vm) for vm in vms]
+        rep = iperf3_client(src.node, dst.ip, seconds)
+        busy = sum((cpu_times(vm) - b).busy for vm, b in zip(vms, before, strict=True))
+        out["tcp1_gbps"] = iperf3_bits_per_second(rep) / 1e9
+        gbits = float(rep["end"]["sum_received"]["bytes"]) * 8 / 1e9
+        out["cpu_s_per_gbit"] = busy / gbits if gbits else float("nan")
+        out["tcp4_gbps"] = iperf3_bits_per_second(iperf3_client(src.node, dst.ip, seconds, streams=4)) / 1e9
         rep = iperf3_client(src.node, dst.ip, seconds, udp=True, length=64, bitrate="0")
         end = rep["end"].get("sum_received") or rep["end"]["sum"]
-        pps = (int(end["packets"]) - int(end.get("lost_packets", 0))) / float(end["seconds"])
-        rows["UDP, 64-byte payload (packets/s)"] = f"{pps:,.0f}"
+        out["udp64_pps"] = (int(end["packets"]) - int(end.get("lost_packets", 0))) / float(end["seconds"])
     _, rtts = ping_rtts(src.node, dst.ip, count=200, interval=0.01)
     rtts.sort()
     if rtts:
-        rows["RTT p50 (ms)"] = f"{rtts[len(rtts) // 2]:.3f}"
-        rows["RTT p99 (ms)"] = f"{rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))]:.3f}"
-    print(f"vagrant-bench: {src.label} ({src.ip}) -> {dst.label} ({dst.ip}); {hosts[0]}: {status}")
-    print("| metric | value |\n| --- | --- |")
-    for k, v in rows.items():
-        print(f"| {k} | {v} |")
+        out["rtt_p50_ms"] = rtts[len(rtts) // 2]
+        out["rtt_p99_ms"] = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))]
+    return out
+
+
+def decap_note(lab: VagrantLab) -> str:
+    """How the receiver (host2) decapsulates, from `status --json`: the decap program's hook on the lab NIC
+    ("xdp native", "tc-ingress")."""
+    r = lab.node(lab.hosts()[1]).exec([AGENT, "status", "--json"], check=False)
+    try:
+        programs = json.loads(r.stdout)["live"]["programs"]
+    except (ValueError, KeyError, TypeError):
+        return "status unreadable"
+    hooks = [f"{p['hook']} {p.get('xdp_mode', '')}".strip() for p in programs if p["program"] in DECAP_PROGRAMS]
+    return ", ".join(hooks) or "no decap program attached"
+
+
+COLUMNS = (
+    ("tcp1_gbps", "TCP 1 (Gbit/s)", "{:.2f}"),
+    ("tcp4_gbps", "TCP 4 (Gbit/s)", "{:.2f}"),
+    ("udp64_pps", "UDP 64 B (pkt/s)", "{:,.0f}"),
+    ("rtt_p50_ms", "RTT p50 (ms)", "{:.3f}"),
+    ("rtt_p99_ms", "RTT p99 (ms)", "{:.3f}"),
+    ("cpu_s_per_gbit", "CPU (s/Gbit)", "{:.2f}"),
+)
+
+
+def bench(lab: VagrantLab, variants: Sequence[str], seconds: float = 5.0) -> int:
+    """`make vagrant-bench`: each variant in turn (the lab switched to it), measured host1 -> host2; one
+    table. The lab is left on the last variant."""
+    if len(lab.hosts()) < 2:
+        print("vagrant-bench: needs two host VMs", file=sys.stderr)
+        return 1
+    rows = []
+    for name in variants:
+        v = VARIANTS[name]
+        t0 = time.monotonic()
+        switch(lab, v)
+        note = decap_note(lab) if v.backend == "udp" else ""
+        m = measure(lab, seconds)
+        print(f"vagrant-bench: {v.label}{f' ({note})' if note else ''}: switch + measure {time.monotonic() - t0:.0f} s")
+        rows.append((f"{v.label}{f' [{note}]' if note else ''}", m))
+    print("| data path | " + " | ".join(c[1] for c in COLUMNS) + " |")
+    print("|---|" + "---:|" * len(COLUMNS))
+    for label, m in rows:
+        cells = [fmt.format(m[k]) if k in m else "-" for k, _, fmt in COLUMNS]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     return 0
 
 
@@ -224,10 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", choices=("check", "bench"))
     p.add_argument("--vagrant-dir", type=Path, default=VAGRANT_DIR)
     p.add_argument("--seconds", type=float, default=5.0, help="bench: seconds per iperf3 run")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"bench: comma-separated data paths, in order ({', '.join(VARIANTS)})")  # fmt: skip
     a = p.parse_args(argv)
+    variants = [v for v in a.variants.split(",") if v]
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     lab = VagrantLab(a.vagrant_dir)
     try:
-        return check(lab) if a.command == "check" else bench(lab, a.seconds)
+        return check(lab) if a.command == "check" else bench(lab, variants, a.seconds)
     finally:
         lab.close()
 
