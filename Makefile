@@ -87,8 +87,9 @@ vagrant-up: setup vagrant/.wheelhouse/.done
 vagrant-check: setup
 	$(PY) -m flannel_ebpf.lab.vagrant check
 
+# vagrant-bench: each data path in turn on the running lab (VARIANTS=udp-xdp,udp-tc,vxlan,host-gw by default).
 vagrant-bench: setup
-	$(PY) -m flannel_ebpf.lab.vagrant bench
+	$(PY) -m flannel_ebpf.lab.vagrant bench $(if $(VARIANTS),--variants $(VARIANTS))
 
 vagrant-destroy:
 	$(VAGRANT) destroy -f

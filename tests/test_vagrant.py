@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flannel_ebpf.lab.traffic import parse_cpu_times
+from flannel_ebpf.lab.vagrant import VagrantNode
 
 VAGRANT_DIR = Path(__file__).resolve().parents[1] / "vagrant"
 
@@ -65,3 +66,12 @@ def test_vm_cpu_times_parse_from_proc_stat_text() -> None:
     assert times.busy == pytest.approx(1.67) and times.idle == pytest.approx(10.2)
     with pytest.raises(RuntimeError, match="no aggregate cpu line in host1:/proc/stat"):
         parse_cpu_times("intr 1\n", "host1:/proc/stat")
+
+
+def test_vm_commands_go_through_the_lab_namespace_with_a_terminal_only_for_long_ones(tmp_path: Path) -> None:
+    node = VagrantNode("host1/c1", "host1", tmp_path / "ssh-config", tmp_path, "c1", ("/lab-ns.sh",))
+    argv = node.wrap(["iperf3", "-s"], env={"A": "1"}, tty=True)
+    # the prefix runs ssh (a "-tt" before "ssh" would be run as the command: exit 127)
+    assert argv[:3] == ["/lab-ns.sh", "ssh", "-tt"]
+    assert argv[-4:] == ["host1", "--", "sudo", "env A=1 ip netns exec c1 iperf3 -s"]
+    assert "-tt" not in node.wrap(["true"])

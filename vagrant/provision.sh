@@ -14,7 +14,7 @@
 set -euo pipefail
 NETWORK=${FLANNEL_VAGRANT_NETWORK:-10.5.0.0/16}
 AGENT=/opt/flannel-ebpf/bin/flannel-ebpf
-CNI_PATH=/usr/lib/cni
+CNI_PATH=${FLANNEL_VAGRANT_CNI_PATH:-/usr/lib/cni}  # where the CNI plugins are (none: netns on a bridge)
 CONFLIST=/etc/cni/net.d/10-flannel.conflist
 log() { echo "provision[$(hostname)]: $*"; }
 
@@ -78,6 +78,7 @@ containers_del() {
     ip link del "veth-$c" 2>/dev/null || true
   done
   ip link del cni0 2>/dev/null || true  # made again with the new MTU
+  rm -f /run/flannel-ebpf/bridge.json   # `flannel-ebpf bridge`'s record of it, which `health` checks
   rm -rf /var/lib/cni/networks/cbr0
 }
 
@@ -128,8 +129,8 @@ agent() {  # <udp-decap>: (re)start the agent, then the containers
   echo "FLANNELD_UDP_DECAP=$1" >> /etc/default/flanneld
   # Type=notify: returns once the agent holds its lease, wrote subnet.env and programmed its peers.
   systemctl start flannel-ebpf
-  $AGENT health
   containers_add
+  $AGENT health
 }
 
 case $1 in

@@ -63,14 +63,15 @@ class VagrantNode:
     netns: str | None = None
     prefix: Sequence[str] = ()
 
-    def wrap(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
+    def wrap(self, argv: Sequence[str], env: Mapping[str, str] | None = None, tty: bool = False) -> list[str]:
         inner = [str(a) for a in argv]
         if self.netns:
             inner = ["ip", "netns", "exec", self.netns, *inner]
         if env:
             inner = ["env", *(f"{k}={v}" for k, v in env.items()), *inner]
         return [
-            *self.prefix, "ssh", "-F", str(self.ssh_config), "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+            *self.prefix, "ssh", *(["-tt"] if tty else []), "-F", str(self.ssh_config), "-o", "BatchMode=yes",
+            "-o", "LogLevel=ERROR",
             "-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_dir}/%n", "-o", "ControlPersist=120",
             self.machine, "--", "sudo", shlex.join(inner),
         ]  # fmt: skip
@@ -98,8 +99,7 @@ class VagrantNode:
     ) -> subprocess.Popen[bytes]:
         """A long-running command in the VM. `-tt` gives it a terminal, so that stopping the local ssh
         (by its PID) hangs up the remote command too."""
-        wrapped = self.wrap(argv, env)
-        wrapped.insert(1, "-tt")
+        wrapped = self.wrap(argv, env, tty=True)
         return subprocess.Popen(wrapped, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -216,16 +216,17 @@ VARIANTS = {
     "host-gw": Variant("host-gw (kernel)", "host-gw"),
 }
 DECAP_PROGRAMS = (layout.PROG_DECAP_XDP, layout.PROG_DECAP_TC)
-PROVISION = "/vagrant/vagrant/provision.sh"  # the synced checkout's copy, in every VM
 
 
 def switch(lab: VagrantLab, variant: Variant) -> None:
     """Turn the running lab to `variant` without rebuilding it: the network config in etcd, then on every host
     VM the agent restarted (`down` of the old data path first) and the containers made again from the new
-    subnet.env (MTU). vagrant/provision.sh does both: the same steps as at `vagrant up`."""
-    lab.node("etcd").exec(["bash", PROVISION, "net-config", variant.backend], timeout=60)
+    subnet.env (MTU). vagrant/provision.sh does both, the same steps as at `vagrant up`; it goes in on stdin,
+    so the VMs' copy of the checkout (synced at `vagrant up`) need not be current."""
+    script = (lab.vagrant_dir / "provision.sh").read_text()
+    lab.node("etcd").exec(["bash", "-s", "net-config", variant.backend], input=script, timeout=60)
     for h in lab.hosts():
-        lab.node(h).exec(["bash", PROVISION, "agent", variant.udp_decap], timeout=180)
+        lab.node(h).exec(["bash", "-s", "agent", variant.udp_decap], input=script, timeout=180)
 
 
 def cpu_times(node: VagrantNode) -> CpuTimes:
