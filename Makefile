@@ -7,7 +7,7 @@ BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(BPF_SRC:.c=.o)
 
 .PHONY: setup demo test test-unit lint bench bench-quick bench-scale bpf wheel clean lab-cleanup \
-	vagrant-box vagrant-up vagrant-check vagrant-bench vagrant-destroy
+	vagrant-box vagrant-up vagrant-check vagrant-bench vagrant-switch vagrant-destroy
 
 setup: $(STAMP)
 
@@ -90,6 +90,10 @@ vagrant-check: setup
 # vagrant-bench: each data path in turn on the running lab (VARIANTS=udp-xdp,udp-tc,vxlan,host-gw by default).
 vagrant-bench: setup
 	$(PY) -m flannel_ebpf.lab.vagrant bench $(if $(VARIANTS),--variants $(VARIANTS))
+
+# vagrant-switch: the running lab to another data path, without rebuilding it (VARIANT=udp-xdp|udp-tc|vxlan|host-gw).
+vagrant-switch: setup
+	$(PY) -m flannel_ebpf.lab.vagrant switch --variants $(VARIANT)
 
 vagrant-destroy:
 	$(VAGRANT) destroy -f
