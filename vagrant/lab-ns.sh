@@ -16,7 +16,19 @@ NS=${FLANNEL_VAGRANT_NETNS:-flannel-vagrant}
 LAB_HOME=${FLANNEL_VAGRANT_HOME:-/var/tmp/fevg}
 [ "$(id -u)" = 0 ] || { echo "lab-ns: run as root" >&2; exit 1; }
 if [ "${1:-}" = --delete ]; then
-  if [ -e "/run/netns/$NS" ]; then ip netns del "$NS"; echo "lab-ns: deleted network namespace $NS"; fi
+  if [ -e "/run/netns/$NS" ]; then
+    # The session daemon (libvirtd, with its qemus) was started in here and outlives `vagrant destroy` for
+    # its idle timeout: left running, it would keep the deleted namespace alive, and the next `vagrant up`
+    # would get it, with every VM's forwarded ssh port in the old namespace ("Connection refused").
+    pids=$(ip netns pids "$NS")
+    if [ -n "$pids" ]; then
+      echo "lab-ns: stopping what runs in $NS: $(echo $pids)"
+      kill $pids 2>/dev/null || true
+      for _ in $(seq 50); do [ -z "$(ip netns pids "$NS")" ] && break; sleep 0.2; done
+      pids=$(ip netns pids "$NS"); [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+    fi
+    ip netns del "$NS"; echo "lab-ns: deleted network namespace $NS"
+  fi
   exit 0
 fi
 if [ ! -e "/run/netns/$NS" ]; then
