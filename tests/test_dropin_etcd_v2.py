@@ -6,17 +6,23 @@ real etcd.)"""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 from flannel_ebpf.lab.etcd import free_port
 from flannel_ebpf.remote.client import RemoteRegistry
-from flannel_ebpf.subnet.etcd_v2 import V2Config, copy_command, find_v2_config, hint
-from flannel_ebpf.subnet.registry import EtcdTLS, SubnetRegistry
+from flannel_ebpf.subnet.etcd_v2 import V2Config, base_url, copy_command, find_v2_config, hint
+from flannel_ebpf.subnet.registry import EtcdTLS, SubnetRegistry, endpoint_tls
+from tests.test_etcd_tls import make_pki
 
 KEY = "/coreos.com/network/config"
 
@@ -101,3 +107,91 @@ def test_remote_registry_has_no_v2_store_to_ask():
     registry = RemoteRegistry(f"127.0.0.1:{free_port()}")
     assert asyncio.run(registry.v2_config_hint()) == ""
     assert registry.lost_reason == ""  # nothing asked yet: nothing lost
+
+
+# --- the probe makes the gRPC client's TLS decision (it carries the etcd password) ----------------------
+
+
+@contextmanager
+def raw_listener() -> Iterator[tuple[int, list[bytes]]]:
+    """A plaintext TCP listener on loopback that records the first bytes of every connection and answers
+    nothing: what a man in the middle of a plaintext etcd endpoint would read."""
+    received: list[bytes] = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(1.0)
+                data = b""
+                with contextlib.suppress(OSError):
+                    while len(data) < 8192 and (chunk := conn.recv(8192)):
+                        data += chunk
+                        if b"\r\n\r\n" in data:  # a whole plaintext HTTP request head
+                            break
+                received.append(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], received
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def ca_file(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("pki")
+    make_pki(str(d))
+    return f"{d}/ca.crt"
+
+
+@pytest.mark.parametrize("form", ["127.0.0.1:{port}", "http://127.0.0.1:{port}"])
+def test_probe_with_tls_files_never_sends_the_password_in_plaintext(form, ca_file):
+    """--etcd-cafile makes the gRPC client use TLS at an http:// or bare endpoint: the v2 probe, which
+    carries the password as HTTP basic auth, must do the same (it used to send it in clear)."""
+    with raw_listener() as (port, received):
+        endpoint = form.format(port=port)
+        registry = SubnetRegistry([endpoint], tls=EtcdTLS(cafile=ca_file), username="flannel", password="s3cret")
+        assert registry.tls_for(endpoint) is not None  # the gRPC side's decision: TLS
+        assert asyncio.run(registry.v2_config_hint()) == ""
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert received, "the probe never connected: the test proves nothing"
+    token = base64.b64encode(b"flannel:s3cret")
+    for data in received:
+        assert b"Authorization" not in data and token not in data and b"s3cret" not in data
+        assert not data.startswith(b"GET "), "a plaintext HTTP request"
+        assert data[:1] == b"\x16", f"not a TLS handshake: {data[:40]!r}"  # a TLS record: handshake
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["127.0.0.1:2379", "http://127.0.0.1:2379", "https://127.0.0.1:2379", "http://[::1]:2379"]
+)
+@pytest.mark.parametrize("tls", [None, EtcdTLS(), EtcdTLS(cafile="/ca.pem"), EtcdTLS(certfile="/c", keyfile="/k")])
+def test_probe_url_and_grpc_client_make_one_tls_decision(endpoint, tls):
+    registry = SubnetRegistry([endpoint], tls=tls)
+    grpc_tls = registry.tls_for(endpoint)
+    assert grpc_tls == endpoint_tls(endpoint, tls)
+    assert base_url(endpoint, tls).startswith("https://" if grpc_tls is not None else "http://")
+    assert (grpc_tls is not None) == (endpoint.startswith("https://") or bool(tls and tls.enabled))
+
+
+def test_copy_command_names_the_endpoint_as_tls_reaches_it():
+    tls = EtcdTLS(cafile="/etc/ca.pem")
+    assert copy_command("10.0.0.1:2379", KEY, tls).startswith(
+        "ETCDCTL_API=2 etcdctl --endpoints=https://10.0.0.1:2379 --ca-file=/etc/ca.pem get"
+    )

@@ -7,6 +7,8 @@ would wait for a config the operator believes is there. etcd 3.4 and 3.5 serve t
 tells whether the config is there.
 
 Blocking (urllib), short timeouts: SubnetRegistry.v2_config_hint runs `find_v2_config` in a thread.
+TLS or not is decided exactly as for the gRPC client (registry.endpoint_tls): the probe carries the etcd
+password, so it never goes out in plaintext where the gRPC client would use TLS.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from flannel_ebpf.subnet.registry import EtcdTLS, parse_endpoint
+from flannel_ebpf.subnet.registry import EtcdTLS, endpoint_tls, parse_endpoint
 
 #: the probe is a hint only: never hold the agent up for long on an endpoint that does not answer
 PROBE_TIMEOUT = 2.0
@@ -35,10 +37,11 @@ class V2Config:
     value: str
 
 
-def _url(endpoint: str, key: str) -> str:
-    host, port, https = parse_endpoint(endpoint)
+def base_url(endpoint: str, tls: EtcdTLS | None) -> str:
+    """The URL the v2 API is reached at: https:// whenever the gRPC client would use TLS there."""
+    host, port, _ = parse_endpoint(endpoint)
     host = f"[{host}]" if ":" in host else host
-    return f"{'https' if https else 'http'}://{host}:{port}/v2/keys{urllib.parse.quote(key)}"
+    return f"{'https' if endpoint_tls(endpoint, tls) is not None else 'http'}://{host}:{port}"
 
 
 def _ssl_context(tls: EtcdTLS | None) -> ssl.SSLContext | None:
@@ -59,14 +62,16 @@ def probe_endpoint(
     timeout: float = PROBE_TIMEOUT,
 ) -> str | None:
     """The v2 value of `key` at `endpoint`; None when the key or the v2 API is not there (etcd answers
-    404 for both) or the endpoint does not answer. `tls` None: plaintext (unless the URL is https)."""
-    https = parse_endpoint(endpoint)[2]
-    request = urllib.request.Request(_url(endpoint, key), headers={"Accept": "application/json"})
+    404 for both) or the endpoint does not answer. `tls`: the --etcd-*file options, as the gRPC client
+    gets them (TLS for https:// and, once a file is given, for every endpoint)."""
+    use_tls = endpoint_tls(endpoint, tls)
+    url = f"{base_url(endpoint, tls)}/v2/keys{urllib.parse.quote(key)}"
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
     if username:  # the v2 API takes the same users, as HTTP basic auth
         token = base64.b64encode(f"{username}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
-        context = _ssl_context(tls if tls is not None else (EtcdTLS() if https else None))
+        context = _ssl_context(use_tls)
         with urllib.request.urlopen(request, timeout=timeout, context=context) as answer:
             doc = json.loads(answer.read(MAX_ANSWER_BYTES))
     except (OSError, ValueError, ssl.SSLError, urllib.error.URLError):
@@ -86,8 +91,7 @@ def find_v2_config(
 ) -> V2Config | None:
     """The first endpoint whose v2 store has `key` (None: none has it, or none answered)."""
     for endpoint in endpoints:
-        use_tls = tls if (tls is not None and tls.enabled) else None
-        value = probe_endpoint(endpoint, key, use_tls, username, password, timeout)
+        value = probe_endpoint(endpoint, key, tls, username, password, timeout)
         if value is not None:
             return V2Config(endpoint=endpoint, key=key, value=value)
     return None
@@ -96,8 +100,10 @@ def find_v2_config(
 def copy_command(endpoint: str, key: str, tls: EtcdTLS | None = None, username: str = "") -> str:
     """The one shell line that copies `key` from etcd's v2 store to v3 (etcdctl 3.4/3.5: `put` reads
     the value from stdin when none is given; each etcdctl asks for the password when --user has none)."""
-    v2 = ["ETCDCTL_API=2", "etcdctl", f"--endpoints={endpoint}"]
-    v3 = ["ETCDCTL_API=3", "etcdctl", f"--endpoints={endpoint}"]
+    # the endpoint as the agent reaches it: https:// where the TLS files make it TLS
+    shown = base_url(endpoint, tls) if endpoint_tls(endpoint, tls) is not None else endpoint
+    v2 = ["ETCDCTL_API=2", "etcdctl", f"--endpoints={shown}"]
+    v3 = ["ETCDCTL_API=3", "etcdctl", f"--endpoints={shown}"]
     if tls is not None and tls.enabled:  # the two APIs' etcdctl name the TLS files differently
         v2 += [f"--ca-file={tls.cafile}"] * bool(tls.cafile)
         v2 += [f"--cert-file={tls.certfile}"] * bool(tls.certfile) + [f"--key-file={tls.keyfile}"] * bool(tls.keyfile)

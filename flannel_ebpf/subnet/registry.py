@@ -245,6 +245,17 @@ def parse_endpoint(endpoint: str) -> tuple[str, int, bool]:
     return url.hostname, url.port or 2379, url.scheme == "https"
 
 
+def endpoint_tls(endpoint: str, tls: EtcdTLS | None) -> EtcdTLS | None:
+    """The TLS settings every connection to `endpoint` uses (None: plaintext), given the --etcd-*file
+    options: TLS for an https:// endpoint (the system's CAs when no file is given), and for any endpoint
+    (http://, bare host:port) once a TLS file is given. Never a fall-back to plaintext. The one decision
+    for the gRPC client and the v2 probe alike."""
+    https = parse_endpoint(endpoint)[2]
+    if tls is not None and tls.enabled:
+        return tls
+    return (tls or EtcdTLS()) if https else None
+
+
 class WatchCanceled(aetcd.exceptions.ClientError):
     """etcd canceled our watch for a reason other than a compaction (its reason is in the message):
     no more events will come on it, so the caller must relist and watch again."""
@@ -388,9 +399,7 @@ class SubnetRegistry:
 
     def tls_for(self, endpoint: str) -> EtcdTLS | None:
         """The TLS settings used for `endpoint` (None: plaintext). https:// never falls back to plaintext."""
-        https = parse_endpoint(endpoint)[2]
-        tls = self._tls if (https or (self._tls and self._tls.enabled)) else None
-        return EtcdTLS() if https and tls is None else tls
+        return endpoint_tls(endpoint, self._tls)
 
     # --- keys ---
 
