@@ -409,6 +409,10 @@ def network_names(args: argparse.Namespace) -> list[str]:
             raise SystemExit(f"flannel-ebpf: --networks: {name!r} is not a network name (letters, digits, _ . -)")
     if len(set(names)) != len(names):
         raise SystemExit(f"flannel-ebpf: --networks names a network twice: {args.networks}")
+    from flannel_ebpf import ipmasq
+
+    if collision := ipmasq.chain_name_collision(names):
+        raise SystemExit(f"flannel-ebpf: --networks: {collision}")
     return names
 
 

@@ -65,6 +65,23 @@ def chain_name(base: str, network_name: str = "") -> str:
     return f"{base}-{suffix}"
 
 
+def chain_name_collision(network_names: list[str]) -> str:
+    """The one line refusing networks whose chains would be the same ("" when every network gets its own):
+    the mapping folds case and `-`, `.` and `_` (`blue`, `Blue`; `a-b`, `a.b`, `a_b`), and a long name is
+    cut to fit; two such networks would rewrite each other's rules every few seconds."""
+    for base in (MASQ_CHAIN, FORWARD_CHAIN):
+        seen: dict[str, str] = {}
+        for name in network_names:
+            chain = chain_name(base, name)
+            if chain in seen and seen[chain] != name:
+                return (
+                    f"networks {seen[chain]!r} and {name!r} would share the iptables chain {chain}: "
+                    "rename one (network names must differ in more than case and - . _)"
+                )
+            seen[chain] = name
+    return ""
+
+
 def masq_chain(network: IPv4Network, subnet: IPv4Network, random_fully: bool, network_name: str = "") -> FlannelChain:
     """flanneld's MasqRules(network, lease): masquerade traffic leaving the overlay, nothing inside it."""
     n, sn = str(network), str(subnet)

@@ -52,6 +52,37 @@ def test_chain_names_per_network_fit_iptables():
     assert len(long_a) <= ipmasq.CHAIN_NAME_MAX and long_a != long_b
 
 
+@pytest.mark.parametrize("names", ["blue,Blue", "blue,BLUE", "a-b,a.b", "a_b,a-b", "x,a.b,y,A_B"])
+def test_network_names_sharing_iptables_chains_are_refused_in_one_line(names):
+    with pytest.raises(SystemExit) as refused:
+        options([f"--networks={names}"])
+    line = str(refused.value.code)
+    assert "\n" not in line and "would share the iptables chain FLANNEL-" in line
+
+
+def test_long_network_names_whose_shortened_chains_collide_are_refused():
+    # Two names alike in their first 6 characters whose 4-hex digests are equal (found by search).
+    names = ["long-" + str(i) + "-name" for i in range(100_000)]
+    by_chain: dict[str, str] = {}
+    pair = None
+    for name in names:
+        chain = ipmasq.chain_name(ipmasq.MASQ_CHAIN, name)
+        if chain in by_chain:
+            pair = [by_chain[chain], name]
+            break
+        by_chain[chain] = name
+    assert pair is not None
+    assert "would share the iptables chain" in ipmasq.chain_name_collision(pair)
+
+
+def test_distinct_network_names_keep_their_chain_names():
+    names = ["blue", "green", "net-a", "a-very-long-network-name-1", "a-very-long-network-name-2"]
+    assert ipmasq.chain_name_collision(names) == ""
+    assert options([f"--networks={','.join(names)}"]).networks == names
+    assert ipmasq.chain_name(ipmasq.MASQ_CHAIN, "blue") == "FLANNEL-POSTRTG-BLUE"
+    assert ipmasq.chain_name(ipmasq.FORWARD_CHAIN, "net-a") == "FLANNEL-FWD-NET_A"
+
+
 def test_route_scope_and_host_claims():
     blue = IPv4Network("10.21.0.0/16")
     assert in_scope(IPv4Network("10.21.5.0/24"), blue) and not in_scope(IPv4Network("10.22.5.0/24"), blue)
