@@ -614,6 +614,11 @@ def _status(state_dir: str, as_json: bool) -> int:
     )
     print(f"watch      last revision {st.last_revision}, {st.relists} listing(s)")
     print(f"peers      {len(st.peers)}")
+    if st.peers_refused:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(st.peers_refused.items()))
+        print(f"refused    {sum(st.peers_refused.values())} lease(s) not taken as peers: {counts}")
+        for peer in st.refused_peers:
+            print(f"  {peer['subnet']:<18} of  {peer['public_ip']:<15} {peer['reason']}")
     for peer in st.peers:
         print(f"  {peer['subnet']:<18} via {peer['public_ip']:<15} {peer['backend_type']}")
     shown = live or st.backend_status

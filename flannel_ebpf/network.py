@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import os
 import socket
 import time
@@ -303,6 +304,11 @@ class Network:
             st.last_revision = m.last_revision
             st.relists = m.relists
             st.last_listing_seconds = round(m.listing_seconds, 3)
+            st.peers_refused = m.peers_refused
+            st.refused_peers = [
+                {"subnet": str(lease.subnet), "public_ip": str(lease.public_ip), "reason": reason}
+                for lease, reason in itertools.islice(m.refused.values(), state_file.REFUSED_SHOWN)
+            ]
             if m.peers_version != self._peers_written:  # 10,000 peers: described anew only when they changed
                 self._peers_written = m.peers_version
                 peers = tuple(m.peers.values())

@@ -24,6 +24,8 @@ from flannel_ebpf.subnet_file import atomic_write
 
 STATE_FILE = "state.json"
 LOCK_FILE = "agent.lock"
+#: at most this many refused leases are listed one by one in the state (all are counted)
+REFUSED_SHOWN = 100
 #: how often a ready agent rewrites its state (flannel_ebpf.agent.HEARTBEAT_SECONDS; a test checks both)
 AGENT_HEARTBEAT_SECONDS = 5.0
 
@@ -52,6 +54,9 @@ class AgentState:
     relists: int = 0
     last_listing_seconds: float = 0.0  # how long the last listing of all leases in etcd took
     peers: list[dict[str, Any]] = field(default_factory=list)
+    #: leases under subnets/ refused as peers: how many by reason, and the first REFUSED_SHOWN of them
+    peers_refused: dict[str, int] = field(default_factory=dict)
+    refused_peers: list[dict[str, Any]] = field(default_factory=list)
     backend_status: dict[str, Any] = field(default_factory=dict)
     loop_stall_max_ms: float = 0.0  # the longest the agent's event loop was ever blocked
     loop_stalls: int = 0  # how often it was blocked for more than 100 ms

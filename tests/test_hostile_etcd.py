@@ -11,6 +11,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
+from flannel_ebpf.subnet.manager import REFUSED_LENGTH, REFUSED_OUR_IP, REFUSED_OUTSIDE, peer_refusal
 from tests.test_subnet_etcd import A, B, RecordingSink, eventually, manager, registry, run, running, watching
 
 
@@ -239,3 +241,71 @@ def test_garbage_is_logged_once_not_on_every_attempt(etcd, prefix):
     finally:
         logger.remove(sink_id)
     assert len([line for line in lines if "10.5.201.0-24" in line]) == 1
+
+
+# --- nested leases (issue 25, item 7) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("subnet", "reason"),
+    [
+        ("10.5.34.0/24", ""),
+        ("10.5.34.0/25", REFUSED_LENGTH),  # inside a /24 lease: wins every longest-prefix match
+        ("10.5.34.128/25", REFUSED_LENGTH),
+        ("10.5.34.4/30", REFUSED_LENGTH),
+        ("10.5.32.0/23", REFUSED_LENGTH),  # covers two /24 leases
+        ("10.5.0.0/17", REFUSED_LENGTH),
+        ("10.5.0.0/16", REFUSED_OUTSIDE),
+        ("10.6.34.0/24", REFUSED_OUTSIDE),
+    ],
+)
+def test_peer_refusal_rule(subnet, reason):
+    lease = Lease(IPv4Network(subnet), LeaseAttrs(IPv4Address("192.168.50.66"), "host-gw"))
+    assert peer_refusal(lease, IPv4Network("10.5.0.0/16"), 24) == reason
+
+
+def test_nested_leases_never_become_peers_counted_and_logged_once(etcd, prefix, logs):
+    """A /25 inside a peer's /24 and a /23 over two peers (written before the agent lists, and while it
+    watches) are refused: the /24s keep their subnets, the refusals are counted by reason and logged
+    once each, and a refused lease's deletion takes it off the count."""
+    evil = '{"PublicIP":"192.168.50.66","BackendType":"host-gw"}'
+    victim = '{"PublicIP":"192.168.50.9","BackendType":"host-gw"}'
+    etcd.ctl("put", f"{prefix}/subnets/10.5.34.0-24", victim)
+    etcd.ctl("put", f"{prefix}/subnets/10.5.34.0-25", evil)  # before the listing
+
+    async def body():
+        async with watching(etcd, prefix) as (m, sink):
+            assert set(sink.peers) == {IPv4Network("10.5.34.0/24")}
+            assert m.peers_refused == {REFUSED_LENGTH: 1}
+            etcd.ctl("put", f"{prefix}/subnets/10.5.34.128-25", evil)  # while watching
+            etcd.ctl("put", f"{prefix}/subnets/10.5.32.0-23", evil)
+            etcd.ctl("put", f"{prefix}/subnets/10.5.35.0-24", victim)  # a marker: all above was seen
+            await eventually(lambda: IPv4Network("10.5.35.0/24") in sink.peers, what="the marker peer")
+            assert set(sink.peers) == {IPv4Network("10.5.34.0/24"), IPv4Network("10.5.35.0/24")}
+            assert all(lease.public_ip == IPv4Address("192.168.50.9") for lease in sink.peers.values())
+            assert m.peers_refused == {REFUSED_LENGTH: 3}
+            m.request_relist()  # a relist (and its sync) sees the same, and logs nothing again
+            relists = m.relists
+            await eventually(lambda: m.relists > relists, what="a relist")
+            assert m.peers_refused == {REFUSED_LENGTH: 3} and set(sink.peers) == set(m.peers)
+            etcd.ctl("del", f"{prefix}/subnets/10.5.34.0-25")
+            await eventually(lambda: m.peers_refused == {REFUSED_LENGTH: 2}, what="the deletion counted")
+            assert IPv4Network("10.5.34.0/24") in sink.peers
+
+    run(body())
+    refused = [line for line in logs if "ignoring lease 10.5.3" in line]
+    assert sorted(refused) == sorted(set(refused)) and len(refused) == 3, refused
+    assert all("/24 only" in line for line in refused)
+
+
+def test_a_peer_whose_value_turns_refused_is_removed(etcd, prefix):
+    async def body():
+        async with watching(etcd, prefix) as (m, sink):
+            etcd.ctl("put", f"{prefix}/subnets/10.5.36.0-24", '{"PublicIP":"192.168.50.9","BackendType":"host-gw"}')
+            await eventually(lambda: IPv4Network("10.5.36.0/24") in sink.peers, what="the peer")
+            ours = f'{{"PublicIP":"{A.public_ip}","BackendType":"host-gw"}}'  # now claims our PublicIP
+            etcd.ctl("put", f"{prefix}/subnets/10.5.36.0-24", ours)
+            await eventually(lambda: not sink.peers, what="the peer removed")
+            assert m.peers_refused == {REFUSED_OUR_IP: 1}
+
+    run(body())

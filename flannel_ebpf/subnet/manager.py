@@ -19,9 +19,10 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from loguru import logger
 
@@ -42,6 +43,32 @@ from flannel_ebpf.subnet.registry import (
 GARBAGE_LOG_LIMIT = 20
 #: loops over every lease of a listing give the event loop a turn this often
 YIELD_EVERY = 1000
+
+# Why a lease under subnets/ is not a peer (the keys of `peers_refused` in the agent's status).
+REFUSED_OUTSIDE = "outside-network"
+REFUSED_LENGTH = "prefix-length"
+REFUSED_OUR_IP = "our-public-ip"
+
+
+def peer_refusal(lease: Lease, network: IPv4Network, subnet_len: int) -> str:
+    """Why `lease` (not ours) may not be a peer: REFUSED_OUTSIDE or REFUSED_LENGTH ("" when it may).
+
+    Every peer must be exactly a /SubnetLen inside the Network, as flanneld leases them. A lease of any
+    other length would overlap the lease of another host: a /25 inside a peer's /24 wins every host's
+    longest-prefix match, and the receiving side's source check would take its packets as coming from
+    those addresses; a /23 would cover two hosts. Two distinct subnets of one length never overlap, so
+    with this rule no accepted peer overlaps another, nor our own lease (which has that length too):
+    whoever holds the right-length lease keeps it, whatever was written around it, earlier or later.
+    In integers: ipaddress's subnet_of() costs 8 us, 80 ms of a blocked event loop per 10,000 leases."""
+    subnet = lease.subnet
+    first, size = int(subnet.network_address), 1 << (32 - subnet.prefixlen)
+    low = int(network.network_address)
+    if not (subnet.prefixlen > network.prefixlen and low <= first and first + size <= low + network.num_addresses):
+        # e.g. a key `subnets/0.0.0.0-0`: as a route it would replace the host's default route.
+        return REFUSED_OUTSIDE
+    if subnet.prefixlen != subnet_len:
+        return REFUSED_LENGTH
+    return ""
 
 
 @dataclass(frozen=True)
@@ -139,6 +166,9 @@ class LeaseManager:
         self.acquire_error = ""  # why acquisition is failing right now (etcd's error), for health
         self.presence_denied = ""  # set while our etcd role does not cover the presence key
         self._garbage_logged: dict[str, str] = {}  # key -> reason already logged
+        #: leases under subnets/ that are refused as peers right now: subnet -> (its lease, reason)
+        self.refused: dict[IPv4Network, tuple[Lease, str]] = {}
+        self._refusal_logged: dict[tuple[IPv4Network, IPv4Address], str] = {}  # (subnet, PublicIP) -> reason
         # After etcd lost data, other agents need a few checks to re-create their leases: until then a
         # relist must not remove peers that are merely not back yet (that would cut working routes).
         self._keep_missing_until = 0.0
@@ -469,6 +499,7 @@ class LeaseManager:
         self._last_listing = time.monotonic()
         self.report_garbage(listing.garbage)
         listed: dict[IPv4Network, Lease] = {}
+        self.refused = {}
         for i, lease in enumerate(listing.leases):
             if self._accept_peer(lease):
                 listed[lease.subnet] = lease
@@ -505,28 +536,48 @@ class LeaseManager:
         await self._changed()
 
     def _inside_network(self, lease: Lease) -> bool:
-        """A subnet strictly inside the overlay network (a lease of another length is still plausible:
-        an older config's). Anything else is garbage: never a peer, never a reason to skip a candidate.
-        In integers: ipaddress's subnet_of() costs 8 us, 80 ms of a blocked event loop per 10,000 leases."""
-        network, subnet = self.config.network, lease.subnet
-        first, size = int(subnet.network_address), 1 << (32 - subnet.prefixlen)
-        low = int(network.network_address)
-        return subnet.prefixlen > network.prefixlen and low <= first and first + size <= low + network.num_addresses
+        """A subnet strictly inside the overlay network (of any length: a candidate to skip when
+        allocating). Anything else is garbage: never a peer, never a reason to skip a candidate."""
+        return peer_refusal(lease, self.config.network, lease.subnet.prefixlen) != REFUSED_OUTSIDE
 
-    def _accept_peer(self, lease: Lease) -> bool:
-        if self._is_own(lease):
-            return False
-        if not self._inside_network(lease):
-            # e.g. a key `subnets/0.0.0.0-0`: as a route it would replace the host's default route.
-            logger.error("ignoring lease {} of {}: not a subnet inside the overlay network {}",
-                         lease.subnet, lease.public_ip, self.config.network)  # fmt: skip
-            return False
-        if lease.public_ip == self.attrs.public_ip:
+    @property
+    def peers_refused(self) -> dict[str, int]:
+        """How many leases in etcd are refused as peers now, by reason (for `status`)."""
+        return dict(Counter(reason for _, reason in self.refused.values()))
+
+    def _refuse(self, lease: Lease, reason: str) -> None:
+        """Count the refusal of `lease` and log it once (again only if it changes)."""
+        self.refused[lease.subnet] = (lease, reason)
+        said = (lease.subnet, lease.public_ip)
+        if self._refusal_logged.get(said) == reason:
+            return
+        if len(self._refusal_logged) > 100_000:
+            self._refusal_logged.clear()  # bounded memory; worst case some leases are logged again
+        self._refusal_logged[said] = reason
+        if reason == REFUSED_OUR_IP:
             logger.error(
                 "DUPLICATE PUBLIC IP: lease {} also claims our PublicIP {}: two hosts share one address; "
                 "ignoring that lease", lease.subnet, lease.public_ip,
             )  # fmt: skip
+        elif reason == REFUSED_LENGTH:
+            logger.error("ignoring lease {} of {}: a /{} lease, the network {} leases /{} only (a lease of "
+                         "another length would take over addresses of another host's subnet)", lease.subnet,
+                         lease.public_ip, lease.subnet.prefixlen, self.config.network,
+                         self.config.subnet_len)  # fmt: skip
+        else:
+            logger.error("ignoring lease {} of {}: not a subnet inside the overlay network {}",
+                         lease.subnet, lease.public_ip, self.config.network)  # fmt: skip
+
+    def _accept_peer(self, lease: Lease) -> bool:
+        if self._is_own(lease):
             return False
+        reason = peer_refusal(lease, self.config.network, self.config.subnet_len)
+        if not reason and lease.public_ip == self.attrs.public_ip:
+            reason = REFUSED_OUR_IP
+        if reason:
+            self._refuse(lease, reason)
+            return False
+        self.refused.pop(lease.subnet, None)
         return True
 
     async def _follow(self, sink: PeerSink, backoff: Backoff) -> None:
@@ -541,6 +592,9 @@ class LeaseManager:
                 if self.lease is not None and event.lease.subnet == self.lease.subnet:
                     logger.warning("our lease {} was deleted in etcd; re-creating it", event.lease.subnet)
                     self._check_now.set()
+                elif (refused := self.refused.pop(event.lease.subnet, None)) is not None:
+                    # nothing of it was programmed; written again, it is worth a line again
+                    self._refusal_logged.pop((event.lease.subnet, refused[0].public_ip), None)
                 elif (gone := self.peers.pop(event.lease.subnet, None)) is not None:
                     self.peers_version += 1
                     logger.info("peer {} ({}) left", gone.subnet, gone.public_ip)
@@ -556,5 +610,9 @@ class LeaseManager:
                     logger.info("peer {} at {} ({})", event.lease.subnet, event.lease.public_ip,
                                 event.lease.attrs.backend_type)  # fmt: skip
                     await sink.add_peer(event.lease)
+            elif (gone := self.peers.pop(event.lease.subnet, None)) is not None:
+                # its new value is refused: a peer no more, as a relist would see it
+                self.peers_version += 1
+                await sink.remove_peer(gone)
             self.last_revision = max(self.last_revision, revision)
             await self._changed()
