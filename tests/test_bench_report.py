@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,49 @@ def test_dict_keyed_by_name_and_cli_round_trip(tmp_path: Path, capsys: pytest.Ca
     assert (tmp_path / "cli" / "bench.png").exists()
     assert "kernel vxlan" in capsys.readouterr().out
     assert math.isclose(rows[BACKENDS.index("udp-ebpf-xdp")].tcp1_gbps or 0, 15.0)
+
+
+def test_round_order_puts_no_backend_in_the_same_place_twice() -> None:
+    from flannel_ebpf.bench.runner import round_order
+
+    orders = [round_order(BACKENDS, n, 3) for n in (1, 2, 3)]
+    assert orders[0] == list(BACKENDS)
+    for order in orders:
+        assert sorted(order) == sorted(BACKENDS)
+    for name in BACKENDS:
+        assert len({order.index(name) for order in orders}) == 3, name
+    assert round_order(BACKENDS, 1, 1) == list(BACKENDS)
+    assert round_order([], 2, 3) == []
+
+
+def test_every_round_is_kept_and_the_ratio_spread_is_per_round() -> None:
+    rounds = {"tcp1_gbps": [10.0, 12.0, 11.0]}
+    rows = [
+        {"name": "udp-ebpf", "tcp1_gbps": 11.0, "rounds": {"tcp1_gbps": [11.0, 13.2, None]}},
+        {"name": "vxlan", "tcp1_gbps": 11.0, "rounds": rounds},
+    ]
+    doc = report_json(rows, META)
+    by_name = {b["name"]: b for b in doc["backends"]}
+    assert by_name["udp-ebpf"]["rounds"]["tcp1_gbps"] == (11.0, 13.2, None)
+    # Round 1: 11/10, round 2: 13.2/12; round 3 is missing on one side and left out.
+    low, high = doc["ratio_spreads"]["vs_vxlan"]["udp-ebpf"]["tcp1_gbps"]
+    assert low == pytest.approx(1.1) and high == pytest.approx(1.1)
+    markdown = render_markdown(rows, META)
+    vs_vxlan = markdown.split("## Relative to kernel vxlan")[1]
+    row = next(line for line in vs_vxlan.splitlines() if line.startswith("| udp, eBPF (default flags) |"))
+    assert "| 1.00x (1.10-1.10) |" in row
+    # A metric measured once has no spread.
+    assert "tcp4_gbps" not in doc["ratio_spreads"]["vs_vxlan"]["udp-ebpf"]
+    # The JSON reads back with its rounds.
+    assert BackendResult.from_mapping(json.loads(json.dumps(by_name["udp-ebpf"]))).rounds["tcp1_gbps"][1] == 13.2
+
+
+def test_median_of_rounds_keeps_each_round_aligned() -> None:
+    from flannel_ebpf.bench.runner import _median_of_rounds
+
+    notes: list[str] = []
+    first = BackendResult(name="vxlan", tcp1_gbps=10.0, udp_small_pps=5.0)
+    merged = _median_of_rounds([first, BackendResult(name="vxlan", error="x"), replace(first, tcp1_gbps=14.0)], notes)
+    assert merged.tcp1_gbps == 12.0 and merged.udp_small_pps == 5.0
+    assert merged.rounds["tcp1_gbps"] == (10.0, None, 14.0)
+    assert "udp_small_pps" in merged.rounds  # measured twice (rounds 1 and 3)

@@ -77,13 +77,24 @@ class BackendResult:
     rtt_idle_p50_ms: float | None = None  # pings far apart: the CPUs sleep between them (cold path)
     cpu_s_per_gbit: float | None = None
     error: str | None = None
+    #: metric -> its value in each round (None where that round failed), for the metrics measured in
+    #: more than one round; the field above holds their median
+    rounds: dict[str, tuple[float | None, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> BackendResult:
         """Tolerant parse: unknown keys ignored, non-numbers (and NaN, infinities) become None."""
         values = {key: _number(data.get(key)) for key in METRIC_KEYS}
         error = data.get("error")
-        return cls(name=str(data.get("name", "?")), error=None if error in (None, "") else str(error), **values)
+        raw_rounds = data.get("rounds")
+        rounds = {
+            key: tuple(_number(v) for v in raw_rounds[key])
+            for key in METRIC_KEYS
+            if isinstance(raw_rounds, Mapping) and isinstance(raw_rounds.get(key), list | tuple)
+        }
+        return cls(
+            name=str(data.get("name", "?")), error=None if error in (None, "") else str(error), rounds=rounds, **values
+        )
 
     def value(self, key: str) -> float | None:
         return getattr(self, key)
@@ -177,6 +188,19 @@ def ratios(results: list[BackendResult], baseline: str) -> dict[str, dict[str, f
     return table
 
 
+def ratio_spread(results: list[BackendResult], baseline: str, name: str, key: str) -> tuple[float, float] | None:
+    """The lowest and highest ratio of one round's value to the baseline's value in the same round, over
+    the rounds where both were measured (None with fewer than two such rounds): a ratio whose spread
+    crosses 1x is no signal."""
+    base = next((r for r in results if r.name == baseline and r.ok), None)
+    this = next((r for r in results if r.name == name and r.ok), None)
+    if base is None or this is None:
+        return None
+    pairs = zip(this.rounds.get(key, ()), base.rounds.get(key, ()), strict=False)
+    per_round = [q for q in (ratio(v, b) for v, b in pairs) if q is not None]
+    return (min(per_round), max(per_round)) if len(per_round) > 1 else None
+
+
 # -- Markdown --
 
 
@@ -186,8 +210,10 @@ def _cell(value: float | None, decimals: int) -> str:
     return f"{value:,.{decimals}f}"
 
 
-def _ratio_cell(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}x"
+def _ratio_cell(value: float | None, spread: tuple[float, float] | None = None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
 
 
 def _escape(text: str) -> str:
@@ -232,13 +258,14 @@ def render_markdown(results: ResultsInput, meta: RunMetadata) -> str:
             "|---|" + "---:|" * len(METRICS),
         ]
         for r in rows:
-            lines.append(
-                f"| {_label(r.name)} | " + " | ".join(_ratio_cell(table[r.name][m.key]) for m in METRICS) + " |"
-            )
+            cells = [_ratio_cell(table[r.name][m.key], ratio_spread(rows, baseline, r.name, m.key)) for m in METRICS]
+            lines.append(f"| {_label(r.name)} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Ratios are backend / baseline: above 1x is better for throughput and packet rate, below 1x is better "
-        "for latency and CPU per gigabit.",
+        "for latency and CPU per gigabit. In brackets, for metrics measured in several rounds: the lowest and "
+        "highest ratio of one round (both backends measured in the same round); the ratio shown is that of the "
+        "medians.",
         "",
     ]
     return "\n".join(lines)
@@ -255,6 +282,13 @@ def report_json(results: ResultsInput, meta: RunMetadata) -> dict[str, Any]:
         "metrics": [asdict(m) for m in METRICS],
         "backends": [asdict(r) for r in rows],
         "ratios": {"vs_vxlan": ratios(rows, VXLAN), "vs_udp_tun": ratios(rows, TUN)},
+        "ratio_spreads": {
+            f"vs_{baseline.replace('-', '_')}": {
+                r.name: {key: ratio_spread(rows, baseline, r.name, key) for key in METRIC_KEYS if r.rounds.get(key)}
+                for r in rows
+            }
+            for baseline in (VXLAN, TUN)
+        },
     }
 
 

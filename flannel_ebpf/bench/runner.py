@@ -184,11 +184,15 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
     probes: dict[str, str] = {}  # what the eBPF agents found the kernel can do, for the report
     say(f"benchmark: {len(options.backends)} backends ({', '.join(options.backends)}); lab of 2 hosts")
     samples: dict[str, list[BackendResult]] = {name: [] for name in options.backends}
+    orders: dict[int, list[str]] = {}
     lab = Lab(hosts=2, topology="flat")
     try:
         lab.up()
         for round_no in range(1, d.rounds + 1):
-            for i, name in enumerate(options.backends, start=1):
+            order = round_order(options.backends, round_no, d.rounds)
+            orders[round_no] = order
+            say(f"round {round_no}: {', '.join(order)}")
+            for i, name in enumerate(order, start=1):
                 if round_no > 1 and not samples[name][0].ok:
                     continue  # failed in the full round: not retried
                 spec = SPECS[name]
@@ -211,7 +215,7 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
         lab.close()
     for name in options.backends:
         results.append(_median_of_rounds(samples[name], notes))
-    meta = _metadata(options, d, notes, machine_cpu, probes)
+    meta = _metadata(options, d, notes, machine_cpu, probes, orders)
     files = write_report(results, meta, options.out_dir, stem)
     say(f"written: {files.markdown}, {files.json}, {files.png or '(no chart)'}")
     return BenchRun(results, meta, files, notes)
@@ -280,19 +284,32 @@ def _bench_backend(
     return replace(BackendResult(name=spec.name), **values)
 
 
+def round_order(backends: Sequence[str], round_no: int, rounds: int) -> list[str]:
+    """The order of the backends in one round: rotated by an even share of the list each round, so that no
+    backend is measured in the same position (first after the lab came up, right after a given other
+    backend) in every round. Deterministic, so that a run can be repeated as it was."""
+    if not backends:
+        return []
+    shift = ((round_no - 1) * len(backends) // max(rounds, 1)) % len(backends)
+    return [*backends[shift:], *backends[:shift]]
+
+
 def _median_of_rounds(rounds: list[BackendResult], notes: list[str]) -> BackendResult:
     """The first (full) round's result with each metric measured in several rounds replaced by the
-    median of its values; the values of every round go into the notes."""
+    median of its values; every round's value stays in `rounds` (None where that round failed)."""
     first = rounds[0]
     if not first.ok or len(rounds) == 1:
         return first
     medians: dict[str, float] = {}
+    per_round: dict[str, tuple[float | None, ...]] = {}
     for key in METRIC_KEYS:
-        values = [v for v in (r.value(key) for r in rounds if r.ok) if v is not None]
+        each = tuple(r.value(key) if r.ok else None for r in rounds)
+        values = [v for v in each if v is not None]
         if len(values) > 1:
             medians[key] = statistics.median(values)
+            per_round[key] = each
             notes.append(f"{first.name} {key} per round: " + ", ".join(f"{v:.3g}" for v in values))
-    return replace(first, **medians)
+    return replace(first, rounds=per_round, **medians)
 
 
 def _bring_up(lab: Lab, spec: BackendSpec, d: Durations, index: int, say: Callable[[str], None]) -> Endpoints:
@@ -605,9 +622,16 @@ def _iperf3_version() -> str:
 
 
 def _metadata(
-    options: BenchOptions, d: Durations, notes: list[str], machine_cpu: dict[str, str], probes: dict[str, str]
+    options: BenchOptions,
+    d: Durations,
+    notes: list[str],
+    machine_cpu: dict[str, str],
+    probes: dict[str, str],
+    orders: dict[int, list[str]],
 ) -> RunMetadata:
     extra = {
+        "order": "; ".join(f"round {n}: {', '.join(order)}" for n, order in sorted(orders.items()))
+        + " (round 1 measures everything, later rounds TCP only; the order rotates between rounds)",
         "mode": "quick" if options.quick else "default",
         "lab": "2 hosts (network namespaces) on one flat veth underlay bridge (MTU 1500), one container each; "
         "overlays measured container to container, 'none' host to host over the underlay, no agents",
