@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network
@@ -143,6 +144,12 @@ class LeaseManager:
         # relist must not remove peers that are merely not back yet (that would cut working routes).
         self._keep_missing_until = 0.0
         self.listing_seconds = 0.0  # how long the last listing of all leases took
+        # for /metrics (flannel_ebpf.metrics): what happened since the start, and the peers refused now
+        self.renewals = 0
+        self.etcd_errors: Counter[str] = Counter()  # by operation: acquire, maintain, watch
+        self.reconnects = 0
+        self.watch_events: Counter[str] = Counter()  # by kind: added, removed
+        self.refused: dict[IPv4Network, str] = {}  # subnet -> why this host does not take the lease as a peer
         self._acquire_listing: Listing | None = None
         self._relist = asyncio.Event()
         self._check_now = asyncio.Event()
@@ -186,6 +193,8 @@ class LeaseManager:
             try:
                 lease = await self.acquire_once(previous)
             except ETCD_RETRYABLE as e:
+                self.etcd_errors["acquire"] += 1
+                self.reconnects += 1
                 await self.leases.reconnect()
                 self.acquire_error = describe_etcd_error(e)
                 await self._changed()
@@ -329,6 +338,8 @@ class LeaseManager:
                 await self.check_once()
                 backoff.succeeded()
             except ETCD_RETRYABLE as e:
+                self.etcd_errors["maintain"] += 1
+                self.reconnects += 1
                 await self.leases.reconnect()
                 await backoff.failed(e)
 
@@ -373,6 +384,7 @@ class LeaseManager:
                 if got is None:
                     return  # changed under us: decide on the next check
                 logger.debug("renewed lease {} until {}", got.subnet, time.ctime(got.expiration or 0))
+                self.renewals += 1
                 self.lease = got
             else:
                 self.lease = current
@@ -447,9 +459,12 @@ class LeaseManager:
                     logger.warning("{}; relisting and watching again", e)
                     need_list = True
                     self._periodic = False
+                    self.reconnects += 1
                     await self.watcher.reconnect()
                     await backoff.failed(e)
                 except ETCD_RETRYABLE as e:
+                    self.etcd_errors["watch"] += 1
+                    self.reconnects += 1
                     await self.watcher.reconnect()
                     await backoff.failed(e)
         finally:
@@ -469,6 +484,7 @@ class LeaseManager:
         self._last_listing = time.monotonic()
         self.report_garbage(listing.garbage)
         listed: dict[IPv4Network, Lease] = {}
+        self.refused = {}
         for i, lease in enumerate(listing.leases):
             if self._accept_peer(lease):
                 listed[lease.subnet] = lease
@@ -516,12 +532,15 @@ class LeaseManager:
     def _accept_peer(self, lease: Lease) -> bool:
         if self._is_own(lease):
             return False
+        self.refused.pop(lease.subnet, None)
         if not self._inside_network(lease):
+            self.refused[lease.subnet] = "not a subnet inside the overlay network"
             # e.g. a key `subnets/0.0.0.0-0`: as a route it would replace the host's default route.
             logger.error("ignoring lease {} of {}: not a subnet inside the overlay network {}",
                          lease.subnet, lease.public_ip, self.config.network)  # fmt: skip
             return False
         if lease.public_ip == self.attrs.public_ip:
+            self.refused[lease.subnet] = "duplicate PublicIP: it claims our own"
             logger.error(
                 "DUPLICATE PUBLIC IP: lease {} also claims our PublicIP {}: two hosts share one address; "
                 "ignoring that lease", lease.subnet, lease.public_ip,
@@ -535,9 +554,12 @@ class LeaseManager:
             if garbage:
                 key, _, reason = garbage.partition(": ")
                 self.report_garbage([(key, reason)])
+            if event is not None:
+                self.watch_events[event.kind] += 1
             if event is None:
                 pass
             elif event.kind == LeaseEvent.REMOVED:
+                self.refused.pop(event.lease.subnet, None)
                 if self.lease is not None and event.lease.subnet == self.lease.subnet:
                     logger.warning("our lease {} was deleted in etcd; re-creating it", event.lease.subnet)
                     self._check_now.set()
