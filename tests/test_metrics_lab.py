@@ -116,3 +116,38 @@ def test_a_real_prometheus_scrapes_three_agents(lab_factory):
     finally:
         prom.stop()
     assert not prom.dir.exists()
+
+
+def test_status_is_a_short_summary_with_rates_json_and_watch(lab_factory):
+    lab = lab_factory(2, network_config=UDP)
+    lab.start_agents()
+    lab.wait_all_ready(60)
+    for host in lab.host_names:
+        lab.add_container(host)
+    wait_delivery_settled(lab)
+    h1c, h2c = lab.containers
+    state_dir = str(lab.agent("h2").host.state_dir)
+    lab.exec(h1c, ["ping", "-q", "-f", "-c", "200", "-w", "20", str(h2c.ip)], check=False)
+
+    text = lab.agent_cli("h2", "status", "--state-dir", state_dir).stdout
+    print(text)
+    lines = text.splitlines()
+    assert len(lines) <= 15
+    assert lines[0].startswith("state       ready ")
+    assert re.search(r"^lease       10\.5\.\d+\.0/24  TTL \d", text, re.M)
+    assert re.search(r"^backend     udp  data path ebpf \(decap \w+, delivery port, loader \w+\)", text, re.M)
+    assert re.search(r"^peers       1$", text, re.M)
+    decap = re.search(r"decap_ok +(\d+) pkts +([\d.]+)/s", text)
+    assert decap and int(decap.group(1)) >= 200  # the flood's echo requests, and a rate over one second
+    assert re.search(r"^top drops   ", text, re.M)
+
+    doc = lab.agent_status("h2")["summary"]
+    assert {"ready", "health", "running", "phase", "reason", "subnet", "network", "lease_ttl_seconds", "backend",
+            "datapath", "peers", "peers_refused", "loop_stall_max_ms", "rates_window_seconds", "throughput",
+            "drops"} == set(doc)  # fmt: skip
+    assert doc["ready"] is True and doc["peers"] == 1 and doc["datapath"]["datapath"] == "ebpf"
+    assert doc["throughput"]["decap_ok"]["packets"] >= 200 and doc["lease_ttl_seconds"] > 3600
+
+    watched = lab.agent_cli("h2", "status", "--state-dir", state_dir, "--watch", "--watch-count", "2", timeout=30)
+    assert watched.returncode == 0 and watched.stdout.count("\x1b[H\x1b[2J") == 2, watched.stdout
+    assert watched.stdout.count("state       ready") == 2 and "every 2 s; Ctrl-C to end" in watched.stdout
