@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from loguru import logger
 
-from flannel_ebpf import sd_notify
+from flannel_ebpf import metrics, sd_notify
 from flannel_ebpf.network import (
     HEARTBEAT_SECONDS,
     AgentOptions,
@@ -175,16 +175,20 @@ class Agent:
 
             def do_GET(self) -> None:  # http.server's naming
                 path = urlsplit(self.path).path
-                if path == "/healthz":
+                content_type = "text/plain; charset=utf-8"
+                if path == "/metrics":  # Prometheus, read at scrape time (flannel_ebpf.metrics)
+                    code, (payload, content_type) = 200, metrics.render(self.headers.get("Accept"), agent)
+                elif path == "/healthz":
                     code, body = 200, "flanneld is running"
                 elif path == "/readyz":
                     ready, body = agent.readiness()
                     code = 200 if ready else 503
                 else:
                     code, body = 404, "404 page not found"
-                payload = (body + "\n").encode() if path != "/healthz" else body.encode()
+                if path != "/metrics":
+                    payload = (body + "\n").encode() if path != "/healthz" else body.encode()
                 self.send_response(code)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 if self.command != "HEAD":

@@ -22,7 +22,7 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf import package_version
+from flannel_ebpf import package_version, status_view
 from flannel_ebpf import state as state_file
 from flannel_ebpf.backends.base import BackendOptions
 from flannel_ebpf.runtimes import commands as runtime_commands
@@ -295,7 +295,10 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     down = sub.add_parser("down", parents=[common], help="remove everything `up` made on this host")
     down.add_argument("--release-lease", action="store_true", help="also delete this host's lease in etcd")
     status = sub.add_parser("status", parents=[common], help="lease, peers, data path and counters")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--json", action="store_true", help="machine-readable output (its `summary`: see README)")
+    status.add_argument("--watch", action="store_true", help="refresh the summary and its rates every 2 s")
+    status.add_argument("--long", action="store_true", help="everything: every peer, program, map and counter")
+    status.add_argument("--watch-count", type=int, default=None, help=argparse.SUPPRESS)  # tests: redraws, then exit
     sub.add_parser("health", parents=[common], help="`ready ...` or `not-ready <reason>` (exit 0/1)")
     runtime_commands.add_parsers(sub, environ)  # docker-opts, bridge, cni-config: subnet.env for runtimes
     return parser
@@ -566,42 +569,70 @@ def _missing_programs(st: state_file.AgentState) -> str | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """The agent's state; multi-network mode: every network's (`--json`: {"networks": {name: doc}})."""
+    """The agent's state; multi-network mode: every network's (`--json`: {"networks": {name: doc}}). By
+    default a short summary with rates over one second (`--watch`: refreshed every 2 s); `--long`: all."""
     networks = recorded_networks(args)
+    if not args.json and not args.long:
+        dirs = [(name, network_args(args, name).state_dir) for name in networks] or [("", args.state_dir)]
+        if args.watch or args.watch_count:
+            return status_view.watch(lambda window: _summaries(dirs, args.resync_interval, window)[1], 2.0,
+                                     args.watch_count)  # fmt: skip
+        code, text = _summaries(dirs, args.resync_interval, 1.0)
+        print(text, file=sys.stdout if code == 0 else sys.stderr)
+        return code
     if not networks:
-        return _status(args.state_dir, args.json)
+        return _status(args.state_dir, args.json, args.resync_interval)
     if args.json:
-        docs = {name: _status_doc(network_args(args, name).state_dir) for name in networks}
+        docs = {name: _status_doc(network_args(args, name).state_dir, args.resync_interval) for name in networks}
         print(json.dumps({"networks": docs}, indent=2, default=str))
         return 0 if all(docs.values()) else 1
     code = 0
     for name in networks:
         print(f"=== network {name}")
-        code |= _status(network_args(args, name).state_dir, False)
+        code |= _status(network_args(args, name).state_dir, False, args.resync_interval)
     return code
 
 
-def _status_doc(state_dir: str) -> dict[str, Any] | None:
+def _summaries(dirs: list[tuple[str, str]], resync_interval: float, window: float) -> tuple[int, str]:
+    """The summary of each network (name, state dir), rates over `window` seconds: (exit code, text)."""
+    states = [(name, d, state_file.load(d)) for name, d in dirs]
+    before = {d: status_view.read_counters(st) for _, d, st in states if st is not None}
+    if any(v is not None for v in before.values()):
+        time.sleep(window)
+    parts, code = [], 0
+    for name, d, st in states:
+        head = f"=== network {name}\n" if name else ""
+        if st is None:
+            parts.append(f"{head}no agent state in {d}: flannel-ebpf is not running here")
+            code = 1
+            continue
+        after = status_view.read_counters(st) if before.get(d) is not None else None
+        doc = status_view.summary(st, _health(d, resync_interval), before.get(d), after, window)
+        parts.append(head + status_view.format_summary(doc))
+    return code, "\n\n".join(parts)
+
+
+def _status_doc(state_dir: str, resync_interval: float = 10.0) -> dict[str, Any] | None:
     st = state_file.load(state_dir)
     if st is None:
         return None
     live = _live_backend_status(st) if st.backend_type else {}
-    return {"running": state_file.agent_gone(st) is None, **st.__dict__, "live": live}
+    summary = status_view.summary(st, _health(state_dir, resync_interval), status_view.read_counters(st))
+    return {"running": state_file.agent_gone(st) is None, **st.__dict__, "live": live, "summary": summary}
 
 
-def _status(state_dir: str, as_json: bool) -> int:
+def _status(state_dir: str, as_json: bool, resync_interval: float = 10.0) -> int:
     st = state_file.load(state_dir)
     if st is None:
         print(f"no agent state in {state_dir}: flannel-ebpf is not running here", file=sys.stderr)
         return 1
+    if as_json:
+        print(json.dumps(_status_doc(state_dir, resync_interval), indent=2, default=str))
+        return 0
     running = state_file.agent_gone(st) is None
     live: dict[str, Any] = {}
     if st.backend_type:
         live = _live_backend_status(st)
-    if as_json:
-        doc = {"running": running, **st.__dict__, "live": live}
-        print(json.dumps(doc, indent=2, default=str))
-        return 0
     expires = st.lease.get("expiration")
     left = f"{(expires - time.time()) / 3600:.1f} h left" if expires else "no expiry (reservation)"
     print(f"agent      pid {st.pid} {'running' if running else 'NOT running'}, phase {st.phase} {st.reason}")

@@ -37,6 +37,7 @@ from flannel_ebpf.backends import make_backend
 from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady, BackendOptions, LocalNetwork
 from flannel_ebpf.config import MAX_CONFIG_BYTES, ConfigError, NetworkConfig, parse_config
 from flannel_ebpf.iface import InterfaceError, choose_interface
+from flannel_ebpf.metrics import DurationHistogram
 from flannel_ebpf.subnet.allocation import OutOfSubnets
 from flannel_ebpf.subnet.lease import Lease, unusable_address_reason
 from flannel_ebpf.subnet.manager import Backoff, LeaseManager, LeaseOptions, PeerSink
@@ -190,6 +191,7 @@ class DataPlane(PeerSink):
         #: the last sync's BackendNotReady message ("" when the last sync worked): the network is not-ready
         self.problem = ""
         self.on_problem: Any = None  # called when `problem` changes
+        self.sync_seconds = DurationHistogram()  # /metrics: flannel_ebpf_sync_duration_seconds
         self._last_error: Exception | None = None
 
     async def _run_locked(self, fn: Any, *args: Any) -> Any:
@@ -228,6 +230,7 @@ class DataPlane(PeerSink):
                 self.on_problem()
         if ok:
             took = time.monotonic() - began
+            self.sync_seconds.observe(took)
             if not self.synced.is_set() or took > 1.0:
                 logger.info("synced {} peer(s) into the data path in {:.2f} s", len(peers), took)
             self.synced.set()

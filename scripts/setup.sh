@@ -15,6 +15,9 @@ PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-pyroute2 py
 # nfs-kernel-server and libguestfs-tools, which the lab does not use (and an NFS server would start).
 # Neither package starts a daemon or creates a network: libvirtd and qemu come with `make vagrant-box`'s own set-up.
 VAGRANT_PACKAGES=(vagrant vagrant-libvirt)
+# The metrics test's real Prometheus and promtool (the test runs its own; none is started here). No recommends:
+# they add node-exporter, a daemon the tests do not use.
+NORECOMMENDS_PACKAGES=(prometheus)
 # vagrant/build-box.sh puts the same packages into the lab's box (its VMs have no internet access).
 if [ "${1:-}" = --print-packages ]; then echo "${PACKAGES[*]}"; exit 0; fi
 [ "$(id -u)" = 0 ] || { echo "setup: run as root (it installs packages and mounts bpffs)" >&2; exit 1; }
@@ -27,7 +30,9 @@ KREL=$(uname -r)
 missing=()
 for p in "${PACKAGES[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 vmissing=()
-for p in "${VAGRANT_PACKAGES[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || vmissing+=("$p"); done
+for p in "${VAGRANT_PACKAGES[@]}" "${NORECOMMENDS_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || vmissing+=("$p")
+done
 # Kernel headers: the running kernel's own if the distribution has them, else Debian's generic ones.
 headers=""
 if [ ! -e "/lib/modules/$KREL/build" ]; then
@@ -45,6 +50,11 @@ if [ ${#missing[@]} -gt 0 ] || [ ${#vmissing[@]} -gt 0 ] || [ -n "$headers" ]; t
   if [ -n "$headers" ]; then
     apt-get install -y -qq "linux-headers-$KREL" >/dev/null 2>&1 || apt-get install -y -qq linux-headers-amd64 >/dev/null
   fi
+  # Where policy-rc.d was not honoured (no invoke-rc.d): stop a system Prometheus the install started, by PID.
+  # (The package's service runs as the user prometheus; the lab's own Prometheus runs as root.)
+  for pid in $(pgrep -x -u prometheus prometheus 2>/dev/null || true); do
+    kill "$pid" && echo "setup: stopped the system Prometheus (pid $pid) that installing it started"
+  done
   [ -n "${own_policy:-}" ] && rm -f /usr/sbin/policy-rc.d
   rm -f /usr/sbin/policy-rc.d.flannel-ebpf
 fi

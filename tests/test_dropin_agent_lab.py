@@ -76,7 +76,8 @@ def test_healthz_is_liveness_readyz_says_why_and_the_v2_config_hint(lab):
     assert answers["/healthz"] == [200, "flanneld is running"]
     status, body = answers["/readyz"]
     assert status == 503 and body.startswith("not-ready waiting-config: ") and "etcd's v2 store" in body
-    assert answers["/metrics"][0] == 404 and answers["/healthz/x"][0] == 404
+    assert answers["/metrics"][0] == 200 and "flannel_ebpf_ready" in answers["/metrics"][1]  # flannel-ebpf's own
+    assert answers["/healthz/x"][0] == 404
 
     hints = [line for line in lab.agent_log("h1").splitlines() if "etcd's v2 store" in line]
     assert len(hints) == 1 and "WARNING" in hints[0], hints  # said once

@@ -391,6 +391,7 @@ class UdpEbpfBackend(Backend):
             "delivery": self.options.udp_delivery,
             "loader": self._loader_name,  # None in a process that did not load them (cli fills it in)
             "peers_refused_map_full": self._refused_full,
+            "skipped": {str(subnet): why for subnet, why in sorted(self._skipped.reasons.items())},
             "programs": self.programs_in_kernel(self.watched_devices() or None),
         }
         if self._features is not None:

@@ -38,7 +38,7 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
-from flannel_ebpf import sd_notify
+from flannel_ebpf import metrics, sd_notify
 from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
 from flannel_ebpf.remote import wire
 from flannel_ebpf.subnet.allocation import OutOfSubnets
@@ -135,7 +135,7 @@ class RemoteServer:
         self.stopping = asyncio.Event()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=wire.MAX_BODY_BYTES)
+        app = web.Application(client_max_size=wire.MAX_BODY_BYTES, middlewares=[metrics.LEASE_API.middleware])
         app.router.add_get("/v1/{network}/config", self._wrap(self.get_config))
         app.router.add_post("/v1/{network}/leases", self._wrap(self.acquire_lease))
         app.router.add_post("/v1/{network}/leases/", self._wrap(self.acquire_lease))  # v0.5's client adds "/"

@@ -173,6 +173,11 @@ class LeaseManager:
         # relist must not remove peers that are merely not back yet (that would cut working routes).
         self._keep_missing_until = 0.0
         self.listing_seconds = 0.0  # how long the last listing of all leases took
+        # for /metrics (flannel_ebpf.metrics): what happened since the start
+        self.renewals = 0
+        self.etcd_errors: Counter[str] = Counter()  # by operation: acquire, maintain, watch
+        self.reconnects = 0
+        self.watch_events: Counter[str] = Counter()  # by kind: added, removed
         self._acquire_listing: Listing | None = None
         self._relist = asyncio.Event()
         self._check_now = asyncio.Event()
@@ -216,6 +221,8 @@ class LeaseManager:
             try:
                 lease = await self.acquire_once(previous)
             except ETCD_RETRYABLE as e:
+                self.etcd_errors["acquire"] += 1
+                self.reconnects += 1
                 await self.leases.reconnect()
                 self.acquire_error = describe_etcd_error(e)
                 await self._changed()
@@ -359,6 +366,8 @@ class LeaseManager:
                 await self.check_once()
                 backoff.succeeded()
             except ETCD_RETRYABLE as e:
+                self.etcd_errors["maintain"] += 1
+                self.reconnects += 1
                 await self.leases.reconnect()
                 await backoff.failed(e)
 
@@ -403,6 +412,7 @@ class LeaseManager:
                 if got is None:
                     return  # changed under us: decide on the next check
                 logger.debug("renewed lease {} until {}", got.subnet, time.ctime(got.expiration or 0))
+                self.renewals += 1
                 self.lease = got
             else:
                 self.lease = current
@@ -477,9 +487,12 @@ class LeaseManager:
                     logger.warning("{}; relisting and watching again", e)
                     need_list = True
                     self._periodic = False
+                    self.reconnects += 1
                     await self.watcher.reconnect()
                     await backoff.failed(e)
                 except ETCD_RETRYABLE as e:
+                    self.etcd_errors["watch"] += 1
+                    self.reconnects += 1
                     await self.watcher.reconnect()
                     await backoff.failed(e)
         finally:
@@ -586,6 +599,8 @@ class LeaseManager:
             if garbage:
                 key, _, reason = garbage.partition(": ")
                 self.report_garbage([(key, reason)])
+            if event is not None:
+                self.watch_events[event.kind] += 1
             if event is None:
                 pass
             elif event.kind == LeaseEvent.REMOVED:
