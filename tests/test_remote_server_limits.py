@@ -11,6 +11,7 @@ import subprocess
 import time
 from ipaddress import IPv4Network
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -19,6 +20,7 @@ from aiohttp import web
 from flannel_ebpf.lab.agent import cli_command, cli_env
 from flannel_ebpf.remote import wire
 from flannel_ebpf.remote.client import RemoteError, RemoteRegistry
+from flannel_ebpf.remote.server import HttpError, _RefusalLog
 from flannel_ebpf.subnet.lease import LeaseFormatError
 from flannel_ebpf.subnet.registry import EtcdTLS
 from tests.test_remote_api import free_port, get_json, prefix, server  # noqa: F401 (prefix: a fixture)
@@ -210,6 +212,23 @@ def test_requests_for_unknown_networks_cost_no_memory_and_no_info_lines(etcd, pr
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, log.read_text()[-2000:]
+
+
+def test_refusals_are_not_logged_at_info_one_per_request(logs, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    refusals = _RefusalLog()
+    request = SimpleNamespace(method="PUT", path="/v1/_/leases/x", remote="192.0.2.1")
+    for _ in range(100):
+        refusals.log(request, HttpError(404, "no such network"))
+        refusals.log(request, HttpError(400, "bad subnet"))
+    info = [line for line in logs if line.startswith("INFO")]
+    assert len(info) == _RefusalLog.BURST and all("400 bad subnet" in line for line in info)
+    assert sum(line.startswith("DEBUG") for line in logs) == 200 - _RefusalLog.BURST
+    clock[0] += _RefusalLog.PERIOD
+    refusals.log(request, HttpError(400, "bad subnet"))
+    assert logs[-2] == f"INFO {100 - _RefusalLog.BURST} more refused requests in the last 60s (logged at DEBUG)"
+    assert logs[-1].startswith("INFO PUT /v1/_/leases/x from 192.0.2.1: 400")
 
 
 # --- 10: a time without a zone ---

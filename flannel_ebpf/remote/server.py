@@ -11,10 +11,12 @@ multi-network mode laid them out):
 - PUT  /v1/{network}/leases/{subnet}     renew that lease; also creates it when the key is free
 - GET  /v1/{network}/leases[?next=C]     watch: events after cursor C (long poll), or a snapshot
 Added (a v0.5 client never calls them; v0.5's server answered 404/405 there):
-- GET    /v1/{network}/leases/{subnet}               one lease with its expiration (404: none)
+- GET    /v1/{network}/leases/{subnet}               one lease with its expiration (404: none; 422: the value
+                                                     in etcd is not a lease, and says why)
 - DELETE /v1/{network}/leases/{subnet}?PublicIP=IP   release it, only if IP still holds it
 Every response carries `X-Flannel-Ebpf-Revision` and `X-Flannel-Ebpf-Cluster-Id` when known, and PUT
-accepts `?ttl=SECONDS` (default: the server's --subnet-lease-ttl).
+accepts `?ttl=SECONDS` (default: the server's --subnet-lease-ttl). Request bodies over 64 KiB are refused
+(413) before they are read.
 
 Lease safety is the etcd registry's: create-only transactions, compare-revision renewals, and a PUT for a
 subnet that another PublicIP holds is refused (409), never an overwrite (v0.5's server overwrote it).
