@@ -229,9 +229,12 @@ class RemoteRegistry:
         return Listing(leases, revision, garbage)
 
     async def get_lease(self, subnet: IPv4Network) -> Lease | None:
-        status, raw, headers = await self._request("GET", f"leases/{subnet_key(subnet)}", accept=(200, 404, 405))
+        path = f"leases/{subnet_key(subnet)}"
+        status, raw, headers = await self._request("GET", path, accept=(200, 404, 405, 422))
         if status == 200:
             return self._lease(self._decode(raw, "lease"), headers)
+        if status == 422:  # the key holds a value that is not a lease: what etcd's registry raises then
+            raise LeaseFormatError(f"flannel server {self.url}: {raw[:300].decode(errors='replace').strip()}")
         if status == 404 and raw.startswith(b"no lease"):  # our server's answer for a free subnet
             return None
         # flanneld v0.5's server has no such route: find it in a snapshot

@@ -11,10 +11,12 @@ multi-network mode laid them out):
 - PUT  /v1/{network}/leases/{subnet}     renew that lease; also creates it when the key is free
 - GET  /v1/{network}/leases[?next=C]     watch: events after cursor C (long poll), or a snapshot
 Added (a v0.5 client never calls them; v0.5's server answered 404/405 there):
-- GET    /v1/{network}/leases/{subnet}               one lease with its expiration (404: none)
+- GET    /v1/{network}/leases/{subnet}               one lease with its expiration (404: none; 422: the value
+                                                     in etcd is not a lease, and says why)
 - DELETE /v1/{network}/leases/{subnet}?PublicIP=IP   release it, only if IP still holds it
 Every response carries `X-Flannel-Ebpf-Revision` and `X-Flannel-Ebpf-Cluster-Id` when known, and PUT
-accepts `?ttl=SECONDS` (default: the server's --subnet-lease-ttl).
+accepts `?ttl=SECONDS` (default: the server's --subnet-lease-ttl). Request bodies over 64 KiB are refused
+(413) before they are read.
 
 Lease safety is the etcd registry's: create-only transactions, compare-revision renewals, and a PUT for a
 subnet that another PublicIP holds is refused (409), never an overwrite (v0.5's server overwrote it).
@@ -122,20 +124,26 @@ def listen_socket(listen: str, environ: dict[str, str] | None = None) -> socket.
 
 
 class RemoteServer:
-    """The API over etcd registries (one per network, made on first use by `make_registry(prefix)`)."""
+    """The API over etcd: `make_registry(prefix)` makes the default network's registry; every other network
+    is a view of it under its own prefix (SubnetRegistry.for_prefix), made per request: one etcd connection
+    for all networks, and a request for a network that does not exist leaves nothing behind."""
 
     def __init__(self, make_registry: Callable[[str], SubnetRegistry], prefix: str, options: ServerOptions) -> None:
-        self._make_registry = make_registry
         self._prefix = prefix.rstrip("/")
         self.options = options
-        self._registries: dict[str, SubnetRegistry] = {}
+        self._root = make_registry(self._prefix)
         self._last_reconnect = 0.0
+        self._refusals = _RefusalLog()
         #: set when the server stops: long polls answer at once (no events, same cursor), so that the
         #: clients reconnect to the next server instead of holding this one's shutdown up
         self.stopping = asyncio.Event()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=wire.MAX_BODY_BYTES, middlewares=[metrics.LEASE_API.middleware])
+        # client_max_size: a chunked body (no Content-Length) is cut off once it grows past the limit
+        app = web.Application(
+            client_max_size=wire.MAX_REQUEST_BYTES + 1,
+            middlewares=[metrics.LEASE_API.middleware, self._refuse_big_bodies],
+        )
         app.router.add_get("/v1/{network}/config", self._wrap(self.get_config))
         app.router.add_post("/v1/{network}/leases", self._wrap(self.acquire_lease))
         app.router.add_post("/v1/{network}/leases/", self._wrap(self.acquire_lease))  # v0.5's client adds "/"
@@ -146,8 +154,7 @@ class RemoteServer:
         return app
 
     async def close(self) -> None:
-        for registry in self._registries.values():
-            await registry.close()
+        await self._root.close()
 
     # --- plumbing ---
 
@@ -155,10 +162,21 @@ class RemoteServer:
         network = request.match_info["network"]
         if network != "_" and (not _NETWORK_NAME.fullmatch(network) or network in (".", "..")):
             raise HttpError(400, f"bad network name {network[:64]!r}")
-        if network not in self._registries:
-            prefix = self._prefix if network == "_" else f"{self._prefix}/{network}"
-            self._registries[network] = self._make_registry(prefix)
-        return self._registries[network]
+        if network == "_":
+            return self._root
+        return self._root.for_prefix(f"{self._prefix}/{network}")
+
+    @web.middleware
+    async def _refuse_big_bodies(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """A body announced bigger than any request needs is refused before a byte of it is read."""
+        size = request.content_length
+        if size is not None and size > wire.MAX_REQUEST_BYTES:
+            error = HttpError(413, f"request body of {size} bytes is larger than the {wire.MAX_REQUEST_BYTES} accepted")
+            self._refusals.log(request, error)
+            response = web.Response(status=413, text=f"{error}\n")
+            response.force_close()  # the rest of that body is not worth a kept-alive connection
+            return response
+        return await handler(request)
 
     def _wrap(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
         async def run(request: web.Request) -> web.StreamResponse:
@@ -168,8 +186,14 @@ class RemoteServer:
                 if e.status >= 500:
                     logger.warning("{} {} from {}: {}", request.method, request.path, request.remote, e)
                 else:
-                    logger.info("{} {} from {}: {} {}", request.method, request.path, request.remote, e.status, e)
+                    self._refusals.log(request, e)
                 return web.Response(status=e.status, text=str(e) + "\n")
+            except LeaseFormatError as e:
+                # Only what etcd holds gets here (a request's own bad input is a 400 in its handler): a bad
+                # value costs its key, never the etcd connection (no reconnect) nor any other request.
+                error = self._bad_stored_lease(request, e)
+                self._refusals.log(request, error)
+                return web.Response(status=error.status, text=f"{error}\n")
             except ETCD_RETRYABLE as e:
                 reason = describe_etcd_error(e)
                 logger.warning("{} {} from {}: {}", request.method, request.path, request.remote, reason)
@@ -186,9 +210,22 @@ class RemoteServer:
         with contextlib.suppress(HttpError):
             await self.registry(request).reconnect()
 
+    def _bad_stored_lease(self, request: web.Request, error: LeaseFormatError) -> HttpError:
+        """The answer for a lease key whose value in etcd is not a lease: 422 to a read; 409 to a write
+        (the key exists, so it can be neither created nor renewed nor released until it is deleted)."""
+        where = request.match_info.get("subnet", "?")
+        with contextlib.suppress(HttpError, LeaseFormatError):
+            where = self.registry(request).lease_key(parse_subnet_key(where))
+        status = 422 if request.method == "GET" else 409
+        return HttpError(status, f"the value at {where} is not a valid lease: {error}")
+
     async def _json(self, request: web.Request, what: str) -> Any:
         try:
-            return wire.load_body(await request.read(), what)
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise HttpError(413, f"{what} is larger than the {wire.MAX_REQUEST_BYTES} bytes accepted") from None
+        try:
+            return wire.load_body(raw, what, wire.MAX_REQUEST_BYTES)
         except ValueError as e:
             raise HttpError(400, f"JSON decoding error: {e}") from None
 
@@ -385,6 +422,38 @@ class RemoteServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         return events, last
+
+
+class _RefusalLog:
+    """The log of refused requests (4xx): anybody can send them, so they must not flood the log. 404s
+    (a network or lease that does not exist: what a probe or a typo asks for) go to DEBUG; the others at
+    most BURST lines per PERIOD at INFO, then DEBUG, with the count of those left out said once."""
+
+    BURST = 20
+    PERIOD = 60.0
+
+    def __init__(self) -> None:
+        self._since = -self.PERIOD
+        self._logged = 0
+        self._left_out = 0
+
+    def log(self, request: web.Request, error: HttpError) -> None:
+        line = ("{} {} from {}: {} {}", request.method, request.path[:200], request.remote, error.status, error)
+        if error.status == 404:
+            logger.debug(*line)
+            return
+        now = time.monotonic()
+        if now - self._since >= self.PERIOD:
+            if self._left_out:
+                logger.info("{} more refused requests in the last {:.0f}s (logged at DEBUG)", self._left_out,
+                            now - self._since)  # fmt: skip
+            self._since, self._logged, self._left_out = now, 0, 0
+        if self._logged < self.BURST:
+            self._logged += 1
+            logger.info(*line)
+        else:
+            self._left_out += 1
+            logger.debug(*line)
 
 
 async def serve(registry_factory: Callable[[str], SubnetRegistry], prefix: str, options: ServerOptions,

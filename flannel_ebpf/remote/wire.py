@@ -24,8 +24,11 @@ from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseFormat
 
 #: Go's zero time.Time as encoding/json writes it: flanneld's "never expires / unknown".
 ZERO_TIME = "0001-01-01T00:00:00Z"
-#: the largest request or response body either side reads (a snapshot of 10,000 leases is ~2 MB)
+#: the largest response body a client reads (a snapshot of 10,000 leases is ~2 MB)
 MAX_BODY_BYTES = 64 * 1024 * 1024
+#: the largest request body the server reads: a lease or its attributes (a lease value in etcd is at most
+#: 64 KiB too); anything bigger is refused (413) before it is read
+MAX_REQUEST_BYTES = 64 * 1024
 _FRACTION = re.compile(r"(\.\d{6})\d+")  # Go writes nanoseconds; Python's datetime takes microseconds
 
 
@@ -43,7 +46,12 @@ def parse_time(text: Any) -> float | None:
         when = datetime.fromisoformat(_FRACTION.sub(r"\1", text.replace("Z", "+00:00")))
     except ValueError:
         raise LeaseFormatError(f"Expiration is not an RFC 3339 time: {text[:60]!r}") from None
-    stamp = when.timestamp()
+    if when.tzinfo is None:  # RFC 3339 requires one; a naive time would be read in this host's zone
+        raise LeaseFormatError(f"Expiration has no time zone (RFC 3339 needs Z or +hh:mm): {text[:60]!r}")
+    try:
+        stamp = when.timestamp()
+    except (OverflowError, ValueError):  # e.g. year 1 at +14:00 is in year 0 in UTC
+        raise LeaseFormatError(f"Expiration is out of range: {text[:60]!r}") from None
     return stamp if stamp > 0 else None
 
 
@@ -134,5 +142,5 @@ def parse_cursor(text: str) -> int:
     return int(text)
 
 
-def load_body(raw: bytes, what: str) -> Any:
-    return load_bounded_json(raw, what, MAX_BODY_BYTES)
+def load_body(raw: bytes, what: str, max_bytes: int = MAX_BODY_BYTES) -> Any:
+    return load_bounded_json(raw, what, max_bytes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -337,6 +338,14 @@ class LeaseSource(Protocol):
         ...
 
 
+@dataclass
+class _Connection:
+    """A registry's etcd connection: the endpoint in use and its client (made on first use)."""
+
+    endpoint_index: int = 0
+    client: _Client | None = None
+
+
 class SubnetRegistry:
     """flannel's keys under one prefix, on one etcd cluster (tries the endpoints in turn). A LeaseSource."""
 
@@ -360,10 +369,17 @@ class SubnetRegistry:
         self._timeout = timeout
         self.watch_idle = watch_idle
         self.watch_progress_timeout = watch_progress_timeout
-        self._endpoint_index = 0
-        self._client: _Client | None = None
+        self._connection = _Connection()
 
     # --- connection ---
+
+    def for_prefix(self, prefix: str) -> SubnetRegistry:
+        """The keys under another prefix, through this registry's etcd connection (the lease server's
+        networks: a network costs no connection of its own, and one nobody asks for again costs nothing).
+        A reconnect or close of either is one of both."""
+        view = copy.copy(self)  # shallow: the _Connection is shared
+        view.prefix = prefix.rstrip("/")
+        return view
 
     def _new_client(self) -> _Client:
         host, port, _https = parse_endpoint(self.endpoint)
@@ -372,18 +388,18 @@ class SubnetRegistry:
 
     @property
     def client(self) -> _Client:
-        if self._client is None:
-            self._client = self._new_client()
-        return self._client
+        if self._connection.client is None:
+            self._connection.client = self._new_client()
+        return self._connection.client
 
     async def reconnect(self) -> None:
         """Drop the current connection and move to the next endpoint (after a failure)."""
         await self.close()
-        self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+        self._connection.endpoint_index = (self._connection.endpoint_index + 1) % len(self.endpoints)
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
+        if self._connection.client is not None:
+            client, self._connection.client = self._connection.client, None
             try:
                 await client.close()
             except Exception as e:  # closing a broken channel may fail; nothing to do about it
@@ -395,7 +411,7 @@ class SubnetRegistry:
 
     @property
     def endpoint(self) -> str:
-        return self.endpoints[self._endpoint_index]
+        return self.endpoints[self._connection.endpoint_index]
 
     def tls_for(self, endpoint: str) -> EtcdTLS | None:
         """The TLS settings used for `endpoint` (None: plaintext). https:// never falls back to plaintext."""
