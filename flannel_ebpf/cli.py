@@ -72,6 +72,13 @@ FLAGS = (
     Flag("remote-keyfile", "", "TLS key file for the client/server link"),
     Flag("remote-certfile", "", "TLS certificate file for the client/server link"),
     Flag("remote-cafile", "", "TLS CA file for the client/server link (server: clients must present a cert)"),
+    Flag(
+        "listen-trust-any-client",
+        False,
+        "server: let any client write the leases of any PublicIP, as flanneld v0.5 did (default: only the "
+        "IPv4 addresses in its certificate's IP SANs with --remote-cafile, else its source address)",
+        "bool",
+    ),
     # older flanneld's (v0.5-v0.7) multi-network mode
     Flag("networks", "", "run in multi-network mode and serve these comma-separated networks"),
     Flag("subnet-dir", "/run/flannel/networks", "multi-network mode: where <network>.env files are written"),
@@ -379,6 +386,7 @@ def agent_options(args: argparse.Namespace) -> Any:
         listen=args.listen,
         remote=args.remote,
         remote_tls=EtcdTLS(cafile=args.remote_cafile, certfile=args.remote_certfile, keyfile=args.remote_keyfile),
+        listen_trust_any_client=args.listen_trust_any_client,
         lease=LeaseOptions(
             ttl=args.subnet_lease_ttl,
             renew_margin=args.subnet_lease_renew_margin * 60.0,

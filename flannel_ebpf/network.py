@@ -91,6 +91,7 @@ class AgentOptions:
     listen: str = ""
     remote: str = ""
     remote_tls: EtcdTLS = field(default_factory=EtcdTLS)
+    listen_trust_any_client: bool = False  # the server lets any client write any PublicIP's leases
     remote_network: str = ""  # the network's name on the server ("": the default network)
 
     def registry(self) -> LeaseSource:

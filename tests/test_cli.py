@@ -153,6 +153,9 @@ def test_client_server_flags_and_variables(tmp_path):
     opts = agent_options(go([], env))
     assert (opts.listen, opts.remote_tls.certfile, opts.remote_tls.keyfile) == (":8888", "/dev/null", "/dev/null")
     assert agent_options(go(["--listen=fd://"])).listen == "fd://"
+    assert not opts.listen_trust_any_client  # writes only for the client's own address unless opted in
+    assert agent_options(go(["-listen=:8888", "-listen-trust-any-client"])).listen_trust_any_client
+    assert agent_options(go([], {"FLANNELD_LISTEN_TRUST_ANY_CLIENT": "true"})).listen_trust_any_client
     with pytest.raises(SystemExit, match="mutually exclusive"):
         agent_options(go(["-listen=:8888", "-remote=10.0.0.3:8888"]))
     with pytest.raises(SystemExit, match="needs --remote-certfile and --remote-keyfile"):

@@ -40,7 +40,10 @@ def free_port() -> int:
 async def server(etcd, prefix, poll_seconds=2.0):
     port = free_port()
     stop = asyncio.Event()
-    options = ServerOptions(listen=f"127.0.0.1:{port}", tls=EtcdTLS(), ttl=600, poll_seconds=poll_seconds)
+    # these tests are about the API: every client here is 127.0.0.1 (identity: tests/test_remote_identity.py)
+    options = ServerOptions(
+        listen=f"127.0.0.1:{port}", tls=EtcdTLS(), ttl=600, poll_seconds=poll_seconds, trust_any_client=True
+    )
     task = asyncio.ensure_future(serve(lambda p: SubnetRegistry([etcd.endpoint], p), prefix, options, stop))
     base = f"http://127.0.0.1:{port}/v1/_"
     async with aiohttp.ClientSession() as http:

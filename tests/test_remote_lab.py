@@ -1,12 +1,13 @@
 """Client/server mode in a namespace lab: a `--listen` server on h1 is the only process that talks to
 etcd; clients (`--remote`) on h2 and h3 have no path to etcd at all (a DROP rule in their namespaces) and
 run the same data path as in etcd mode. Mutual TLS, systemd socket activation, and a server restart under a
-ping flood while a new host joins through etcd."""
+ping flood while a new host joins through etcd; a host that tries to write another host's lease is refused."""
 
 from __future__ import annotations
 
 import dataclasses
-import subprocess
+import json
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -16,29 +17,13 @@ from flannel_ebpf.lab.agent import Agent, cli_command, cli_env
 from flannel_ebpf.lab.netns import stop_process
 from flannel_ebpf.lab.traffic import FloodCounter
 from tests.helpers import wait_for
+from tests.test_remote_identity import assert_untouched, etcd_record, make_pki
 
 pytestmark = pytest.mark.lab
 
 UDP = {"Network": "10.9.0.0/16", "Backend": {"Type": "udp"}}
 VXLAN = {"Network": "10.10.0.0/16", "Backend": {"Type": "vxlan"}}
 PORT = 8888
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def make_pki(d: Path, server_ip: str) -> None:
-    """A CA, a server certificate for `server_ip` and a client certificate, all signed by the CA."""
-    d.mkdir(parents=True, exist_ok=True)
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-            "-keyout", "ca.key", "-out", "ca.crt", cwd=d)  # fmt: skip
-    for name, ext in (("server", f"subjectAltName=IP:{server_ip}"), ("client", "extendedKeyUsage=clientAuth")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                "-out", f"{name}.csr", cwd=d)  # fmt: skip
-        (d / f"{name}.ext").write_text(ext + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=d)  # fmt: skip
 
 
 def cut_from_etcd(lab, host: str) -> None:
@@ -81,11 +66,10 @@ def test_udp_clients_without_etcd_mutual_tls_and_server_restart_under_flood(lab_
     lab = lab_factory(3, network_config=UDP)
     h1_ip = str(lab.host("h1").underlay_ip)
     pki = lab.dir / "pki"
-    make_pki(pki, h1_ip)
+    make_pki(pki, h1_ip, {host: f"IP:{lab.host(host).underlay_ip}" for host in ("h2", "h3")})
     for host in ("h2", "h3"):
         cut_from_etcd(lab, host)
     tls = ["--remote-cafile", str(pki / "ca.crt")]
-    client_cert = ["--remote-certfile", str(pki / "client.crt"), "--remote-keyfile", str(pki / "client.key")]
     server = Server(lab, "h1", ["--listen", f"{h1_ip}:{PORT}", *tls, "--remote-certfile", str(pki / "server.crt"),
                                 "--remote-keyfile", str(pki / "server.key")])  # fmt: skip
     server.start()
@@ -98,9 +82,9 @@ def test_udp_clients_without_etcd_mutual_tls_and_server_restart_under_flood(lab_
         assert lab.stop_agent("h3") == 0
         assert lab.leases() == {}
 
-        client = ["--remote", f"{h1_ip}:{PORT}", *tls, *client_cert]
-        for host in ("h2", "h3"):
-            lab.start_agent(host, client)
+        for host in ("h2", "h3"):  # each with a certificate for its own address
+            cert = ["--remote-certfile", str(pki / f"{host}.crt"), "--remote-keyfile", str(pki / f"{host}.key")]
+            lab.start_agent(host, ["--remote", f"{h1_ip}:{PORT}", *tls, *cert])
         lab.wait_all_ready(30, hosts=["h2", "h3"])
         assert len(lab.leases()) == 2  # written by the server, in flanneld's form
         h2c, h3c = lab.add_container("h2"), lab.add_container("h3")
@@ -176,3 +160,73 @@ def test_vxlan_clients_through_a_socket_activated_server(lab_factory):
         assert "not-ready" not in health(lab, "h2")
     finally:
         stop_process(proc, 10, what="socket-activated server")
+
+
+def curl(lab, host: str, method: str, url: str, body: dict | None = None, pki: Path | None = None) -> tuple[int, str]:
+    """One request from `host`'s namespace, as flanneld v0.5's client sends it; (status, body)."""
+    argv = ["curl", "-sS", "--max-time", "10", "-X", method, "-o", "-", "-w", "\n%{http_code}"]
+    if pki is not None:
+        argv += ["--cacert", str(pki / "ca.crt"), "--cert", str(pki / f"{host}.crt"), "--key", str(pki / f"{host}.key")]
+    if body is not None:
+        argv += ["-H", "Content-Type: application/json", "--data-binary", json.dumps(body)]
+    out = lab.exec(host, [*argv, url]).stdout
+    text, _, status = out.rpartition("\n")
+    return int(status), text
+
+
+def test_a_host_cannot_write_another_hosts_lease(lab_factory):
+    """h3 holds a valid certificate, for its own address, and tries to take over, move and delete h2's
+    lease: with mutual TLS (identity: the certificate's IP SANs) and then over plain HTTP (identity: the
+    source address). Every write is refused with 403 and h2's etcd value and etcd lease stay exactly as they
+    were; h2's own requests, as flanneld v0.5's client sends them, work."""
+    lab = lab_factory(3, network_config=VXLAN)
+    h1_ip, h2_ip, h3_ip = (str(lab.host(h).underlay_ip) for h in ("h1", "h2", "h3"))
+    pki = lab.dir / "pki"
+    make_pki(pki, h1_ip, {"h2": f"IP:{h2_ip}", "h3": f"IP:{h3_ip},DNS:h3.example"})
+    tls = ["--remote-cafile", str(pki / "ca.crt"), "--remote-certfile", str(pki / "server.crt"),
+           "--remote-keyfile", str(pki / "server.key")]  # fmt: skip
+
+    def h2_attrs(mac: str = "aa:bb:cc:00:00:02") -> dict:
+        return {"PublicIP": h2_ip, "BackendType": "vxlan", "BackendData": {"VNI": 1, "VtepMAC": mac}}
+
+    def attack(base: str, lease: dict, pki: Path | None, identity: str) -> None:
+        url = f"{base}/leases/{lease['Subnet'].replace('/', '-')}"
+        stolen = h2_attrs(mac="aa:bb:cc:00:00:03")
+        for method, target, body in (("POST", f"{base}/leases", stolen), ("POST", f"{base}/leases/", stolen),
+                                     ("PUT", f"{url}?ttl=10", {**lease, "Attrs": stolen}),
+                                     ("DELETE", f"{url}?PublicIP={h2_ip}", None)):  # fmt: skip
+            status, text = curl(lab, "h3", method, target, body, pki)
+            assert status == 403, (method, target, status, text)
+            assert identity in text and f"PublicIP {h2_ip}" in text and text.count("\n") == 1, text
+
+    server = Server(lab, "h1", ["--listen", f"{h1_ip}:{PORT}", *tls])
+    server.start()
+    try:
+        base = f"https://{h1_ip}:{PORT}/v1/_"
+        status, text = curl(lab, "h2", "POST", f"{base}/leases", h2_attrs(), pki)  # v0.5: no trailing slash
+        assert status == 200, text
+        lease = json.loads(text)
+        key = f"{lab.etcd_prefix}/subnets/{lease['Subnet'].replace('/', '-')}"
+        before = etcd_record(lab.etcd.ctl, key)
+        assert before is not None and json.loads(before.value)["BackendData"]["VtepMAC"] == "aa:bb:cc:00:00:02"
+        attack(base, lease, pki, f"certificate CN=h3 [{h3_ip}]")
+        time.sleep(1.1)  # a moved or renewed etcd lease would show in its remaining TTL
+        assert_untouched(before, etcd_record(lab.etcd.ctl, key))
+        assert list(lab.leases()) == [lease["Subnet"].replace("/", "-")]
+        assert server.log.read_text().count(f"may not write leases of PublicIP {h2_ip}") == 4
+    finally:
+        server.stop()
+
+    server = Server(lab, "h1", ["--listen", f"{h1_ip}:{PORT}"])  # plain HTTP: the source address decides
+    server.start()
+    try:
+        base = f"http://{h1_ip}:{PORT}/v1/_"
+        attack(base, lease, None, f"source address [{h3_ip}]")
+        time.sleep(1.1)
+        assert_untouched(before, etcd_record(lab.etcd.ctl, key))
+        status, text = curl(lab, "h3", "POST", f"{base}/leases", {**h2_attrs(), "PublicIP": h3_ip})
+        assert status == 200 and json.loads(text)["Subnet"] != lease["Subnet"], text
+        status, text = curl(lab, "h2", "PUT", f"{base}/leases/{lease['Subnet'].replace('/', '-')}", lease)
+        assert status == 200, text  # h2 renews its own lease from its own address
+    finally:
+        server.stop()

@@ -20,6 +20,13 @@ accepts `?ttl=SECONDS` (default: the server's --subnet-lease-ttl). Request bodie
 
 Lease safety is the etcd registry's: create-only transactions, compare-revision renewals, and a PUT for a
 subnet that another PublicIP holds is refused (409), never an overwrite (v0.5's server overwrote it).
+
+Writes (POST, PUT, DELETE) are authorized, reads are not (v0.5's server authorized nothing): a client may
+only write leases of a PublicIP it is. With mutual TLS that is an IPv4 address among its certificate's IP
+subject alternative names; otherwise (plain HTTP, or TLS without a client CA) the connection's source
+address. `--listen-trust-any-client` turns the check off (NATed clients without certificates). A PublicIP
+holds at most one lease per network, so a client can hold at most one lease per address it is, per network.
+A refusal is 403 and writes nothing.
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from typing import Any
 
 from aiohttp import web
@@ -78,6 +85,73 @@ class ServerOptions:
     tls: EtcdTLS  # --remote-cafile/certfile/keyfile: a CA means clients must present a certificate
     ttl: int = 24 * 3600
     poll_seconds: float = POLL_SECONDS
+    #: --listen-trust-any-client: any client may write the leases of any PublicIP (flanneld v0.5's server)
+    trust_any_client: bool = False
+
+    @property
+    def mutual_tls(self) -> bool:
+        return bool(self.tls.enabled and self.tls.cafile)
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """What the connection proves about a client: the IPv4 addresses it may write leases for, and how."""
+
+    addresses: frozenset[IPv4Address]
+    proof: str  # "certificate CN=node-2" or "source address"
+
+    def __str__(self) -> str:
+        ips = sorted(self.addresses)
+        shown = ",".join(str(ip) for ip in ips[:4]) + (f",+{len(ips) - 4}" if len(ips) > 4 else "")
+        return f"{self.proof} [{shown or 'no IPv4 address'}]"
+
+
+def certificate_identity(cert: dict[str, Any] | None) -> ClientIdentity:
+    """The IPv4 IP SANs of a verified peer certificate (ssl.SSLObject.getpeercert()); DNS names, IPv6
+    addresses and the CN name no PublicIP."""
+    addresses = set()
+    for kind, value in (cert or {}).get("subjectAltName", ()):
+        if kind == "IP Address":
+            with contextlib.suppress(ValueError):
+                addresses.add(IPv4Address(value.strip()))  # IPv6 entries fail here: not a PublicIP
+    cn = next((v for rdn in (cert or {}).get("subject", ()) for k, v in rdn if k == "commonName"), "")
+    cn = "".join(c if c.isprintable() else "?" for c in str(cn)[:64])
+    return ClientIdentity(frozenset(addresses), f"certificate CN={cn}" if cn else "certificate")
+
+
+def source_identity(peername: Any) -> ClientIdentity:
+    """The TCP peer's address, IPv4-mapped IPv6 (a dual-stack listener's ::ffff:10.0.0.1) as IPv4."""
+    host = peername[0] if isinstance(peername, tuple) and peername else ""
+    try:
+        address = ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        return ClientIdentity(frozenset(), "unknown source address")
+    if isinstance(address, IPv6Address):
+        if address.ipv4_mapped is None:
+            return ClientIdentity(frozenset(), f"source address {str(address)[:40]}")
+        address = address.ipv4_mapped
+    return ClientIdentity(frozenset({address}), "source address")
+
+
+class KeyedLocks:
+    """One asyncio lock per key, dropped when nobody holds or waits for it (keys may be made up)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
 
 def server_ssl_context(tls: EtcdTLS) -> ssl.SSLContext | None:
@@ -134,6 +208,9 @@ class RemoteServer:
         self._root = make_registry(self._prefix)
         self._last_reconnect = 0.0
         self._refusals = _RefusalLog()
+        #: one write at a time per (network, PublicIP): the one-lease-per-PublicIP check and the write it
+        #: allows must not interleave with another request's for that address
+        self._writers = KeyedLocks()
         #: set when the server stops: long polls answer at once (no events, same cursor), so that the
         #: clients reconnect to the next server instead of holding this one's shutdown up
         self.stopping = asyncio.Event()
@@ -250,6 +327,28 @@ class RemoteServer:
         except LeaseFormatError as e:
             raise HttpError(400, str(e)) from None
 
+    def identity(self, request: web.Request) -> ClientIdentity:
+        transport = request.transport
+        if transport is None:
+            return ClientIdentity(frozenset(), "closed connection")
+        if self.options.mutual_tls:
+            ssl_object = transport.get_extra_info("ssl_object")
+            return certificate_identity(ssl_object.getpeercert() if ssl_object is not None else None)
+        return source_identity(transport.get_extra_info("peername"))
+
+    def authorize(self, request: web.Request, public_ip: IPv4Address) -> None:
+        """A write for `public_ip` by this request's client, or 403 before anything is written."""
+        if self.options.trust_any_client:
+            return
+        identity = self.identity(request)
+        if public_ip not in identity.addresses:
+            raise HttpError(403, f"{identity} may not write leases of PublicIP {public_ip}")
+
+    async def _other_leases(self, registry: SubnetRegistry, public_ip: IPv4Address, subnet: IPv4Network) -> list[str]:
+        """The subnets `public_ip` holds in this network besides `subnet`."""
+        leases = (await registry.list_leases()).leases
+        return [str(lease.subnet) for lease in leases if lease.public_ip == public_ip and lease.subnet != subnet]
+
     # --- the API ---
 
     async def get_config(self, request: web.Request) -> web.Response:
@@ -271,16 +370,20 @@ class RemoteServer:
             attrs = wire.attrs_from_wire(await self._json(request, "lease attributes"))
         except LeaseFormatError as e:
             raise HttpError(400, str(e)) from None
+        self.authorize(request, attrs.public_ip)
         config, _ = await self._config(registry)
         manager = LeaseManager(config, attrs, registry, registry, LeaseOptions(ttl=self.options.ttl))
-        for _ in range(ACQUIRE_ATTEMPTS):
-            try:
-                lease = await manager.acquire_once(None)  # one attempt of the agent's own acquisition
-            except OutOfSubnets as e:
-                raise HttpError(503, str(e)) from None
-            if lease is not None:
-                logger.info("lease {} acquired for {}", lease.subnet, attrs.public_ip)
-                return await self._respond(registry, wire.lease_to_wire(lease), lease.mod_revision)
+        # The acquisition reuses the PublicIP's lease when it has one: serialized per address, it never
+        # makes a second one (the one-lease-per-PublicIP limit)
+        async with self._writers.hold((request.match_info["network"], attrs.public_ip)):
+            for _ in range(ACQUIRE_ATTEMPTS):
+                try:
+                    lease = await manager.acquire_once(None)  # one attempt of the agent's own acquisition
+                except OutOfSubnets as e:
+                    raise HttpError(503, str(e)) from None
+                if lease is not None:
+                    logger.info("lease {} acquired for {}", lease.subnet, attrs.public_ip)
+                    return await self._respond(registry, wire.lease_to_wire(lease), lease.mod_revision)
         raise HttpError(503, "lost every race for a free subnet; try again")
 
     async def renew_lease(self, request: web.Request) -> web.Response:
@@ -295,23 +398,29 @@ class RemoteServer:
             raise HttpError(400, str(e)) from None
         if sent.subnet != subnet:
             raise HttpError(400, f"lease {sent.subnet} sent to the URL of {subnet}")
+        self.authorize(request, sent.attrs.public_ip)
         ttl = self._ttl(request)
         config, _ = await self._config(registry)
         if not config.contains_subnet(subnet):
             raise HttpError(400, f"subnet {subnet} does not fit the network config ({config.network} /"
                                  f"{config.subnet_len}, {config.subnet_min} to {config.subnet_max})")  # fmt: skip
-        for _ in range(3):  # a race lost to another writer: read again and decide again
-            current = await registry.get_lease(subnet)
-            if current is None:
-                got = await registry.create_lease(subnet, sent.attrs, ttl)
+        async with self._writers.hold((request.match_info["network"], sent.attrs.public_ip)):
+            for _ in range(3):  # a race lost to another writer: read again and decide again
+                current = await registry.get_lease(subnet)
+                if current is None:
+                    held = await self._other_leases(registry, sent.attrs.public_ip, subnet)
+                    if held:  # one lease per PublicIP per network: else one client could drain the network
+                        raise HttpError(403, f"{sent.public_ip} already holds {', '.join(held[:3])} in this "
+                                             f"network (one lease per PublicIP); not creating {subnet}")  # fmt: skip
+                    got = await registry.create_lease(subnet, sent.attrs, ttl)
+                    if got is not None:
+                        logger.info("lease {} created for {}", subnet, sent.attrs.public_ip)
+                elif current.public_ip != sent.attrs.public_ip:
+                    raise HttpError(409, f"subnet {subnet} is held by {current.public_ip}, not by {sent.public_ip}")
+                else:
+                    got = await registry.update_lease(current, sent.attrs, ttl)
                 if got is not None:
-                    logger.info("lease {} created for {}", subnet, sent.attrs.public_ip)
-            elif current.public_ip != sent.attrs.public_ip:
-                raise HttpError(409, f"subnet {subnet} is held by {current.public_ip}, not by {sent.public_ip}")
-            else:
-                got = await registry.update_lease(current, sent.attrs, ttl)
-            if got is not None:
-                return await self._respond(registry, wire.lease_to_wire(got), got.mod_revision)
+                    return await self._respond(registry, wire.lease_to_wire(got), got.mod_revision)
         raise HttpError(409, f"subnet {subnet} keeps changing under us; try again")
 
     def _ttl(self, request: web.Request) -> int:
@@ -336,6 +445,7 @@ class RemoteServer:
             holder = IPv4Address(request.query.get("PublicIP", ""))
         except ValueError:
             raise HttpError(400, "DELETE needs ?PublicIP=<the address holding the lease>") from None
+        self.authorize(request, holder)
         lease = await registry.get_lease(subnet)
         if lease is None:
             raise HttpError(404, f"no lease at {registry.lease_key(subnet)}")
@@ -427,7 +537,8 @@ class RemoteServer:
 class _RefusalLog:
     """The log of refused requests (4xx): anybody can send them, so they must not flood the log. 404s
     (a network or lease that does not exist: what a probe or a typo asks for) go to DEBUG; the others at
-    most BURST lines per PERIOD at INFO, then DEBUG, with the count of those left out said once."""
+    most BURST lines per PERIOD (403s, a client writing for another host, at WARNING; the rest at INFO),
+    then DEBUG, with the count of those left out said once."""
 
     BURST = 20
     PERIOD = 60.0
@@ -450,7 +561,7 @@ class _RefusalLog:
             self._since, self._logged, self._left_out = now, 0, 0
         if self._logged < self.BURST:
             self._logged += 1
-            logger.info(*line)
+            logger.log("WARNING" if error.status == 403 else "INFO", *line)
         else:
             self._left_out += 1
             logger.debug(*line)
@@ -471,6 +582,13 @@ async def serve(registry_factory: Callable[[str], SubnetRegistry], prefix: str, 
     await site.start()
     mode = "plain HTTP" if ctx is None else "TLS, client certificates required" if options.tls.cafile else "TLS"
     logger.info("serving flannel's remote API on {} ({}) for the leases under {}", options.listen, mode, prefix)
+    if options.trust_any_client:
+        logger.warning("--listen-trust-any-client: every client that reaches {} may acquire, renew and delete "
+                       "the lease of ANY PublicIP", options.listen)  # fmt: skip
+    elif options.mutual_tls:
+        logger.info("a client may write only the leases of the IPv4 addresses in its certificate's subjectAltName")
+    else:
+        logger.info("a client may write only the leases of its source address (NATed clients: use mutual TLS)")
     sd_notify.ready(f"serving on {options.listen}")
     try:
         await stop.wait()
@@ -486,7 +604,12 @@ async def serve(registry_factory: Callable[[str], SubnetRegistry], prefix: str, 
 def run_server(agent_options: Any) -> int:
     """`up --listen`: serve until SIGTERM/SIGINT. `agent_options` is the agent's (AgentOptions): its etcd
     settings, its lease TTL, and listen/remote_tls."""
-    options = ServerOptions(listen=agent_options.listen, tls=agent_options.remote_tls, ttl=agent_options.lease.ttl)
+    options = ServerOptions(
+        listen=agent_options.listen,
+        tls=agent_options.remote_tls,
+        ttl=agent_options.lease.ttl,
+        trust_any_client=agent_options.listen_trust_any_client,
+    )
 
     async def main() -> int:
         stop = asyncio.Event()
