@@ -40,6 +40,7 @@ from loguru import logger
 
 from flannel_ebpf import sd_notify
 from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
+from flannel_ebpf.logs import clip
 from flannel_ebpf.remote import wire
 from flannel_ebpf.subnet.allocation import OutOfSubnets
 from flannel_ebpf.subnet.lease import LeaseEvent, LeaseFormatError, parse_subnet_key
@@ -166,13 +167,13 @@ class RemoteServer:
                 return await handler(request)
             except HttpError as e:
                 if e.status >= 500:
-                    logger.warning("{} {} from {}: {}", request.method, request.path, request.remote, e)
+                    logger.warning("{} {} from {}: {}", request.method, clip(request.path), request.remote, e)
                 else:
-                    logger.info("{} {} from {}: {} {}", request.method, request.path, request.remote, e.status, e)
+                    logger.info("{} {} from {}: {} {}", request.method, clip(request.path), request.remote, e.status, e)
                 return web.Response(status=e.status, text=str(e) + "\n")
             except ETCD_RETRYABLE as e:
                 reason = describe_etcd_error(e)
-                logger.warning("{} {} from {}: {}", request.method, request.path, request.remote, reason)
+                logger.warning("{} {} from {}: {}", request.method, clip(request.path), request.remote, reason)
                 await self._reconnect(request)
                 return web.Response(status=503, text=reason + "\n")
 
