@@ -25,6 +25,7 @@ from loguru import logger
 from flannel_ebpf import package_version, status_view
 from flannel_ebpf import state as state_file
 from flannel_ebpf.backends.base import BackendOptions
+from flannel_ebpf.logs import configure_logging
 from flannel_ebpf.runtimes import commands as runtime_commands
 from flannel_ebpf.subnet.manager import LeaseOptions
 from flannel_ebpf.subnet.registry import DEFAULT_PREFIX, EtcdTLS
@@ -465,14 +466,7 @@ def network_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
 
 
 def setup_logging(verbose: int) -> None:
-    logger.remove()
-    logger.add(
-        sys.stderr,
-        level="DEBUG" if verbose else "INFO",
-        format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}",
-        backtrace=False,
-        diagnose=False,
-    )
+    configure_logging("DEBUG" if verbose else "INFO")
 
 
 # --- commands ---------------------------------------------------------------------------------------

@@ -93,8 +93,11 @@ def test_short_run_of_every_backend_writes_the_report(tmp_path: Path):
     # One progress line per step, for every backend.
     for name in BACKENDS:
         assert any(f"] {name}: " in line for line in lines), name
-    # Nothing a backend left behind went unnoticed: any leftover is in the notes (and was removed).
+    # Every backend went away cleanly: its agents stopped on SIGTERM, `down` succeeded, and the bench's scrub
+    # after it (which notes whatever it has to remove) found nothing left behind.
     print("notes:", meta.get("notes", "(none)"))
+    teardown = ("left behind after `down`", "on SIGTERM", "`down` on ", ": stopping ")
+    assert not [note for note in run.notes if any(what in note for what in teardown)], run.notes
 
 
 @pytest.mark.skipif(_lab_tools_missing() is not None, reason=str(_lab_tools_missing()))

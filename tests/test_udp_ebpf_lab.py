@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 
 import pytest
 
-from flannel_ebpf.lab.traffic import FloodCounter
+from flannel_ebpf.lab.traffic import PingResult, count_flood
 from tests.helpers import pinned_map_ids, wait_delivery_settled, wait_for
 from tests.packets import inner_echo
 
@@ -18,6 +19,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.bpf]
 
 UDP = {"Network": "10.5.0.0/16", "Backend": {"Type": "udp"}}
 PREFIX = "/coreos.com/network"
+FLOOD_COUNT = 3000  # 2 ms apart: at least 6 s, well past the kill (wanted: 1000 pings after it)
 
 
 def bring_up(lab_factory, decap, hosts=3, topology="flat", segments=None, loader="auto"):
@@ -75,16 +77,27 @@ def test_all_pairs_ping_and_tcp_both_ways(lab_factory, decap, topology, loader):
 def test_agent_kill_9_under_flood_loses_nothing_and_restart_adopts(lab_factory, decap):
     lab = bring_up(lab_factory, decap, hosts=2)
     h1c, h2c = lab.containers
-    # Count-bounded floods (each ends on an answer: no probe in flight is counted as lost), 2 ms apart.
-    flood = FloodCounter(lab.node(h1c), str(h2c.ip), segment=500).start()
-    wait_for(lambda: flood.results, what="a first flood to complete")
+    # One count-bounded flood, no gap (it ends on an answer: no probe in flight is counted as lost). The
+    # kill lands inside it: after h1's encapsulation counter shows it flowing, while it still runs.
+    flooded: dict[str, PingResult] = {}
+    flood = threading.Thread(
+        target=lambda: flooded.update(r=count_flood(lab.node(h1c), str(h2c.ip), FLOOD_COUNT, deadline=60)),
+        daemon=True,
+    )
+    encap_before = counters(lab, "h1")["encap_ok"]
+    flood.start()
+    wait_for(lambda: counters(lab, "h1")["encap_ok"] >= encap_before + 200, what="the flood flowing")
     lab.kill_agent("h1")
     lab.kill_agent("h2")
-    sent_at_kill = sum(r.sent for r in flood.results)
-    wait_for(lambda: sum(r.sent for r in flood.results) >= sent_at_kill + 1000, what="1000 pings after the kill")
-    r = flood.stop()
-    print(f"kill -9 of both agents under a ping flood: {r.sent - r.received} of {r.sent} lost")
-    assert r.sent > 1000 and r.received == r.sent
+    assert flood.is_alive(), "the flood ended before the kill"
+    encap_at_kill = counters(lab, "h1")["encap_ok"]  # read from the pinned maps: the agents are gone
+    flood.join(75)
+    r = flooded["r"]
+    encapsulated_after_kill = counters(lab, "h1")["encap_ok"] - encap_at_kill
+    print(f"kill -9 of both agents under a ping flood: {r.sent - r.received} of {r.sent} lost, "
+          f"{encapsulated_after_kill} encapsulated after the kill")  # fmt: skip
+    assert r.sent >= FLOOD_COUNT and r.received == r.sent, r
+    assert encapsulated_after_kill >= 1000
     peers_before = lab.agent_status("h1")["live"]["maps"]["peers"]
     ids_before = pinned_map_ids(lab, "h1")
     lab.start_agent("h1", ["--lease-check-interval", "1"])

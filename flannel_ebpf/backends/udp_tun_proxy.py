@@ -45,6 +45,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 from loguru import logger
 
+from flannel_ebpf.logs import configure_logging
+
 # Enough for any IPv4 packet: the TUN MTU bounds what we read from it, but a peer with a larger
 # underlay MTU may send bigger datagrams and a short buffer would silently truncate them.
 BUFFER_SIZE = 65536
@@ -445,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     # The agent decides when we stop (control message, or its end closing the channel); a Ctrl-C
     # aimed at the agent's terminal must not kill the data path before the agent has said so.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logger.remove()
-    logger.add(sys.stderr, level=os.environ.get("FLANNEL_EBPF_PROXY_LOG", "INFO"))
+    configure_logging(os.environ.get("FLANNEL_EBPF_PROXY_LOG", "INFO"))
     try:
         proxy = Proxy(args.tun_fd, args.udp_fd, args.ctl_fd, args.tun_addr, args.local_subnet)
     except OSError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loguru import logger
+from flannel_ebpf.logs import configure_logging
 
 from . import demo
 from .cleanup import cleanup, find_leftovers
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "demo":
         return demo.main(args)
 
-    logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if args.verbose else "INFO")
+    configure_logging("DEBUG" if args.verbose else "INFO")
     if args.list:
         for prefix, left in sorted(find_leftovers().items()):
             owner = left.owner_alive()

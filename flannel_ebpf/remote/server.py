@@ -49,6 +49,7 @@ from loguru import logger
 
 from flannel_ebpf import metrics, sd_notify
 from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
+from flannel_ebpf.logs import clip
 from flannel_ebpf.remote import wire
 from flannel_ebpf.subnet.allocation import OutOfSubnets
 from flannel_ebpf.subnet.lease import LeaseEvent, LeaseFormatError, parse_subnet_key
@@ -261,7 +262,7 @@ class RemoteServer:
                 return await handler(request)
             except HttpError as e:
                 if e.status >= 500:
-                    logger.warning("{} {} from {}: {}", request.method, request.path, request.remote, e)
+                    logger.warning("{} {} from {}: {}", request.method, clip(request.path), request.remote, e)
                 else:
                     self._refusals.log(request, e)
                 return web.Response(status=e.status, text=str(e) + "\n")
@@ -273,7 +274,7 @@ class RemoteServer:
                 return web.Response(status=error.status, text=f"{error}\n")
             except ETCD_RETRYABLE as e:
                 reason = describe_etcd_error(e)
-                logger.warning("{} {} from {}: {}", request.method, request.path, request.remote, reason)
+                logger.warning("{} {} from {}: {}", request.method, clip(request.path), request.remote, reason)
                 await self._reconnect(request)
                 return web.Response(status=503, text=reason + "\n")
 
@@ -549,7 +550,7 @@ class _RefusalLog:
         self._left_out = 0
 
     def log(self, request: web.Request, error: HttpError) -> None:
-        line = ("{} {} from {}: {} {}", request.method, request.path[:200], request.remote, error.status, error)
+        line = ("{} {} from {}: {} {}", request.method, clip(request.path), request.remote, error.status, error)
         if error.status == 404:
             logger.debug(*line)
             return

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any
 
+from flannel_ebpf.logs import VALUE_LIMIT
+
 # flanneld's key form: `10.5.34.0-24`, optionally followed by an IPv6 half (`&fc00::-64`) that we accept
 # but do not use. ASCII digits only (`\d` would also match other scripts' digits); the exact spelling is
 # then checked by writing the parsed subnet back (no leading zeros, no trailing newline, nothing around).
@@ -106,13 +108,14 @@ def parse_subnet_key(name: str) -> IPv4Network:
     v4, sep, v6 = name.partition("&")
     m = _V4_KEY_RE.fullmatch(v4)
     if not m:
-        raise LeaseFormatError(f"not a subnet key: {name!r}")
+        raise LeaseFormatError(f"not a subnet key: {_short(name, VALUE_LIMIT)}")
     try:
         subnet = IPv4Network(f"{m.group(1)}/{m.group(2)}")  # strict: no host bits
     except ValueError as e:
-        raise LeaseFormatError(f"not a subnet key: {name!r}: {e}") from None
+        raise LeaseFormatError(f"not a subnet key: {_short(name, VALUE_LIMIT)}: {e}") from None
     if subnet_key(subnet) != v4:
-        raise LeaseFormatError(f"not a subnet key: {name!r} (flanneld writes {subnet_key(subnet)!r})")
+        written = subnet_key(subnet)
+        raise LeaseFormatError(f"not a subnet key: {_short(name, VALUE_LIMIT)} (flanneld writes {written!r})")
     if sep:
         m6 = _V6_KEY_RE.fullmatch(v6)
         try:
@@ -120,7 +123,7 @@ def parse_subnet_key(name: str) -> IPv4Network:
         except ValueError:
             subnet6 = None
         if subnet6 is None or f"{subnet6.network_address}-{subnet6.prefixlen}" != v6:
-            raise LeaseFormatError(f"not a subnet key: {name!r} (bad IPv6 part)")
+            raise LeaseFormatError(f"not a subnet key: {_short(name, VALUE_LIMIT)} (bad IPv6 part)")
     return subnet
 
 

@@ -27,6 +27,7 @@ from ipaddress import IPv4Address, IPv4Network
 from loguru import logger
 
 from flannel_ebpf.config import NetworkConfig
+from flannel_ebpf.logs import clip
 from flannel_ebpf.subnet.allocation import pick_subnet
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent
 from flannel_ebpf.subnet.registry import (
@@ -201,9 +202,9 @@ class LeaseManager:
         most GARBAGE_LOG_LIMIT of them one by one: an etcd full of junk must not flood the log."""
         new = [(key, reason) for key, reason in garbage if self._garbage_logged.get(key) != reason]
         for key, reason in new[:GARBAGE_LOG_LIMIT]:
-            # a key is anyone's bytes: a newline in it must not forge a log line
+            # a key is anyone's bytes: a newline in it must not forge a log line, nor 1 MB of it flood one
             shown = key if key.isprintable() else repr(key)
-            logger.warning("ignoring invalid lease {}: {}", shown, reason)
+            logger.warning("ignoring invalid lease {}: {}", clip(shown), clip(reason))
         if len(new) > GARBAGE_LOG_LIMIT:
             logger.warning("ignoring {} more invalid keys under {}", len(new) - GARBAGE_LOG_LIMIT,
                            self.leases.subnets_prefix)  # fmt: skip
