@@ -12,18 +12,15 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
 
 from loguru import logger
 
 from flannel_ebpf import metrics, sd_notify
+from flannel_ebpf.http_limits import PLAIN_TEXT, Answer, ConnectionLimits, Route, ThreadedHttpServer
 from flannel_ebpf.network import (
     HEARTBEAT_SECONDS,
     AgentOptions,
@@ -53,6 +50,9 @@ __all__ = [
 LOOP_PROBE_SECONDS = 0.05
 LOOP_STALL_SECONDS = 0.1  # a lateness above this counts as a stall
 GIL_SWITCH_SECONDS = 0.001
+#: probes (kubelet, a load balancer, `curl`) need a few connections; 256 leave most of the 1024 descriptors of
+#: systemd's default soft limit to the agent. Short keep-alive: probes poll
+HEALTHZ_LIMITS = ConnectionLimits(max_connections=256, request_seconds=5.0, keepalive_seconds=5.0)
 
 #: makes a network's lease source from its name ("" in classic mode): SubnetRegistry, or client/server
 #: mode's RemoteRegistry
@@ -160,62 +160,41 @@ class Agent:
         return ready, "; ".join(f"{name}: {line}" for name, _, line in answers)
 
     async def _healthz(self) -> None:
-        """The HTTP health endpoint on --healthz-ip:--healthz-port (http.server in a thread of its own,
-        so that it answers even while the event loop is busy; it only reads the agent's state).
+        """The HTTP health endpoint on --healthz-ip:--healthz-port, in a thread with an event loop of its
+        own: it answers even while the agent's loop is busy (it only reads the agent's state), and its
+        connection limits (HEALTHZ_LIMITS) keep a flood of slow connections from taking the descriptors
+        and threads the agent needs for etcd, its state file and netlink.
 
         `/healthz` is flanneld v0.20.2's: liveness, 200 "flanneld is running" whenever the process runs
         (probes written for flanneld keep working). `/readyz` is readiness: 200 `ready <iface>
         subnet:<subnet> mtu:<mtu>` once the data path holds every peer and the agent keeps its heartbeat,
         else 503 `not-ready <phase>: <reason>` (the same words as `flannel-ebpf health`). Anything else:
         404, as flanneld's mux answers."""
-        agent = self
 
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "flannel-ebpf"
+        def readyz(_accept: str | None) -> Answer:
+            ready, line = self.readiness()
+            return (200 if ready else 503), line + "\n", PLAIN_TEXT
 
-            def do_GET(self) -> None:  # http.server's naming
-                path = urlsplit(self.path).path
-                content_type = "text/plain; charset=utf-8"
-                if path == "/metrics":  # Prometheus, read at scrape time (flannel_ebpf.metrics)
-                    code, (payload, content_type) = 200, metrics.render(self.headers.get("Accept"), agent)
-                elif path == "/healthz":
-                    code, body = 200, "flanneld is running"
-                elif path == "/readyz":
-                    ready, body = agent.readiness()
-                    code = 200 if ready else 503
-                else:
-                    code, body = 404, "404 page not found"
-                if path != "/metrics":
-                    payload = (body + "\n").encode() if path != "/healthz" else body.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
+        def metrics_page(accept: str | None) -> Answer:  # Prometheus, read at scrape time
+            return 200, *metrics.render(accept, self)
 
-            do_HEAD = do_GET  # same answer, body left out
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # a probe every few seconds is not worth a log line
-
+        routes: dict[str, Route] = {
+            "/healthz": lambda _accept: (200, "flanneld is running", PLAIN_TEXT),
+            "/readyz": readyz,
+            "/metrics": metrics_page,
+        }
         host, port = self.options.healthz_ip, self.options.healthz_port
-        server_class = type("HealthzServer", (ThreadingHTTPServer,), {"daemon_threads": True})
-        if ":" in host:
-            server_class.address_family = socket.AF_INET6
         try:
-            server = server_class((host, port), Handler)
+            server = ThreadedHttpServer(host, port, routes, HEALTHZ_LIMITS, "healthz")
         except OSError as e:
             logger.error("cannot serve /healthz on {}:{}: {}", host, port, e)
             return
-        thread = threading.Thread(target=server.serve_forever, name="healthz", daemon=True)
-        thread.start()
+        server.start()
         logger.info("serving /healthz and /readyz on {}:{}", host, port)
         try:
             await asyncio.Event().wait()  # until cancelled
         finally:
-            await asyncio.to_thread(server.shutdown)
-            server.server_close()
+            await asyncio.to_thread(server.stop)
 
 
 def _name_the_network(record: Any) -> None:

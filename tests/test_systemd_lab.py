@@ -43,6 +43,7 @@ def test_unit_and_drop_in_verify(tmp_path: Path) -> None:
     service, about = unit["Service"], unit["Unit"]
     assert service["Type"] == "notify" and service["Restart"] == "on-failure"
     assert service["ExecStart"] == f"{SHIPPED_EXEC} up $FLANNEL_OPTIONS"
+    assert int(service["LimitNOFILE"]) >= 8192  # well above the HTTP servers' connection caps
     assert {"network-online.target", "etcd.service"} <= set(about["After"].split())
     assert "network-online.target" in about["Wants"].split() and "docker.service" in about["Before"].split()
     env = read_unit(DROP_IN)["Service"]["Environment"].split("\n")

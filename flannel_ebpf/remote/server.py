@@ -49,6 +49,7 @@ from loguru import logger
 
 from flannel_ebpf import metrics, sd_notify
 from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
+from flannel_ebpf.http_limits import LISTEN_BACKLOG, ConnectionLimits, GuardedListener, quiet_connection_errors
 from flannel_ebpf.logs import clip
 from flannel_ebpf.remote import wire
 from flannel_ebpf.subnet.allocation import OutOfSubnets
@@ -70,6 +71,9 @@ BATCH_WINDOW = 0.02
 BATCH_MAX = 1000
 ACQUIRE_ATTEMPTS = 10  # as flanneld v0.5: lost races before an acquisition gives up (the client retries)
 _NETWORK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+#: a client host holds one long poll and renews now and then: 512 connections serve hundreds of hosts, and
+#: with the descriptors of etcd's channels stay well under the 1024 that systemd's default soft limit allows
+SERVER_LIMITS = ConnectionLimits(max_connections=512, request_seconds=5.0, keepalive_seconds=30.0)
 REVISION_HEADER = "X-Flannel-Ebpf-Revision"
 CLUSTER_HEADER = "X-Flannel-Ebpf-Cluster-Id"
 
@@ -86,6 +90,7 @@ class ServerOptions:
     tls: EtcdTLS  # --remote-cafile/certfile/keyfile: a CA means clients must present a certificate
     ttl: int = 24 * 3600
     poll_seconds: float = POLL_SECONDS
+    limits: ConnectionLimits = SERVER_LIMITS
     #: --listen-trust-any-client: any client may write the leases of any PublicIP (flanneld v0.5's server)
     trust_any_client: bool = False
 
@@ -193,7 +198,7 @@ def listen_socket(listen: str, environ: dict[str, str] | None = None) -> socket.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted server binds at once
     sock.bind((host, int(port)))
-    sock.listen(128)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -577,10 +582,18 @@ async def serve(registry_factory: Callable[[str], SubnetRegistry], prefix: str, 
         logger.error("cannot listen on {}: {}", options.listen, e)
         return 1
     server = RemoteServer(registry_factory, prefix, options)
-    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
+    limits = options.limits
+    runner = web.AppRunner(
+        server.app(), access_log=None, handle_signals=False, keepalive_timeout=limits.keepalive_seconds
+    )
     await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=ctx, shutdown_timeout=2.0)
-    await site.start()
+    http = runner.server
+    assert http is not None
+    loop = asyncio.get_running_loop()
+    previous_handler = loop.get_exception_handler()
+    connection_errors = quiet_connection_errors(loop, "the lease server", limits.log_every)
+    listener = GuardedListener(http, sock, limits, "the lease server", ssl_context=ctx)
+    listener.start()
     mode = "plain HTTP" if ctx is None else "TLS, client certificates required" if options.tls.cafile else "TLS"
     logger.info("serving flannel's remote API on {} ({}) for the leases under {}", options.listen, mode, prefix)
     if options.trust_any_client:
@@ -596,8 +609,13 @@ async def serve(registry_factory: Callable[[str], SubnetRegistry], prefix: str, 
     finally:
         sd_notify.stopping("stopping")
         server.stopping.set()
+        await listener.close()
+        await runner.shutdown()
+        await http.shutdown(2.0)  # the open connections: long polls answer at once (stopping), the rest close
         await runner.cleanup()
         await server.close()
+        connection_errors.flush()
+        loop.set_exception_handler(previous_handler)
     logger.info("server stopped")
     return 0
 

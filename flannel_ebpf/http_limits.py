@@ -1,0 +1,428 @@
+"""Connection limits for the HTTP servers: the lease server of `up --listen` and the agent's /healthz.
+
+aiohttp has no limit on connections and no deadline for a request to arrive (its keep-alive timer runs
+only after a first response), so one host opening connections that trickle header bytes would hold a file
+descriptor each until the process has none left. `GuardedListener` accepts connections itself and:
+- caps the connections open at once; at the cap, a new connection replaces the one that has waited
+  longest for its request (a slow client, never one being answered), else it is closed at once;
+- gives every request `request_seconds` to arrive in full (line, headers, body), counted from the
+  accept (a new connection) or from its first byte (keep-alive), never reset by further bytes;
+- gives a TLS handshake `handshake_seconds`;
+- counts what it cut or refused and says so in at most one line per `log_every` seconds.
+`quiet_connection_errors` does the same for the connection errors asyncio reports to its loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import re
+import socket
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from loguru import logger
+
+#: accept() failing for want of file descriptors or memory: wait, and make room, rather than give up
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_ACCEPT_RETRY_SECONDS = 0.1
+_ACCEPT_BATCH = 64
+#: a burst of connects waits in the kernel's queue, not dropped (a dropped SYN costs the client 1 s, then 3 s)
+LISTEN_BACKLOG = 1024
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int
+    request_seconds: float = 5.0  # a whole request (line, headers, body) must arrive within this
+    keepalive_seconds: float = 30.0  # an idle keep-alive connection is closed after this (aiohttp's timer)
+    handshake_seconds: float = 10.0  # TLS handshake
+    log_every: float = 10.0  # at most one line per this many seconds about cut or refused connections
+
+
+class RateLimitedLog:
+    """Counts events by kind and logs them as one WARNING line per `every` seconds: the first event after
+    a quiet period at once, later ones summed up when the period ends."""
+
+    def __init__(self, what: str, every: float) -> None:
+        self.what = what
+        self.every = every
+        self.totals: Counter[str] = Counter()  # since the start (tests, metrics)
+        self._pending: Counter[str] = Counter()
+        self._last = -float("inf")
+        self._timer: asyncio.TimerHandle | None = None
+        self.lines = 0
+
+    def add(self, kind: str, count: int = 1) -> None:
+        self.totals[kind] += count
+        self._pending[kind] += count
+        if self._timer is None:
+            delay = max(0.0, self._last + self.every - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        now = time.monotonic()
+        since = "" if self._last == -float("inf") else f" in the last {now - self._last:.0f} s"
+        parts = ", ".join(f"{n} {kind}" for kind, n in self._pending.items())
+        logger.warning("{}: {}{}", self.what, parts, since)
+        self._pending.clear()
+        self._last = now
+        self.lines += 1
+
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d{1,18})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_CHUNKED = re.compile(rb"^transfer-encoding[ \t]*:[^\n]*chunked", re.IGNORECASE | re.MULTILINE)
+_CHUNKED_END = b"0\r\n\r\n"
+#: a longer head is refused by aiohttp's parser anyway; the framing stops buffering it (the deadline cuts it)
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class RequestFraming:
+    """Where HTTP/1.x requests begin and end in a connection's byte stream: enough to time them, not to
+    parse them (aiohttp does that). A misjudged end only ends the deadline early: aiohttp's own behaviour."""
+
+    def __init__(self) -> None:
+        self._state = "idle"  # idle | head | body | chunked
+        self._head = bytearray()
+        self._body_left = 0
+        self._tail = b""
+
+    @property
+    def in_request(self) -> bool:
+        return self._state != "idle"
+
+    @property
+    def in_head(self) -> bool:
+        return self._state == "head"
+
+    def feed(self, data: bytes) -> int:
+        """Follow `data`; returns how many requests began in it."""
+        began = 0
+        view = memoryview(data)
+        while len(view):
+            if self._state == "idle":
+                self._state, began = "head", began + 1
+                self._head.clear()
+            if self._state == "head":
+                old = len(self._head)
+                if old >= MAX_HEAD_BYTES:
+                    return began  # too long for aiohttp's parser anyway; the deadline cuts it
+                self._head += view[: MAX_HEAD_BYTES - old]
+                end = _HEAD_END.search(self._head, max(0, old - 3))
+                if end is None:
+                    return began
+                view = view[end.end() - old :]  # what follows the head in this chunk: its body, or more
+                head = bytes(self._head[: end.start()])
+                length = _CONTENT_LENGTH.search(head)
+                if _CHUNKED.search(head):
+                    self._state, self._tail = "chunked", b"\n"  # the end may follow the head directly
+                elif length and int(length.group(1)) > 0:
+                    self._state, self._body_left = "body", int(length.group(1))
+                else:
+                    self._state = "idle"
+            elif self._state == "body":
+                taken = min(self._body_left, len(view))
+                self._body_left -= taken
+                view = view[taken:]
+                if not self._body_left:
+                    self._state = "idle"
+            else:  # chunked: the body ends with a zero-size chunk and an empty line
+                window = self._tail + bytes(view)
+                at = window.find(b"\n" + _CHUNKED_END)
+                if at < 0:
+                    self._tail = window[-len(_CHUNKED_END) :]
+                    return began
+                view = memoryview(window[at + 1 + len(_CHUNKED_END) :])
+                self._state = "idle"
+        return began
+
+
+class _Connection:
+    """One accepted connection, from accept to close."""
+
+    __slots__ = ("reading_since", "task", "transport")
+
+    def __init__(self, now: float) -> None:
+        self.reading_since: float | None = now  # waiting for (the rest of) a request since then
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Future[Any] | None = None
+
+    def cut(self) -> None:
+        self.reading_since = None  # cut once: its descriptor is closed within this loop iteration
+        if self.transport is not None:
+            self.transport.abort()  # no lingering, no TLS close_notify: the descriptor is free at once
+        elif self.task is not None:
+            self.task.cancel()  # still in the TLS handshake: asyncio closes the socket
+
+
+class _GuardedProtocol(asyncio.Protocol):
+    """Wraps aiohttp's protocol of one connection: times the requests, and makes aiohttp's protocol (a
+    task per connection) only once the first request's head is in, so that a slow client costs little."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], listener: GuardedListener, conn: _Connection) -> None:
+        self._factory = factory
+        self._inner: asyncio.Protocol | None = None
+        self._held = bytearray()  # the first head, until it is complete
+        self._transport: asyncio.BaseTransport | None = None
+        self._listener = listener
+        self._conn = conn
+        self._framing = RequestFraming()
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._conn.transport = transport  # type: ignore[assignment]
+        self._transport = transport
+        self._arm()  # the first request, counted from now (the handshake had its own deadline)
+
+    def data_received(self, data: bytes) -> None:
+        began = self._framing.feed(data)
+        if not self._framing.in_request:
+            self._disarm()
+        elif began and self._deadline is None:
+            self._arm()
+        if self._inner is None:
+            self._held += data
+            if self._framing.in_head and len(self._held) <= MAX_HEAD_BYTES:
+                return
+            data, self._held = bytes(self._held), bytearray()
+            self._inner = self._factory()
+            self._inner.connection_made(self._transport)  # type: ignore[arg-type]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._listener._forget(self._conn)
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._conn.reading_since = time.monotonic()
+        self._deadline = loop.call_later(self._listener.limits.request_seconds, self._too_slow)
+
+    def _disarm(self) -> None:
+        self._conn.reading_since = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._listener.events.add(f"cut (no complete request within {self._listener.limits.request_seconds:g} s)")
+        self._listener._forget(self._conn)
+        self._conn.cut()
+
+
+class GuardedListener:
+    """Accepts connections on `sock` for aiohttp's `protocol_factory` (a web.Server) within `limits`."""
+
+    def __init__(
+        self,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        sock: socket.socket,
+        limits: ConnectionLimits,
+        name: str,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._factory = protocol_factory
+        self._sock = sock
+        self._ssl = ssl_context
+        self.limits = limits
+        self.events = RateLimitedLog(f"{name} (at most {limits.max_connections} connections)", limits.log_every)
+        self._conns: set[_Connection] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def start(self) -> None:
+        self._sock.setblocking(False)
+        self._task = asyncio.ensure_future(self._accept_loop())
+
+    async def close(self) -> None:
+        """Stop accepting (the socket is closed); the connections are aiohttp's to shut down."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._sock.close()
+        for conn in list(self._conns):
+            if conn.reading_since is not None:
+                conn.cut()  # no request yet (aiohttp's shutdown closes the others)
+        self.events.flush()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(self._sock)
+            except OSError as e:
+                if e.errno in _OUT_OF_RESOURCES:
+                    self.events.add(f"accepts failed ({errno.errorcode.get(e.errno or 0, e.errno)})")
+                    self._evict()  # make room for the next try, if a slow client holds any
+                    await asyncio.sleep(_ACCEPT_RETRY_SECONDS)
+                continue  # ECONNABORTED and the like: that client gave up before we accepted it
+            self._admit(sock)
+            # More may wait in the backlog: take them now, without a round trip through the loop each
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    sock, _ = self._sock.accept()
+                except OSError:
+                    break  # BlockingIOError: none left; anything else: the next sock_accept meets it
+                self._admit(sock)
+
+    def _evict(self) -> bool:
+        """Cut the connection that has waited longest for its request, if one is waiting."""
+        waiting = [c for c in self._conns if c.reading_since is not None]
+        if not waiting:
+            return False
+        victim = min(waiting, key=lambda c: c.reading_since or 0.0)
+        self._forget(victim)  # its slot is free now, not when asyncio gets round to connection_lost
+        victim.cut()
+        return True
+
+    def _admit(self, sock: socket.socket) -> None:
+        if len(self._conns) >= self.limits.max_connections:
+            if self._evict():
+                self.events.add("slow connections replaced by new ones")
+            else:
+                self.events.add("refused (every connection is being answered)")
+                sock.close()
+                return
+        conn = _Connection(time.monotonic())
+        self._conns.add(conn)
+        conn.task = asyncio.ensure_future(self._establish(sock, conn))
+
+    async def _establish(self, sock: socket.socket, conn: _Connection) -> None:
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        try:
+            await loop.connect_accepted_socket(
+                lambda: _GuardedProtocol(self._factory, self, conn),
+                sock,
+                ssl=self._ssl,
+                ssl_handshake_timeout=self.limits.handshake_seconds if self._ssl else None,
+            )
+        except asyncio.CancelledError:
+            self._forget(conn)
+            sock.close()
+        except (OSError, EOFError):  # ssl.SSLError is an OSError: a failed handshake, a reset
+            if conn.transport is None:
+                self.events.add("failed TLS handshakes")
+            self._forget(conn)
+            sock.close()
+        finally:
+            conn.task = None
+
+    def _forget(self, conn: _Connection) -> None:
+        self._conns.discard(conn)
+
+
+def quiet_connection_errors(loop: asyncio.AbstractEventLoop, what: str, every: float = 10.0) -> RateLimitedLog:
+    """Route the loop's reports of connection errors (an OSError: a reset, a broken pipe, a failed
+    handshake, no file descriptor left) to one counted line per `every` seconds instead of a traceback
+    each; anything else still goes to asyncio's default handler."""
+    events = RateLimitedLog(f"{what}: connection errors", every)
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError):
+            events.add(f"{type(exc).__name__} ({context.get('message', '')})")
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
+    return events
+
+
+#: an answer: (status, body, content type); a route gets the request's Accept header (None: none sent)
+Answer = tuple[int, str | bytes, str]
+Route = Callable[[str | None], Answer]
+PLAIN_TEXT = "text/plain; charset=utf-8"
+
+
+class ThreadedHttpServer:
+    """A small GET/HEAD server in a thread of its own with an event loop of its own, within `limits`: it
+    answers even while the caller's event loop is busy, and a flood of connections costs one thread and
+    at most `limits.max_connections` descriptors. `routes` maps a path to a function making the answer
+    (called in the server's thread); anything else is 404, as flanneld's mux answers."""
+
+    def __init__(self, host: str, port: int, routes: dict[str, Route], limits: ConnectionLimits, name: str) -> None:
+        self.routes = routes
+        self.limits = limits
+        self.name = name
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind((host, port))
+            self._sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            self._sock.close()
+            raise
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait(10)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD"})
+        make = self.routes.get(request.path)
+        status, body, content_type = (
+            make(request.headers.get("Accept")) if make else (404, "404 page not found\n", PLAIN_TEXT)
+        )
+        payload = body.encode() if isinstance(body, str) else body
+        return web.Response(status=status, body=payload, headers={"Content-Type": content_type})
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop, self._stop = loop, asyncio.Event()
+        quiet_connection_errors(loop, self.name, self.limits.log_every)
+        server = web.Server(self._handle, access_log=None, keepalive_timeout=self.limits.keepalive_seconds)
+        listener = GuardedListener(server, self._sock, self.limits, self.name)
+        listener.start()
+        self._started.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await listener.close()
+            await server.shutdown(1.0)
