@@ -20,8 +20,9 @@ flanneld lists the leases afresh, so after the restarts the full mesh is asserte
 On udp the TCP check turns tx checksum offload off in the flannel-ebpf hosts' containers: tc
 encapsulation runs before the kernel completes an offloaded (CHECKSUM_PARTIAL) inner checksum, and a
 veth never completes it, so flanneld's userspace TUN reader would get TCP segments with unfinished
-checksums. A physical NIC or virtio completes them; see tests/test_udp_interop_lab.py. Pings are
-unaffected (ICMP checksums are never offloaded).
+checksums. Measured without it: the flannel-ebpf side's SYNs reach flanneld's side with bad checksums
+(TcpInCsumErrors there) and TCP never connects. A physical NIC or virtio completes the checksums; see
+tests/test_udp_interop_lab.py. Pings are unaffected (ICMP checksums are never offloaded).
 
 A missing flanneld binary fails these tests (FlanneldMissing), it never skips them.
 """
