@@ -111,6 +111,8 @@ def lab_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
             for name, agent in lab.agents.items():
                 if agent.ever_started:
                     print(f"\n---- {lab.prefix} agent log of {name} (tail) ----\n{agent.log_tail()}")
+            for name, fd in lab.flanneld.items():
+                print(f"\n---- {lab.prefix} flanneld {fd.version} log of {name} (tail) ----\n{fd.log_tail()}")
         lab.close(remove_dir=not failed)
         if failed:
             logger.warning("lab {} files kept in {}", lab.prefix, lab.dir)

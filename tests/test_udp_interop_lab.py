@@ -1,11 +1,13 @@
-"""The udp wire format, proven on the wire: a host with the eBPF data path and a host with flannel's
-classic userspace TUN path share one overlay.
+"""flannel-ebpf's two udp data paths on one overlay: a host with the eBPF data path and a host with the
+project's userspace TUN path (`--udp-datapath tun`, flannel-ebpf's re-implementation of flanneld's
+classic design: raw inner IPv4 packet in UDP to port 8285, nothing else).
 
-The TUN path is flannel's own design (raw inner IPv4 packet in UDP to port 8285, nothing else), so a host
-that talks to it both ways speaks flannel's udp format. Each direction crosses both implementations:
-h1 (tun) encapsulates in userspace and h2 (eBPF) decapsulates in its program, and the other way round.
-Pings go both ways, then iperf3 TCP moves data both ways (every segment of it crossing both
-implementations, ACKs included).
+Both ends are this project's code, so this is no proof of interop with flanneld: that is
+tests/test_flanneld_interop_lab.py, against flannel's own flanneld v0.20.2 binary. What this covers is
+the TUN path itself and the eBPF path against it: each direction crosses both paths (h1 (tun)
+encapsulates in userspace and h2 (eBPF) decapsulates in its program, and the other way round). Pings go
+both ways, then iperf3 TCP moves data both ways (every segment of it crossing both paths, ACKs
+included).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def bring_up(lab_factory, h2_datapath: str = "ebpf", h2_extra: tuple[str, ...] =
     if h2_datapath == "ebpf":
         # A known limit of veth underlays, not of the wire format: tc encapsulation runs before the kernel
         # completes offloaded (CHECKSUM_PARTIAL) TCP/UDP checksums, and a veth never completes them, so a
-        # userspace receiver (flannel's TUN proxy) would see unfinished inner checksums. A physical NIC
+        # userspace receiver (the TUN path, as flanneld's) would see unfinished inner checksums. A physical NIC
         # (drivers drop checksum offload for unknown UDP tunnels) or virtio (the hypervisor fills it in)
         # completes them; here the eBPF host's container sends complete checksums, as it would through one.
         lab.exec(lab.containers_of("h2")[0], ["ethtool", "-K", "eth0", "tx", "off"])
@@ -101,6 +103,6 @@ def test_tun_host_and_ebpf_host_with_xdp_decap(lab_factory):
 
 
 def test_two_tun_hosts_baseline(lab_factory):
-    """The reference pair: flannel's classic path on both ends (what the mixed pair must equal)."""
+    """The reference pair: the project's TUN path on both ends (what the mixed pair must equal)."""
     lab = bring_up(lab_factory, h2_datapath="tun")
     assert_overlay_works_both_ways(lab)

@@ -32,6 +32,7 @@ from loguru import logger
 from .agent import RUN_MARK, Agent
 from .containers import BRIDGE, Container, SubnetEnv, make_container
 from .etcd import EtcdCluster, EtcdServer
+from .flanneld import DEFAULT_VERSION, Flanneld, unpack_flanneld
 from .netns import BPFFS, ExecResult, Netns, check_prefix, create_netns, delete_netns, list_netns, new_prefix, run
 from .topology import ETCD_INDEX, HOST_INDEX_BASE, Host, Topology, Underlay, split_segments
 from .traffic import (
@@ -97,6 +98,8 @@ class Lab:
         self.underlay = Underlay(self.prefix, self.dir, topology)
         self.hosts: dict[str, Host] = {}
         self.agents: dict[str, Agent] = {}
+        #: flannel's own flanneld, on the hosts that run it instead of an agent (`start_flanneld`)
+        self.flanneld: dict[str, Flanneld] = {}
         self.containers: list[Container] = []
         self.etcd: EtcdServer | EtcdCluster | None = None
         self.etcd_ns: Netns | None = None  # the (first) etcd member's namespace
@@ -186,6 +189,8 @@ class Lab:
 
         for agent in self.agents.values():
             attempt(f"stopping agent on {agent.host.name}", agent.stop)
+        for fd in self.flanneld.values():
+            attempt(f"stopping flanneld on {fd.host.name}", fd.stop)
         for agent in self.agents.values():
             if agent.ever_started:
                 attempt(f"`down` on {agent.host.name}", self._down_quietly, agent)
@@ -348,8 +353,41 @@ class Lab:
         go_style: bool = False,
     ) -> Agent:
         a = self.agent(host)
+        fd = self.flanneld.get(a.host.name)
+        if fd is not None and fd.running:
+            raise RuntimeError(f"{a.host.name} runs flanneld: stop it before starting an agent there")
         a.start(extra_args, env, go_style)
         return a
+
+    def start_flanneld(
+        self,
+        host: Host | str,
+        version: str = DEFAULT_VERSION,
+        extra_args: Sequence[str] = (),
+        public_ip: str | None = None,
+        forward_rules: bool | None = None,
+    ) -> Flanneld:
+        """flannel's own flanneld `version` on `host` instead of an agent (unpacked from the shared
+        binaries into the lab directory; a missing binary raises FlanneldMissing). It writes the host's
+        subnet file, so `wait_ready` and `add_container` work as on an agent's host."""
+        h = self.host(host)
+        if self.agent(h).running:
+            raise RuntimeError(f"{h.name} runs a flannel-ebpf agent: stop it before starting flanneld there")
+        fd = self.flanneld.get(h.name)
+        if fd is None or fd.version != version:
+            binary = unpack_flanneld(version, self.dir / "bin")
+            fd = Flanneld(h, binary, self.etcd_endpoint, version, self.etcd_prefix)
+            self.flanneld[h.name] = fd
+        fd.start(extra_args, public_ip, forward_rules)
+        return fd
+
+    def flanneld_of(self, host: Host | str) -> Flanneld | None:
+        """The host's flanneld runner (None: it never ran one)."""
+        return self.flanneld.get(self.host(host).name)
+
+    def runs_flanneld(self, host: Host | str) -> bool:
+        fd = self.flanneld_of(host)
+        return fd is not None and fd.running
 
     def start_agents(self, extra_args: Sequence[str] = (), hosts: Sequence[Host | str] | None = None) -> None:
         for h in hosts if hosts is not None else list(self.hosts):
@@ -366,6 +404,10 @@ class Lab:
         return self.agent(host).running
 
     def wait_ready(self, host: Host | str, timeout: float = 30.0) -> str:
+        """Until the host's agent, or the flanneld running there, is ready."""
+        fd = self.flanneld_of(host)
+        if fd is not None and fd.running:
+            return fd.wait_ready(timeout)
         return self.agent(host).wait_ready(timeout)
 
     def wait_all_ready(self, timeout: float = 30.0, hosts: Sequence[Host | str] | None = None) -> dict[str, str]:
