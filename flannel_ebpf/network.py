@@ -494,7 +494,10 @@ class Network:
                     "use vxlan or host-gw for this network"
                 )
         try:
-            ext = choose_interface(opts.ifaces, opts.iface_regexes, opts.public_ip, opts.iface_can_reach)
+            # In a thread: pyroute2's synchronous IPRoute refuses to run inside a running event loop (0.8+).
+            ext = await asyncio.to_thread(
+                choose_interface, opts.ifaces, opts.iface_regexes, opts.public_ip, opts.iface_can_reach
+            )
             why = unusable_address_reason(ext.public_ip)
             if why:
                 # Every other host would refuse a lease with this PublicIP as garbage.

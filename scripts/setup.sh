@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # containernetworking-plugins: the CNI bridge/host-local/loopback/portmap plugins (/usr/lib/cni) for the CNI
 # lab test; python3-aiohttp: client/server mode's HTTP (the venv sees it: --system-site-packages);
 # systemd: systemd-analyze verifies the shipped unit (installing it in a container starts nothing).
-PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-pyroute2 python3-netaddr python3-aiohttp
+PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-pyroute2 python3-aiohttp
           etcd-server etcd-client iperf3 iproute2 iputils-ping iptables ethtool tcpdump clang llvm libbpf-dev
           openssl containernetworking-plugins systemd)
 # The Vagrant lab (vagrant/): `vagrant validate` runs in `make test`. No recommends: vagrant-libvirt recommends
@@ -85,4 +85,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
   echo "setup: created .venv with /usr/bin/python3 and system site-packages"
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".${SETUP_EXTRAS:+[$SETUP_EXTRAS]}"
+# pyroute2: Debian's (0.7) satisfies the requirement, so pip would keep it; the venv gets the newest release
+# so that `make test` (and CI) runs against it. FLANNEL_EBPF_SETUP_PYROUTE2=system keeps Debian's.
+if [ "${FLANNEL_EBPF_SETUP_PYROUTE2:-newest}" != system ]; then
+  .venv/bin/pip install -q --disable-pip-version-check --upgrade pyroute2
+fi
 echo "setup: ready (bcc $(.venv/bin/python -c 'import bcc, aetcd, pyroute2; print(bcc.__version__)'))"

@@ -28,6 +28,16 @@ def _missing_for_lab() -> str | None:
 NO_SKIPS = os.environ.get("FLANNEL_EBPF_NO_SKIPS", "") not in ("", "0")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests import boto3 directly (the agent goes through backends.cloud.import_sdk): the same filter, so
+    # Debian's pyOpenSSL deprecation warning does not end every run.
+    try:
+        import cryptography.utils  # noqa: F401
+    except ImportError:
+        return
+    config.addinivalue_line("filterwarnings", "ignore::cryptography.utils.CryptographyDeprecationWarning:OpenSSL")
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     # Remember each phase's report on the test item so that fixtures can tell whether the test failed.

@@ -150,3 +150,35 @@ def test_agent_aws_vpc_end_to_end(etcd: EtcdServer, moto: MotoServer, tmp_path: 
         log.close()
         print((tmp_path / "agent.log").read_text()[-4000:])
     assert agent.returncode == 0
+    assert "CryptographyDeprecationWarning" not in (tmp_path / "agent.log").read_text()
+
+
+#: the agent, with boto3 not importable (as on a host installed without the `aws` extra)
+WITHOUT_BOTO3 = """
+import sys
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "boto3":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+from flannel_ebpf.cli import main
+sys.exit(main())
+"""
+
+
+def test_agent_without_boto3_says_to_install_the_aws_extra_and_exits_1(etcd: EtcdServer, tmp_path: Path) -> None:
+    iface, _ = an_interface()
+    etcd.ctl("put", "/coreos.com/network/config", input=CONFIG)
+    argv = [
+        sys.executable, "-c", WITHOUT_BOTO3, "up", "--etcd-endpoints", etcd.endpoint, "--iface", iface,
+        "--subnet-file", str(tmp_path / "subnet.env"), "--state-dir", str(tmp_path / "state"),
+        "--iptables-forward-rules=false",
+    ]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        "the aws-vpc backend needs boto3: pip install 'flannel-ebpf[aws]'"
+    ), out
+    assert "Traceback" not in out, out

@@ -161,3 +161,25 @@ def test_down_leaves_nothing_behind(lab_factory):
     assert gro(lab, "h1") == gro_before  # what the agent changed on the interface is put back
     assert lab.exec("h1", ["sysctl", "-n", "net.ipv4.conf.eth0.rp_filter"]).stdout.strip() == "1"
     assert len(lab.etcd_get_prefix(f"{PREFIX}/subnets/")) == 1
+
+
+def test_status_through_ip_netns_exec_says_bpffs_is_hidden_not_unpinned(lab_factory):
+    """`ip netns exec` mounts a fresh /sys, hiding the host's bpffs: status run that way must say so, not
+    that the maps were never pinned, while the agent's programs run (the lab's own wrapper shows them)."""
+    from flannel_ebpf.lab.agent import cli_command, cli_env
+
+    lab = lab_factory(2, network_config=UDP)
+    lab.start_agents(["--udp-decap", "tc"])
+    lab.wait_all_ready(60)
+    state_dir = str(lab.host("h1").state_dir)
+    seen = lab.agent_cli("h1", "status", "--state-dir", state_dir)  # with the host's bpffs
+    assert seen.ok and "  maps     " in seen.stdout and "cannot read the data path" not in seen.stdout, seen.stdout
+
+    hidden = lab.node("h1").exec([*cli_command(), "status", "--state-dir", state_dir], env=cli_env(), check=False)
+    assert hidden.argv[:3] == ["ip", "netns", "exec"]
+    lines = [line for line in hidden.stdout.splitlines() if "bpffs" in line]
+    assert len(lines) == 1, hidden.stdout + hidden.stderr
+    assert lines[0].startswith("  maps_error: bpffs is not mounted here (/sys/fs/bpf/"), lines[0]
+    assert "outside `ip netns exec`" in lines[0], lines[0]
+    assert "not pinned" not in hidden.stdout
+    assert " running, phase ready" in hidden.stdout

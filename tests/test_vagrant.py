@@ -43,6 +43,28 @@ def test_vagrantfile_refuses_unknown_backend(tmp_path: Path) -> None:
     assert "FLANNEL_VAGRANT_BACKEND must be udp, vxlan or host-gw" in r.stdout + r.stderr
 
 
+TCG_LINE = "/dev/kvm is PVM here"
+
+
+def test_on_a_pvm_host_the_lab_says_once_that_it_uses_tcg(tmp_path: Path) -> None:
+    pvm = tmp_path / "kvm_pvm"
+    pvm.mkdir()
+    r = _validate(tmp_path, FLANNEL_VAGRANT_PVM_MODULE=str(pvm))
+    assert r.returncode == 0, r.stdout + r.stderr
+    said = [line for line in (r.stdout + r.stderr).splitlines() if TCG_LINE in line]
+    assert len(said) == 1 and "using TCG (driver qemu, cpu mode custom" in said[0], r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("driver", ["kvm", "qemu"])
+def test_a_chosen_driver_or_a_host_without_pvm_gets_no_tcg_notice(tmp_path: Path, driver: str) -> None:
+    pvm = tmp_path / "kvm_pvm"
+    pvm.mkdir()
+    chosen = _validate(tmp_path, FLANNEL_VAGRANT_PVM_MODULE=str(pvm), FLANNEL_VAGRANT_DRIVER=driver)
+    plain = _validate(tmp_path, FLANNEL_VAGRANT_PVM_MODULE=str(tmp_path / "absent"))
+    for r in (chosen, plain):
+        assert r.returncode == 0 and TCG_LINE not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
 def test_scripts_parse() -> None:
     for script in ("build-box.sh", "provision.sh"):
         subprocess.run(["bash", "-n", str(VAGRANT_DIR / script)], check=True, timeout=10)

@@ -30,7 +30,7 @@ from typing import Any
 from loguru import logger
 
 from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.cloud import MetadataClient
+from flannel_ebpf.backends.cloud import AWS_SDK, MetadataClient, import_sdk
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
 DEFAULT_IMDS = "http://169.254.169.254"
@@ -111,6 +111,7 @@ class AwsVpcBackend(Backend):
     problem: str = ""
 
     def __post_init__(self) -> None:
+        import_sdk("aws-vpc", "aws", AWS_SDK)
         self.route_tables_configured = parse_route_tables(self.backend_config)
         self.route_limit = parse_route_limit(self.backend_config)
         self.imds_endpoint = self.imds_endpoint or os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", DEFAULT_IMDS)

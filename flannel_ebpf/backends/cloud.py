@@ -4,14 +4,55 @@ seconds instead of hanging (169.254.169.254 is often unroutable and silently dro
 
 from __future__ import annotations
 
+import importlib
 import urllib.error
 import urllib.request
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from flannel_ebpf.backends.base import BackendError
 
 #: per request: a metadata service answers in milliseconds; it is on the instance's own hypervisor
 METADATA_TIMEOUT = 2.0
+
+
+#: the cloud SDKs (pip extras, installed only where those backends run): module -> its PyPI distribution
+AWS_SDK = {"boto3": "boto3", "botocore": "botocore"}
+GCE_SDK = {
+    "googleapiclient.discovery": "google-api-python-client",
+    "google.auth": "google-auth",
+    "google_auth_httplib2": "google-auth-httplib2",
+    "httplib2": "httplib2",
+}
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def import_sdk(backend: str, extra: str, modules: Mapping[str, str]) -> None:
+    """Import a cloud backend's SDK, or fail in one line naming the pip extra that brings it.
+
+    botocore loads urllib3's pyOpenSSL support, and Debian 12's python3-openssl warns (a
+    CryptographyDeprecationWarning about DSA) the moment it is imported: that warning, from that module,
+    is not shown; it is about the system's pyOpenSSL, not about anything the operator can act on here."""
+    with warnings.catch_warnings():
+        try:
+            from cryptography.utils import CryptographyDeprecationWarning
+        except ImportError:
+            pass
+        else:
+            warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"OpenSSL(\.|$)")
+        for module, distribution in modules.items():
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                missing = e.name or module
+                named = next((d for m, d in modules.items() if _within(missing, m) or _within(m, missing)), None)
+                # a module none of the extra's packages is (a broken install) is named as it is
+                what = named or f"{distribution} (no module {missing})"
+                raise BackendError(f"the {backend} backend needs {what}: pip install 'flannel-ebpf[{extra}]'") from None
 
 
 class MetadataUnreachable(BackendError):

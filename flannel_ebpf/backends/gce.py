@@ -31,7 +31,7 @@ from typing import Any
 from loguru import logger
 
 from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.cloud import MetadataClient
+from flannel_ebpf.backends.cloud import GCE_SDK, MetadataClient, import_sdk
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
 COMPUTE_SCOPE = "https://www.googleapis.com/auth/compute"
@@ -101,6 +101,7 @@ class GceBackend(Backend):
     problem: str = ""
 
     def __post_init__(self) -> None:
+        import_sdk("gce", "gce", GCE_SDK)
         if not self.metadata_root:
             host = os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_ROOT") or DEFAULT_METADATA_HOST
             self.metadata_root = host if "://" in host else f"http://{host}"

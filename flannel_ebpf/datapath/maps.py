@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -20,6 +21,49 @@ from flannel_ebpf.datapath.layout import MapSpec, Reason
 
 class DatapathMapError(RuntimeError):
     """A pinned map is missing or does not have the layout the programs expect."""
+
+
+def _unescape_mount_path(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _at_or_below(path: str, point: str) -> bool:
+    return path == point or path.startswith(point.rstrip("/") + "/")
+
+
+def mount_of(path: str | Path, mountinfo: str) -> tuple[str, str]:
+    """(mount point, filesystem type) of the mount that holds `path`, from /proc/<pid>/mountinfo text (in
+    mount order): the longest visible mount point above it. A later mount hides the earlier ones at or
+    below its mount point (a fresh sysfs on /sys hides the bpffs on /sys/fs/bpf)."""
+    target = os.path.normpath(os.path.join("/", str(path)))
+    visible: list[tuple[str, str]] = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        point = _unescape_mount_path(fields[4])
+        fstype = line.split(" - ", 1)[1].split()[0]
+        visible = [(p, t) for p, t in visible if not _at_or_below(p, point)]
+        visible.append((point, fstype))
+    holding = [(p, t) for p, t in visible if _at_or_below(target, p)]
+    return max(holding, key=lambda m: len(m[0]), default=("/", ""))
+
+
+def bpffs_missing(pin_dir: str | Path, mountinfo_path: str = "/proc/self/mountinfo") -> str | None:
+    """Why `pin_dir` cannot hold pins in this mount namespace (None when it is on a bpffs), e.g. under
+    `ip netns exec`, which mounts a fresh /sys and so hides the host's /sys/fs/bpf."""
+    try:
+        with open(mountinfo_path) as f:
+            point, fstype = mount_of(pin_dir, f.read())
+    except OSError:
+        return None  # cannot tell: say nothing rather than guess
+    if fstype == "bpf":
+        return None
+    return (
+        f"bpffs is not mounted here ({pin_dir} is on {fstype or 'an unknown filesystem'} at {point}): the pins "
+        "live in another mount namespace; run this outside `ip netns exec` (it mounts its own /sys), or mount bpffs"
+    )
 
 
 def pinned_map_mismatch(pin_dir: str | Path, spec: MapSpec) -> str | None:
@@ -76,7 +120,8 @@ class DatapathMaps:
                     raise DatapathMapError(why)
                 path = layout.pin_path(self.pin_dir, spec)
                 if not path.exists():
-                    raise DatapathMapError(f"{path} is not pinned (programs never loaded?)")
+                    why = bpffs_missing(self.pin_dir) or f"{path} is not pinned (programs never loaded?)"
+                    raise DatapathMapError(why)
                 self._fds[spec.name] = bpfsys.obj_get(path)
         except BaseException:
             self.close()
