@@ -113,7 +113,12 @@ class Agent:
             if not self.multi:
                 return await self.networks[0].run()
             logger.info("multi-network mode: networks {}", ", ".join(self.options.networks))
-            codes = await asyncio.gather(*(self._run_network(net) for net in self.networks))
+            runs = [asyncio.ensure_future(self._run_network(net)) for net in self.networks]
+            notifier = asyncio.ensure_future(self._ready_once_every_network_is_up(runs))
+            try:
+                codes = await asyncio.gather(*runs)
+            finally:
+                notifier.cancel()
             # Failed networks were said one by one; the agent fails only if it served none at all.
             return 1 if all(codes) else 0
         finally:
@@ -128,8 +133,25 @@ class Agent:
         with logger.contextualize(network=network.name):
             return await network.run()
 
+    async def _ready_once_every_network_is_up(self, runs: list[asyncio.Future[int]]) -> None:
+        """systemd (Type=notify): READY=1 once every network is ready or has ended (failed: said in the
+        log; the others serve), if at least one serves. flanneld v0.5 sent nothing in multi-network mode,
+        which under a Type=notify unit ends in the start timeout: a deliberate difference."""
+
+        async def up_or_ended(network: Network, run: asyncio.Future[int]) -> None:
+            up = asyncio.ensure_future(network.up.wait())
+            try:
+                await asyncio.wait({up, run}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                up.cancel()
+
+        await asyncio.gather(*(up_or_ended(net, run) for net, run in zip(self.networks, runs, strict=True)))
+        serving = [net.name for net in self.networks if net.up.is_set()]
+        if serving and not self._stopping.is_set():
+            sd_notify.ready(f"ready: networks {', '.join(serving)}")
+
     def _stop_requested(self) -> None:
-        if not self._stopping.is_set() and not self.multi:  # systemd: this stop is ordered, not a crash
+        if not self._stopping.is_set():  # systemd: this stop is ordered, not a crash
             sd_notify.stopping("stopping; the data path stays up")
         self._stopping.set()
 

@@ -386,6 +386,7 @@ def agent_options(args: argparse.Namespace) -> Any:
         resync_interval=args.resync_interval,
         listen=args.listen,
         remote=args.remote,
+        remote_network=getattr(args, "network_name", ""),  # one network of a multi-network agent (down)
         remote_tls=EtcdTLS(cafile=args.remote_cafile, certfile=args.remote_certfile, keyfile=args.remote_keyfile),
         listen_trust_any_client=args.listen_trust_any_client,
         lease=LeaseOptions(
@@ -638,10 +639,14 @@ def _status(state_dir: str, as_json: bool, resync_interval: float = 10.0) -> int
     expires = st.lease.get("expiration")
     left = f"{(expires - time.time()) / 3600:.1f} h left" if expires else "no expiry (reservation)"
     print(f"agent      pid {st.pid} {'running' if running else 'NOT running'}, phase {st.phase} {st.reason}")
-    print(f"etcd       {','.join(st.etcd_endpoints)} prefix {st.etcd_prefix}")
+    if st.remote:  # client mode: the leases are the server's; this host talks to no etcd
+        print(f"server     {st.remote} network {st.network_name or '_'}")
+    else:
+        print(f"etcd       {','.join(st.etcd_endpoints)} prefix {st.etcd_prefix}")
     print(f"network    {st.network}  backend {st.backend_type}  mtu {st.mtu}")
     lease_id = st.lease.get("lease_id", 0)
-    print(f"lease      {st.subnet or '-'}  {left if st.lease else ''}  (etcd lease {lease_id:x})")
+    held = "(through the server)" if st.remote else f"(etcd lease {lease_id:x})"
+    print(f"lease      {st.subnet or '-'}  {left if st.lease else ''}  {held}")
     print(
         f"interface  {st.iface.get('name', '-')} {st.iface.get('address', '')} public {st.iface.get('public_ip', '')}"
     )
@@ -789,7 +794,7 @@ async def _release_lease(opts: Any, st: state_file.AgentState) -> bool:
     try:
         lease = await registry.get_lease(IPv4Network(st.subnet))
         if lease is None:
-            logger.info("lease {} is already gone from etcd", st.subnet)
+            logger.info("lease {} is already gone from {}", st.subnet, "the lease server" if opts.remote else "etcd")
             return True
         if str(lease.public_ip) != st.iface.get("public_ip"):
             logger.error("lease {} is held by {} now, not by this host; leaving it", st.subnet, lease.public_ip)

@@ -277,12 +277,14 @@ class Network:
             ip_masq=options.ip_masq,
             backend_options=asdict(options.backend),
             network_name=name,
+            remote=options.remote,
         )
         self.backend: Backend | None = None
         self.manager: LeaseManager | None = None
         self.dataplane: DataPlane | None = None
         self.local: LocalNetwork | None = None
         self._stopping = stopping if stopping is not None else asyncio.Event()
+        self.up = asyncio.Event()  # set once the network was ready (multi-network mode's READY=1 waits)
         self._state_write: asyncio.TimerHandle | None = None
         self._peers_written = -1  # the manager's peers_version that the state file shows
         self._peers_listed: list[dict[str, str]] = []  # its peer list (made by the writer thread)
@@ -515,6 +517,9 @@ class Network:
         self.set_phase("acquiring", "acquiring a subnet lease")
 
         lease_options = dataclasses.replace(opts.lease, identity=agent_identity(opts.state_dir))
+        if not getattr(config_registry, "periodic_relists", True):
+            # a flanneld v0.5 lease server: no listing beyond what its own client asks (see remote/client.py)
+            lease_options = dataclasses.replace(lease_options, relist_interval=0.0)
         self.manager = LeaseManager(
             config, attrs, self.registries(), self.registries(), lease_options, on_change=self._state_changed
         )
@@ -583,9 +588,10 @@ class Network:
                 self.state.phase = "ready"
                 self.save_state(wait=True)
                 logger.info("ready: subnet {} on {}, {} peer(s)", lease.subnet, ext.name, len(self.manager.peers))
+                self.up.set()
                 if not self.name:
                     # systemd (Type=notify): the data path holds every peer now; units ordered After= us
-                    # start. Multi-network mode sends no readiness, as flanneld v0.5 documents.
+                    # start. Multi-network mode: the agent says it once every network is up (agent.py).
                     sd_notify.ready(f"ready: subnet {lease.subnet} on {ext.name}, {len(self.manager.peers)} peer(s)")
             await self._until_stopped(asyncio.gather(*tasks))
         finally:

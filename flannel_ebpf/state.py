@@ -61,6 +61,7 @@ class AgentState:
     loop_stall_max_ms: float = 0.0  # the longest the agent's event loop was ever blocked
     loop_stalls: int = 0  # how often it was blocked for more than 100 ms
     network_name: str = ""  # multi-network mode (--networks): which network this state is of
+    remote: str = ""  # client mode (--remote): the lease server (etcd_* then say nothing)
 
     def local_network(self) -> LocalNetwork | None:
         """The LocalNetwork the agent ran with, for `down` (None if it never got a lease)."""

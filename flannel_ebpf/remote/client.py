@@ -12,18 +12,32 @@ How the registry's operations map onto the API (see server.py for the routes):
 - get_lease               GET  leases/<subnet>; delete_lease DELETE leases/<subnet>?PublicIP=
 - current_revision        the revision and cluster id headers of GET config
 - presence claims         not over the API: no one-agent-per-PublicIP guard in client mode
-Against a flanneld v0.5 server (no GET/DELETE of one lease, no headers) the registry falls back to the
-snapshot for get_lease and current_revision; releasing a lease is not possible there.
+
+Against a flanneld v0.5 server (told apart by its answer to GET config: ours sends the revision header,
+v0.5's does not) the client uses only the four routes v0.5 has, as v0.5's own client does:
+- acquisition is POST leases with the LeaseAttrs (v0.5's PUT is an unconditional write: only POST is
+  create-only there); the server picks the subnet (its PublicIP's lease if there is one);
+- a watch request stays open as long as the server wants: v0.5's server waits for the next lease change
+  without a time limit, and it keeps an etcd watch per outstanding request even after the client went
+  away. So there is no client timeout on it (TCP keepalive finds a dead server), and a poll is never
+  abandoned: a consumer that stops (a relist) leaves its request running, and the next watch takes its
+  answer over. One poll per network is open at any time;
+- get_lease and current_revision send nothing: the lease is the one the server last returned, kept up to
+  date by the watch's events for its subnet; renewals (PUT) go out only when due, as v0.5's renewer's;
+- releasing a lease (DELETE) is not possible there.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import json
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -40,6 +54,9 @@ CLUSTER_HEADER = "X-Flannel-Ebpf-Cluster-Id"
 #: how long a watch request may take beyond the server's long-poll time before the server counts as lost
 WATCH_GRACE = 10.0
 WATCH_TIMEOUT = 25.0 + WATCH_GRACE
+#: TCP keepalive on the client's connections: a v0.5 server's long poll has no time limit, so a server
+#: that vanished without closing the connection is found by these probes (after about a minute)
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
 
 
 class RemoteError(aetcd.exceptions.ClientError):
@@ -50,12 +67,27 @@ class RemoteError(aetcd.exceptions.ClientError):
 
 
 @dataclass
+class _Poll:
+    """A watch request in flight (v0.5 server): the cursor it was sent with and its task."""
+
+    cursor: int
+    task: asyncio.Future[tuple[int, bytes, Any]]
+
+
+@dataclass
 class _Link:
-    """Whether the server answers, shared by every registry talking to it (the agent's lease and watch
-    registries): either one's failure makes the agent not-ready, either one's success ends that."""
+    """What the registries of one network on one server share (the agent's config, lease and watch
+    registries): whether the server answers (either one's failure makes the agent not-ready, either
+    one's success ends that), which server it is, and against a v0.5 server the poll in flight and the
+    view of our own leases."""
 
     lost_reason: str = ""
     since: float = 0.0
+    #: None until a GET config answered; then True for a flanneld v0.5 server (no revision header)
+    v05: bool | None = None
+    poll: _Poll | None = None
+    #: v0.5 server: our leases by subnet as last written or watched (None: the watch saw it removed)
+    own: dict[IPv4Network, Lease | None] = field(default_factory=dict)
 
 
 _LINKS: dict[str, _Link] = {}
@@ -111,14 +143,29 @@ class RemoteRegistry:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self._ssl(), limit=8)
+            connector = _KeepaliveConnector(ssl=self._ssl(), limit=8)
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
+
+    @property
+    def v05(self) -> bool:
+        """The server is a flanneld v0.5 (known once a GET config was answered)."""
+        return self._link.v05 is True
+
+    @property
+    def periodic_relists(self) -> bool:
+        """Whether the lease manager should relist every --subnet-relist-interval: not against a v0.5
+        server, whose client never relists (no traffic beyond its own), and whose watch misses nothing."""
+        return not self.v05
 
     async def reconnect(self) -> None:
         await self.close()  # the next request opens new connections
 
     async def close(self) -> None:
+        poll = self._link.poll
+        if poll is not None and getattr(poll.task, "registry", None) is self:
+            poll.task.cancel()  # its connection closes with the session
+            self._link.poll = None
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
@@ -137,16 +184,21 @@ class RemoteRegistry:
 
     async def _request(
         self, method: str, path: str, *, body: Any = None, params: dict[str, str] | None = None,
-        timeout: float | None = None, accept: tuple[int, ...] = (200,),
+        timeout: float | None = None, accept: tuple[int, ...] = (200,), unlimited: bool = False,
     ) -> tuple[int, bytes, Any]:  # fmt: skip
-        """(status, body, headers) for a status in `accept`; anything else raises RemoteError."""
+        """(status, body, headers) for a status in `accept`; anything else raises RemoteError. `unlimited`:
+        no time limit once connected (a v0.5 server's long poll)."""
+        limit = (
+            aiohttp.ClientTimeout(total=None, sock_connect=self._timeout)
+            if unlimited
+            else aiohttp.ClientTimeout(total=timeout or self._timeout)
+        )
         url = f"{self.base}/{path}" if path else self.base
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else None
         try:
             async with self._client().request(
-                method, url, data=data, params=params, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout or self._timeout),
+                method, url, data=data, params=params, headers=headers, timeout=limit,
             ) as response:  # fmt: skip
                 raw = await response.content.read(wire.MAX_BODY_BYTES + 1)
                 status, got_headers = response.status, response.headers
@@ -165,7 +217,7 @@ class RemoteRegistry:
             raise self._lost(f"flannel server {self.url} unreachable ({type(e).__name__}: {e}){hint}") from None
         except TimeoutError:
             raise self._lost(f"flannel server {self.url} did not answer {method} {path} in time") from None
-        if status >= 500:
+        if status >= 500 and status not in accept:
             text = raw[:300].decode(errors="replace").strip()
             raise self._lost(f"flannel server {self.url} answered {status} to {method} {path}: {text}")
         if self._link.lost_reason:
@@ -174,6 +226,12 @@ class RemoteRegistry:
         if status not in accept:
             text = raw[:300].decode(errors="replace").strip()
             raise RemoteError(f"flannel server {self.url} answered {status} to {method} {path}: {text}")
+        if method == "GET" and path == "config" and status == 200:
+            v05 = REVISION_HEADER not in got_headers
+            if v05 != self._link.v05:
+                logger.info("flannel server {} is {}", self.url,
+                            "a flanneld v0.5: using only its API" if v05 else "a flannel-ebpf server")  # fmt: skip
+            self._link.v05 = v05
         return status, raw, got_headers
 
     @staticmethod
@@ -186,13 +244,22 @@ class RemoteRegistry:
     # --- reads ---
 
     async def get_config(self) -> bytes | None:
-        status, raw, _ = await self._request("GET", "config", accept=(200, 404))
+        status, raw, _ = await self._request("GET", "config", accept=(200, 404, 500))
+        if status == 500:
+            if b"Key not found" in raw:  # a v0.5 server answers 500 with etcd's error for a missing config
+                return None
+            text = raw[:300].decode(errors="replace").strip()
+            raise self._lost(f"flannel server {self.url} answered 500 to GET config: {text}")
         return raw if status == 200 else None
 
     async def v2_config_hint(self) -> str:
         return ""  # no etcd to look in: the server reads the config
 
     async def current_revision(self) -> tuple[int, int]:
+        if self.v05:
+            # Nothing to ask: v0.5's server tells neither a revision nor a cluster. A cluster id of 0
+            # turns the lease manager's data-loss check off; its watch answers a snapshot instead.
+            return 0, 0
         _, _, headers = await self._request("GET", "config", accept=(200, 404))
         if REVISION_HEADER in headers:
             try:
@@ -211,7 +278,12 @@ class RemoteRegistry:
     async def list_leases(self, page_size: int = 0) -> Listing:
         _, raw, _ = await self._request("GET", "leases")
         body = self._decode(raw, "watch result")
-        return self._listing(body)
+        listing = self._listing(body)
+        if self._link.own:
+            held = {lease.subnet: lease for lease in listing.leases}
+            for subnet in self._link.own:
+                self._link.own[subnet] = held.get(subnet)
+        return listing
 
     def _listing(self, body: Any) -> Listing:
         if not isinstance(body, dict):
@@ -229,6 +301,8 @@ class RemoteRegistry:
         return Listing(leases, revision, garbage)
 
     async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+        if self.v05 and subnet in self._link.own:
+            return self._link.own[subnet]  # v0.5 has no such route: what we wrote, as watched since
         path = f"leases/{subnet_key(subnet)}"
         status, raw, headers = await self._request("GET", path, accept=(200, 404, 405, 422))
         if status == 200:
@@ -244,26 +318,51 @@ class RemoteRegistry:
 
     async def _put(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
         body = {"Subnet": str(subnet), "Attrs": wire.attrs_to_wire(attrs), "Expiration": wire.ZERO_TIME}
-        params = {"ttl": str(ttl)} if ttl else None
+        params = {"ttl": str(ttl)} if ttl and not self.v05 else None  # v0.5's TTL is always 24 h
         status, raw, headers = await self._request(
             "PUT", f"leases/{subnet_key(subnet)}", body=body, params=params, accept=(200, 409)
         )
         if status == 409:
             logger.debug("flannel server refused {}: {}", subnet, raw[:200].decode(errors="replace").strip())
             return None
-        return self._lease(self._decode(raw, "lease"), headers)
+        lease = self._lease(self._decode(raw, "lease"), headers)
+        if self.v05:
+            self._link.own[lease.subnet] = lease
+        return lease
+
+    async def acquire_lease(self, attrs: LeaseAttrs) -> Lease | None:
+        """v0.5 server: the acquisition as its own client makes it, POST with our attributes; the server
+        picks the subnet, create-only (its PublicIP's lease if it has one). None against our server: the
+        lease manager acquires with its create-only PUTs (which honour the subnet file's subnet)."""
+        if not self.v05:
+            return None
+        _, raw, headers = await self._request("POST", "leases", body=wire.attrs_to_wire(attrs))
+        lease = self._lease(self._decode(raw, "lease"), headers)
+        if lease.public_ip != attrs.public_ip:
+            raise RemoteError(f"the flannel server answered our acquisition with {lease.subnet} of {lease.public_ip}")
+        self._link.own = {lease.subnet: lease}
+        return lease
 
     async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
+        if self.v05 and (subnet not in self._link.own or self._link.own[subnet] is not None):
+            # v0.5's PUT is an unconditional write: it would overwrite whoever holds the subnet. Only our
+            # own lease, once the watch saw it removed and nobody take it since, is written again (v0.5's
+            # client would write it at its next renewal whatever the key held by then).
+            return None
         return await self._put(subnet, attrs, ttl)
 
     async def update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
         return await self._put(lease.subnet, attrs, ttl)
 
     async def delete_lease(self, lease: Lease) -> bool:
-        status, _, _ = await self._request(
+        status, raw, _ = await self._request(
             "DELETE", f"leases/{subnet_key(lease.subnet)}", params={"PublicIP": str(lease.public_ip)},
-            accept=(200, 404, 409),
+            accept=(200, 404, 405, 409),
         )  # fmt: skip
+        if status in (404, 405) and not raw.startswith(b"no lease"):
+            # not our server's "no lease": a server without the route (flanneld v0.5's)
+            raise RemoteError(f"flannel server {self.url} cannot release leases (a flanneld v0.5 server has "
+                              f"no DELETE); {lease.subnet} expires after its TTL")  # fmt: skip
         return status in (200, 404)
 
     # --- presence: the server has no such thing; every claim succeeds (documented) ---
@@ -287,9 +386,12 @@ class RemoteRegistry:
         if self._link.lost_reason:
             # A long poll answers only when something happens: ask something quick first, so that the
             # server's return is noticed (and health is ready again) at once.
-            await self._request("GET", "config", accept=(200, 404))
+            await self._request("GET", "config", accept=(200, 404, 500))
         while True:
-            _, raw, _ = await self._request("GET", "leases", params={"next": str(cursor)}, timeout=WATCH_TIMEOUT)
+            if self.v05:
+                raw = await self._v05_poll(cursor)
+            else:
+                _, raw, _ = await self._request("GET", "leases", params={"next": str(cursor)}, timeout=WATCH_TIMEOUT)
             body = self._decode(raw, "watch result")
             if not isinstance(body, dict):
                 raise RemoteError("the flannel server sent a watch result that is not an object")
@@ -307,7 +409,68 @@ class RemoteRegistry:
                 except LeaseFormatError as e:
                     yield (after if i == len(events) - 1 else cursor), None, f"{self.subnets_prefix}?: {e}"
                     continue
+                if event.lease.subnet in self._link.own:
+                    self._link.own[event.lease.subnet] = event.lease if event.kind == LeaseEvent.ADDED else None
                 yield (after if i == len(events) - 1 else cursor), event, ""
             if not events and after != cursor:
                 yield after, None, ""  # only keys that are not leases: the cursor moves on all the same
             cursor = max(cursor, after)
+
+    async def _v05_poll(self, cursor: int) -> bytes:
+        """The answer to a watch from `cursor` on a v0.5 server, through the one poll in flight: a poll
+        left by a consumer that stopped is taken over (its answer is the first event after its cursor:
+        used if it is after ours too, else dropped), never abandoned, since v0.5's server would keep its
+        etcd watch until the next change."""
+        link = self._link
+        while True:
+            poll = link.poll
+            if poll is None or poll.cursor > cursor or (poll.task.done() and poll.cursor != cursor):
+                task = asyncio.ensure_future(
+                    self._request("GET", "leases", params={"next": str(cursor)}, unlimited=True)
+                )
+                task.registry = self  # type: ignore[attr-defined]  # whose session it uses (close())
+                task.add_done_callback(_retrieve)
+                poll = link.poll = _Poll(cursor, task)
+            try:
+                _, raw, _ = await asyncio.shield(poll.task)
+            except RemoteError:
+                if link.poll is poll:
+                    link.poll = None
+                if poll.cursor == cursor:
+                    raise
+                continue
+            except asyncio.CancelledError:
+                if poll.task.cancelled() and link.poll is poll:
+                    link.poll = None
+                raise
+            if link.poll is poll:
+                link.poll = None
+            if poll.cursor == cursor:
+                return raw
+            with contextlib.suppress(ValueError, AttributeError):
+                body = wire.load_body(raw, "watch result")
+                if body.get("snapshot") is not None or wire.parse_cursor(str(body.get("cursor"))) > cursor:
+                    return raw
+            # an answer about what we already have: ask from our cursor
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A poll nobody awaits any more may fail: its error is taken here (the next watch meets it anew)."""
+    if not task.cancelled():
+        task.exception()
+
+
+class _KeepaliveConnector(aiohttp.TCPConnector):
+    """TCP keepalive on every connection (aiohttp sets none): a v0.5 server's watch request may be
+    silent for hours, and only keepalive probes tell a silent server from a vanished one."""
+
+    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)  # type: ignore[misc]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        return transport, protocol

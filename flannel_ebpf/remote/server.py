@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -53,7 +54,7 @@ from flannel_ebpf.http_limits import LISTEN_BACKLOG, ConnectionLimits, GuardedLi
 from flannel_ebpf.logs import clip
 from flannel_ebpf.remote import wire
 from flannel_ebpf.subnet.allocation import OutOfSubnets
-from flannel_ebpf.subnet.lease import LeaseEvent, LeaseFormatError, parse_subnet_key
+from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseFormatError, parse_subnet_key
 from flannel_ebpf.subnet.manager import LeaseManager, LeaseOptions
 from flannel_ebpf.subnet.registry import (
     ETCD_RETRYABLE,
@@ -139,6 +140,48 @@ def source_identity(peername: Any) -> ClientIdentity:
     return ClientIdentity(frozenset({address}), "source address")
 
 
+class Expirations:
+    """The expiration of etcd leases by id, for the leases of listings and watch events (flanneld v0.5's
+    server sent each lease's real expiry; an etcd v3 key knows only its lease id). A renewal grants a new
+    lease id (flannel's and ours), so an id's expiry is looked up once; ids no longer seen are dropped.
+    At most LOOKUPS_PER_ANSWER lookups go into one answer (a first snapshot of 10,000 leases would
+    otherwise wait for 10,000 round trips): the rest show the zero time until later answers fill them."""
+
+    LOOKUPS_PER_ANSWER = 1000
+    PARALLEL = 16
+    MAX_KNOWN = 100_000
+
+    def __init__(self) -> None:
+        self._known: dict[int, float] = {}
+
+    async def fill(self, registry: SubnetRegistry, leases: list[Lease], complete: bool = False) -> list[Lease]:
+        """`leases` with their expirations; `complete`: the whole set (a snapshot), so ids it lacks go."""
+        missing = list({lease.lease_id for lease in leases if lease.lease_id and lease.lease_id not in self._known})
+        gate = asyncio.Semaphore(self.PARALLEL)
+
+        async def look_up(lease_id: int) -> None:
+            async with gate:
+                with contextlib.suppress(*ETCD_RETRYABLE):
+                    probe = Lease(IPv4Network("0.0.0.0/32"), _NOBODY, None, lease_id=lease_id)
+                    found = await registry.with_expiration(probe)
+                    if found.expiration is not None:
+                        self._known[lease_id] = found.expiration
+
+        await asyncio.gather(*(look_up(lease_id) for lease_id in missing[: self.LOOKUPS_PER_ANSWER]))
+        if complete or len(self._known) > self.MAX_KNOWN:
+            seen = {lease.lease_id for lease in leases}
+            self._known = {lease_id: when for lease_id, when in self._known.items() if lease_id in seen}
+        return [
+            dataclasses.replace(lease, expiration=self._known[lease.lease_id])
+            if lease.expiration is None and lease.lease_id in self._known
+            else lease
+            for lease in leases
+        ]
+
+
+_NOBODY = LeaseAttrs(public_ip=IPv4Address("192.0.2.1"))
+
+
 class KeyedLocks:
     """One asyncio lock per key, dropped when nobody holds or waits for it (keys may be made up)."""
 
@@ -217,6 +260,7 @@ class RemoteServer:
         #: one write at a time per (network, PublicIP): the one-lease-per-PublicIP check and the write it
         #: allows must not interleave with another request's for that address
         self._writers = KeyedLocks()
+        self._expirations = Expirations()
         #: set when the server stops: long polls answer at once (no events, same cursor), so that the
         #: clients reconnect to the next server instead of holding this one's shutdown up
         self.stopping = asyncio.Event()
@@ -485,12 +529,16 @@ class RemoteServer:
         except WatchCompacted:
             logger.info("watch from {}: cursor {} was compacted away; sending a snapshot", request.remote, cursor)
             return await self._snapshot(registry)
+        added = await self._expirations.fill(registry, [e.lease for e in events if e.kind == LeaseEvent.ADDED])
+        timed = iter(added)
+        events = [LeaseEvent(e.kind, next(timed)) if e.kind == LeaseEvent.ADDED else e for e in events]
         body = {"events": [wire.event_to_wire(e) for e in events], "snapshot": None, "cursor": str(last)}
         return await self._respond(registry, body, revision)
 
     async def _snapshot(self, registry: SubnetRegistry) -> web.Response:
         listing = await registry.list_leases()
-        body = {"events": None, "snapshot": [wire.lease_to_wire(lease) for lease in listing.leases],
+        leases = await self._expirations.fill(registry, listing.leases, complete=True)
+        body = {"events": None, "snapshot": [wire.lease_to_wire(lease) for lease in leases],
                 "cursor": str(listing.revision)}  # fmt: skip
         return await self._respond(registry, body, listing.revision)
 

@@ -56,8 +56,11 @@ def parse_time(text: Any) -> float | None:
 
 
 def attrs_to_wire(attrs: LeaseAttrs) -> dict[str, Any]:
-    # BackendType always: flanneld v0.5's backends compare it, and ours reads "udp" as udp.
-    value: dict[str, Any] = {"PublicIP": str(attrs.public_ip), "BackendType": attrs.backend_type}
+    # BackendType as stored: flanneld's udp hosts (v0.5 and v0.20) and ours write none for udp, and v0.5
+    # leaves it out when empty (its vxlan and host-gw backends compare it; a missing one reads as udp).
+    value: dict[str, Any] = {"PublicIP": str(attrs.public_ip)}
+    if attrs.backend_type != "udp":
+        value["BackendType"] = attrs.backend_type
     if attrs.backend_data is not None:
         value["BackendData"] = attrs.backend_data
     return value

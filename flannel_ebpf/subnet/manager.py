@@ -292,6 +292,16 @@ class LeaseManager:
         if not self.presence_lease and not await self._claim_presence():
             await asyncio.sleep(self.options.check_interval)
             return None
+        server_acquires = getattr(self.leases, "acquire_lease", None)
+        if server_acquires is not None and (got := await server_acquires(self.attrs)) is not None:
+            # a flanneld v0.5 lease server: it picks the subnet (its API has no create-only write of a
+            # named subnet), so the subnet file's subnet is only compared
+            if previous is not None and got.subnet != previous:
+                logger.warning("the lease server gave us {}, not our previous subnet {} (the containers on "
+                               "{} lose their connectivity)", got.subnet, previous, previous)  # fmt: skip
+            logger.info("lease server gave us {} for {}", got.subnet, self.attrs.public_ip)
+            self._set_problem(None)
+            return got
         began = time.monotonic()
         listing = await self.leases.list_leases()
         self._acquire_listing, self.listing_seconds = listing, time.monotonic() - began

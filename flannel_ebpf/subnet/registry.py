@@ -459,6 +459,10 @@ class SubnetRegistry:
         attrs = LeaseAttrs.from_json(kv.value)
         return Lease(subnet, attrs, None, lease_id=kv.lease, mod_revision=kv.mod_revision)
 
+    async def with_expiration(self, lease: Lease) -> Lease:
+        """The lease with its expiration (one TTL request to etcd; a reservation as it is)."""
+        return await self._with_expiration(lease)
+
     async def _with_expiration(self, lease: Lease) -> Lease:
         """The lease with its expiration: one TTL request to etcd. Only our own lease needs it (to renew
         in time); a listing never asks, which would cost one round trip per peer (10,000 at scale)."""
