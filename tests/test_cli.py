@@ -190,3 +190,14 @@ def test_unsupported_flags_that_change_nothing_in_flanneld_are_accepted():
     # flanneld's own defaults: a unit file that spells them out still starts
     env = {"FLANNELD_KUBE_SUBNET_MGR": "false", "FLANNELD_KUBE_ANNOTATION_PREFIX": "flannel.alpha.coreos.com"}
     assert go(["-kube-subnet-mgr=false", "-set-node-network-unavailable=true"], env).command == "up"
+
+
+def test_down_of_one_network_of_a_client_asks_the_server_for_that_network():
+    """`down --release-lease --networks=blue,red` in client mode: each network's registry names it (it
+    asked for `_`, found no lease there and said "already gone" while the lease stayed)."""
+    from flannel_ebpf.cli import network_args
+
+    args = parse(["down", "--remote", "10.0.0.1:8888", "--networks", "blue,red", "--release-lease"])
+    registry = agent_options(network_args(args, "red")).registry()
+    assert registry.base == "http://10.0.0.1:8888/v1/red"
+    assert agent_options(args).registry().base == "http://10.0.0.1:8888/v1/_"

@@ -167,21 +167,29 @@ def test_three_networks_side_by_side(lab_factory):
     assert health(lab, "h2")["blue"].startswith("ready")
 
 
-def test_multi_network_mode_sends_no_systemd_readiness(lab_factory, tmp_path):
-    """As flanneld documents: in multi-network mode no READY=1 at start (nor anything else)."""
+def test_multi_network_mode_notifies_ready_once_every_network_is_up(lab_factory, tmp_path):
+    """flanneld v0.5 sent no READY=1 in multi-network mode: under a Type=notify unit that is systemd's
+    start timeout. flannel-ebpf sends one, once every network is ready (and STOPPING=1 on stop)."""
     lab = lab_factory(1)
     lab.etcd_put(f"{PREFIX}/blue/config", json.dumps({"Network": "10.26.0.0/16", "Backend": {"Type": "alloc"}}))
     path = tmp_path / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(path))
+        sock.settimeout(0.5)
         agent = lab.start_agent(
-            "h1", ["--networks", "blue", "--subnet-dir", str(subnet_dir(lab, "h1"))], env={"NOTIFY_SOCKET": str(path)}
-        )
+            "h1", ["--networks", "blue,red", "--subnet-dir", str(subnet_dir(lab, "h1"))],
+            env={"NOTIFY_SOCKET": str(path)},
+        )  # fmt: skip
         assert agent.proc is not None
         wait_for(lambda: health(lab, "h1").get("blue", "").startswith("ready"), what="blue ready")
-        time.sleep(0.5)
-        assert lab.stop_agent("h1") == 0
-        sock.setblocking(False)
-        with pytest.raises(BlockingIOError):
+        time.sleep(1.0)
+        with pytest.raises(TimeoutError):  # red has no config yet: not every network is up
             print("unexpected notification:", sock.recv(4096))
+        lab.etcd_put(f"{PREFIX}/red/config", json.dumps({"Network": "10.27.0.0/16", "Backend": {"Type": "alloc"}}))
+        sock.settimeout(30)
+        message = sock.recv(4096).decode()
+        assert message.splitlines()[0] == "READY=1" and "networks blue, red" in message, message
+        assert all(health(lab, "h1")[name].startswith("ready") for name in ("blue", "red"))
+        assert lab.stop_agent("h1") == 0
+        assert sock.recv(4096).decode().startswith("STOPPING=1")
     assert SubnetEnv.read(subnet_dir(lab, "h1") / "blue.env").network == IPv4Network("10.26.0.0/16")

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 import uuid
 from ipaddress import IPv4Address, IPv4Network
 
 import aiohttp
 import pytest
 
+from flannel_ebpf.remote import wire
 from flannel_ebpf.remote.client import RemoteRegistry
 from flannel_ebpf.remote.server import ServerOptions, serve
 from flannel_ebpf.subnet.lease import LeaseAttrs
@@ -195,5 +197,31 @@ def test_client_reports_a_lost_server_and_resumes(etcd, prefix):
             assert await reg2.get_config() is not None and reg2.lost_reason == ""
             await reg2.close()
         await reg.close()
+
+    run(main())
+
+
+def test_listings_and_watches_carry_real_expirations_and_backend_type_as_stored(etcd, prefix):
+    """As flanneld v0.5's server: each lease's expiry (not Go's zero time), and BackendType only when
+    the stored value has one (a udp lease has none)."""
+
+    async def main():
+        async with server(etcd, prefix, poll_seconds=1.0) as (http, base, _):
+            first = await get_json(http, f"{base}/leases")
+            udp = {"Subnet": "10.5.4.0/24", "Attrs": {"PublicIP": "192.168.60.4"}, "Expiration": wire.ZERO_TIME}
+
+            async def later():
+                await asyncio.sleep(0.3)
+                async with http.put(f"{base}/leases/10.5.4.0-24?ttl=600", json=udp) as r:
+                    assert r.status == 200, await r.text()
+
+            writer = asyncio.ensure_future(later())
+            watched = await get_json(http, f"{base}/leases?next={first['cursor']}")
+            await writer
+            snapshot = await get_json(http, f"{base}/leases")
+            for lease in (watched["events"][0]["lease"], snapshot["snapshot"][0]):
+                assert lease["Attrs"] == {"PublicIP": "192.168.60.4"}, lease
+                left = wire.parse_time(lease["Expiration"]) - time.time()
+                assert 590 < left <= 601, lease
 
     run(main())
