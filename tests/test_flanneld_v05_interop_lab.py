@@ -53,7 +53,8 @@ def subnet_of(lab, host: str) -> str:
 
 def known_peers(lab, host: str, backend: str, subnets: dict[str, str]) -> set[str]:
     """The peer subnets `host`'s flannel has taken in: flanneld v0.5.5's own log (each backend logs
-    `Subnet added:`; its vxlan adds no per-peer route, it answers kernel L3 misses), for flannel-ebpf the
+    `Subnet added:`, but its vxlan not for the leases it finds at start: those are its fdb entries; it adds
+    no per-peer route, it answers the kernel's L3 misses), for flannel-ebpf the
     routes (vxlan, host-gw) or the eBPF peer map (udp)."""
     lease_subnets = set(subnets.values()) - {subnets[host]}
     fd = lab.flanneld_of(host)
@@ -64,6 +65,10 @@ def known_peers(lab, host: str, backend: str, subnets: dict[str, str]) -> set[st
                 known.add(m.group(1))
             elif m := _REMOVED.search(line):
                 known.discard(m.group(1))
+        if backend == "vxlan":  # the leases present at its start get fdb entries, without a log line
+            fdb = lab.exec(host, ["bridge", "fdb", "show", "dev", "flannel.1"]).stdout
+            vteps = set(re.findall(r"\bdst (\S+)", fdb))
+            known |= {k.replace("-", "/") for k, v in lab.leases().items() if v.get("PublicIP") in vteps}
         return known & lease_subnets
     if backend != "udp":
         routes = json.loads(lab.exec(host, ["ip", "-j", "-4", "route", "show"]).stdout)
