@@ -25,7 +25,7 @@ import pytest
 
 from flannel_ebpf.lab.flanneld import unpack_flanneld
 from flannel_ebpf.lab.traffic import FloodCounter
-from tests.helpers import wait_delivery_settled, wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -43,6 +43,18 @@ _REMOVED = re.compile(r"Subnet removed: (\S+)")
 def test_flanneld_v05_binary_is_there(tmp_path):
     binary = unpack_flanneld(VERSION, tmp_path)
     assert binary.stat().st_mode & 0o111
+
+
+def delivery_settled(lab) -> None:
+    """tests.helpers.wait_delivery_settled, for the flannel-ebpf hosts only."""
+    for host in EBPF_HOSTS:
+        wait_for(
+            lambda host=host: any(
+                line in lab.agent_log(host, last_run=True)
+                for line in ("hand-off attached", "no bridge hand-off needed")
+            ),
+            what=f"the container bridge of {host} hooked",
+        )
 
 
 def subnet_of(lab, host: str) -> str:
@@ -123,7 +135,7 @@ def start_mixed(lab_factory, backend: str, hosts: int = 4):
     for h in subnets:
         lab.add_container(h)
     if backend == "udp":
-        wait_delivery_settled(lab)
+        delivery_settled(lab)
     return lab, subnets
 
 
@@ -160,7 +172,7 @@ def test_flanneld_v05_and_flannel_ebpf_on_one_v2_store(lab_factory, backend):
             lab.start_agent(h, AGENT_ARGS[backend])
             lab.wait_ready(h, 90)
             if backend == "udp":
-                wait_delivery_settled(lab)
+                delivery_settled(lab)
             time.sleep(0.5)
         finally:
             results = [f.stop() for f in floods]
