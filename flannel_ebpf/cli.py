@@ -53,6 +53,22 @@ FLAGS = (
     Flag("etcd-keyfile", "", "TLS key file for etcd"),
     Flag("etcd-certfile", "", "TLS certificate file for etcd"),
     Flag("etcd-cafile", "", "TLS CA file for etcd"),
+    Flag(
+        "etcd-api",
+        "v3",
+        "etcd API the config and leases live in: v3 (flanneld v0.10+), v2 (flanneld v0.5-v0.9: etcd 3.4/3.5 "
+        "with --enable-v2)",
+        "choice",
+        ("v3", "v2"),
+    ),
+    Flag(
+        "subnet-len-rule",
+        "auto",
+        "default SubnetLen when the config sets none: v0.5 (/24 below a /24 Network, else one bit longer), v0.20 "
+        "(/24 up to a /22 Network, else two bits longer), auto (v0.5 with --etcd-api v2, else v0.20)",
+        "choice",
+        ("auto", "v0.5", "v0.20"),
+    ),
     Flag("etcd-username", "", "etcd user name"),
     Flag("etcd-password", "", "etcd password"),
     Flag("iface", [], "interface (name or IPv4) for inter-host traffic; repeatable, first match wins", "list"),
@@ -371,6 +387,8 @@ def agent_options(args: argparse.Namespace) -> Any:
         etcd_tls=EtcdTLS(cafile=args.etcd_cafile, certfile=args.etcd_certfile, keyfile=args.etcd_keyfile),
         etcd_username=args.etcd_username,
         etcd_password=args.etcd_password,
+        etcd_api=args.etcd_api,
+        subnet_len_rule=args.subnet_len_rule,
         ifaces=_list_flag(args, "iface"),
         iface_regexes=_list_flag(args, "iface_regex"),
         iface_can_reach=args.iface_can_reach,

@@ -47,6 +47,17 @@ class NetworkConfig:
     backend: dict[str, Any] = field(default_factory=dict)  # the whole `Backend` object, incl. `Type`
     #: things that work but are probably a mistake: the agent logs each once at start
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    #: whether the config sets SubnetLen itself (else it is the default of `subnet_len_rule`)
+    subnet_len_given: bool = field(default=True, compare=False)
+    subnet_len_rule: str = field(default="v0.20", compare=False)
+
+    def other_rule_subnet_len(self) -> int | None:
+        """The SubnetLen the other era's flanneld derives from this Network (None: SubnetLen is set, or
+        both eras agree): a peer lease of that length means hosts of both eras share one store."""
+        if self.subnet_len_given:
+            return None
+        other = default_subnet_len(self.network, "v0.5" if self.subnet_len_rule == "v0.20" else "v0.20")
+        return other if other != self.subnet_len else None
 
     def contains_subnet(self, subnet: IPv4Network) -> bool:
         """Whether a (leased) subnet fits this config: right length, inside [SubnetMin, SubnetMax]."""
@@ -55,6 +66,19 @@ class NetworkConfig:
             and subnet.subnet_of(self.network)
             and self.subnet_min <= subnet.network_address <= self.subnet_max
         )
+
+
+#: the default SubnetLen rules: flanneld v0.5-v0.9 (etcd v2 era) and v0.10+ (v0.20.2: flannel-ebpf's v3 default)
+SUBNET_LEN_RULES = ("v0.5", "v0.20")
+
+
+def default_subnet_len(network: IPv4Network, rule: str = "v0.20") -> int:
+    """The SubnetLen flanneld derives when the config sets none. v0.5 (to v0.9): a /24 for a Network
+    shorter than /24, else one bit longer than the Network. v0.10 on (v0.20.2): a /24 for a Network of /22
+    or shorter, else two bits longer. They differ for /23 to /28 Networks."""
+    if rule == "v0.5":
+        return 24 if network.prefixlen < 24 else network.prefixlen + 1
+    return 24 if network.prefixlen <= 22 else network.prefixlen + 2
 
 
 def _ipv4(value: Any, name: str) -> IPv4Address:
@@ -102,8 +126,11 @@ def udp_port_warning(port: int) -> str | None:
     return None
 
 
-def parse_config(raw: bytes | str) -> NetworkConfig:
-    """Parse and validate the JSON at `<prefix>/config`."""
+def parse_config(raw: bytes | str, subnet_len_rule: str = "v0.20") -> NetworkConfig:
+    """Parse and validate the JSON at `<prefix>/config`. `subnet_len_rule` ("v0.20" or "v0.5"): the
+    flanneld era whose default SubnetLen applies when the config sets none (default_subnet_len)."""
+    if subnet_len_rule not in SUBNET_LEN_RULES:
+        raise ValueError(f"unknown SubnetLen rule {subnet_len_rule!r}; known: {', '.join(SUBNET_LEN_RULES)}")
     try:
         doc = load_bounded_json(raw, "network config", MAX_CONFIG_BYTES)
     except ValueError as e:
@@ -130,6 +157,7 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
         raise ConfigError(problem)
 
     subnet_len = doc.get("SubnetLen", 0)
+    subnet_len_given = bool(subnet_len)
     if isinstance(subnet_len, bool) or not isinstance(subnet_len, int) or subnet_len < 0:
         raise ConfigError(f"SubnetLen must be a positive integer, got {subnet_len!r}")
     if subnet_len:
@@ -143,10 +171,8 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
             )
     elif network.prefixlen > 28:
         raise ConfigError(f"Network {network} is too small: the smallest useful network is a /28")
-    elif network.prefixlen <= 22:
-        subnet_len = 24
     else:
-        subnet_len = network.prefixlen + 2
+        subnet_len = default_subnet_len(network, subnet_len_rule)
 
     subnet_size = 1 << (32 - subnet_len)
     # flanneld keeps SubnetMin/SubnetMax as integers where 0 means unset: "0.0.0.0" is the default too.
@@ -210,4 +236,6 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
         backend_type=backend_type,
         backend=backend,
         warnings=tuple(warnings),
+        subnet_len_given=subnet_len_given,
+        subnet_len_rule=subnet_len_rule,
     )

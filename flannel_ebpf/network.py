@@ -68,6 +68,8 @@ class AgentOptions:
     etcd_tls: EtcdTLS = field(default_factory=EtcdTLS)
     etcd_username: str = ""
     etcd_password: str = ""
+    etcd_api: str = "v3"  # v2: leases in etcd's v2 store, as flanneld v0.5 keeps them (etcd_v2_store)
+    subnet_len_rule: str = "auto"  # the default SubnetLen's era: v0.5, v0.20, auto (v0.5 with etcd_api v2)
     ifaces: list[str] = field(default_factory=list)
     iface_regexes: list[str] = field(default_factory=list)
     iface_can_reach: str = ""  # pick the interface the kernel routes this address via (flanneld's flag)
@@ -103,13 +105,23 @@ class AgentOptions:
         return self.registry_for_prefix(self.etcd_prefix)
 
     def registry_for_prefix(self, prefix: str) -> SubnetRegistry:
+        tls = self.etcd_tls if self.etcd_tls.enabled else None
+        if self.etcd_api == "v2":
+            from flannel_ebpf.subnet.etcd_v2_store import EtcdV2Registry
+
+            # duck-typed: the lease server uses the same methods (and for_prefix) of either store
+            v2 = EtcdV2Registry(self.etcd_endpoints, prefix, tls, self.etcd_username, self.etcd_password)
+            return v2  # type: ignore[return-value]
         return SubnetRegistry(
-            self.etcd_endpoints,
-            prefix,
-            tls=self.etcd_tls if self.etcd_tls.enabled else None,
-            username=self.etcd_username,
-            password=self.etcd_password,
+            self.etcd_endpoints, prefix, tls=tls, username=self.etcd_username, password=self.etcd_password
         )
+
+    @property
+    def effective_subnet_len_rule(self) -> str:
+        """The era whose default SubnetLen applies: the flag, or (auto) the era the store implies."""
+        if self.subnet_len_rule != "auto":
+            return self.subnet_len_rule
+        return "v0.5" if self.etcd_api == "v2" and not self.remote else "v0.20"
 
     def for_network(self, name: str) -> AgentOptions:
         """One network's options in multi-network mode, as flanneld v0.5 laid them out: config and leases
@@ -410,11 +422,12 @@ class Network:
                 continue
             if raw is not None:
                 try:
-                    return parse_config(raw)
+                    return parse_config(raw, self.options.effective_subnet_len_rule)
                 except ConfigError as e:
                     raise FatalError(f"invalid network config at {registry.config_key}: {e}") from None
             if not said_waiting:
-                logger.info("waiting for the network config at {} (write it with etcdctl put)", registry.config_key)
+                how = "ETCDCTL_API=2 etcdctl set" if self.options.etcd_api == "v2" else "etcdctl put"
+                logger.info("waiting for the network config at {} (write it with {})", registry.config_key, how)
                 said_waiting = True
             if time.monotonic() >= next_v2_probe:
                 next_v2_probe = time.monotonic() + V2_PROBE_SECONDS
@@ -433,7 +446,7 @@ class Network:
         except OSError as e:
             raise FatalError(f"cannot read the network config file {path}: {e.strerror or e}") from None
         try:
-            config = parse_config(raw)
+            config = parse_config(raw, self.options.effective_subnet_len_rule)
         except ConfigError as e:
             raise FatalError(f"invalid network config in {path}: {e}") from None
         logger.info("network config from {} (--net-config-path); leases in etcd", path)
@@ -476,8 +489,10 @@ class Network:
         if config is None:
             return 0
         logger.info(
-            "network {} subnets /{} from {} to {}, backend {}",
-            config.network, config.subnet_len, config.subnet_min, config.subnet_max, config.backend_type,
+            "network {} subnets /{}{} from {} to {}, backend {}",
+            config.network, config.subnet_len,
+            "" if config.subnet_len_given else f" (flanneld {config.subnet_len_rule}'s default SubnetLen)",
+            config.subnet_min, config.subnet_max, config.backend_type,
         )  # fmt: skip
         for warning in config.warnings:
             logger.warning("network config: {}", warning)

@@ -57,6 +57,7 @@ class Agent:
     command: Sequence[str] | None = None
     #: time.time() of the last start (start-to-ready figures)
     started_at: float = 0.0
+    etcd_api: str = "v3"  # v2: the agent runs with --etcd-api v2 (the lab's etcd serves the v2 API)
 
     def _command(self) -> list[str]:
         return list(self.command) if self.command is not None else cli_command()
@@ -71,6 +72,7 @@ class Agent:
             "--subnet-file", str(self.host.subnet_file),
             "--state-dir", str(self.host.state_dir),
             "--bpf-pin-dir", str(self.pin_dir),
+            *(["--etcd-api", self.etcd_api] if self.etcd_api != "v3" else []),
         ]  # fmt: skip
 
     @property

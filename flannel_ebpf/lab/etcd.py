@@ -13,16 +13,29 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from loguru import logger
 
 from .netns import stop_process
 
 ETCD_BINARY = "etcd"
+# a v2 request run inside a namespace (the test process may not reach it): prints etcd's JSON answer
+_V2_REQUEST = """
+import sys, urllib.error, urllib.request
+request = urllib.request.Request(sys.argv[2], method=sys.argv[1])
+try:
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        sys.stdout.write(answer.read().decode())
+except urllib.error.HTTPError as e:
+    sys.stdout.write(e.read().decode())
+"""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -178,6 +191,20 @@ class EtcdServer:
         if r.returncode != 0:
             raise RuntimeError(f"etcdctl {' '.join(args)} failed: {r.stderr.strip()}")
         return r.stdout
+
+    def v2(self, method: str, key: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """One request to etcd's v2 keys API (etcd started with --enable-v2), from inside its namespace;
+        returns etcd's JSON answer (an error too: `errorCode`). Parameters go in the query string."""
+        url = f"{self.endpoint}/v2/keys{urllib.parse.quote(key)}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        cmd = [sys.executable, "-c", _V2_REQUEST, method, url]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"etcd v2 {method} {key} failed: {r.stderr.strip()[-500:]}")
+        return json.loads(r.stdout)
 
     def __enter__(self) -> EtcdServer:
         self.start()

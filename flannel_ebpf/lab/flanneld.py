@@ -10,6 +10,11 @@ file (temp + rename), sets the FORWARD policy to ACCEPT and adds the `FLANNEL-FW
 `--iptables-forward-rules=false`), creates flannel0 (udp, gone when it exits) or flannel.<VNI> (vxlan,
 kept) and per-peer routes (kept). It writes nothing else to the file system when `--subnet-file` is
 given. On SIGTERM it panics in its etcd watch (`index out of range`) and exits 2: flanneld's fault.
+flanneld v0.5.5 (`version="v0.5.5"`) speaks only etcd's v2 API (a lab made with `etcd_api="v2"`); it takes
+the same flags here (no `-iptables-forward-rules`), touches no iptables chain with `-ip-masq=false`, exits 0
+on SIGTERM, and logs `Subnet added:` for each peer (its vxlan backend only for peers seen after its start:
+those found at start become fdb entries without a line; it adds no per-peer route but answers the
+kernel's L3 misses).
 All of it lives in the host's namespace (deleted with it) or the lab directory; `leftovers()` lists it,
 `remove_iptables_rules()` removes the chains (e.g. before flannel-ebpf takes the host over).
 """

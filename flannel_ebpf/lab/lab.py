@@ -72,6 +72,7 @@ class Lab:
         etcd_prefix: str = DEFAULT_ETCD_PREFIX,
         etcd_members: int = 1,
         agent_command: Sequence[str] | None = None,
+        etcd_api: str = "v3",
     ) -> None:
         names = [f"h{i + 1}" for i in range(hosts)] if isinstance(hosts, int) else list(hosts)
         for n in names:
@@ -93,6 +94,11 @@ class Lab:
         self.etcd_members = etcd_members  # > 1: a cluster, each member in a namespace of its own
         self.network_config = network_config
         self.etcd_prefix = etcd_prefix.rstrip("/")
+        #: "v2": etcd serves its v2 API (--enable-v2), the config and leases live there (flanneld v0.5's
+        #: store), agents run with --etcd-api v2, and etcd_put/get/delete/leases use the v2 API
+        if etcd_api not in ("v3", "v2") or (etcd_api == "v2" and etcd_members > 1):
+            raise ValueError(f"etcd_api {etcd_api!r}: v3, or v2 with one etcd member")
+        self.etcd_api = etcd_api
         #: the `flannel-ebpf` command the agents run (None: this checkout's; e.g. a wheel installed in a venv)
         self.agent_command = list(agent_command) if agent_command is not None else None
         self.underlay = Underlay(self.prefix, self.dir, topology)
@@ -139,7 +145,9 @@ class Lab:
         host_dir.mkdir(parents=True, exist_ok=True)
         host = Host(name, ns, self.underlay.segments[segment], addr, host_dir)
         self.hosts[name] = host
-        self.agents[name] = Agent(host, self.etcd_endpoint, self.pin_dir(name), command=self.agent_command)
+        self.agents[name] = Agent(
+            host, self.etcd_endpoint, self.pin_dir(name), command=self.agent_command, etcd_api=self.etcd_api
+        )
         return host
 
     def add_host(self, name: str, segment: str = "a") -> Host:
@@ -168,8 +176,9 @@ class Lab:
         self.etcd_ns = create_netns(f"{self.prefix}-etcd", self.dir)
         addr = self.underlay.attach(self.etcd_ns, "etcd", "a", ETCD_INDEX)
         self.etcd = EtcdServer(
-            host=str(addr.ip), netns=self.etcd_ns.name, data_dir=str(self.dir / "etcd"), name=f"{self.prefix}-etcd"
-        )
+            host=str(addr.ip), netns=self.etcd_ns.name, data_dir=str(self.dir / "etcd"), name=f"{self.prefix}-etcd",
+            extra_args=["--enable-v2"] if self.etcd_api == "v2" else [],
+        )  # fmt: skip
         self.etcd.start()
 
     def close(self, remove_dir: bool = True) -> None:
@@ -283,7 +292,19 @@ class Lab:
         value = config if isinstance(config, str) else json.dumps(config)
         self.etcd_put(f"{self.etcd_prefix}/config", value)
 
-    def etcd_put(self, key: str, value: str) -> None:
+    def _v2(self, method: str, key: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
+        etcd = self._etcd()
+        assert isinstance(etcd, EtcdServer)
+        return etcd.v2(method, key, params)
+
+    def etcd_put(self, key: str, value: str, ttl: int = 0) -> None:
+        """Write `key` (in a v2 lab: in the v2 store, with `ttl` seconds when given)."""
+        if self.etcd_api == "v2":
+            answer = self._v2("PUT", key, {"value": value, **({"ttl": str(ttl)} if ttl else {})})
+            if "errorCode" in answer:
+                raise RuntimeError(f"etcd v2 PUT {key}: {answer}")
+            return
+        assert not ttl, "a TTL only in a v2 lab"
         self._etcd().ctl("put", key, input=value)  # via stdin: any value, even `-garbage`
 
     def etcd_get(self, key: str) -> str | None:
@@ -291,6 +312,17 @@ class Lab:
         return kv.get(key)
 
     def etcd_get_prefix(self, key: str, prefix: bool = True) -> dict[str, str]:
+        if self.etcd_api == "v2":
+            answer = self._v2("GET", key.rstrip("/") if prefix else key, {"recursive": "true"} if prefix else None)
+            found: dict[str, str] = {}
+            stack = [answer.get("node") or {}]
+            while stack:
+                node = stack.pop()
+                if node.get("dir"):
+                    stack.extend(node.get("nodes") or [])
+                elif isinstance(node.get("value"), str) and node.get("key", "").startswith(key):
+                    found[node["key"]] = node["value"]
+            return found
         args = ["get", key, "-w", "json"] + (["--prefix"] if prefix else [])
         out = json.loads(self._etcd().ctl(*args))
         return {
@@ -301,6 +333,9 @@ class Lab:
         }
 
     def etcd_delete(self, key: str, prefix: bool = False) -> int:
+        if self.etcd_api == "v2":
+            answer = self._v2("DELETE", key.rstrip("/") if prefix else key, {"recursive": "true"} if prefix else None)
+            return 0 if "errorCode" in answer else 1
         out = self._etcd().ctl("del", key, *(["--prefix"] if prefix else []))
         return int(out.strip() or 0)
 

@@ -72,6 +72,20 @@ def peer_refusal(lease: Lease, network: IPv4Network, subnet_len: int) -> str:
     return ""
 
 
+def subnet_len_era_hint(config: NetworkConfig) -> str:
+    """The line said (once) when a peer lease has the length the other flanneld era derives from this
+    Network: the hosts disagree on the default SubnetLen, and only an explicit one makes them agree."""
+    ours = "v0.5-v0.9 (etcd v2)" if config.subnet_len_rule == "v0.5" else "v0.10+ (v0.20.2)"
+    theirs = "v0.10+ (v0.20.2)" if config.subnet_len_rule == "v0.5" else "v0.5-v0.9 (etcd v2)"
+    return (
+        f"SUBNETLEN MISMATCH: the config at Network {config.network} sets no SubnetLen; this agent applies "
+        f"flanneld {ours}'s default /{config.subnet_len}, but a peer leases /{config.other_rule_subnet_len()}, "
+        f"flanneld {theirs}'s default: hosts of both eras on one store never reach each other. Set SubnetLen "
+        f'explicitly in the network config (e.g. "SubnetLen": {config.subnet_len}) and restart the hosts whose '
+        "leases have the other length (or pick the rule with --subnet-len-rule)"
+    )
+
+
 @dataclass(frozen=True)
 class LeaseOptions:
     ttl: int = 24 * 3600  # flannel's subnet TTL
@@ -170,6 +184,7 @@ class LeaseManager:
         #: leases under subnets/ that are refused as peers right now: subnet -> (its lease, reason)
         self.refused: dict[IPv4Network, tuple[Lease, str]] = {}
         self._refusal_logged: dict[tuple[IPv4Network, IPv4Address], str] = {}  # (subnet, PublicIP) -> reason
+        self._era_mismatch_said = False  # the SubnetLen-rule hint is said once
         # After etcd lost data, other agents need a few checks to re-create their leases: until then a
         # relist must not remove peers that are merely not back yet (that would cut working routes).
         self._keep_missing_until = 0.0
@@ -588,6 +603,9 @@ class LeaseManager:
                          "another length would take over addresses of another host's subnet)", lease.subnet,
                          lease.public_ip, lease.subnet.prefixlen, self.config.network,
                          self.config.subnet_len)  # fmt: skip
+            if not self._era_mismatch_said and lease.subnet.prefixlen == self.config.other_rule_subnet_len():
+                self._era_mismatch_said = True
+                logger.error("{}", subnet_len_era_hint(self.config))
         else:
             logger.error("ignoring lease {} of {}: not a subnet inside the overlay network {}",
                          lease.subnet, lease.public_ip, self.config.network)  # fmt: skip
