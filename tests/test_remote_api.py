@@ -39,12 +39,17 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def server(etcd, prefix, poll_seconds=2.0):
+async def server(etcd, prefix, poll_seconds=2.0, subnet_len_rule="v0.20"):
     port = free_port()
     stop = asyncio.Event()
     # these tests are about the API: every client here is 127.0.0.1 (identity: tests/test_remote_identity.py)
     options = ServerOptions(
-        listen=f"127.0.0.1:{port}", tls=EtcdTLS(), ttl=600, poll_seconds=poll_seconds, trust_any_client=True
+        listen=f"127.0.0.1:{port}",
+        tls=EtcdTLS(),
+        ttl=600,
+        poll_seconds=poll_seconds,
+        trust_any_client=True,
+        subnet_len_rule=subnet_len_rule,
     )
     task = asyncio.ensure_future(serve(lambda p: SubnetRegistry([etcd.endpoint], p), prefix, options, stop))
     base = f"http://127.0.0.1:{port}/v1/_"
@@ -96,6 +101,18 @@ def test_config_acquire_renew_as_a_v05_client_sends_them(etcd, prefix):
                 assert r.status == 400
             async with http.put(f"{base}/leases/10.6.0.0-24", json={**lease, "Subnet": "10.6.0.0/24"}) as r:
                 assert r.status == 400 and "does not fit" in await r.text()
+
+    run(main())
+
+
+def test_the_server_fills_in_subnet_len_by_its_era_rule(etcd, prefix):
+    """A /23 Network without SubnetLen: flanneld v0.5 leases /24s, v0.20 /25s; the server says which."""
+    etcd.ctl("put", f"{prefix}/config", '{"Network": "10.7.0.0/23"}')
+
+    async def main():
+        for rule, expected in (("v0.5", 24), ("v0.20", 25)):
+            async with server(etcd, prefix, subnet_len_rule=rule) as (http, base, _):
+                assert (await get_json(http, f"{base}/config"))["SubnetLen"] == expected, rule
 
     run(main())
 

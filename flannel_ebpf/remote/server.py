@@ -91,6 +91,8 @@ class ServerOptions:
     tls: EtcdTLS  # --remote-cafile/certfile/keyfile: a CA means clients must present a certificate
     ttl: int = 24 * 3600
     poll_seconds: float = POLL_SECONDS
+    #: the flanneld era whose default SubnetLen applies to a config without one (config.default_subnet_len)
+    subnet_len_rule: str = "v0.20"
     limits: ConnectionLimits = SERVER_LIMITS
     #: --listen-trust-any-client: any client may write the leases of any PublicIP (flanneld v0.5's server)
     trust_any_client: bool = False
@@ -367,7 +369,7 @@ class RemoteServer:
         if raw is None:
             raise HttpError(404, f"no network config at {registry.config_key}")
         try:
-            return parse_config(raw), raw
+            return parse_config(raw, self.options.subnet_len_rule), raw
         except ConfigError as e:
             raise HttpError(500, f"invalid network config at {registry.config_key}: {e}") from None
 
@@ -675,6 +677,7 @@ def run_server(agent_options: Any) -> int:
         listen=agent_options.listen,
         tls=agent_options.remote_tls,
         ttl=agent_options.lease.ttl,
+        subnet_len_rule=agent_options.effective_subnet_len_rule,
         trust_any_client=agent_options.listen_trust_any_client,
     )
 
