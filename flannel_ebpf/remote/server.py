@@ -266,10 +266,7 @@ class RemoteServer:
             try:
                 return await handler(request)
             except HttpError as e:
-                if e.status >= 500:
-                    logger.warning("{} {} from {}: {}", request.method, clip(request.path), request.remote, e)
-                else:
-                    self._refusals.log(request, e)
+                self._refusals.log(request, e)
                 return web.Response(status=e.status, text=str(e) + "\n")
             except LeaseFormatError as e:
                 # Only what etcd holds gets here (a request's own bad input is a 400 in its handler): a bad
@@ -278,8 +275,10 @@ class RemoteServer:
                 self._refusals.log(request, error)
                 return web.Response(status=error.status, text=f"{error}\n")
             except ETCD_RETRYABLE as e:
+                # Only etcd's calls can get here: the request's own I/O (its body) is read in _json, whose
+                # errors are the client's (a 4xx), never a reason to drop every request's etcd connection.
                 reason = describe_etcd_error(e)
-                logger.warning("{} {} from {}: {}", request.method, clip(request.path), request.remote, reason)
+                self._refusals.log(request, HttpError(503, reason))
                 await self._reconnect(request)
                 return web.Response(status=503, text=reason + "\n")
 
@@ -303,10 +302,16 @@ class RemoteServer:
         return HttpError(status, f"the value at {where} is not a valid lease: {error}")
 
     async def _json(self, request: web.Request, what: str) -> Any:
+        """The request's body as JSON. Called before any etcd call of its handler: whatever goes wrong in
+        reading it (a reset, a half-close, a body that does not come) is the client's, a 4xx."""
         try:
-            raw = await request.read()
+            raw = await asyncio.wait_for(request.read(), self.options.limits.request_seconds)
         except web.HTTPRequestEntityTooLarge:
             raise HttpError(413, f"{what} is larger than the {wire.MAX_REQUEST_BYTES} bytes accepted") from None
+        except TimeoutError:
+            raise HttpError(408, f"{what} did not arrive within {self.options.limits.request_seconds:g} s") from None
+        except Exception as e:  # the connection's errors: ConnectionResetError, aiohttp's payload errors
+            raise HttpError(400, f"{what} could not be read: {clip(type(e).__name__)}: {clip(e)}") from None
         try:
             return wire.load_body(raw, what, wire.MAX_REQUEST_BYTES)
         except ValueError as e:
@@ -541,35 +546,36 @@ class RemoteServer:
 
 
 class _RefusalLog:
-    """The log of refused requests (4xx): anybody can send them, so they must not flood the log. 404s
-    (a network or lease that does not exist: what a probe or a typo asks for) go to DEBUG; the others at
-    most BURST lines per PERIOD (403s, a client writing for another host, at WARNING; the rest at INFO),
-    then DEBUG, with the count of those left out said once."""
+    """The log of refused (4xx) and failed (5xx: etcd unavailable) requests: anybody can cause them, so they
+    must not flood the log. 404s (a network or lease that does not exist: what a probe or a typo asks for)
+    go to DEBUG; the others at most BURST lines per PERIOD each for refusals and failures (403s and 5xx at
+    WARNING, the rest at INFO), then DEBUG, with the count of those left out said once."""
 
     BURST = 20
     PERIOD = 60.0
 
     def __init__(self) -> None:
-        self._since = -self.PERIOD
-        self._logged = 0
-        self._left_out = 0
+        self._since = {"refused": -self.PERIOD, "failed": -self.PERIOD}
+        self._logged = {"refused": 0, "failed": 0}
+        self._left_out = {"refused": 0, "failed": 0}
 
     def log(self, request: web.Request, error: HttpError) -> None:
         line = ("{} {} from {}: {} {}", request.method, clip(request.path), request.remote, error.status, error)
         if error.status == 404:
             logger.debug(*line)
             return
+        kind = "failed" if error.status >= 500 else "refused"
         now = time.monotonic()
-        if now - self._since >= self.PERIOD:
-            if self._left_out:
-                logger.info("{} more refused requests in the last {:.0f}s (logged at DEBUG)", self._left_out,
-                            now - self._since)  # fmt: skip
-            self._since, self._logged, self._left_out = now, 0, 0
-        if self._logged < self.BURST:
-            self._logged += 1
-            logger.log("WARNING" if error.status == 403 else "INFO", *line)
+        if now - self._since[kind] >= self.PERIOD:
+            if self._left_out[kind]:
+                logger.info("{} more {} requests in the last {:.0f}s (logged at DEBUG)", self._left_out[kind], kind,
+                            now - self._since[kind])  # fmt: skip
+            self._since[kind], self._logged[kind], self._left_out[kind] = now, 0, 0
+        if self._logged[kind] < self.BURST:
+            self._logged[kind] += 1
+            logger.log("WARNING" if error.status == 403 or error.status >= 500 else "INFO", *line)
         else:
-            self._left_out += 1
+            self._left_out[kind] += 1
             logger.debug(*line)
 
 

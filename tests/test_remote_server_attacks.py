@@ -1,0 +1,156 @@
+"""The lease server against one attacking client (a review of issue 25's fixes): the real server in a
+process of its own on loopback, its log and memory watched, attacked with raw sockets. Every attack is
+bounded in count and time; other sources than 127.0.0.1 are other loopback addresses (127.0.0.0/8)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+from flannel_ebpf.lab.agent import cli_env
+from flannel_ebpf.remote.server import HttpError, _RefusalLog
+from tests.test_remote_api import free_port, prefix  # noqa: F401 (prefix: a fixture)
+
+SERVER = """
+import asyncio, signal, sys
+from flannel_ebpf.logs import configure_logging
+from flannel_ebpf.http_limits import ConnectionLimits
+from flannel_ebpf.remote.server import ServerOptions, serve
+from flannel_ebpf.subnet.registry import EtcdTLS, SubnetRegistry
+port, endpoint, prefix, max_connections, poll_seconds = sys.argv[1:6]
+configure_logging("INFO")
+limits = ConnectionLimits(max_connections=int(max_connections), request_seconds=2.0, keepalive_seconds=30.0)
+options = ServerOptions(listen=f"127.0.0.1:{port}", tls=EtcdTLS(), ttl=600, poll_seconds=float(poll_seconds),
+                        limits=limits)
+async def main():
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    return await serve(lambda p: SubnetRegistry([endpoint], p), prefix, options, stop)
+sys.exit(asyncio.run(main()))
+"""
+REQUEST_SECONDS = 2.0
+
+
+@dataclass
+class Server:
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_kib(self) -> int:
+        match = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{self.proc.pid}/status").read_text(), re.M)
+        assert match
+        return int(match.group(1))
+
+    def connect(self, source: str = "127.0.0.1", timeout: float = 5.0) -> socket.socket:
+        sock = socket.socket()
+        sock.settimeout(timeout)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", self.port))
+        return sock
+
+    def status(self, path: str = "/v1/_/config", source: str = "127.0.0.1") -> str:
+        """The status line of one GET on a fresh connection from `source`, or what went wrong."""
+        try:
+            with self.connect(source, 3.0) as sock:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                return sock.recv(200).split(b"\r\n")[0].decode() or "closed"
+        except OSError as e:
+            return type(e).__name__
+
+
+@contextlib.contextmanager
+def running_server(etcd, prefix, tmp_path, max_connections=16, poll_seconds=25.0) -> Iterator[Server]:  # noqa: F811
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    args = [str(port), etcd.endpoint, prefix, str(max_connections), str(poll_seconds)]
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", SERVER, *args], env=cli_env(), stdout=out, stderr=out)
+    server = Server(port, proc, log_path)
+    try:
+        deadline = time.monotonic() + 20
+        while "serving flannel's remote API" not in server.log():
+            assert proc.poll() is None and time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def long_poll(port: int, answers: list[tuple[float, int, bytes]]) -> None:
+    """An innocent client: a snapshot, then a watch from its cursor (nothing happens: the poll period ends)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/v1/_/leases")
+    cursor = json.loads(conn.getresponse().read())["cursor"]
+    began = time.monotonic()
+    conn.request("GET", f"/v1/_/leases?next={cursor}")
+    response = conn.getresponse()
+    answers.append((time.monotonic() - began, response.status, response.read()))
+    conn.close()
+
+
+# --- a client hanging up in the middle of its body is its own problem ---
+
+
+def test_a_client_dropping_its_body_does_not_break_other_clients_long_polls(etcd, prefix, tmp_path):  # noqa: F811
+    with running_server(etcd, prefix, tmp_path, poll_seconds=6.0) as server:
+        answers: list[tuple[float, int, bytes]] = []
+        poller = threading.Thread(target=long_poll, args=(server.port, answers))
+        poller.start()
+        time.sleep(1.0)
+        head = b'POST /v1/_/leases HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"Pub'
+        for _ in range(3):  # resets mid-body
+            sock = server.connect()
+            sock.sendall(head)
+            time.sleep(0.2)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.close()  # with SO_LINGER 0: a RST
+        half_closed = server.connect()
+        half_closed.sendall(head)
+        half_closed.shutdown(socket.SHUT_WR)
+        stalled = server.connect()
+        stalled.sendall(head)  # the rest never comes: the server's deadline cuts it
+        poller.join(20)
+        half_closed.close()
+        stalled.close()
+        assert answers, "the long poll got no answer"
+        seconds, status, body = answers[0]
+        assert status == 200, (status, body, server.log()[-2000:])
+        assert json.loads(body)["events"] == [] and seconds > 5.0, (seconds, body)
+        assert "etcd unavailable" not in server.log(), server.log()[-2000:]
+        assert server.status() == "HTTP/1.1 200 OK"
+
+
+def test_failures_are_warnings_at_most_a_burst_a_minute(logs, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    refusals = _RefusalLog()
+    request = SimpleNamespace(method="GET", path="/v1/_/leases", remote="192.0.2.1")
+    for _ in range(100):
+        refusals.log(request, HttpError(503, "etcd unavailable (x)"))
+        refusals.log(request, HttpError(400, "bad cursor"))
+    warnings = [line for line in logs if line.startswith("WARNING")]
+    assert len(warnings) == _RefusalLog.BURST and all("503 etcd unavailable" in line for line in warnings)
+    assert sum(line.startswith("INFO") for line in logs) == _RefusalLog.BURST  # the 400s have their own budget
+    clock[0] += _RefusalLog.PERIOD
+    refusals.log(request, HttpError(503, "etcd unavailable (x)"))
+    assert f"INFO {100 - _RefusalLog.BURST} more failed requests in the last 60s (logged at DEBUG)" in logs
