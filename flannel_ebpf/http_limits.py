@@ -85,20 +85,25 @@ class RateLimitedLog:
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d{1,18})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _CHUNKED = re.compile(rb"^transfer-encoding[ \t]*:[^\n]*chunked", re.IGNORECASE | re.MULTILINE)
-_CHUNKED_END = b"0\r\n\r\n"
+_CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?")
+#: a chunk-size or trailer line longer than this ends nothing (aiohttp refuses it; the deadline cuts it)
+MAX_CHUNK_LINE = 4096
 #: a longer head is refused by aiohttp's parser anyway; the framing stops buffering it (the deadline cuts it)
 MAX_HEAD_BYTES = 64 * 1024
 
 
 class RequestFraming:
     """Where HTTP/1.x requests begin and end in a connection's byte stream: enough to time them, not to
-    parse them (aiohttp does that). A misjudged end only ends the deadline early: aiohttp's own behaviour."""
+    parse them (aiohttp does that). A chunked body is followed chunk by chunk (size line, data, line end,
+    until the zero-size chunk and its trailers end): the bytes of a chunk's data never end the request. A
+    malformed one never ends by our count (the deadline cuts it, if aiohttp has not refused it first)."""
 
     def __init__(self) -> None:
-        self._state = "idle"  # idle | head | body | chunked
+        # idle | head | body | chunk-size | chunk-data | chunk-end | trailer | malformed
+        self._state = "idle"
         self._head = bytearray()
+        self._line = bytearray()  # a chunk-size, chunk-end or trailer line so far
         self._body_left = 0
-        self._tail = b""
 
     @property
     def in_request(self) -> bool:
@@ -128,26 +133,48 @@ class RequestFraming:
                 head = bytes(self._head[: end.start()])
                 length = _CONTENT_LENGTH.search(head)
                 if _CHUNKED.search(head):
-                    self._state, self._tail = "chunked", b"\n"  # the end may follow the head directly
+                    self._state = "chunk-size"
+                    self._line.clear()
                 elif length and int(length.group(1)) > 0:
                     self._state, self._body_left = "body", int(length.group(1))
                 else:
                     self._state = "idle"
-            elif self._state == "body":
+            elif self._state in ("body", "chunk-data"):
                 taken = min(self._body_left, len(view))
                 self._body_left -= taken
                 view = view[taken:]
                 if not self._body_left:
-                    self._state = "idle"
-            else:  # chunked: the body ends with a zero-size chunk and an empty line
-                window = self._tail + bytes(view)
-                at = window.find(b"\n" + _CHUNKED_END)
-                if at < 0:
-                    self._tail = window[-len(_CHUNKED_END) :]
+                    self._state = "idle" if self._state == "body" else "chunk-end"
+            elif self._state == "malformed":
+                return began
+            else:  # a line of the chunked framing
+                newline = bytes(view[: MAX_CHUNK_LINE + 1]).find(b"\n")
+                if newline < 0:
+                    self._line += view[: MAX_CHUNK_LINE + 1]
+                    if len(self._line) > MAX_CHUNK_LINE:
+                        self._state = "malformed"
                     return began
-                view = memoryview(window[at + 1 + len(_CHUNKED_END) :])
-                self._state = "idle"
+                self._line += view[:newline]
+                view = view[newline + 1 :]
+                self._end_of_line(bytes(self._line[: MAX_CHUNK_LINE + 1]))
+                self._line.clear()
         return began
+
+    def _end_of_line(self, line: bytes) -> None:
+        if len(line) > MAX_CHUNK_LINE:
+            self._state = "malformed"
+        elif self._state == "chunk-size":
+            size = _CHUNK_SIZE.fullmatch(line)
+            if size is None:
+                self._state = "malformed"
+            elif int(size.group(1), 16) == 0:
+                self._state = "trailer"
+            else:
+                self._state, self._body_left = "chunk-data", int(size.group(1), 16)
+        elif self._state == "chunk-end":
+            self._state = "chunk-size" if line in (b"", b"\r") else "malformed"
+        elif line in (b"", b"\r"):  # trailer: the empty line ends the request
+            self._state = "idle"
 
 
 class _Connection:

@@ -154,3 +154,33 @@ def test_failures_are_warnings_at_most_a_burst_a_minute(logs, monkeypatch):
     clock[0] += _RefusalLog.PERIOD
     refusals.log(request, HttpError(503, "etcd unavailable (x)"))
     assert f"INFO {100 - _RefusalLog.BURST} more failed requests in the last 60s (logged at DEBUG)" in logs
+
+
+# --- chunked bodies: refused, and their framing followed chunk by chunk ---
+
+
+def answer_or_close(sock: socket.socket, within: float) -> bytes:
+    """The first bytes the server sends (b"" for a close), or b"STILL OPEN" after `within` seconds."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(200)
+    except TimeoutError:
+        return b"STILL OPEN"
+    except OSError:
+        return b""
+
+
+def test_chunked_bodies_whose_data_looks_like_the_end_cannot_hold_connections(etcd, prefix, tmp_path):  # noqa: F811
+    with running_server(etcd, prefix, tmp_path, max_connections=4) as server:
+        fake_end = b"100\r\nx\n0\r\n\r\n"  # a 256-byte chunk whose data begins like the last chunk
+        held = []
+        for _ in range(4):
+            sock = server.connect()
+            sock.sendall(b"POST /v1/_/leases HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + fake_end)
+            held.append(sock)
+        began = time.monotonic()
+        answers = [answer_or_close(sock, REQUEST_SECONDS + 2 - (time.monotonic() - began)) for sock in held]
+        for sock in held:
+            sock.close()
+        assert all(a == b"" or a.startswith(b"HTTP/1.1 411") for a in answers), answers
+        assert server.status() == "HTTP/1.1 200 OK"

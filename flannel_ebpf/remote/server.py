@@ -16,7 +16,7 @@ Added (a v0.5 client never calls them; v0.5's server answered 404/405 there):
 - DELETE /v1/{network}/leases/{subnet}?PublicIP=IP   release it, only if IP still holds it
 Every response carries `X-Flannel-Ebpf-Revision` and `X-Flannel-Ebpf-Cluster-Id` when known, and PUT
 accepts `?ttl=SECONDS` (default: the server's --subnet-lease-ttl). Request bodies over 64 KiB are refused
-(413) before they are read.
+(413) before they are read, and so are chunked ones (411: a body needs a Content-Length).
 
 Lease safety is the etcd registry's: create-only transactions, compare-revision renewals, and a PUT for a
 subnet that another PublicIP holds is refused (409), never an overwrite (v0.5's server overwrote it).
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from loguru import logger
 
 from flannel_ebpf import metrics, sd_notify
@@ -222,7 +222,7 @@ class RemoteServer:
         self.stopping = asyncio.Event()
 
     def app(self) -> web.Application:
-        # client_max_size: a chunked body (no Content-Length) is cut off once it grows past the limit
+        # client_max_size: a body is never read past the limit, whatever its framing
         app = web.Application(
             client_max_size=wire.MAX_REQUEST_BYTES + 1,
             middlewares=[metrics.LEASE_API.middleware, self._refuse_big_bodies],
@@ -251,8 +251,15 @@ class RemoteServer:
 
     @web.middleware
     async def _refuse_big_bodies(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """A body announced bigger than any request needs is refused before a byte of it is read."""
+        """A body announced bigger than any request needs is refused before a byte of it is read, and so is
+        a body without a Content-Length (chunked: flanneld v0.5's client and ours always send the length)."""
         size = request.content_length
+        if hdrs.TRANSFER_ENCODING in request.headers:
+            error = HttpError(411, "a request body needs a Content-Length (no Transfer-Encoding)")
+            self._refusals.log(request, error)
+            response = web.Response(status=411, text=f"{error}\n")
+            response.force_close()
+            return response
         if size is not None and size > wire.MAX_REQUEST_BYTES:
             error = HttpError(413, f"request body of {size} bytes is larger than the {wire.MAX_REQUEST_BYTES} accepted")
             self._refusals.log(request, error)
