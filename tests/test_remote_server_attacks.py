@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from flannel_ebpf.lab.agent import cli_env
 from flannel_ebpf.remote.server import HttpError, _RefusalLog
-from tests.test_remote_api import free_port, prefix  # noqa: F401 (prefix: a fixture)
+from tests.test_remote_api import free_port, prefix, server  # noqa: F401 (prefix: a fixture)
+from tests.test_subnet_etcd import run
 
 SERVER = """
 import asyncio, signal, sys
@@ -184,3 +187,23 @@ def test_chunked_bodies_whose_data_looks_like_the_end_cannot_hold_connections(et
             sock.close()
         assert all(a == b"" or a.startswith(b"HTTP/1.1 411") for a in answers), answers
         assert server.status() == "HTTP/1.1 200 OK"
+
+
+# --- ?ttl= ---
+
+
+@pytest.mark.parametrize(
+    "ttl", ["%C2%B2", "%D9%A1%D9%A0%D9%A0", "%EF%BC%91%EF%BC%90"], ids=["superscript", "arabic", "fullwidth"]
+)
+def test_a_ttl_of_non_ascii_digits_is_a_400(etcd, prefix, ttl):  # noqa: F811
+    lease = {"Subnet": "10.5.3.0/24", "Attrs": {"PublicIP": "192.168.60.7", "BackendType": "vxlan"},
+             "Expiration": "0001-01-01T00:00:00Z"}  # fmt: skip
+
+    async def main():
+        async with server(etcd, prefix) as (http, base, _):
+            async with http.put(f"{base}/leases/10.5.3.0-24?ttl={ttl}", json=lease) as r:
+                text = await r.text()
+                assert r.status == 400 and "ttl must be 10 to" in text, (r.status, text)
+            assert etcd.ctl("get", "--print-value-only", f"{prefix}/subnets/10.5.3.0-24").strip() == ""
+
+    run(main())

@@ -445,7 +445,8 @@ class RemoteServer:
         raw = request.query.get("ttl")
         if raw is None:
             return self.options.ttl
-        if not raw.isdigit() or not 10 <= int(raw) <= 7 * 24 * 3600:
+        # isdigit() alone takes superscripts (int() fails on them) and other scripts' digits
+        if not (raw.isascii() and raw.isdigit()) or not 10 <= int(raw) <= 7 * 24 * 3600:
             raise HttpError(400, f"ttl must be 10 to {7 * 24 * 3600} seconds, not {raw[:20]!r}")
         return int(raw)
 
