@@ -207,3 +207,21 @@ def test_a_ttl_of_non_ascii_digits_is_a_400(etcd, prefix, ttl):  # noqa: F811
             assert etcd.ctl("get", "--print-value-only", f"{prefix}/subnets/10.5.3.0-24").strip() == ""
 
     run(main())
+
+
+# --- malformed requests: aiohttp's reports of them go through the safe log, counted ---
+
+
+def test_200_malformed_requests_make_a_few_log_lines_and_no_traceback(etcd, prefix, tmp_path):  # noqa: F811
+    with running_server(etcd, prefix, tmp_path, max_connections=64) as server:
+        before = len(server.log())
+        for n in range(200):
+            with server.connect() as sock:
+                sock.sendall(b"X\r\n\r\n" if n % 2 else b"G\x1b[31mET\nFORGED / HTTP/1.1\r\n\r\n")
+                with contextlib.suppress(OSError):
+                    sock.recv(200)
+        assert server.status() == "HTTP/1.1 200 OK"
+        time.sleep(0.3)
+        grown = server.log()[before:]
+        assert len(grown) < 10_000 and "Traceback" not in grown and "\x1b" not in grown, grown[:3000]
+        assert "malformed HTTP requests (answered 400): 1 " in grown, grown[:3000]
