@@ -225,3 +225,110 @@ def test_200_malformed_requests_make_a_few_log_lines_and_no_traceback(etcd, pref
         grown = server.log()[before:]
         assert len(grown) < 10_000 and "Traceback" not in grown and "\x1b" not in grown, grown[:3000]
         assert "malformed HTTP requests (answered 400): 1 " in grown, grown[:3000]
+
+
+# --- one host holding the connections: idle keep-alives, long polls, pipelining ---
+
+
+def idle_keepalive(server: Server, source: str) -> socket.socket:
+    """A connection that had one request answered and then says nothing (kept alive for 30 s)."""
+    sock = server.connect(source)
+    sock.sendall(b"GET /v1/_/config HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def test_idle_keepalive_connections_make_room_for_a_new_client(etcd, prefix, tmp_path):  # noqa: F811
+    with running_server(etcd, prefix, tmp_path, max_connections=16) as server:
+        # the cap's worth of idle connections, 4 from each of 4 addresses (the cap per address is 4)
+        held = [idle_keepalive(server, f"127.0.0.{2 + i % 4}") for i in range(16)]
+        time.sleep(0.3)
+        try:
+            assert [server.status() for _ in range(3)] == ["HTTP/1.1 200 OK"] * 3
+            time.sleep(REQUEST_SECONDS + 0.5)  # long idle: still no lock-out
+            assert server.status() == "HTTP/1.1 200 OK"
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_one_address_cannot_take_every_connection_with_long_polls(etcd, prefix, tmp_path):  # noqa: F811
+    with running_server(etcd, prefix, tmp_path, max_connections=16, poll_seconds=20.0) as server:
+        held = []
+        for _ in range(16):
+            with contextlib.suppress(OSError):
+                sock = server.connect("127.0.0.2")
+                sock.sendall(b"GET /v1/_/leases?next=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+                held.append(sock)
+        time.sleep(0.5)
+        try:
+            open_polls = sum(answer_or_close(sock, 0.05) == b"STILL OPEN" for sock in held)
+            assert open_polls <= 4, open_polls  # 16 // 8, at least 4
+            assert server.status() == "HTTP/1.1 200 OK"
+            assert server.status(source="127.0.0.3") == "HTTP/1.1 200 OK"
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_a_watch_on_a_network_without_config_is_a_404_at_once(etcd, prefix, tmp_path):  # noqa: F811
+    with running_server(etcd, prefix, tmp_path, poll_seconds=20.0) as server:
+        began = time.monotonic()
+        assert server.status("/v1/nosuchnet/leases?next=1") == "HTTP/1.1 404 Not Found"
+        assert time.monotonic() - began < 2.0
+
+
+def test_pipelined_requests_and_a_client_not_reading_cost_bounded_memory_and_time(etcd, prefix, tmp_path):  # noqa: F811
+    with running_server(etcd, prefix, tmp_path) as server:
+        assert server.status("/v1/_/leases") == "HTTP/1.1 200 OK"
+        time.sleep(0.5)
+        before = server.rss_kib()
+        sock = server.connect(timeout=5.0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never reads its answers
+        blob = b"GET /v1/_/leases HTTP/1.1\r\nHost: x\r\n\r\n" * 2000
+        sent, began = 0, time.monotonic()
+        with contextlib.suppress(OSError):  # a timeout: the server reads no more; a reset: it cut us
+            while sent < 4_000_000 and time.monotonic() - began < 20:
+                sock.sendall(blob)
+                sent += len(blob)
+        stopped = time.monotonic()
+        grown = server.rss_kib() - before
+        # the server cuts the connection within its deadline once the client takes none of its answers
+        closed_after = None
+        sock.settimeout(0.5)
+        while closed_after is None and time.monotonic() - stopped < REQUEST_SECONDS + 8:
+            try:
+                if not sock.recv(65536):
+                    closed_after = time.monotonic() - stopped
+            except TimeoutError:
+                continue
+            except OSError:
+                closed_after = time.monotonic() - stopped
+        sock.close()
+        grown = max(grown, server.rss_kib() - before)
+        assert grown < 20 * 1024, f"RSS grew by {grown} KiB for {sent} bytes of pipelined requests"
+        assert closed_after is not None, "a client that never reads still holds its connection"
+        assert server.status() == "HTTP/1.1 200 OK"
+
+
+def test_healthz_keeps_answering_with_its_connections_held_idle():
+    from flannel_ebpf.http_limits import PLAIN_TEXT, ConnectionLimits, ThreadedHttpServer
+
+    port = free_port()
+    limits = ConnectionLimits(max_connections=8, request_seconds=2.0, keepalive_seconds=5.0)
+    healthz = ThreadedHttpServer("127.0.0.1", port, {"/healthz": lambda _: (200, "ok\n", PLAIN_TEXT)}, limits, "h")
+    healthz.start()
+    probe = Server(port, None, Path("/dev/null"))  # type: ignore[arg-type]
+    held = []
+    try:
+        for i in range(8):
+            sock = probe.connect(f"127.0.0.{2 + i % 2}")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(1000).startswith(b"HTTP/1.1 200")
+            held.append(sock)
+        time.sleep(0.2)
+        assert [probe.status("/healthz") for _ in range(3)] == ["HTTP/1.1 200 OK"] * 3
+    finally:
+        for sock in held:
+            sock.close()
+        healthz.stop()

@@ -49,7 +49,13 @@ from loguru import logger
 
 from flannel_ebpf import metrics, sd_notify
 from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
-from flannel_ebpf.http_limits import LISTEN_BACKLOG, ConnectionLimits, GuardedListener, quiet_connection_errors
+from flannel_ebpf.http_limits import (
+    ANSWER_HOOK,
+    LISTEN_BACKLOG,
+    ConnectionLimits,
+    GuardedListener,
+    quiet_connection_errors,
+)
 from flannel_ebpf.logs import clip
 from flannel_ebpf.remote import wire
 from flannel_ebpf.subnet.allocation import OutOfSubnets
@@ -488,6 +494,8 @@ class RemoteServer:
             cursor = wire.parse_cursor(raw)
         except ValueError as e:
             raise HttpError(400, f"failed to parse cursor: {e}") from None
+        if await registry.get_config() is None:  # no network there: no etcd watch, no connection held
+            raise HttpError(404, f"no network config at {registry.config_key}")
         revision, _ = await registry.current_revision()
         if cursor > revision:
             logger.info("watch from {}: cursor {} is beyond etcd's revision {}; sending a snapshot",
@@ -514,8 +522,12 @@ class RemoteServer:
 
         async def follow() -> None:
             try:
+                queued = 0
                 async for revision, event, _garbage in registry.watch_leases(cursor + 1):
                     items.put_nowait((revision, event))
+                    queued += 1
+                    if queued >= BATCH_MAX:
+                        return  # an answer holds no more: a long history is not read into memory
             except asyncio.CancelledError:
                 raise
             except BaseException as e:  # handed to the request, which answers for it
@@ -598,7 +610,7 @@ async def serve(registry_factory: Callable[[str], SubnetRegistry], prefix: str, 
     server = RemoteServer(registry_factory, prefix, options)
     limits = options.limits
     runner = web.AppRunner(
-        server.app(), access_log=None, handle_signals=False, keepalive_timeout=limits.keepalive_seconds
+        server.app(), handle_signals=False, keepalive_timeout=limits.keepalive_seconds, **ANSWER_HOOK
     )
     await runner.setup()
     http = runner.server
