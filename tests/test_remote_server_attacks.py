@@ -332,3 +332,26 @@ def test_healthz_keeps_answering_with_its_connections_held_idle():
         for sock in held:
             sock.close()
         healthz.stop()
+
+
+def test_a_watch_over_a_long_history_answers_it_in_batches_losing_nothing(etcd, prefix, monkeypatch):  # noqa: F811
+    from flannel_ebpf.remote import server as server_module
+
+    monkeypatch.setattr(server_module, "BATCH_MAX", 5)  # the follower stops after one answer's worth
+
+    async def main():
+        async with server(etcd, prefix) as (http, base, _):
+            async with http.get(f"{base}/leases") as r:
+                cursor = (await r.json())["cursor"]
+            for i in range(1, 9):
+                etcd.ctl("put", f"{prefix}/subnets/10.5.{i}.0-24", f'{{"PublicIP":"192.168.60.{i}"}}')
+            seen = []
+            for expected in (5, 3):
+                async with http.get(f"{base}/leases?next={cursor}") as r:
+                    body = await r.json()
+                assert len(body["events"]) == expected, body
+                seen += [e["lease"]["Subnet"] for e in body["events"]]
+                cursor = body["cursor"]
+            assert seen == [f"10.5.{i}.0/24" for i in range(1, 9)]
+
+    run(main())
