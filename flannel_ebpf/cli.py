@@ -25,7 +25,7 @@ from loguru import logger
 from flannel_ebpf import package_version, status_view
 from flannel_ebpf import state as state_file
 from flannel_ebpf.backends.base import BackendOptions
-from flannel_ebpf.logs import configure_logging
+from flannel_ebpf.logs import configure_logging, printable
 from flannel_ebpf.runtimes import commands as runtime_commands
 from flannel_ebpf.subnet.manager import LeaseOptions
 from flannel_ebpf.subnet.registry import DEFAULT_PREFIX, EtcdTLS
@@ -673,10 +673,12 @@ def _status(state_dir: str, as_json: bool, resync_interval: float = 10.0) -> int
     if st.peers_refused:
         counts = ", ".join(f"{n} {reason}" for reason, n in sorted(st.peers_refused.items()))
         print(f"refused    {sum(st.peers_refused.values())} lease(s) not taken as peers: {counts}")
-        for peer in st.refused_peers:
-            print(f"  {peer['subnet']:<18} of  {peer['public_ip']:<15} {peer['reason']}")
+        for peer in st.refused_peers:  # what lease writers wrote: escaped, never terminal controls
+            print(f"  {printable(str(peer['subnet'])):<18} of  {printable(str(peer['public_ip'])):<15} "
+                  f"{printable(str(peer['reason']))}")  # fmt: skip
     for peer in st.peers:
-        print(f"  {peer['subnet']:<18} via {peer['public_ip']:<15} {peer['backend_type']}")
+        print(f"  {printable(str(peer['subnet'])):<18} via {printable(str(peer['public_ip'])):<15} "
+              f"{printable(str(peer['backend_type']))}")  # fmt: skip
     shown = live or st.backend_status
     if shown:
         print("data path" + ("" if live else " (as of the agent's last update)"))

@@ -3,11 +3,15 @@
 aiohttp has no limit on connections and no deadline for a request to arrive (its keep-alive timer runs
 only after a first response), so one host opening connections that trickle header bytes would hold a file
 descriptor each until the process has none left. `GuardedListener` accepts connections itself and:
-- caps the connections open at once; at the cap, a new connection replaces the one that has waited
-  longest for its request (a slow client, never one being answered), else it is closed at once;
+- caps the connections open at once, and those from one source address (`ConnectionLimits.per_source`);
+  at a cap, a new connection replaces the one (of that source, at its cap) that has waited longest for
+  the client: for its request, or idle since its last answer (a keep-alive connection); never one whose
+  request is being answered. Else the new connection is closed at once;
 - gives every request `request_seconds` to arrive in full (line, headers, body), counted from the
   accept (a new connection) or from its first byte (keep-alive), never reset by further bytes;
 - gives a TLS handshake `handshake_seconds`;
+- reads no more from a connection with more than MAX_UNANSWERED requests begun and not yet answered
+  (pipelining), and cuts a connection whose client does not read its answers for `request_seconds`;
 - counts what it cut or refused and says so in at most one line per `log_every` seconds.
 `quiet_connection_errors` does the same for the connection errors asyncio reports to its loop.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import re
 import socket
 import ssl
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from loguru import logger
 
 #: accept() failing for want of file descriptors or memory: wait, and make room, rather than give up
@@ -45,6 +51,15 @@ class ConnectionLimits:
     keepalive_seconds: float = 30.0  # an idle keep-alive connection is closed after this (aiohttp's timer)
     handshake_seconds: float = 10.0  # TLS handshake
     log_every: float = 10.0  # at most one line per this many seconds about cut or refused connections
+    max_per_source: int = 0  # connections from one source address; 0: max_connections // 8, at least 4
+
+    @property
+    def per_source(self) -> int:
+        return self.max_per_source or max(4, self.max_connections // 8)
+
+
+#: requests a connection may have begun and not yet had answered before it is read no further
+MAX_UNANSWERED = 4
 
 
 class RateLimitedLog:
@@ -85,20 +100,25 @@ class RateLimitedLog:
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d{1,18})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _CHUNKED = re.compile(rb"^transfer-encoding[ \t]*:[^\n]*chunked", re.IGNORECASE | re.MULTILINE)
-_CHUNKED_END = b"0\r\n\r\n"
+_CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?")
+#: a chunk-size or trailer line longer than this ends nothing (aiohttp refuses it; the deadline cuts it)
+MAX_CHUNK_LINE = 4096
 #: a longer head is refused by aiohttp's parser anyway; the framing stops buffering it (the deadline cuts it)
 MAX_HEAD_BYTES = 64 * 1024
 
 
 class RequestFraming:
     """Where HTTP/1.x requests begin and end in a connection's byte stream: enough to time them, not to
-    parse them (aiohttp does that). A misjudged end only ends the deadline early: aiohttp's own behaviour."""
+    parse them (aiohttp does that). A chunked body is followed chunk by chunk (size line, data, line end,
+    until the zero-size chunk and its trailers end): the bytes of a chunk's data never end the request. A
+    malformed one never ends by our count (the deadline cuts it, if aiohttp has not refused it first)."""
 
     def __init__(self) -> None:
-        self._state = "idle"  # idle | head | body | chunked
+        # idle | head | body | chunk-size | chunk-data | chunk-end | trailer | malformed
+        self._state = "idle"
         self._head = bytearray()
+        self._line = bytearray()  # a chunk-size, chunk-end or trailer line so far
         self._body_left = 0
-        self._tail = b""
 
     @property
     def in_request(self) -> bool:
@@ -128,44 +148,84 @@ class RequestFraming:
                 head = bytes(self._head[: end.start()])
                 length = _CONTENT_LENGTH.search(head)
                 if _CHUNKED.search(head):
-                    self._state, self._tail = "chunked", b"\n"  # the end may follow the head directly
+                    self._state = "chunk-size"
+                    self._line.clear()
                 elif length and int(length.group(1)) > 0:
                     self._state, self._body_left = "body", int(length.group(1))
                 else:
                     self._state = "idle"
-            elif self._state == "body":
+            elif self._state in ("body", "chunk-data"):
                 taken = min(self._body_left, len(view))
                 self._body_left -= taken
                 view = view[taken:]
                 if not self._body_left:
-                    self._state = "idle"
-            else:  # chunked: the body ends with a zero-size chunk and an empty line
-                window = self._tail + bytes(view)
-                at = window.find(b"\n" + _CHUNKED_END)
-                if at < 0:
-                    self._tail = window[-len(_CHUNKED_END) :]
+                    self._state = "idle" if self._state == "body" else "chunk-end"
+            elif self._state == "malformed":
+                return began
+            else:  # a line of the chunked framing
+                newline = bytes(view[: MAX_CHUNK_LINE + 1]).find(b"\n")
+                if newline < 0:
+                    self._line += view[: MAX_CHUNK_LINE + 1]
+                    if len(self._line) > MAX_CHUNK_LINE:
+                        self._state = "malformed"
                     return began
-                view = memoryview(window[at + 1 + len(_CHUNKED_END) :])
-                self._state = "idle"
+                self._line += view[:newline]
+                view = view[newline + 1 :]
+                self._end_of_line(bytes(self._line[: MAX_CHUNK_LINE + 1]))
+                self._line.clear()
         return began
+
+    def _end_of_line(self, line: bytes) -> None:
+        if len(line) > MAX_CHUNK_LINE:
+            self._state = "malformed"
+        elif self._state == "chunk-size":
+            size = _CHUNK_SIZE.fullmatch(line)
+            if size is None:
+                self._state = "malformed"
+            elif int(size.group(1), 16) == 0:
+                self._state = "trailer"
+            else:
+                self._state, self._body_left = "chunk-data", int(size.group(1), 16)
+        elif self._state == "chunk-end":
+            self._state = "chunk-size" if line in (b"", b"\r") else "malformed"
+        elif line in (b"", b"\r"):  # trailer: the empty line ends the request
+            self._state = "idle"
 
 
 class _Connection:
     """One accepted connection, from accept to close."""
 
-    __slots__ = ("reading_since", "task", "transport")
+    __slots__ = ("source", "task", "transport", "waiting_since")
 
-    def __init__(self, now: float) -> None:
-        self.reading_since: float | None = now  # waiting for (the rest of) a request since then
+    def __init__(self, now: float, source: str) -> None:
+        self.source = source
+        #: waiting for the client since then: for (the rest of) a request, or idle after its last answer;
+        #: None while a request of it is being answered
+        self.waiting_since: float | None = now
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Future[Any] | None = None
 
     def cut(self) -> None:
-        self.reading_since = None  # cut once: its descriptor is closed within this loop iteration
+        self.waiting_since = None  # cut once: its descriptor is closed within this loop iteration
         if self.transport is not None:
             self.transport.abort()  # no lingering, no TLS close_notify: the descriptor is free at once
         elif self.task is not None:
             self.task.cancel()  # still in the TLS handshake: asyncio closes the socket
+
+
+class AnswerHook(AbstractAccessLogger):
+    """aiohttp's access log, called once each answer is written (or failed to be): tells the connection's
+    guard that a request was answered. Pass ANSWER_HOOK to web.Server/AppRunner (GuardedListener checks)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        transport = request.transport
+        protocol = transport.get_protocol() if transport is not None else None
+        if isinstance(protocol, _GuardedProtocol):
+            protocol.answered()
+
+
+#: web.Server's / web.AppRunner's keyword arguments for a server behind GuardedListener (no access log)
+ANSWER_HOOK: dict[str, Any] = {"access_log": logging.getLogger("flannel_ebpf.http"), "access_log_class": AnswerHook}
 
 
 class _GuardedProtocol(asyncio.Protocol):
@@ -181,6 +241,9 @@ class _GuardedProtocol(asyncio.Protocol):
         self._conn = conn
         self._framing = RequestFraming()
         self._deadline: asyncio.TimerHandle | None = None
+        self._write_deadline: asyncio.TimerHandle | None = None
+        self._unanswered = 0  # requests begun and not answered yet
+        self._reading_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._conn.transport = transport  # type: ignore[assignment]
@@ -189,10 +252,15 @@ class _GuardedProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         began = self._framing.feed(data)
+        self._unanswered += began
         if not self._framing.in_request:
             self._disarm()
+            self._conn.waiting_since = time.monotonic() if not self._unanswered else None
         elif began and self._deadline is None:
             self._arm()
+        if self._unanswered > MAX_UNANSWERED and not self._reading_paused and self._transport is not None:
+            self._reading_paused = True  # pipelined requests wait in the kernel, not in our memory
+            self._transport.pause_reading()  # type: ignore[attr-defined]
         if self._inner is None:
             self._held += data
             if self._framing.in_head and len(self._held) <= MAX_HEAD_BYTES:
@@ -205,30 +273,56 @@ class _GuardedProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._inner is not None else None
 
+    def answered(self) -> None:
+        self._unanswered = max(0, self._unanswered - 1)
+        if self._reading_paused and self._unanswered <= MAX_UNANSWERED and self._transport is not None:
+            self._reading_paused = False
+            with contextlib.suppress(RuntimeError, AttributeError):  # closing meanwhile
+                self._transport.resume_reading()  # type: ignore[attr-defined]
+        if not self._unanswered and not self._framing.in_request and self._conn.waiting_since is None:
+            self._conn.waiting_since = time.monotonic()  # idle: may make room for a new connection
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._disarm_write()
         self._listener._forget(self._conn)
         if self._inner is not None:
             self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        if self._write_deadline is None:  # the client must take some of its answers within the deadline
+            loop = asyncio.get_running_loop()
+            self._write_deadline = loop.call_later(self._listener.limits.request_seconds, self._not_reading)
         if self._inner is not None:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._disarm_write()
         if self._inner is not None:
             self._inner.resume_writing()
 
     def _arm(self) -> None:
         loop = asyncio.get_running_loop()
-        self._conn.reading_since = time.monotonic()
+        self._conn.waiting_since = time.monotonic()
         self._deadline = loop.call_later(self._listener.limits.request_seconds, self._too_slow)
 
     def _disarm(self) -> None:
-        self._conn.reading_since = None
+        self._conn.waiting_since = None
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+
+    def _disarm_write(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _not_reading(self) -> None:
+        self._write_deadline = None
+        seconds = self._listener.limits.request_seconds
+        self._listener.events.add(f"cut (the client took none of its answers for {seconds:g} s)")
+        self._listener._forget(self._conn)
+        self._conn.cut()
 
     def _too_slow(self) -> None:
         self._deadline = None
@@ -248,12 +342,16 @@ class GuardedListener:
         name: str,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        kwargs = getattr(protocol_factory, "_kwargs", None)  # web.Server's: its protocols' settings
+        if isinstance(kwargs, dict) and kwargs.get("access_log_class") is not AnswerHook:
+            raise ValueError("a web.Server behind GuardedListener needs **ANSWER_HOOK (to know an answer is done)")
         self._factory = protocol_factory
         self._sock = sock
         self._ssl = ssl_context
         self.limits = limits
         self.events = RateLimitedLog(f"{name} (at most {limits.max_connections} connections)", limits.log_every)
         self._conns: set[_Connection] = set()
+        self._by_source: dict[str, set[_Connection]] = {}
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -272,50 +370,61 @@ class GuardedListener:
                 await self._task
         self._sock.close()
         for conn in list(self._conns):
-            if conn.reading_since is not None:
-                conn.cut()  # no request yet (aiohttp's shutdown closes the others)
+            if conn.waiting_since is not None:
+                conn.cut()  # no request being answered (aiohttp's shutdown closes the others)
         self.events.flush()
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                sock, _ = await loop.sock_accept(self._sock)
+                sock, peer = await loop.sock_accept(self._sock)
             except OSError as e:
                 if e.errno in _OUT_OF_RESOURCES:
                     self.events.add(f"accepts failed ({errno.errorcode.get(e.errno or 0, e.errno)})")
                     self._evict()  # make room for the next try, if a slow client holds any
                     await asyncio.sleep(_ACCEPT_RETRY_SECONDS)
                 continue  # ECONNABORTED and the like: that client gave up before we accepted it
-            self._admit(sock)
+            self._admit(sock, peer)
             # More may wait in the backlog: take them now, without a round trip through the loop each
             for _ in range(_ACCEPT_BATCH):
                 try:
-                    sock, _ = self._sock.accept()
+                    sock, peer = self._sock.accept()
                 except OSError:
                     break  # BlockingIOError: none left; anything else: the next sock_accept meets it
-                self._admit(sock)
+                self._admit(sock, peer)
 
-    def _evict(self) -> bool:
-        """Cut the connection that has waited longest for its request, if one is waiting."""
-        waiting = [c for c in self._conns if c.reading_since is not None]
+    def _evict(self, among: set[_Connection] | None = None) -> bool:
+        """Cut the connection (of `among`, else of all) that has waited longest for its client: for its
+        request, or idle since its last answer. None whose request is being answered."""
+        waiting = [c for c in (self._conns if among is None else among) if c.waiting_since is not None]
         if not waiting:
             return False
-        victim = min(waiting, key=lambda c: c.reading_since or 0.0)
+        victim = min(waiting, key=lambda c: c.waiting_since or 0.0)
         self._forget(victim)  # its slot is free now, not when asyncio gets round to connection_lost
         victim.cut()
         return True
 
-    def _admit(self, sock: socket.socket) -> None:
+    def _admit(self, sock: socket.socket, peer: Any) -> None:
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        same_source = self._by_source.get(source)
+        if same_source is not None and len(same_source) >= self.limits.per_source:
+            if self._evict(same_source):
+                self.events.add("waiting connections replaced by new ones of the same address")
+            else:
+                self.events.add(f"refused (an address with {self.limits.per_source} connections being answered)")
+                sock.close()
+                return
         if len(self._conns) >= self.limits.max_connections:
             if self._evict():
-                self.events.add("slow connections replaced by new ones")
+                self.events.add("slow or idle connections replaced by new ones")
             else:
                 self.events.add("refused (every connection is being answered)")
                 sock.close()
                 return
-        conn = _Connection(time.monotonic())
+        conn = _Connection(time.monotonic(), source)
         self._conns.add(conn)
+        self._by_source.setdefault(source, set()).add(conn)
         conn.task = asyncio.ensure_future(self._establish(sock, conn))
 
     async def _establish(self, sock: socket.socket, conn: _Connection) -> None:
@@ -341,6 +450,11 @@ class GuardedListener:
 
     def _forget(self, conn: _Connection) -> None:
         self._conns.discard(conn)
+        same_source = self._by_source.get(conn.source)
+        if same_source is not None:
+            same_source.discard(conn)
+            if not same_source:
+                del self._by_source[conn.source]
 
 
 def quiet_connection_errors(loop: asyncio.AbstractEventLoop, what: str, every: float = 10.0) -> RateLimitedLog:
@@ -417,7 +531,7 @@ class ThreadedHttpServer:
         loop = asyncio.get_running_loop()
         self._loop, self._stop = loop, asyncio.Event()
         quiet_connection_errors(loop, self.name, self.limits.log_every)
-        server = web.Server(self._handle, access_log=None, keepalive_timeout=self.limits.keepalive_seconds)
+        server = web.Server(self._handle, keepalive_timeout=self.limits.keepalive_seconds, **ANSWER_HOOK)
         listener = GuardedListener(server, self._sock, self.limits, self.name)
         listener.start()
         self._started.set()

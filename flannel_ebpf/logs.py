@@ -12,12 +12,20 @@ sink sees it, so a call's arguments are gone by then. Hence two layers:
   its exception texts are escaped like a message;
 - `clip()` cuts one value from the network or etcd to VALUE_LIMIT characters where it is logged or put into
   an error text, so that the rest of the line stays readable.
+
+Libraries log through Python's `logging` (aiohttp, asyncio, gRPC): `configure_logging` sends their records
+(WARNING and up) to the same sink, and counts aiohttp's report of each malformed HTTP request (a traceback
+each, caused by anybody who can connect) into one line per MALFORMED_EVERY seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 import sys
+import time
 import traceback
 from typing import Any, TextIO
 
@@ -25,6 +33,7 @@ from loguru import logger
 
 VALUE_LIMIT = 300
 MESSAGE_LIMIT = 4096
+MALFORMED_EVERY = 60.0
 LINE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {extra[_safe_message]}\n"
 
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
@@ -100,7 +109,77 @@ def add_safe_sink(sink: TextIO, level: str) -> int:
     return logger.add(sink, level=level, format=_format, backtrace=False, diagnose=False)
 
 
+class CountedLine:
+    """One WARNING line per `every` seconds about events anybody can cause: the first after a quiet period
+    at once, the ones after it counted and said when the period ends (or with the next one, outside an
+    event loop)."""
+
+    def __init__(self, what: str, every: float) -> None:
+        self.what = what
+        self.every = every
+        self.total = 0
+        self._pending = 0
+        self._latest = ""
+        self._last = -float("inf")
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, latest: str) -> None:
+        self.total += 1
+        self._pending += 1
+        self._latest = latest
+        wait = self._last + self.every - time.monotonic()
+        if wait <= 0:
+            self.flush()
+        elif self._timer is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: said with the next one
+                self._timer = asyncio.get_running_loop().call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        now = time.monotonic()
+        since = "" if self._last == -float("inf") else f" in the last {now - self._last:.0f} s"
+        logger.warning("{}: {}{} (the latest: {})", self.what, self._pending, since, clip(self._latest))
+        self._pending, self._last = 0, now
+
+
+def _is_malformed_request(record: logging.LogRecord) -> bool:
+    """aiohttp's server reporting a request it could not parse (it answers it 400 itself)."""
+    if record.name != "aiohttp.server" or not record.exc_info or record.exc_info[1] is None:
+        return False
+    try:
+        from aiohttp.http_exceptions import HttpProcessingError
+    except ImportError:
+        return False
+    return isinstance(record.exc_info[1], HttpProcessingError)
+
+
+class InterceptHandler(logging.Handler):
+    """Python's logging into loguru (so into the safe sink): one record, one escaped line, its traceback's
+    exception texts escaped too. aiohttp's malformed requests become one counted line per period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.malformed = CountedLine("malformed HTTP requests (answered 400)", MALFORMED_EVERY)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _is_malformed_request(record):
+            error = record.exc_info[1] if record.exc_info else None
+            self.malformed.add(f"{type(error).__name__}: {error}")
+            return
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info or None).log(level, "{}: {}", record.name, record.getMessage())
+
+
 def configure_logging(level: str) -> None:
-    """The only sink: safe lines to stderr (the agent's, the lease server's and the helpers' log)."""
+    """The only sink: safe lines to stderr (the agent's, the lease server's and the helpers' log); Python's
+    logging goes there too, from WARNING up (as its own last-resort handler printed them)."""
     logger.remove()
     add_safe_sink(sys.stderr, level)
+    logging.basicConfig(handlers=[InterceptHandler()], level=logging.WARNING, force=True)

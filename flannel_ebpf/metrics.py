@@ -66,6 +66,11 @@ class DurationHistogram:
         return out
 
 
+#: the backends flanneld and flannel-ebpf name: the `backend` label of `peers` (any other is `other`)
+PEER_BACKENDS = frozenset({"udp", "vxlan", "host-gw", "alloc", "aws-vpc", "gce", "ipip", "ipsec", "wireguard",
+                           "extension", "tencent-vpc", "ali-vpc"})  # fmt: skip
+
+
 # --- peer refusal reasons: the backends' and the lease manager's free text, as a bounded label --------------
 
 #: (words in the reason, label); first match wins
@@ -224,7 +229,9 @@ class AgentCollector:
         version = m.peers_version
         cached = self._peer_counts.get(id(network))
         if cached is None or cached[0] != version:
-            counts = Counter(lease.attrs.backend_type for lease in list(m.peers.values()))  # a copy: the loop mutates
+            # a copy (the loop mutates it); a lease writer picks its BackendType: unknown ones are one series
+            types = [lease.attrs.backend_type for lease in list(m.peers.values())]
+            counts = Counter(t if t in PEER_BACKENDS else "other" for t in types)
             cached = self._peer_counts[id(network)] = (version, dict(counts))
         for backend, n in sorted(cached[1].items()):
             f.gauge("peers", "Peer leases this host follows, by their backend", {**net, "backend": backend}, n)

@@ -213,3 +213,31 @@ def test_framing_stops_buffering_an_endless_head():
     framing.feed(b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 200_000)
     framing.feed(b"\r\n\r\n")
     assert framing.in_request  # never ends by our count: the deadline cuts it (aiohttp refuses it anyway)
+
+
+@pytest.mark.parametrize("split", ["whole", "bytewise"])
+def test_framing_follows_chunks_whose_data_looks_like_the_end(split):
+    head = b"POST /v1/_/leases HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    # the data of a 0x100-byte chunk holds a zero-size chunk and an empty line: still inside that chunk
+    fake_end = b"100\r\n" + b"x\n0\r\n\r\n"
+    framing = RequestFraming()
+    if split == "whole":
+        framing.feed(head + fake_end)
+    else:
+        feed_bytewise(framing, head + fake_end)
+    assert framing.in_request
+    framing.feed(b"y" * (0x100 - 8) + b"\r\n")
+    assert framing.in_request  # the next chunk's size line has not come
+    rest = b"5;ext=1\r\nhello\r\n0\r\nTrailer: x\r\n\r\n"
+    states = feed_bytewise(framing, rest) if split == "bytewise" else [framing.feed(rest) >= 0]
+    assert not framing.in_request and (split == "whole" or all(states[:-1]))
+
+
+def test_framing_never_ends_a_malformed_chunked_body():
+    head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for body in (b"zz\r\nabc\r\n0\r\n\r\n", b"3\r\nabcX\r\n0\r\n\r\n", b"1" + b" " * 5000 + b"\r\n"):
+        framing = RequestFraming()
+        framing.feed(head + body)
+        assert framing.in_request, body
+        framing.feed(b"\r\n0\r\n\r\n")
+        assert framing.in_request, body  # only the deadline (or aiohttp's refusal) ends it

@@ -249,3 +249,31 @@ def test_allocation_among_35000_leases_is_fast_and_right():
     assert elapsed < 5, f"{elapsed:.1f}s"  # comparing every candidate with every lease took minutes
     assert len(free) == 100 and free[0] == IPv4Network("10.136.188.0/24")
     assert not any(f.overlaps(t) for f in free for t in taken[-50:])
+
+
+@pytest.mark.parametrize("name", ["vx\x1b[2Jlan", "udp\n", "", " vxlan", "vxlan;rm", "é", "v" * 33])
+def test_a_backend_type_that_is_no_backend_name_is_garbage(name):
+    if name == "":  # flanneld leaves it out for udp: an empty one is udp
+        assert LeaseAttrs.from_json(json.dumps({"PublicIP": "192.168.1.1", "BackendType": name})).backend_type == "udp"
+        return
+    with pytest.raises(LeaseFormatError, match="BackendType is not a backend name"):
+        LeaseAttrs.from_json(json.dumps({"PublicIP": "192.168.1.1", "BackendType": name}))
+
+
+@pytest.mark.parametrize("name", ["udp", "vxlan", "host-gw", "aws-vpc", "tencent-vpc", "ipsec", "v1.2_x", "v" * 32])
+def test_backend_names_as_flanneld_writes_them_parse(name):
+    assert LeaseAttrs.from_json(json.dumps({"PublicIP": "192.168.1.1", "BackendType": name})).backend_type == name
+
+
+def test_status_long_escapes_what_lease_writers_wrote(tmp_path, capsys):
+    from flannel_ebpf import cli, state
+
+    st = state.AgentState(pid=1, phase="ready")
+    st.peers = [{"subnet": "10.5.1.0/24", "public_ip": "192.168.1.1", "backend_type": "vx\x1b]0;owned\x07lan"}]
+    st.peers_refused = {"outside-network": 1}
+    st.refused_peers = [{"subnet": "10.5.2.0/24\x1b[2J", "public_ip": "192.168.1.2", "reason": "bad\nFORGED"}]
+    state.save(str(tmp_path), st)
+    assert cli._status(str(tmp_path), as_json=False) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\nFORGED" not in out, out
+    assert "vx\\x1b]0;owned\\x07lan" in out and "bad\\nFORGED" in out

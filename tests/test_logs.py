@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import io
+import logging
+import time
 
 import pytest
 from loguru import logger
 
-from flannel_ebpf.logs import MESSAGE_LIMIT, VALUE_LIMIT, add_safe_sink, clip, printable
+from flannel_ebpf.logs import (
+    MALFORMED_EVERY,
+    MESSAGE_LIMIT,
+    VALUE_LIMIT,
+    InterceptHandler,
+    add_safe_sink,
+    clip,
+    printable,
+)
 from flannel_ebpf.subnet.lease import LeaseFormatError, parse_subnet_key
 
 CONTROLS = ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85", "\x9b", "\u2028", "\u2029", "\u202e", "\udc80"]
@@ -79,3 +89,52 @@ def test_a_hostile_lease_key_makes_a_short_error():
     with pytest.raises(LeaseFormatError) as info:
         parse_subnet_key("10.5.1.0-24&" + "y" * 1_000_000)
     assert len(str(info.value)) < 2 * VALUE_LIMIT
+
+
+@pytest.fixture
+def stdlib_into_safe_log(safe_log):
+    """Python's logging routed as configure_logging routes it, into the safe sink of `safe_log`."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    handler = InterceptHandler()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    try:
+        yield safe_log, handler
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+
+
+def test_stdlib_records_go_through_the_safe_sink(stdlib_into_safe_log):
+    out, _ = stdlib_into_safe_log
+    logging.getLogger("somelib").warning("value %s", "a\nFORGED\x1b[2J")
+    logging.getLogger("somelib").info("below WARNING: not shown")
+    try:
+        raise RuntimeError("bad\nthing")
+    except RuntimeError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    text = out.getvalue()
+    assert "WARNING somelib: value a\\nFORGED\\x1b[2J" in text and "not shown" not in text
+    # a genuine error (not a malformed request) keeps its traceback, its text escaped
+    assert "ERROR   aiohttp.server: Error handling request" in text and "Traceback" in text
+    assert "RuntimeError: bad\\nthing" in text
+
+
+def test_malformed_requests_reported_by_aiohttp_are_one_counted_line(stdlib_into_safe_log, monkeypatch):
+    from aiohttp.http_exceptions import BadStatusLine
+
+    out, handler = stdlib_into_safe_log
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    for n in range(200):
+        try:
+            raise BadStatusLine(f"X{n}\x1b[2J")
+        except BadStatusLine:
+            logging.getLogger("aiohttp.server").exception("Error handling request")
+    clock[0] += MALFORMED_EVERY
+    handler.malformed.flush()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "Traceback" not in out.getvalue(), lines
+    assert "malformed HTTP requests (answered 400): 1 (the latest: BadStatusLine" in lines[0]
+    assert "malformed HTTP requests (answered 400): 199 in the last 60 s" in lines[1] and "\\x1b[2J" in lines[1]

@@ -217,3 +217,17 @@ def test_sync_histogram_is_filled_by_the_data_plane():
 
     h = asyncio.run(go())
     assert h.count == 2 and h.total >= 0.02
+
+
+def test_peer_backend_labels_are_bounded_whatever_lease_writers_name():
+    agent = stand_in_agent(peers=0)
+    manager = agent.networks[0].manager
+    for i, name in enumerate(["made-up-1", "made-up-2", "vxlan", "x" * 32], start=1):
+        subnet = IPv4Network(f"10.5.{i}.0/24")
+        manager.peers[subnet] = Lease(subnet, LeaseAttrs(IPv4Address(f"192.168.1.{i}"), name, {}), time.time() + 60)
+    manager.peers_version += 1
+    got = {k: v for k, v in samples(metrics.render(None, agent)[0].decode()).items() if "flannel_ebpf_peers{" in k}
+    assert got == {
+        'flannel_ebpf_peers{backend="other",network=""}': 3,
+        'flannel_ebpf_peers{backend="vxlan",network=""}': 1,
+    }

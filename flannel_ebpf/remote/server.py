@@ -16,7 +16,7 @@ Added (a v0.5 client never calls them; v0.5's server answered 404/405 there):
 - DELETE /v1/{network}/leases/{subnet}?PublicIP=IP   release it, only if IP still holds it
 Every response carries `X-Flannel-Ebpf-Revision` and `X-Flannel-Ebpf-Cluster-Id` when known, and PUT
 accepts `?ttl=SECONDS` (default: the server's --subnet-lease-ttl). Request bodies over 64 KiB are refused
-(413) before they are read.
+(413) before they are read, and so are chunked ones (411: a body needs a Content-Length).
 
 Lease safety is the etcd registry's: create-only transactions, compare-revision renewals, and a PUT for a
 subnet that another PublicIP holds is refused (409), never an overwrite (v0.5's server overwrote it).
@@ -45,12 +45,18 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from loguru import logger
 
 from flannel_ebpf import metrics, sd_notify
 from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
-from flannel_ebpf.http_limits import LISTEN_BACKLOG, ConnectionLimits, GuardedListener, quiet_connection_errors
+from flannel_ebpf.http_limits import (
+    ANSWER_HOOK,
+    LISTEN_BACKLOG,
+    ConnectionLimits,
+    GuardedListener,
+    quiet_connection_errors,
+)
 from flannel_ebpf.logs import clip
 from flannel_ebpf.remote import wire
 from flannel_ebpf.subnet.allocation import OutOfSubnets
@@ -268,7 +274,7 @@ class RemoteServer:
         self.stopping = asyncio.Event()
 
     def app(self) -> web.Application:
-        # client_max_size: a chunked body (no Content-Length) is cut off once it grows past the limit
+        # client_max_size: a body is never read past the limit, whatever its framing
         app = web.Application(
             client_max_size=wire.MAX_REQUEST_BYTES + 1,
             middlewares=[metrics.LEASE_API.middleware, self._refuse_big_bodies],
@@ -297,8 +303,15 @@ class RemoteServer:
 
     @web.middleware
     async def _refuse_big_bodies(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """A body announced bigger than any request needs is refused before a byte of it is read."""
+        """A body announced bigger than any request needs is refused before a byte of it is read, and so is
+        a body without a Content-Length (chunked: flanneld v0.5's client and ours always send the length)."""
         size = request.content_length
+        if hdrs.TRANSFER_ENCODING in request.headers:
+            error = HttpError(411, "a request body needs a Content-Length (no Transfer-Encoding)")
+            self._refusals.log(request, error)
+            response = web.Response(status=411, text=f"{error}\n")
+            response.force_close()
+            return response
         if size is not None and size > wire.MAX_REQUEST_BYTES:
             error = HttpError(413, f"request body of {size} bytes is larger than the {wire.MAX_REQUEST_BYTES} accepted")
             self._refusals.log(request, error)
@@ -312,10 +325,7 @@ class RemoteServer:
             try:
                 return await handler(request)
             except HttpError as e:
-                if e.status >= 500:
-                    logger.warning("{} {} from {}: {}", request.method, clip(request.path), request.remote, e)
-                else:
-                    self._refusals.log(request, e)
+                self._refusals.log(request, e)
                 return web.Response(status=e.status, text=str(e) + "\n")
             except LeaseFormatError as e:
                 # Only what etcd holds gets here (a request's own bad input is a 400 in its handler): a bad
@@ -324,8 +334,10 @@ class RemoteServer:
                 self._refusals.log(request, error)
                 return web.Response(status=error.status, text=f"{error}\n")
             except ETCD_RETRYABLE as e:
+                # Only etcd's calls can get here: the request's own I/O (its body) is read in _json, whose
+                # errors are the client's (a 4xx), never a reason to drop every request's etcd connection.
                 reason = describe_etcd_error(e)
-                logger.warning("{} {} from {}: {}", request.method, clip(request.path), request.remote, reason)
+                self._refusals.log(request, HttpError(503, reason))
                 await self._reconnect(request)
                 return web.Response(status=503, text=reason + "\n")
 
@@ -349,10 +361,16 @@ class RemoteServer:
         return HttpError(status, f"the value at {where} is not a valid lease: {error}")
 
     async def _json(self, request: web.Request, what: str) -> Any:
+        """The request's body as JSON. Called before any etcd call of its handler: whatever goes wrong in
+        reading it (a reset, a half-close, a body that does not come) is the client's, a 4xx."""
         try:
-            raw = await request.read()
+            raw = await asyncio.wait_for(request.read(), self.options.limits.request_seconds)
         except web.HTTPRequestEntityTooLarge:
             raise HttpError(413, f"{what} is larger than the {wire.MAX_REQUEST_BYTES} bytes accepted") from None
+        except TimeoutError:
+            raise HttpError(408, f"{what} did not arrive within {self.options.limits.request_seconds:g} s") from None
+        except Exception as e:  # the connection's errors: ConnectionResetError, aiohttp's payload errors
+            raise HttpError(400, f"{what} could not be read: {clip(type(e).__name__)}: {clip(e)}") from None
         try:
             return wire.load_body(raw, what, wire.MAX_REQUEST_BYTES)
         except ValueError as e:
@@ -479,7 +497,8 @@ class RemoteServer:
         raw = request.query.get("ttl")
         if raw is None:
             return self.options.ttl
-        if not raw.isdigit() or not 10 <= int(raw) <= 7 * 24 * 3600:
+        # isdigit() alone takes superscripts (int() fails on them) and other scripts' digits
+        if not (raw.isascii() and raw.isdigit()) or not 10 <= int(raw) <= 7 * 24 * 3600:
             raise HttpError(400, f"ttl must be 10 to {7 * 24 * 3600} seconds, not {raw[:20]!r}")
         return int(raw)
 
@@ -521,6 +540,8 @@ class RemoteServer:
             cursor = wire.parse_cursor(raw)
         except ValueError as e:
             raise HttpError(400, f"failed to parse cursor: {e}") from None
+        if await registry.get_config() is None:  # no network there: no etcd watch, no connection held
+            raise HttpError(404, f"no network config at {registry.config_key}")
         revision, _ = await registry.current_revision()
         if cursor > revision:
             logger.info("watch from {}: cursor {} is beyond etcd's revision {}; sending a snapshot",
@@ -551,8 +572,12 @@ class RemoteServer:
 
         async def follow() -> None:
             try:
+                queued = 0
                 async for revision, event, _garbage in registry.watch_leases(cursor + 1):
                     items.put_nowait((revision, event))
+                    queued += 1
+                    if queued >= BATCH_MAX:
+                        return  # an answer holds no more: a long history is not read into memory
             except asyncio.CancelledError:
                 raise
             except BaseException as e:  # handed to the request, which answers for it
@@ -591,35 +616,36 @@ class RemoteServer:
 
 
 class _RefusalLog:
-    """The log of refused requests (4xx): anybody can send them, so they must not flood the log. 404s
-    (a network or lease that does not exist: what a probe or a typo asks for) go to DEBUG; the others at
-    most BURST lines per PERIOD (403s, a client writing for another host, at WARNING; the rest at INFO),
-    then DEBUG, with the count of those left out said once."""
+    """The log of refused (4xx) and failed (5xx: etcd unavailable) requests: anybody can cause them, so they
+    must not flood the log. 404s (a network or lease that does not exist: what a probe or a typo asks for)
+    go to DEBUG; the others at most BURST lines per PERIOD each for refusals and failures (403s and 5xx at
+    WARNING, the rest at INFO), then DEBUG, with the count of those left out said once."""
 
     BURST = 20
     PERIOD = 60.0
 
     def __init__(self) -> None:
-        self._since = -self.PERIOD
-        self._logged = 0
-        self._left_out = 0
+        self._since = {"refused": -self.PERIOD, "failed": -self.PERIOD}
+        self._logged = {"refused": 0, "failed": 0}
+        self._left_out = {"refused": 0, "failed": 0}
 
     def log(self, request: web.Request, error: HttpError) -> None:
         line = ("{} {} from {}: {} {}", request.method, clip(request.path), request.remote, error.status, error)
         if error.status == 404:
             logger.debug(*line)
             return
+        kind = "failed" if error.status >= 500 else "refused"
         now = time.monotonic()
-        if now - self._since >= self.PERIOD:
-            if self._left_out:
-                logger.info("{} more refused requests in the last {:.0f}s (logged at DEBUG)", self._left_out,
-                            now - self._since)  # fmt: skip
-            self._since, self._logged, self._left_out = now, 0, 0
-        if self._logged < self.BURST:
-            self._logged += 1
-            logger.log("WARNING" if error.status == 403 else "INFO", *line)
+        if now - self._since[kind] >= self.PERIOD:
+            if self._left_out[kind]:
+                logger.info("{} more {} requests in the last {:.0f}s (logged at DEBUG)", self._left_out[kind], kind,
+                            now - self._since[kind])  # fmt: skip
+            self._since[kind], self._logged[kind], self._left_out[kind] = now, 0, 0
+        if self._logged[kind] < self.BURST:
+            self._logged[kind] += 1
+            logger.log("WARNING" if error.status == 403 or error.status >= 500 else "INFO", *line)
         else:
-            self._left_out += 1
+            self._left_out[kind] += 1
             logger.debug(*line)
 
 
@@ -634,7 +660,7 @@ async def serve(registry_factory: Callable[[str], SubnetRegistry], prefix: str, 
     server = RemoteServer(registry_factory, prefix, options)
     limits = options.limits
     runner = web.AppRunner(
-        server.app(), access_log=None, handle_signals=False, keepalive_timeout=limits.keepalive_seconds
+        server.app(), handle_signals=False, keepalive_timeout=limits.keepalive_seconds, **ANSWER_HOOK
     )
     await runner.setup()
     http = runner.server

@@ -14,6 +14,10 @@ from typing import Any
 
 from flannel_ebpf.logs import VALUE_LIMIT
 
+#: a BackendType as flanneld names its backends (udp, vxlan, host-gw, aws-vpc, tencent-vpc, ...): it reaches
+#: `status` output and a metric label, so no control characters and no arbitrary text
+BACKEND_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
 # flanneld's key form: `10.5.34.0-24`, optionally followed by an IPv6 half (`&fc00::-64`) that we accept
 # but do not use. ASCII digits only (`\d` would also match other scripts' digits); the exact spelling is
 # then checked by writing the parsed subnet back (no leading zeros, no trailing newline, nothing around).
@@ -169,7 +173,7 @@ class LeaseAttrs:
         if why:
             raise LeaseFormatError(f"lease PublicIP is never a peer: {why}")
         backend_type = value.get("BackendType") or "udp"
-        if not isinstance(backend_type, str) or len(backend_type) > 32:
+        if not isinstance(backend_type, str) or not BACKEND_NAME.fullmatch(backend_type):
             raise LeaseFormatError(f"lease BackendType is not a backend name: {_short(backend_type)}")
         data = value.get("BackendData")
         if data is not None and not isinstance(data, dict):
