@@ -705,6 +705,10 @@ def run_server(agent_options: Any) -> int:
         ttl=agent_options.lease.ttl,
         subnet_len_rule=agent_options.effective_subnet_len_rule,
         trust_any_client=agent_options.listen_trust_any_client,
+        # the opt-in for clients behind NAT: many of them share one source address, so no per-address cap
+        limits=dataclasses.replace(SERVER_LIMITS, max_per_source=SERVER_LIMITS.max_connections)
+        if agent_options.listen_trust_any_client
+        else SERVER_LIMITS,
     )
 
     async def main() -> int:
