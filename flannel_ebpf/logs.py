@@ -27,7 +27,7 @@ import re
 import sys
 import time
 import traceback
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from loguru import logger
 
@@ -177,9 +177,20 @@ class InterceptHandler(logging.Handler):
         logger.opt(exception=record.exc_info or None).log(level, "{}: {}", record.name, record.getMessage())
 
 
+class _CurrentStderr:
+    """Whatever sys.stderr is when a line is written (not when logging was set up): code that swaps it,
+    as a test runner's capture does, never leaves the sink writing to a closed stream."""
+
+    def write(self, text: str) -> None:
+        sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str) -> None:
     """The only sink: safe lines to stderr (the agent's, the lease server's and the helpers' log); Python's
     logging goes there too, from WARNING up (as its own last-resort handler printed them)."""
     logger.remove()
-    add_safe_sink(sys.stderr, level)
+    add_safe_sink(cast(TextIO, _CurrentStderr()), level)
     logging.basicConfig(handlers=[InterceptHandler()], level=logging.WARNING, force=True)

@@ -556,7 +556,7 @@ class Network:
     async def _serve(self, config: NetworkConfig, ext: Any, lease: Lease) -> int:
         assert self.backend is not None and self.manager is not None
         opts = self.options
-        warn_route_overlaps(config.network, lease.subnet)
+        await asyncio.to_thread(warn_route_overlaps, config.network, lease.subnet)  # netlink: off the loop
         mtu = ext.mtu - self.backend.overhead()
         self.local = LocalNetwork(config.network, lease.subnet, ext, mtu)
         self.state.network, self.state.subnet, self.state.mtu = str(config.network), str(lease.subnet), mtu

@@ -3,7 +3,7 @@ data path, peers, the top drop reasons with rates), and its machine form (`summa
 
 The summary's keys (stable; README.md, "status"): ready, health, running, phase, reason, subnet, network,
 lease_ttl_seconds, backend, datapath, peers, peers_refused, loop_stall_max_ms, rates_window_seconds,
-throughput, drops. `throughput` and `drops` come from the eBPF counters (empty for the kernel backends):
+throughput, drops, counters_error. `throughput` and `drops` come from the eBPF counters (empty for the kernel backends):
 {"<reason>": {"packets": total, "per_second": rate over the window (null without a window)}}.
 """
 
@@ -30,6 +30,18 @@ def read_counters(st: state_file.AgentState) -> dict[str, int] | None:
 
     counters = _read_counters(str(pin_dir))
     return None if counters is None else {reason.label: packets for reason, (packets, _) in counters.items()}
+
+
+def counters_unreadable(st: state_file.AgentState) -> str:
+    """Why the eBPF counters of a running eBPF path cannot be read from here ("" when they can, or when
+    there is no eBPF path): e.g. bpffs hidden by `ip netns exec`."""
+    maps = (st.backend_status or {}).get("maps")
+    pin_dir = maps.get("pin_dir") if isinstance(maps, dict) else None
+    if not pin_dir or read_counters(st) is not None:
+        return ""
+    from flannel_ebpf.datapath.maps import bpffs_missing
+
+    return bpffs_missing(str(pin_dir)) or f"the counters map under {pin_dir} cannot be read (programs unloaded?)"
 
 
 def summary(
@@ -85,6 +97,7 @@ def summary(
         "rates_window_seconds": window if after is not None else None,
         "throughput": {label: entry(label) for label in THROUGHPUT} if counts is not None else {},
         "drops": {label: entry(label) for label in drops[:TOP_DROPS]},
+        "counters_error": counters_unreadable(st) if counts is None else "",
     }
 
 
@@ -119,6 +132,8 @@ def format_summary(doc: dict[str, Any]) -> str:
         if entry["packets"] or label in ("encap_ok", "decap_ok"):
             rows.append(("traffic" if not any(r[0] == "traffic" for r in rows) else "",
                          f"{label:<22} {entry['packets']:>12} pkts {_rate(entry)}"))  # fmt: skip
+    if doc.get("counters_error"):
+        rows.append(("traffic", f"unknown: {doc['counters_error']}"))
     if doc["throughput"]:
         if doc["drops"]:
             for i, (label, entry) in enumerate(doc["drops"].items()):

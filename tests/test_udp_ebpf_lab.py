@@ -172,10 +172,16 @@ def test_status_through_ip_netns_exec_says_bpffs_is_hidden_not_unpinned(lab_fact
     lab.start_agents(["--udp-decap", "tc"])
     lab.wait_all_ready(60)
     state_dir = str(lab.host("h1").state_dir)
-    seen = lab.agent_cli("h1", "status", "--state-dir", state_dir)  # with the host's bpffs
+    seen = lab.agent_cli("h1", "status", "--long", "--state-dir", state_dir)  # with the host's bpffs
     assert seen.ok and "  maps     " in seen.stdout and "cannot read the data path" not in seen.stdout, seen.stdout
+    summary = lab.agent_cli("h1", "status", "--state-dir", state_dir)
+    assert "encap_ok" in summary.stdout and "unknown:" not in summary.stdout, summary.stdout
+    hidden_summary = lab.node("h1").exec([*cli_command(), "status", "--state-dir", state_dir], env=cli_env())
+    assert "traffic     unknown: bpffs is not mounted here" in hidden_summary.stdout, hidden_summary.stdout
 
-    hidden = lab.node("h1").exec([*cli_command(), "status", "--state-dir", state_dir], env=cli_env(), check=False)
+    hidden = lab.node("h1").exec(
+        [*cli_command(), "status", "--long", "--state-dir", state_dir], env=cli_env(), check=False
+    )
     assert hidden.argv[:3] == ["ip", "netns", "exec"]
     lines = [line for line in hidden.stdout.splitlines() if "bpffs" in line]
     assert len(lines) == 1, hidden.stdout + hidden.stderr
