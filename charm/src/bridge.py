@@ -143,12 +143,12 @@ def dnsmasq_conf(
         f"dhcp-leasefile={lease_file}",
         f"pid-file={pid_file}" if pid_file else "",
         "dhcp-authoritative",
-        *(f"dhcp-range={bridge},{a},{b},{netmask},{lease_time}" for a, b in dhcp_ranges(lease.subnet)),
-        f"dhcp-option={bridge},option:router,{lease.gateway}",
-        f"dhcp-option={bridge},{DHCP_OPTION_MTU},{lease.mtu}",
+        *(f"dhcp-range={a},{b},{netmask},{lease_time}" for a, b in dhcp_ranges(lease.subnet)),
+        f"dhcp-option=option:router,{lease.gateway}",
+        f"dhcp-option={DHCP_OPTION_MTU},{lease.mtu}",
     ]
     if dns:
-        lines.append(f"dhcp-option={bridge},option:dns-server,{lease.gateway}")
+        lines.append(f"dhcp-option=option:dns-server,{lease.gateway}")
     return "\n".join(line for line in lines if line) + "\n"
 
 

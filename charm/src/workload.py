@@ -188,6 +188,7 @@ class Workload:
     def configure_lxc(self, name: str) -> str:
         """lxcbr0 from the lease (bridge.apply_lxc_bridge, as the lab runs it), dnsmasq for the containers'
         DHCP as a systemd unit, LXC's defaults pointing new containers at the bridge. Returns the summary."""
+        self.paths.dnsmasq_lease_file.parent.mkdir(parents=True, exist_ok=True)
         result = bridge.apply_lxc_bridge(
             [str(self.paths.flannel_ebpf)],
             subnet_file=str(self.paths.subnet_file),

@@ -47,15 +47,15 @@ def test_dnsmasq_conf_serves_the_subnet_with_the_mtu_on_the_bridge_alone() -> No
         "interface=lxcbr0",
         "bind-interfaces",
         "port=0",
-        "dhcp-range=lxcbr0,10.10.16.2,10.10.16.254,255.255.255.0,1h",
-        "dhcp-option=lxcbr0,option:router,10.10.16.1",
-        "dhcp-option=lxcbr0,26,1472",
+        "dhcp-range=10.10.16.2,10.10.16.254,255.255.255.0,1h",
+        "dhcp-option=option:router,10.10.16.1",
+        "dhcp-option=26,1472",
         "dhcp-leasefile=/var/lib/misc/x.leases",
         "pid-file=/run/x.pid",
     ):
         assert want in lines
     with_dns = bridge.dnsmasq_conf("lxcbr0", lease, lease_file="/l").splitlines()
-    assert "port=53" in with_dns and "dhcp-option=lxcbr0,option:dns-server,10.10.16.1" in with_dns
+    assert "port=53" in with_dns and "dhcp-option=option:dns-server,10.10.16.1" in with_dns
 
 
 def test_lxc_defaults_point_new_containers_at_the_bridge_with_the_mtu() -> None:
