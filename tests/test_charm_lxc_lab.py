@@ -12,6 +12,7 @@ the MTU, and the two ping each other across hosts over the eBPF udp path.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import time
 from ipaddress import IPv4Interface
@@ -74,13 +75,19 @@ def test_lxc_containers_get_dhcp_addresses_from_their_hosts_flannel_subnet_and_p
             assert isinstance(node, Netns)
             link = node.ip("-o", "addr", "show", "dev", "lxcbr0").stdout
             assert str(env.subnet) in link
-            # dnsmasq as the charm's unit runs it, with the charm's configuration, in the host's namespace.
-            conf = workloads[h].paths.dnsmasq_conf("lxcbr0")
+            # dnsmasq as the charm's unit runs it (its ExecStart, the charm's configuration), in the host's
+            # namespace instead of under systemd, plus a pid file and a log for the test.
+            paths = workloads[h].paths
+            unit = (paths.systemd_dir / "flannel-ebpf-dnsmasq.service").read_text()
+            exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+            assert f"--conf-file={paths.dnsmasq_conf('lxcbr0')}" in exec_start
+            systemctl_log = (paths.systemd_dir.parents[2] / "systemctl.log").read_text().splitlines()
+            assert "enable flannel-ebpf-dnsmasq.service" in systemctl_log
             pid_file = lab.dir / f"dnsmasq-{h}.pid"
             log = lab.dir / f"dnsmasq-{h}.log"
+            argv = [*shlex.split(exec_start.removeprefix("ExecStart=")), f"--pid-file={pid_file}", "--log-dhcp",
+                    f"--log-facility={log}"]  # fmt: skip
             with open(lab.dir / f"dnsmasq-{h}.out", "wb") as out_file:
-                argv = ["dnsmasq", "--keep-in-foreground", f"--conf-file={conf}", f"--pid-file={pid_file}",
-                        "--log-dhcp", f"--log-facility={log}"]  # fmt: skip
                 proc = node.popen(argv, stdout=out_file, stderr=out_file)
             dnsmasq.append(proc)
             time.sleep(0.5)

@@ -82,7 +82,7 @@ class FlannelEbpfCharm(ops.CharmBase):
         self._reconcile(event)
 
     def _on_stop(self, _event: ops.EventBase) -> None:
-        self.workload.stop()
+        self.workload.stop(remove_datapath=True)
 
     def _on_health_action(self, event: ops.ActionEvent) -> None:
         code, line = self.workload.health()

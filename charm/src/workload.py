@@ -145,10 +145,13 @@ class Workload:
         self._systemctl("enable", SERVICE)
         self._systemctl("restart" if restart else "start", SERVICE)
 
-    def stop(self) -> None:
+    def stop(self, remove_datapath: bool = False) -> None:
+        """The agent and dnsmasq stopped. The data path stays (containers keep talking to the peers they
+        know) unless `remove_datapath` (the unit is going away): then `flannel-ebpf down` removes it."""
         self._run([*self.systemctl, "disable", "--now", DNSMASQ_SERVICE])
         self._run([*self.systemctl, "disable", "--now", SERVICE])
-        self._run([self.paths.flannel_ebpf, "down", "--state-dir", self.paths.state_dir])
+        if remove_datapath and self.paths.flannel_ebpf.exists():
+            self._run([self.paths.flannel_ebpf, "down", "--state-dir", self.paths.state_dir])
 
     def seed_network_config(self, etcd: EtcdData, tls: TlsFiles | None, prefix: str, config: dict) -> dict:
         """etcd_seed.py with the agent's Python: the config put when absent, else what etcd holds."""

@@ -41,6 +41,11 @@ class FakeHost:
     def systemctl_calls(self) -> list[str]:
         return self.systemctl_log.read_text().splitlines() if self.systemctl_log.exists() else []
 
+    def cli_calls(self) -> list[str]:
+        """The `flannel-ebpf up|down|bridge` command lines the charm ran (recorded, not run)."""
+        log = self.root / "cli.log"
+        return log.read_text().splitlines() if log.exists() else []
+
     def agent_says(self, line: str, code: int = 0) -> None:
         """`flannel-ebpf health` answers `line` from now on (a state only a running agent can produce)."""
         (self.root / "health.out").write_text(line + "\n")
@@ -80,13 +85,15 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHost]:
         dnsmasq_lease_file=root / "var" / "lib" / "misc" / "flannel-ebpf-dnsmasq.leases",
     )
     _script(paths.python, f'PYTHONPATH={REPO} exec {sys.executable} "$@"')
-    # The real CLI, except `health` once a test said what a running agent answers, and `bridge`, which
-    # would change this namespace's links (the lab tests run it inside a host namespace).
+    # The real CLI, except `health` once a test said what a running agent answers, and the commands that
+    # change this namespace's links, routes or firewall (up, down, bridge): recorded, never run here (the
+    # lab tests run them inside host namespaces).
     _script(
         paths.flannel_ebpf,
         f'if [ "$1" = health ] && [ -f {root}/health.out ]; then\n'
         f"  cat {root}/health.out; exit $(cat {root}/health.rc)\nfi\n"
-        f'if [ "$1" = bridge ]; then echo "flannel-ebpf bridge: not outside a lab namespace" >&2; exit 1; fi\n'
+        f'case "$1" in up|down|bridge) echo "$@" >> {root}/cli.log; echo "$1: not outside a lab namespace" >&2\n'
+        f'  [ "$1" = down ]; exit $?;; esac\n'
         f'{CLI} "$@"',
     )
     log = root / "systemctl.log"

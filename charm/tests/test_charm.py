@@ -197,6 +197,7 @@ def test_db_broken_stops_the_agent_and_waits(host: FakeHost) -> None:
     rel = ck8s_etcd("http://10.0.0.1:2379")
     out = ctx().run(ctx().on.relation_broken(rel), testing.State(relations=[rel], stored_states=[deployed()]))
     assert "disable --now flannel-ebpf.service" in host.systemctl_calls()
+    assert host.cli_calls() == []  # the data path stays: containers keep reaching the peers they know
     assert out.unit_status == testing.WaitingStatus("waiting for etcd: relate db to etcd")
 
 
@@ -322,6 +323,8 @@ def test_stop_stops_the_agent_and_dnsmasq(host: FakeHost) -> None:
     calls = host.systemctl_calls()
     assert "disable --now flannel-ebpf-dnsmasq.service" in calls
     assert "disable --now flannel-ebpf.service" in calls
+    # The unit goes away: its data path too.
+    assert host.cli_calls() == [f"down --state-dir {host.paths.state_dir}"]
 
 
 def test_metadata_declares_the_seed_relations() -> None:
