@@ -6,7 +6,7 @@ CLANG  ?= clang
 BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(BPF_SRC:.c=.o)
 
-.PHONY: setup demo test test-unit lint bench bench-quick bench-scale bpf wheel clean lab-cleanup \
+.PHONY: setup demo test test-unit lint bench bench-quick bench-scale bpf wheel charm clean lab-cleanup \
 	vagrant-box vagrant-up vagrant-check vagrant-bench vagrant-switch vagrant-destroy
 
 setup: $(STAMP)
@@ -20,14 +20,14 @@ demo: setup
 
 # On a machine `make setup` prepared nothing may be skipped: a skip (no root, no etcd, a missing tool) fails.
 test: setup bpf
-	FLANNEL_EBPF_NO_SKIPS=1 $(PY) -m pytest -v -rs tests
+	FLANNEL_EBPF_NO_SKIPS=1 $(PY) -m pytest -v -rs tests charm/tests
 
 test-unit: setup
 	$(PY) -m pytest -q tests/test_config.py tests/test_allocation.py tests/test_cli.py
 
 lint: setup
-	$(VENV)/bin/ruff check flannel_ebpf tests
-	$(VENV)/bin/ruff format --check flannel_ebpf tests
+	$(VENV)/bin/ruff check flannel_ebpf tests charm
+	$(VENV)/bin/ruff format --check flannel_ebpf tests charm
 
 bench: setup bpf
 	$(PY) -m flannel_ebpf.bench
@@ -57,6 +57,12 @@ bpf/sources.sha256: $(BPF_OBJ)
 wheel: setup bpf
 	rm -rf dist
 	$(PY) -m build --outdir dist .
+
+# The juju charm (charm/README.md): a .charm archive with the wheel above, the agent's dependencies as wheels
+# for the bases' Pythons and ops, packed by charm/build_charm.py (charmcraft needs LXD/multipass and the store).
+CHARM := build/flannel-ebpf_amd64.charm
+charm: wheel
+	$(PY) charm/build_charm.py --dist dist --out $(CHARM)
 
 # The Vagrant multi-VM lab (vagrant/README.md). Not part of `make test` (it boots VMs); `vagrant validate` is.
 # vagrant-box: a Debian 12 libvirt box built here from this host's apt mirror (no box download; root).

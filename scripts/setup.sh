@@ -17,7 +17,11 @@ PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-pyroute2 py
 VAGRANT_PACKAGES=(vagrant vagrant-libvirt)
 # The metrics test's real Prometheus and promtool (the test runs its own; none is started here). No recommends:
 # they add node-exporter, a daemon the tests do not use.
-NORECOMMENDS_PACKAGES=(prometheus)
+# The charm's LXC lab test (tests/test_charm_lxc_lab.py): LXC, a root file system built with mmdebstrap from the
+# apt mirror, dnsmasq for the containers' DHCP, dhclient inside them. No recommends: lxc recommends
+# lxc-templates, debootstrap, uidmap and a firewall; nothing here may start lxc-net (its lxcbr0 and dnsmasq
+# would land in the root namespace): the policy-rc.d below refuses, and the check after the install says so.
+NORECOMMENDS_PACKAGES=(prometheus lxc mmdebstrap dnsmasq-base isc-dhcp-client)
 # vagrant/build-box.sh puts the same packages into the lab's box (its VMs have no internet access).
 if [ "${1:-}" = --print-packages ]; then echo "${PACKAGES[*]}"; exit 0; fi
 [ "$(id -u)" = 0 ] || { echo "setup: run as root (it installs packages and mounts bpffs)" >&2; exit 1; }
@@ -57,6 +61,12 @@ if [ ${#missing[@]} -gt 0 ] || [ ${#vmissing[@]} -gt 0 ] || [ -n "$headers" ]; t
   done
   [ -n "${own_policy:-}" ] && rm -f /usr/sbin/policy-rc.d
   rm -f /usr/sbin/policy-rc.d.flannel-ebpf
+  # lxc-net must not have run: no lxcbr0 in this (the root) namespace, no dnsmasq of lxc-net's.
+  if ip link show lxcbr0 >/dev/null 2>&1 || pgrep -x -u lxc-dnsmasq dnsmasq >/dev/null 2>&1; then
+    echo "setup: installing lxc started lxc-net (lxcbr0 or its dnsmasq in the root namespace): stop it" \
+      "(systemctl stop lxc-net, or: ip link del lxcbr0) and set USE_LXC_BRIDGE=\"false\" in /etc/default/lxc-net" >&2
+    exit 1
+  fi
 fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build. Kernels without packaged headers (this lab's VM kernel)
