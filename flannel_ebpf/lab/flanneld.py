@@ -193,9 +193,7 @@ class Flanneld:
         early, with the log's tail, if flanneld exits."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise RuntimeError(f"flanneld on {self.host.name} exited ({code}) before ready:\n{self.log_tail()}")
+            self._check_alive("ready")
             now = _identity(self.subnet_file)
             if now is not None and now != self._file_before:
                 subnet = _subnet_of(self.subnet_file)
@@ -203,6 +201,41 @@ class Flanneld:
                     return subnet
             time.sleep(0.2)
         raise TimeoutError(f"flanneld on {self.host.name}: no subnet file after {timeout}s:\n{self.log_tail()}")
+
+    def wait_networks_ready(self, subnet_dir: Path, networks: Sequence[str], timeout: float = 30.0) -> dict[str, str]:
+        """Multi-network mode (`-networks=a,b -subnet-dir=D`): until flanneld has written `D/<name>.env`
+        for each network; returns each network's FLANNEL_SUBNET. Fails early, with the log's tail, if
+        flanneld exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive("ready")
+            found = {name: _subnet_of(subnet_dir / f"{name}.env") for name in networks}
+            if all(found.values()):
+                return found
+            time.sleep(0.2)
+        raise TimeoutError(f"flanneld on {self.host.name}: no {subnet_dir}/*.env for all of {list(networks)} "
+                           f"after {timeout}s:\n{self.log_tail()}")  # fmt: skip
+
+    def wait_serving(self, listen: str, timeout: float = 30.0) -> None:
+        """Server mode (`-listen=ADDR:PORT`): until flanneld logged `running as server` and answers HTTP on
+        `listen` (any status: v0.5.5's server has no route that answers without a network's config)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive("serving")
+            if "running as server" in self.log_text(last_run=True):
+                probe = self.host.exec(
+                    ["curl", "-s", "-o", "/dev/null", "--max-time", "2", "-w", "%{http_code}",
+                     f"http://{listen}/v1/_/config"], check=False, timeout=10,
+                )  # fmt: skip
+                if probe.stdout.strip() not in ("", "000"):
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"flanneld on {self.host.name}: not serving {listen} after {timeout}s:\n{self.log_tail()}")
+
+    def _check_alive(self, what: str) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise RuntimeError(f"flanneld on {self.host.name} exited ({code}) before {what}:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM by PID and wait (SIGKILL after `timeout`). v0.20.2 exits 2 (a panic in its watch)."""

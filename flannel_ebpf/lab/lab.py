@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -414,6 +415,25 @@ class Lab:
             fd = Flanneld(h, binary, self.etcd_endpoint, version, self.etcd_prefix)
             self.flanneld[h.name] = fd
         fd.start(extra_args, public_ip, forward_rules)
+        return fd
+
+    def start_flanneld_server(
+        self, host: Host | str, listen: str, version: str = DEFAULT_VERSION, extra_args: Sequence[str] = ()
+    ) -> Flanneld:
+        """flannel's own flanneld `version` as a lease server (`-listen=<listen>`) on `host`: the only one
+        there that talks to etcd; it does no host networking, so an agent or a flanneld client may run
+        beside it. Its log is `<host dir>/flanneld-server/flanneld.log`; it is stopped with the lab.
+        Returns once it answers HTTP on `listen`."""
+        h = self.host(host)
+        key = f"{h.name}/server"
+        fd = self.flanneld.get(key)
+        if fd is None or fd.version != version:
+            binary = unpack_flanneld(version, self.dir / "bin")
+            server_host = dataclasses.replace(h, dir=h.dir / "flanneld-server")
+            fd = Flanneld(server_host, binary, self.etcd_endpoint, version, self.etcd_prefix)
+            self.flanneld[key] = fd
+        fd.start([f"-listen={listen}", *extra_args])
+        fd.wait_serving(listen)
         return fd
 
     def flanneld_of(self, host: Host | str) -> Flanneld | None:
