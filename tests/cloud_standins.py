@@ -5,7 +5,8 @@ started here are ever stopped (by their PID).
   implements the EC2 API. The aws-vpc backend talks to it with boto3, unchanged. `with MotoServer() as
   moto:` runs one for the block (the aws-vpc tests' `moto` fixtures).
 - `AwsMetadataStandIn`: a stand-in for the EC2 instance metadata service (IMDS), which moto does not
-  serve: IMDSv2's token, instance-id, placement/region and availability-zone, mac, and the mac's subnet-id.
+  serve: IMDSv2's token, instance-id, placement/region and availability-zone, mac, and the interface's
+  entries under network/interfaces/macs/ (interface-id, subnet-id, vpc-id, local-ipv4s).
 - `GceStandIn` (in tests/gce_standin.py): a stand-in for the GCE metadata server and the Compute API's
   routes, operations, networks and instances resources; no GCE emulator exists.
 """
@@ -72,6 +73,19 @@ class MotoServer:
                 time.sleep(0.1)
         self.close()
         raise RuntimeError("moto_server did not start listening")
+
+    def enforce_iam(self, on: bool) -> None:
+        """Turn moto's IAM enforcement on (every request must be signed by an IAM user's access key and be
+        allowed by that user's policies) or off (moto's `reset-auth`: the count of requests let through
+        unchecked), e.g. off to set up a VPC and IAM users, on while the code under test runs."""
+        import urllib.request
+
+        body = b"0" if on else b"1e18"
+        # not form-encoded (urllib's default type): moto reads the raw body
+        request = urllib.request.Request(f"{self.url}/moto-api/reset-auth", data=body, method="POST",
+                                         headers={"Content-Type": "text/plain"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
 
     def close(self) -> None:
         if self.proc is not None:
@@ -149,6 +163,9 @@ class AwsMetadataStandIn(HttpStandIn):
     zone: str = "us-east-1a"
     mac: str = "02:00:00:00:00:01"
     subnet_id: str = ""
+    eni_id: str = ""
+    vpc_id: str = ""
+    local_ipv4: str = ""
     token: str = "stand-in-token"
 
     def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, str, str]:
@@ -158,14 +175,19 @@ class AwsMetadataStandIn(HttpStandIn):
             return 200, "text/plain", self.token
         if headers.get("X-aws-ec2-metadata-token") != self.token:
             return 401, "text/plain", "unauthorized"
+        macs = "/latest/meta-data/network/interfaces/macs/"
         meta = {
             "/latest/meta-data/instance-id": self.instance_id,
             "/latest/meta-data/placement/region": self.region,
             "/latest/meta-data/placement/availability-zone": self.zone,
             "/latest/meta-data/mac": self.mac,
-            f"/latest/meta-data/network/interfaces/macs/{self.mac}/subnet-id": self.subnet_id,
+            macs: f"{self.mac}/",
+            f"{macs}{self.mac}/subnet-id": self.subnet_id,
+            f"{macs}{self.mac}/interface-id": self.eni_id,
+            f"{macs}{self.mac}/vpc-id": self.vpc_id,
+            f"{macs}{self.mac}/local-ipv4s": self.local_ipv4,
         }
-        if path in meta:
+        if meta.get(path):  # an entry this instance has (a value given)
             return 200, "text/plain", meta[path]
         return 404, "text/plain", "not found"
 

@@ -80,7 +80,9 @@ def make_vpc(moto: MotoServer, hosts: int, cidr: str = "10.0.0.0/16", subnet: st
         inst = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, SubnetId=subnet_id, **extra)
         inst = inst["Instances"][0]
         eni = inst["NetworkInterfaces"][0]
-        md = AwsMetadataStandIn(instance_id=inst["InstanceId"], mac=eni["MacAddress"], subnet_id=subnet_id)
+        md = AwsMetadataStandIn(instance_id=inst["InstanceId"], mac=eni["MacAddress"], subnet_id=subnet_id,
+                                eni_id=eni["NetworkInterfaceId"], vpc_id=vpc_id,
+                                local_ipv4=eni["PrivateIpAddress"])  # fmt: skip
         made.append(Host(inst["InstanceId"], eni["NetworkInterfaceId"], ip_address(eni["PrivateIpAddress"]),
                          md.start()))  # type: ignore[arg-type]  # fmt: skip
     return Vpc(ec2, vpc_id, subnet_id, table_id, made)

@@ -14,6 +14,14 @@ limit (50 by default, as flannel documents; `RouteLimit` raises it for accounts 
 checked in every table before writing any: a full table makes the agent not-ready with one line instead
 of programming some tables and not others. The own route is re-checked every resync (restored if deleted).
 
+IAM: the policy flannel v0.5's aws-vpc guide documents is enough: ec2:CreateRoute, ec2:DeleteRoute,
+ec2:ReplaceRoute, ec2:DescribeRouteTables, ec2:DescribeInstances. What this backend would rather use falls
+back to what that policy allows: ec2:ModifyNetworkInterfaceAttribute -> ec2:ModifyInstanceAttribute (the
+source/destination check; with neither, a warning: the guide turns the check off by hand), ReplaceRoute ->
+DeleteRoute + CreateRoute, DescribeNetworkInterfaces -> DescribeInstances of the VPC, DescribeInstances at
+start -> the metadata service's view of the interfaces. A permission that is needed and denied is named in
+one line (`... does not allow ec2:CreateRoute ...`), never reported as bad credentials.
+
 Credentials and region come as the AWS SDKs take them (boto3's chain: environment incl.
 AWS_SECURITY_TOKEN/AWS_SESSION_TOKEN, shared files, the instance role); the instance id and region come
 from the instance metadata service (IMDSv2, falling back to v1), at AWS_EC2_METADATA_SERVICE_ENDPOINT if
@@ -36,11 +44,26 @@ from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 DEFAULT_IMDS = "http://169.254.169.254"
 #: flannel's documentation: "Amazon VPC limits the number of entries per route table to 50"
 DEFAULT_ROUTE_LIMIT = 50
-#: error codes that mean the credentials are wrong or not allowed: said in one line, never retried
+#: error codes that mean the credentials are wrong: said in one line, never retried
 AUTH_CODES = frozenset(
-    {"AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "SignatureDoesNotMatch", "ExpiredToken",
-     "InvalidAccessKeyId", "OptInRequired", "UnrecognizedClientException", "AccessDenied", "RequestExpired"}
+    {"AuthFailure", "InvalidClientTokenId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidAccessKeyId",
+     "OptInRequired", "UnrecognizedClientException", "RequestExpired"}
 )  # fmt: skip
+#: error codes that mean the credentials are good but the IAM policy does not allow the action (EC2 says
+#: UnauthorizedOperation; AccessDenied is the generic IAM code)
+DENIED_CODES = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"})
+ROUTE_GONE = frozenset({"InvalidRoute.NotFound"})
+
+
+class PermissionDenied(BackendError):
+    """The IAM policy does not allow one EC2 action (`action`, e.g. `ec2:CreateRoute`)."""
+
+    def __init__(self, action: str, what: str) -> None:
+        self.action = action
+        super().__init__(
+            f"aws-vpc: the IAM policy does not allow {action} ({what}): add {action} to the policy of this "
+            f"instance's role (or of the credentials' user)"
+        )
 
 
 def parse_route_tables(config: dict[str, Any]) -> list[str]:
@@ -109,6 +132,10 @@ class AwsVpcBackend(Backend):
     peers: dict[IPv4Network, Lease] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)  # routes this agent removed, for status (last 20)
     problem: str = ""
+    #: EC2 actions the policy denied that have a fallback (each said once, as a warning)
+    denied: set[str] = field(default_factory=set)
+    _imds: MetadataClient | None = field(default=None, repr=False)
+    _warned: set[str] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         import_sdk("aws-vpc", "aws", AWS_SDK)
@@ -123,7 +150,7 @@ class AwsVpcBackend(Backend):
     # discovery
 
     def _metadata(self) -> tuple[str, str]:
-        imds = MetadataClient(self.imds_endpoint, "AWS")
+        self._imds = imds = MetadataClient(self.imds_endpoint, "AWS")
         try:  # IMDSv2: a session token first; instances that require v2 answer nothing without it
             token = imds.request("latest/api/token", "PUT", {"X-aws-ec2-metadata-token-ttl-seconds": "300"})
             imds.headers["X-aws-ec2-metadata-token"] = token
@@ -149,8 +176,9 @@ class AwsVpcBackend(Backend):
         config = Config(connect_timeout=3, read_timeout=15, retries={"max_attempts": 4, "mode": "standard"})
         return boto3.session.Session(region_name=region).client("ec2", config=config)
 
-    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
-        """One EC2 request; errors become one operator-facing line."""
+    def _call(self, what: str, fn: Any, ok_codes: frozenset[str] = frozenset(), **kwargs: Any) -> Any:
+        """One EC2 request; errors become one operator-facing line (PermissionDenied names the action). An
+        error whose code is in `ok_codes` is an answer: None."""
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
@@ -163,16 +191,34 @@ class AwsVpcBackend(Backend):
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "?")
             message = e.response.get("Error", {}).get("Message", "")
+            if code in ok_codes:
+                return None
+            if code in DENIED_CODES:
+                raise PermissionDenied(f"ec2:{e.operation_name}", what) from None
             if code in AUTH_CODES:
                 raise BackendError(f"aws-vpc: AWS refused the credentials for {what}: {code}: {message}") from None
             raise BackendError(f"aws-vpc: {what} failed: {code}: {message}") from None
         except BotoCoreError as e:
             raise BackendError(f"aws-vpc: {what} failed: {e}") from None
 
+    def _fallback(self, denied: PermissionDenied, instead: str) -> None:
+        """A denied action with a way around it: one warning per action and way around, naming the action."""
+        self.denied.add(denied.action)
+        line = f"aws-vpc: the IAM policy does not allow {denied.action}: {instead}"
+        if line not in self._warned:
+            self._warned.add(line)
+            logger.warning(line)
+
     def discover(self, ext: ExternalInterface) -> AwsInstance:
         instance_id, region = self._metadata()
         self.ec2 = self._client(region)
-        found = self._call(f"describing instance {instance_id}", self.ec2.describe_instances, InstanceIds=[instance_id])
+        try:
+            found = self._call(
+                f"describing instance {instance_id}", self.ec2.describe_instances, InstanceIds=[instance_id]
+            )
+        except PermissionDenied as e:
+            self._fallback(e, "this instance's interface is read from the metadata service")
+            return self._discover_from_metadata(instance_id, region, ext)
         instances = [i for r in found.get("Reservations", []) for i in r.get("Instances", [])]
         if not instances:
             raise BackendError(f"aws-vpc: EC2 knows no instance {instance_id} in {region}")
@@ -182,6 +228,24 @@ class AwsVpcBackend(Backend):
                     instance_id, region, eni["NetworkInterfaceId"], eni["SubnetId"], eni["VpcId"],
                     eni.get("SourceDestCheck"),
                 )  # fmt: skip
+        raise BackendError(
+            f"aws-vpc: no network interface of instance {instance_id} holds {ext.address} (the address of "
+            f"{ext.name}); choose the interface with --iface"
+        )
+
+    def _discover_from_metadata(self, instance_id: str, region: str, ext: ExternalInterface) -> AwsInstance:
+        """The interface holding `ext.address`, as the metadata service describes it (its source/destination
+        check is then unknown)."""
+        base = "latest/meta-data/network/interfaces/macs/"
+        assert self._imds is not None  # set by _metadata(), which discover() calls first
+        for mac in self._imds.request(base).split():
+            mac = mac.strip("/")
+            addresses = self._imds.request(f"{base}{mac}/local-ipv4s").split()
+            if str(ext.address) in addresses:
+                item = {
+                    k: self._imds.request(f"{base}{mac}/{k}").strip() for k in ("interface-id", "subnet-id", "vpc-id")
+                }
+                return AwsInstance(instance_id, region, item["interface-id"], item["subnet-id"], item["vpc-id"])
         raise BackendError(
             f"aws-vpc: no network interface of instance {instance_id} holds {ext.address} (the address of "
             f"{ext.name}); choose the interface with --iface"
@@ -219,14 +283,31 @@ class AwsVpcBackend(Backend):
         inst = self._inst()
         if inst.source_dest_check is not False:
             # without this, EC2 drops every packet to or from a container address (not the ENI's own)
-            self._call(
-                f"turning off the source/destination check of {inst.eni_id}",
-                self.ec2.modify_network_interface_attribute,
-                NetworkInterfaceId=inst.eni_id,
-                SourceDestCheck={"Value": False},
-            )
-            inst.source_dest_check = False
-            logger.info("aws-vpc: source/destination check turned off on {}", inst.eni_id)
+            self._turn_off_source_dest_check(inst)
+
+    def _turn_off_source_dest_check(self, inst: AwsInstance) -> None:
+        what = f"turning off the source/destination check of {inst.eni_id}"
+        try:
+            self._call(what, self.ec2.modify_network_interface_attribute, NetworkInterfaceId=inst.eni_id,
+                       SourceDestCheck={"Value": False})  # fmt: skip
+            via = "ec2:ModifyNetworkInterfaceAttribute"
+        except PermissionDenied as first:
+            # flannel's own call: the instance's attribute, which is its primary interface's
+            self._fallback(first, "trying ec2:ModifyInstanceAttribute (flannel's call) for the check instead")
+            try:
+                self._call(what, self.ec2.modify_instance_attribute, InstanceId=inst.instance_id,
+                           SourceDestCheck={"Value": False})  # fmt: skip
+                via = "ec2:ModifyInstanceAttribute"
+            except PermissionDenied as second:
+                logger.warning(
+                    "aws-vpc: the source/destination check of {} was left as it is: the IAM policy allows "
+                    "neither {} nor {}; allow one, or turn the check off in the EC2 console (containers' "
+                    "packets are dropped by EC2 while it is on)", inst.eni_id, first.action, second.action,
+                )  # fmt: skip
+                self.denied.add(second.action)
+                return
+        inst.source_dest_check = False
+        logger.info("aws-vpc: source/destination check turned off on {} ({})", inst.eni_id, via)
 
     def _tables(self) -> dict[str, list[dict[str, Any]]]:
         found = self._call(
@@ -234,19 +315,48 @@ class AwsVpcBackend(Backend):
         )
         return {t["RouteTableId"]: t.get("Routes", []) for t in found.get("RouteTables", [])}
 
+    def _interfaces(self, eni_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The ENIs that exist among `eni_ids`: id -> {"InstanceId": attached to ("": none), "Addresses"}.
+        From ec2:DescribeNetworkInterfaces, else (the policy of flannel's guide) from ec2:DescribeInstances
+        of the VPC, which sees only attached ENIs: a detached one counts as gone (AWS blackholes its routes)."""
+        found: dict[str, dict[str, Any]] = {}
+        if not eni_ids:
+            return found
+        if "ec2:DescribeNetworkInterfaces" not in self.denied:
+            try:
+                # a filter, not NetworkInterfaceIds: a deleted ENI is then simply absent instead of an error
+                answer = self._call(
+                    "describing network interfaces",
+                    self.ec2.describe_network_interfaces,
+                    Filters=[{"Name": "network-interface-id", "Values": eni_ids}],
+                )
+                for eni in answer.get("NetworkInterfaces", []):
+                    found[eni["NetworkInterfaceId"]] = {
+                        "InstanceId": eni.get("Attachment", {}).get("InstanceId", ""),
+                        "Addresses": {a.get("PrivateIpAddress") for a in eni.get("PrivateIpAddresses", [])},
+                    }
+                return found
+            except PermissionDenied as e:
+                self._fallback(e, "network interfaces are read from ec2:DescribeInstances of the VPC instead")
+        answer = self._call(
+            "describing the VPC's instances",
+            self.ec2.describe_instances,
+            Filters=[{"Name": "vpc-id", "Values": [self._inst().vpc_id]}],
+        )
+        for reservation in answer.get("Reservations", []):
+            for instance in reservation.get("Instances", []):
+                for eni in instance.get("NetworkInterfaces", []):
+                    if eni.get("NetworkInterfaceId") in eni_ids:
+                        found[eni["NetworkInterfaceId"]] = {
+                            "InstanceId": instance["InstanceId"],
+                            "Addresses": {a.get("PrivateIpAddress") for a in eni.get("PrivateIpAddresses", [])},
+                        }
+        return found
+
     def _dead_targets(self, routes: list[dict[str, Any]]) -> set[str]:
         """Of these routes' ENI/instance targets, the ones that are gone: deleted ENIs, terminated instances."""
         eni_ids = sorted({r["NetworkInterfaceId"] for r in routes if r.get("NetworkInterfaceId")})
-        instance_of: dict[str, str] = {}
-        if eni_ids:
-            # a filter, not NetworkInterfaceIds: a deleted ENI is then simply absent instead of an error
-            found = self._call(
-                "describing network interfaces",
-                self.ec2.describe_network_interfaces,
-                Filters=[{"Name": "network-interface-id", "Values": eni_ids}],
-            )
-            for eni in found.get("NetworkInterfaces", []):
-                instance_of[eni["NetworkInterfaceId"]] = eni.get("Attachment", {}).get("InstanceId", "")
+        instance_of = {eni: info["InstanceId"] for eni, info in self._interfaces(eni_ids).items()}
         dead = {e for e in eni_ids if e not in instance_of}
         instance_ids = sorted(
             {r["InstanceId"] for r in routes if r.get("InstanceId")} | set(instance_of.values()) - {""}
@@ -267,14 +377,10 @@ class AwsVpcBackend(Backend):
         return dead
 
     def _delete(self, table: str, route: dict[str, Any], why: str) -> None:
-        from botocore.exceptions import ClientError
-
         cidr = route["DestinationCidrBlock"]
-        try:
-            self.ec2.delete_route(RouteTableId=table, DestinationCidrBlock=cidr)
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") != "InvalidRoute.NotFound":  # already gone: fine
-                raise BackendError(f"aws-vpc: deleting route {cidr} from {table} failed: {e}") from None
+        self._call(f"deleting route {cidr} from {table}", self.ec2.delete_route,
+                   ok_codes=ROUTE_GONE,  # already gone: fine
+                   RouteTableId=table, DestinationCidrBlock=cidr)  # fmt: skip
         logger.info("aws-vpc: removed route {} -> {} from {}: {}", cidr, describe_target(route), table, why)
         self.removed = [*self.removed, f"{cidr} -> {describe_target(route)} ({why})"][-20:]
 
@@ -292,7 +398,11 @@ class AwsVpcBackend(Backend):
         }
         if not candidates:
             return
-        dead = self._dead_targets(list(candidates.values()))
+        try:
+            dead = self._dead_targets(list(candidates.values()))
+        except PermissionDenied as e:
+            self._fallback(e, "only routes AWS shows as blackhole are cleaned up")
+            dead = set()
         for (table, _cidr), route in candidates.items():
             if route.get("State") == "blackhole":
                 why = "blackhole (its target is gone)"
@@ -336,14 +446,25 @@ class AwsVpcBackend(Backend):
                 logger.info("aws-vpc: route added to {}: {} -> {}", table, cidr, inst.eni_id)
             else:
                 # our lease is ours in etcd: a route for our subnet elsewhere is stale (flannel replaces it too)
-                self._call(
-                    f"replacing route {cidr} in {table}", self.ec2.replace_route,
-                    RouteTableId=table, DestinationCidrBlock=cidr, NetworkInterfaceId=inst.eni_id,
-                )  # fmt: skip
+                self._replace_route(table, cidr, inst.eni_id)
                 logger.warning(
                     "aws-vpc: route {} in {} pointed at {} ({}); now -> {}",
                     cidr, table, describe_target(mine), mine.get("State"), inst.eni_id,
                 )  # fmt: skip
+
+    def _replace_route(self, table: str, cidr: str, eni_id: str) -> None:
+        what = f"replacing route {cidr} in {table}"
+        if "ec2:ReplaceRoute" not in self.denied:
+            try:
+                self._call(what, self.ec2.replace_route, RouteTableId=table, DestinationCidrBlock=cidr,
+                           NetworkInterfaceId=eni_id)  # fmt: skip
+                return
+            except PermissionDenied as e:
+                self._fallback(e, "a route is replaced by ec2:DeleteRoute and ec2:CreateRoute, as flannel does")
+        self._call(f"deleting route {cidr} from {table}", self.ec2.delete_route, ok_codes=ROUTE_GONE,
+                   RouteTableId=table, DestinationCidrBlock=cidr)  # fmt: skip
+        self._call(f"adding route {cidr} to {table}", self.ec2.create_route, RouteTableId=table,
+                   DestinationCidrBlock=cidr, NetworkInterfaceId=eni_id)  # fmt: skip
 
     def sync(self, peers: list[Lease]) -> None:
         self.peers = {p.subnet: p for p in peers}
@@ -374,7 +495,12 @@ class AwsVpcBackend(Backend):
             and (r.get("NetworkInterfaceId") or r.get("InstanceId"))
         ]
         for table, route in routes:
-            if route.get("State") == "blackhole" or self._targets_ip(route, str(lease.public_ip)):
+            try:
+                gone_or_theirs = route.get("State") == "blackhole" or self._targets_ip(route, str(lease.public_ip))
+            except PermissionDenied as e:
+                self._fallback(e, "a gone lease's route is left in place (its target cannot be checked)")
+                continue
+            if gone_or_theirs:
                 self._delete(table, route, f"the lease of {lease.public_ip} is gone")
             else:
                 logger.info(
@@ -385,16 +511,8 @@ class AwsVpcBackend(Backend):
     def _targets_ip(self, route: dict[str, Any], address: str) -> bool:
         """Whether the route's target (an ENI, or an instance) holds this private address, or is gone."""
         if route.get("NetworkInterfaceId"):
-            found = self._call(
-                "describing a network interface",
-                self.ec2.describe_network_interfaces,
-                Filters=[{"Name": "network-interface-id", "Values": [route["NetworkInterfaceId"]]}],
-            )
-            enis = found.get("NetworkInterfaces", [])
-            if not enis:
-                return True
-            ips = {a.get("PrivateIpAddress") for eni in enis for a in eni.get("PrivateIpAddresses", [])}
-            return address in ips
+            eni = self._interfaces([route["NetworkInterfaceId"]]).get(route["NetworkInterfaceId"])
+            return eni is None or address in eni["Addresses"]
         found = self._call(
             "describing an instance",
             self.ec2.describe_instances,
@@ -440,6 +558,7 @@ class AwsVpcBackend(Backend):
             "own_route": f"{self.local.subnet} -> {inst.eni_id}" if self.local and inst else None,
             "peers": len(self.peers),
             "routes_removed": self.removed,
+            "denied_actions": sorted(self.denied),
             "problem": self.problem,
         }
 
