@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 from loguru import logger
 
 from flannel_ebpf.backends.awsvpc import AwsVpcBackend
-from flannel_ebpf.backends.base import BackendError, BackendOptions, LocalNetwork
+from flannel_ebpf.backends.base import BackendError, BackendNotReady, BackendOptions, LocalNetwork
 from tests.cloud_standins import MotoServer
 from tests.test_awsvpc import NETWORK, REGION, Vpc, agent, ext_of, lease, make_vpc, routes
 
@@ -223,7 +223,7 @@ def test_a_needed_permission_that_is_denied_is_named_in_one_line(
                 message = str(raised.value)
             elif step == "sync":
                 backend = agent(host, "10.5.6.0/24")
-                with pytest.raises(BackendError) as raised:
+                with pytest.raises(BackendNotReady) as raised:  # the agent: not-ready, retried every resync
                     backend.sync([])
                 message = str(raised.value)
                 assert backend.status()["problem"] == message

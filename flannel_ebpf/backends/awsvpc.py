@@ -55,8 +55,9 @@ DENIED_CODES = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDenied
 ROUTE_GONE = frozenset({"InvalidRoute.NotFound"})
 
 
-class PermissionDenied(BackendError):
-    """The IAM policy does not allow one EC2 action (`action`, e.g. `ec2:CreateRoute`)."""
+class PermissionDenied(BackendNotReady):
+    """The IAM policy does not allow one EC2 action (`action`, e.g. `ec2:CreateRoute`). At start the agent
+    exits with it; in a resync the network is not-ready with it (until the policy allows the action)."""
 
     def __init__(self, action: str, what: str) -> None:
         self.action = action
