@@ -15,6 +15,9 @@ the same flags here (no `-iptables-forward-rules`), touches no iptables chain wi
 on SIGTERM, and logs `Subnet added:` for each peer (its vxlan backend only for peers seen after its start:
 those found at start become fdb entries without a line; it adds no per-peer route but answers the
 kernel's L3 misses).
+v0.5.5 in client/server mode: `Lab.start_flanneld_server` runs its `-listen` server (no host networking:
+a client may run beside it; `wait_serving`), a client is `start_flanneld(..., ["-remote=ADDR:PORT"])`, and
+with `-networks=a,b -subnet-dir=D` it writes `D/<name>.env` per network (`wait_networks_ready`).
 All of it lives in the host's namespace (deleted with it) or the lab directory; `leftovers()` lists it,
 `remove_iptables_rules()` removes the chains (e.g. before flannel-ebpf takes the host over).
 """
