@@ -66,6 +66,8 @@ class Agent:
     def __init__(self, options: AgentOptions, registry_factory: NamedRegistryFactory | None = None) -> None:
         self.options = options
         self._stopping = asyncio.Event()
+        #: /metrics: flannel_ebpf_event_loop_lateness_seconds (the probe's every reading)
+        self.loop_lateness = metrics.DurationHistogram(buckets=metrics.LATENESS_BUCKETS)
         claims = HostClaims()
         if options.networks:
             claims.seed_from_state([(name, options.for_network(name).state_dir) for name in options.networks])
@@ -163,7 +165,8 @@ class Agent:
         while True:
             began = time.monotonic()
             await asyncio.sleep(LOOP_PROBE_SECONDS)
-            late = time.monotonic() - began - LOOP_PROBE_SECONDS
+            late = max(0.0, time.monotonic() - began - LOOP_PROBE_SECONDS)
+            self.loop_lateness.observe(late)
             if late * 1000 > stall_max_ms:
                 stall_max_ms = round(late * 1000, 1)
             if late > LOOP_STALL_SECONDS:

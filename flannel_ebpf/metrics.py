@@ -66,6 +66,9 @@ class DurationHistogram:
         return out
 
 
+#: how late the event loop's probe timer fires (seconds): the agent's loop stalls, small and large
+LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
 #: the backends flanneld and flannel-ebpf name: the `backend` label of `peers` (any other is `other`)
 PEER_BACKENDS = frozenset({"udp", "vxlan", "host-gw", "alloc", "aws-vpc", "gce", "ipip", "ipsec", "wireguard",
                            "extension", "tencent-vpc", "ali-vpc"})  # fmt: skip
@@ -160,6 +163,10 @@ class AgentCollector:
             f.gauge("event_loop_stall_max_seconds", "The longest the agent's event loop was ever blocked", {},
                     st.loop_stall_max_ms / 1000)  # fmt: skip
             f.counter("event_loop_stalls", "Times the event loop was blocked for over 100 ms", {}, st.loop_stalls)
+        lateness = getattr(agent, "loop_lateness", None)
+        if isinstance(lateness, DurationHistogram):
+            f.histogram("event_loop_lateness_seconds", "How late the event loop's probe timer fired (every 50 ms)",
+                        {}, lateness)  # fmt: skip
         errors = 0
         for network in networks:
             try:

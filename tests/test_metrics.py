@@ -231,3 +231,15 @@ def test_peer_backend_labels_are_bounded_whatever_lease_writers_name():
         'flannel_ebpf_peers{backend="other",network=""}': 3,
         'flannel_ebpf_peers{backend="vxlan",network=""}': 1,
     }
+
+
+def test_the_event_loop_lateness_is_a_histogram():
+    agent = stand_in_agent()
+    agent.loop_lateness = metrics.DurationHistogram(buckets=metrics.LATENESS_BUCKETS)
+    for late in (0.0004, 0.0004, 0.015, 0.3):
+        agent.loop_lateness.observe(late)
+    got = samples(metrics.render(None, agent)[0].decode())
+    assert got['flannel_ebpf_event_loop_lateness_seconds_bucket{le="0.001"}'] == 2
+    assert got['flannel_ebpf_event_loop_lateness_seconds_bucket{le="0.02"}'] == 3
+    assert got['flannel_ebpf_event_loop_lateness_seconds_bucket{le="0.5"}'] == 4
+    assert got["flannel_ebpf_event_loop_lateness_seconds_count"] == 4

@@ -69,6 +69,9 @@ class ScaleResult:
     relist_seconds: float = 0.0  # the agent's periodic relist at N + burst leases
     loop_stall_max_ms: float = 0.0
     loop_stalls: int = 0
+    scrape_ms_median: float = 0.0  # GET /metrics at N + burst peers
+    scrape_ms_max: float = 0.0
+    scrape_loop_lateness_ms: float = 0.0  # the agent's loop lateness while scraped (upper bucket bound)
     notes: list[str] = field(default_factory=list)
 
 
@@ -184,6 +187,46 @@ def scale_lab(backend: str) -> Lab:
     return lab
 
 
+#: the agent's health port in the bench (its namespace's loopback) and the scrapes measured there
+METRICS_PORT = 9102
+SCRAPES = 20
+#: run inside the host's namespace: one warm-up scrape, then SCRAPES timed ones; the lateness histogram of
+#: the agent's event loop before and after them (its buckets' cumulative counts)
+_SCRAPER = r"""
+import json, re, sys, time, urllib.request
+url, n = sys.argv[1], int(sys.argv[2])
+def get():
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read().decode()
+def lateness(text):
+    pat = r'flannel_ebpf_event_loop_lateness_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)'
+    return {le: float(v) for le, v in re.findall(pat, text)}
+before = lateness(get())
+times = []
+for _ in range(n):
+    t = time.monotonic(); text = get(); times.append(time.monotonic() - t)
+print(json.dumps({"times": times, "before": before, "after": lateness(text)}))
+"""
+
+
+def measure_scrapes(lab: Lab, count: int) -> tuple[float, float, float]:
+    """GET /metrics `count` times from the host's namespace: (median ms, max ms, the upper bound in ms of
+    the highest lateness bucket the agent's loop probe reached meanwhile)."""
+    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    out = lab.node(lab.hosts["h1"]).exec([sys.executable, "-c", _SCRAPER, url, str(count)], timeout=300).stdout
+    doc = json.loads(out)
+    times = sorted(doc["times"])
+    before, after = doc["before"], doc["after"]
+    reached = 0.0
+    previous = 0.0
+    for le in sorted(after, key=lambda b: float("inf") if b == "+Inf" else float(b)):
+        grown = after[le] - before.get(le, 0.0)
+        if grown > previous:  # readings fell into this bucket (cumulative counts grew past the lower one)
+            reached = float("inf") if le == "+Inf" else float(le)
+        previous = grown
+    return times[len(times) // 2] * 1000, times[-1] * 1000, reached * 1000
+
+
 def _memory(pid: int) -> tuple[float, float]:
     fields: dict[str, float] = {}
     with open(f"/proc/{pid}/status") as f:
@@ -211,7 +254,11 @@ def bench_backend(backend: str, leases: int, burst: int, say: Callable[[str], No
         r.seed_seconds = seed(lab, backend, 0, leases)
         say(f"{backend}: {leases} leases written in {r.seed_seconds:.1f} s")
         r.listing_seconds = time_listing(lab)
-        agent = lab.start_agent("h1", ["--subnet-relist-interval", str(RELIST_INTERVAL)])
+        agent = lab.start_agent(
+            "h1",
+            ["--subnet-relist-interval", str(RELIST_INTERVAL), "--healthz-ip", "127.0.0.1", "--healthz-port",
+             str(METRICS_PORT)],
+        )  # fmt: skip
         began_mono, began_wall = time.monotonic(), agent.started_at
         r.start_to_kernel = wait_programmed(lab, "h1", backend, leases, timeout=120) - began_mono
         ready = _wait_log(lab, _READY, 60)
@@ -252,6 +299,11 @@ def bench_backend(backend: str, leases: int, burst: int, say: Callable[[str], No
             r.rss_mib, r.hwm_mib = _memory(st.pid)
         say(f"{backend}: relist {r.relist_seconds:.2f} s, loop stall max {r.loop_stall_max_ms:.0f} ms, "
             f"RSS {r.rss_mib:.0f} MiB")  # fmt: skip
+        r.scrape_ms_median, r.scrape_ms_max, r.scrape_loop_lateness_ms = measure_scrapes(lab, SCRAPES)
+        say(
+            f"{backend}: /metrics at {leases + burst} peers: median {r.scrape_ms_median:.1f} ms, max "
+            f"{r.scrape_ms_max:.1f} ms; the loop meanwhile late by at most {r.scrape_loop_lateness_ms:.0f} ms"
+        )
     except Exception as e:
         r.ok, r.error = False, f"{type(e).__name__}: {e}"
         say(f"{backend}: FAILED: {r.error}")
@@ -283,6 +335,14 @@ def render(results: Sequence[ScaleResult], meta: dict[str, Any]) -> str:
         ("longest event-loop stall, ms (goal < 100)", lambda r: f(r.loop_stall_max_ms, 0)),
         ("event-loop stalls > 100 ms", lambda r: str(r.loop_stalls)),
         ("agent memory RSS / peak, MiB", lambda r: f"{r.rss_mib:.0f} / {r.hwm_mib:.0f}"),
+        (
+            f"GET /metrics at N + burst peers, median / max of {SCRAPES}, ms (goal < 50)",
+            lambda r: f"{r.scrape_ms_median:.1f} / {r.scrape_ms_max:.1f}",
+        ),
+        (
+            "event loop late by at most, ms, while scraped (goal <= 20; bucket bound)",
+            lambda r: f(r.scrape_loop_lateness_ms, 0),
+        ),
     ]
     names = [r.backend for r in results]
     out = [f"# Scale bench {meta['date']}", "", f"{meta['machine']}", ""]
