@@ -319,7 +319,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     down = sub.add_parser("down", parents=[common], help="remove everything `up` made on this host")
     down.add_argument("--release-lease", action="store_true", help="also delete this host's lease in etcd")
     status = sub.add_parser("status", parents=[common], help="lease, peers, data path and counters")
-    status.add_argument("--json", action="store_true", help="machine-readable output (its `summary`: see README)")
+    status.add_argument("--json", action="store_true", help="machine-readable output (`summary`: docs/OPERATIONS.md)")
     status.add_argument("--watch", action="store_true", help="refresh the summary and its rates every 2 s")
     status.add_argument("--long", action="store_true", help="everything: every peer, program, map and counter")
     status.add_argument("--watch-count", type=int, default=None, help=argparse.SUPPRESS)  # tests: redraws, then exit

@@ -4,7 +4,7 @@ Everything is read at scrape time from what the agent already keeps in process (
 managers, data planes and the backend status of the last heartbeat); only the eBPF counters are read live
 from their pinned map (48 lookups). Nothing here walks the peer list per scrape except the peers-by-backend
 count, which is cached until the peers change. Labels are bounded: a network's name, a reason, a route
-pattern; never a subnet or an address. The metric names are listed in README.md (Metrics).
+pattern; never a subnet or an address. The metric names are listed in docs/OPERATIONS.md (Metrics and status).
 """
 
 from __future__ import annotations

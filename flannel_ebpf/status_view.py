@@ -1,8 +1,8 @@
 """`flannel-ebpf status` for a person: a short aligned summary (ready or why not, lease and TTL, backend and
 data path, peers, the top drop reasons with rates), and its machine form (`summary` in `status --json`).
 
-The summary's keys (stable; README.md, "status"): ready, health, running, phase, reason, subnet, network,
-lease_ttl_seconds, backend, datapath, peers, peers_refused, loop_stall_max_ms, rates_window_seconds,
+The summary's keys (stable; docs/OPERATIONS.md, "Metrics and status"): ready, health, running, phase, reason,
+subnet, network, lease_ttl_seconds, backend, datapath, peers, peers_refused, loop_stall_max_ms, rates_window_seconds,
 throughput, drops, counters_error. `throughput` and `drops` come from the eBPF counters (empty for the kernel backends):
 {"<reason>": {"packets": total, "per_second": rate over the window (null without a window)}}.
 """

@@ -5,7 +5,7 @@ namespace lab with a real etcd and Docker-style `docker0` bridges.
   the hand-off on docker0's tc egress gives it whole to the container's port. Bytes per packet at the
   container's eth0 show whether GSO skbs arrived whole (tens of KB) or were cut by the bridge (~1.4 KB).
 - bridge: the kernel's own path, for contrast: on kernels that need the hand-off it segments.
-- peer: straight into the container; FORWARD is bypassed, as the README says.
+- peer: straight into the container; FORWARD is bypassed, as docs/DATAPATH.md says.
   Its pinned maps removed under the agent, the endpoint sync says so once and retries after a pause.
 `down` removes the hook, the clsact qdisc it needed and the pins.
 """

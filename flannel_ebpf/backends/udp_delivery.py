@@ -7,7 +7,7 @@
            64 KB skbs whole on the way into the container. Elsewhere nothing is attached.
     bridge the kernel's path alone: the bridge forwards (segments in software before 6.19).
     peer   opt-in: tc decap redirects straight into the container (bpf_redirect_peer). Host routing,
-           netfilter and the bridge are skipped: see the README for what that gives up.
+           netfilter and the bridge are skipped: see docs/DATAPATH.md for what that gives up.
 
 The container bridge is found, not configured: it is the bridge holding this host's gateway address
 (FLANNEL_SUBNET's first address, as `dockerd --bip=$FLANNEL_SUBNET` or the CNI bridge plugin set it),
