@@ -44,6 +44,7 @@ from flannel_ebpf.backends.base import (
 )
 from flannel_ebpf.backends.routes import ROUTE_PROTOCOL
 from flannel_ebpf.backends.udp_delivery import DELIVERY_MODES, EndpointSync, detach_handoff_everywhere
+from flannel_ebpf.backends.udp_device_guard import DeviceGuard
 from flannel_ebpf.config import udp_port_problem
 from flannel_ebpf.datapath import bpfsys, layout
 from flannel_ebpf.datapath.maps import DatapathMapError, DatapathMaps, remove_pins
@@ -106,6 +107,9 @@ class UdpEbpfBackend(Backend):
         self._skipped = SkippedLeases("udp (eBPF)")
         self._endpoint_sync: EndpointSync | None = None
         self._loader_name: str | None = None  # "elf" | "bcc" once started (--loader auto resolved)
+        self._encap_pending: int | None = None  # flannel0's ifindex while the encap waits for the first sync
+        self._decap_pending: int | None = None  # the underlay's, while the tc decap waits likewise
+        self._guard: DeviceGuard | None = None  # makes flannel0 again if it goes (a flanneld taken over)
 
     # --- Backend --------------------------------------------------------------------------------
     def overhead(self) -> int:
@@ -152,6 +156,20 @@ class UdpEbpfBackend(Backend):
             self.pin_dir,
         )
         self._start_delivery(local)
+        self._guard = DeviceGuard(DEVICE, lambda: self._restore_device(local)).start()
+
+    def _restore_device(self, local: LocalNetwork) -> int:
+        """flannel0 again (ours: persistent), with the pinned encap program on its egress."""
+        index = self._configure_device(local)
+        self._attach_from_pin(layout.PROG_ENCAP, index, "egress")
+        return index
+
+    def _attach_from_pin(self, program: str, index: int, direction: str) -> None:
+        fd = bpfsys.obj_get(layout.prog_pin_path(self.pin_dir, program))
+        try:
+            hooks.tc_attach(index, direction, fd, program)
+        finally:
+            os.close(fd)
 
     def _load_and_attach(self, local: LocalNetwork, tun_index: int) -> tuple[Attachment, Attachment, int]:
         """Load this run's programs (adopting the pinned maps), fill the config, attach encap and decap
@@ -191,13 +209,27 @@ class UdpEbpfBackend(Backend):
             self._peers = self._maps.read_peers()
             self._leases_of = Counter(self._peers.values())
             adopted = len(self._peers)
-            encap = loader.attach_tc(layout.PROG_ENCAP, tun_index, "egress")
+            if any(f.name == layout.PROG_ENCAP for f in hooks.tc_filters(tun_index, "egress")):
+                encap = loader.attach_tc(layout.PROG_ENCAP, tun_index, "egress")  # a restart: swap in place
+            else:
+                # A device that carries no encap yet (flanneld's flannel0 taken over, or a new one): attach
+                # once the first sync has filled fl_peers, else each packet before it gets net-unreachable.
+                encap = Attachment(layout.PROG_ENCAP, tun_index, "tc-egress", loader.prog_id(layout.PROG_ENCAP))
+                self._encap_pending = tun_index
             if decap_program == layout.PROG_DECAP_XDP:
                 decap = loader.attach_xdp(decap_program, local.ext.index, self.options.xdp_mode)
                 if decap.xdp_mode == "native" and _gro_for_veth_xdp(local.ext.name):
                     self._remember_setting(f"gro:{local.ext.name}", 0)
                 # Switching from tc decap: remove it only now, once XDP takes the packets.
                 hooks.tc_detach(local.ext.index, "ingress", layout.PROG_DECAP_TC)
+            elif self._encap_pending is not None and not any(
+                f.name == decap_program for f in hooks.tc_filters(local.ext.index, "ingress")
+            ):
+                # Likewise: before fl_members is filled, decap would drop every peer's packet (a flanneld
+                # beside us still takes them on its socket meanwhile).
+                decap = Attachment(decap_program, local.ext.index, "tc-ingress", loader.prog_id(decap_program))
+                self._decap_pending = local.ext.index
+                Loader.detach_xdp(local.ext.index, layout.PROG_DECAP_XDP)
             else:
                 decap = loader.attach_tc(decap_program, local.ext.index, "ingress")
                 Loader.detach_xdp(local.ext.index, layout.PROG_DECAP_XDP)
@@ -303,6 +335,9 @@ class UdpEbpfBackend(Backend):
 
     def stop(self) -> None:
         # Leave programs attached and maps pinned: the data path keeps forwarding without us.
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
         if self._endpoint_sync is not None:
             self._endpoint_sync.stop()
             self._endpoint_sync = None
@@ -504,6 +539,13 @@ class UdpEbpfBackend(Backend):
                 maps.set_member(public_ip, count)
         for public_ip in current.keys() - desired.keys():
             maps.delete_member(public_ip)
+        if self._decap_pending is not None:
+            self._attach_from_pin(layout.PROG_DECAP_TC, self._decap_pending, "ingress")
+            self._decap_pending = None
+        if self._encap_pending is not None:
+            self._attach_from_pin(layout.PROG_ENCAP, self._encap_pending, "egress")
+            logger.info("udp (eBPF): encap and decap attached once fl_peers and fl_members were filled")
+            self._encap_pending = None
 
     def _configure_device(self, local: LocalNetwork) -> int:
         """flannel0 as flanneld makes it: TUN, lease network address /32, route <Network>, MTU - 28."""

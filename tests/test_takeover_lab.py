@@ -1,0 +1,218 @@
+"""Issue 28, part 1: a live flanneld host taken over by flannel-ebpf and handed back, under load.
+
+Three hosts run flannel's own flanneld v0.20.2 (`../shared/flanneld/`), one container each. While every
+container floods every other (count-bounded, `PING_COUNT` probes `PING_INTERVAL` apart per pair, all six
+pairs at once), h1 is taken over as a systemd unit swap does it: flanneld gets SIGTERM, then
+`flannel-ebpf` starts with flanneld's very flags (`Lab.takeover`). Then, under a fresh flood, it is handed
+back: the agent gets SIGTERM, `flannel-ebpf down --keep-datapath` (the lease stays), flanneld starts
+again with its flags (`Lab.hand_back`). h2 and h3 run flanneld throughout, so the taken-over host talks
+to flanneld hosts the whole time (on udp: its eBPF path to their TUN path).
+
+Asserted per backend: h1 keeps its subnet and its lease (the lease's value is the same: vxlan's VtepMAC
+too, so no peer reprograms anything), every pair answers after each step, and
+- vxlan: the agent adopts flanneld's flannel.1 (same MAC, same ifindex) and flanneld adopts it back; not
+  one ping lost in either step;
+- host-gw: the agent replaces flanneld's routes in place by proto 102 ones (no route of a peer is ever
+  deleted: `ip monitor` in h1 for the whole window), flanneld adopts them back; not one ping lost;
+- udp: flanneld's TUN flannel0 goes with its process, so packets are lost from flanneld's exit until the
+  eBPF encap is attached: the gap (flanneld's exit, as the lab saw it, to the agent's log line saying the
+  programs are attached) is measured and printed, and each pair loses no more pings than fit in that
+  gap (plus a small slack for the probes already in flight). Handing back, flannel0 and the eBPF path go
+  with `down`, so the loss runs until flanneld has made its TUN and learned its peers: printed and
+  bounded by the time from `down` to flanneld's subnet file.
+
+The measured numbers (per pair, per step) are printed in one table per backend.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from datetime import datetime
+
+import pytest
+
+from flannel_ebpf.lab.netns import stop_process
+from flannel_ebpf.lab.traffic import PairFloods
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.lab
+
+VERSION = "v0.20.2"
+NETWORK = "10.5.0.0/16"
+TAKEN = "h1"
+PING_INTERVAL = 0.01  # 100 probes a second per pair, six pairs
+PING_COUNT = 1500  # >= 15 s per step: the takeover or hand-back and its settling fit inside
+LEAD = 1.5  # seconds of flood before the step starts
+#: probes in flight when the path breaks (sent, not yet answered) may be lost on top of the gap
+IN_FLIGHT_SLACK = 3
+HAND_BACK_SLACK = 0.3  # seconds: `down`'s last deletion to flanneld's exec, and its peers after its file
+UDP_GAP_GOAL = 0.1  # seconds without an encap on udp (the issue's aim)
+_GUARD_RE = re.compile(r"flannel0 was deleted: made again .* in ([\d.]+) ms")
+_LOG_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ")
+
+
+def logged_at(lab, host: str, needle: str) -> float | None:
+    for line in lab.agent_log(host, last_run=True).splitlines():
+        m = _LOG_TIME_RE.match(line)
+        if m and needle in line:
+            return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    return None
+
+
+def start_flanneld_cluster(lab, backend: str) -> dict[str, str]:
+    """flanneld on every host, one after the other (each ready before the next starts, so that its watch
+    sees each new lease in a response of its own: DESIGN.md §1), a container each, and every pair
+    answering. Returns {host: subnet}."""
+    for h in lab.host_names:
+        lab.start_flanneld(h, VERSION)
+        lab.wait_ready(h, 60)
+    for h in lab.host_names:
+        lab.add_container(h)
+    wait_full_mesh(lab, "flanneld everywhere")
+    return {h: str(lab.subnet_env(h).subnet.network) for h in lab.host_names}
+
+
+def wait_full_mesh(lab, phase: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        matrix = lab.ping_matrix(count=2, interval=0.1, timeout=1.0)
+        if matrix.all_ok:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{phase}: not every pair answers\n{matrix.format()}")
+        time.sleep(1)
+
+
+def pairs(lab) -> list[tuple[str, object, str]]:
+    return [
+        (f"{a.name}->{b.name}", a.ns, str(b.ip)) for a in lab.containers for b in lab.containers if a.name != b.name
+    ]
+
+
+class RouteMonitor:
+    """`ip monitor route` in a host's namespace for a step: the route deletions it saw, stopped by PID."""
+
+    def __init__(self, lab, host: str) -> None:
+        self.path = lab.host(host).dir / f"route-monitor-{time.monotonic_ns()}.log"
+        with open(self.path, "wb") as out:
+            self.proc: subprocess.Popen[bytes] = lab.node(host).popen(
+                ["ip", "-oneline", "monitor", "route"], stdout=out, stderr=out
+            )
+        time.sleep(0.3)  # subscribed before the step starts
+
+    def deletions(self, subnets: set[str]) -> list[str]:
+        stop_process(self.proc, 5)
+        lines = self.path.read_text(errors="replace").splitlines()
+        return [line for line in lines if line.startswith("Deleted") and any(s in line for s in subnets)]
+
+
+def run_step(lab, what: str, step) -> tuple[dict[str, int], float, object]:
+    """The floods, `LEAD` seconds, then `step()` (returns when the host is ready again); returns the pings
+    lost per pair, how long the step took and what `step()` returned."""
+    floods = PairFloods(pairs(lab), PING_COUNT, PING_INTERVAL).start()
+    time.sleep(LEAD)
+    began = time.time()
+    outcome = step()
+    ready = time.time()
+    results = floods.wait()
+    late = [label for label, ended in floods.ended.items() if ended < ready]
+    assert not late, f"{what}: floods ended before the step was over: {late}: {[str(r) for r in results.values()]}"
+    return PairFloods.lost(results), ready - began, outcome
+
+
+def flannel1(lab, host: str) -> dict:
+    return json.loads(lab.exec(host, ["ip", "-j", "link", "show", "flannel.1"]).stdout)[0]
+
+
+def routes_to(lab, host: str, subnets: set[str]) -> dict[str, dict]:
+    routes = json.loads(lab.exec(host, ["ip", "-j", "-4", "route", "show"]).stdout)
+    return {r["dst"]: r for r in routes if r.get("dst") in subnets}
+
+
+@pytest.mark.parametrize("backend", ["vxlan", "host-gw", "udp"])
+def test_takeover_and_hand_back_under_load(lab_factory, backend):
+    lab = lab_factory(3, network_config={"Network": NETWORK, "Backend": {"Type": backend}})
+    subnets = start_flanneld_cluster(lab, backend)
+    peers = {s for h, s in subnets.items() if h != TAKEN}
+    leases = lab.leases()
+    if backend == "vxlan":
+        device = flannel1(lab, TAKEN)
+    table = [f"{backend}: pings lost per pair ({PING_COUNT} probes {PING_INTERVAL * 1000:.0f} ms apart)"]
+
+    # ---- takeover
+    monitor = RouteMonitor(lab, TAKEN)
+
+    def takeover():
+        done = lab.takeover(TAKEN, overlap=backend == "udp")
+        lab.wait_ready(TAKEN, 60)
+        if backend == "udp":  # flanneld's flannel0 replaced by the agent's, and the bridge hand-off on
+            wait_for(lambda: _GUARD_RE.search(lab.agent_log(TAKEN, last_run=True)), 30, "flannel0 made again")
+            settled = ("hand-off attached", "no bridge hand-off needed")
+            wait_for(lambda: any(s in lab.agent_log(TAKEN, last_run=True) for s in settled), 30, "h1's hand-off")
+        return done
+
+    lost, took, done = run_step(lab, "takeover", takeover)
+    deleted = monitor.deletions(peers)
+    table.append(f"  takeover ({took:.1f}s, flanneld exited {done.flanneld_exit}): {lost}")
+    assert lab.subnet_env(TAKEN).subnet.network.compressed == subnets[TAKEN], "the takeover renumbered h1"
+    assert lab.leases() == leases, "the takeover changed a lease"
+    log = lab.agent_log(TAKEN, last_run=True)
+    gap = None
+    if backend == "udp":
+        # The gap: flanneld's exit deletes its flannel0; the agent's guard makes flannel0 again with the
+        # encap on it. Seen by the lab (the guard's log line against flanneld's reaped exit, which the
+        # kernel's deletion precedes) and by the guard itself (event to encap attached).
+        restored = logged_at(lab, TAKEN, "flannel0 was deleted: made again")
+        guard_ms = float(_GUARD_RE.search(log).group(1))
+        assert restored is not None, log
+        gap = restored - done.flanneld_stopped_at
+        table.append(
+            f"  udp: flanneld reaped -> flannel0 back with encap (agent log) {gap * 1000:+.0f} ms; "
+            f"guard: deletion seen -> encap attached {guard_ms:.1f} ms; agent ready "
+            f"{done.flanneld_stopped_at - lab.agent(TAKEN).started_at:.1f}s before flanneld's SIGTERM"
+        )
+        assert lab.agent_status(TAKEN)["backend_status"]["datapath"] == "ebpf"
+        allowed = int(UDP_GAP_GOAL / PING_INTERVAL) + IN_FLIGHT_SLACK
+        assert max(lost.values()) <= allowed, f"udp takeover lost {lost}: more than {UDP_GAP_GOAL * 1000:.0f} ms"
+    else:
+        assert not deleted, f"{backend}: peer routes deleted during the takeover: {deleted}"
+        assert all(v == 0 for v in lost.values()), f"{backend} takeover lost pings: {lost}"
+        routes = routes_to(lab, TAKEN, peers)
+        assert set(routes) == peers and all(r.get("protocol") == "102" for r in routes.values()), routes
+    if backend == "vxlan":
+        assert "vxlan: adopting existing flannel.1" in log, log
+        now = flannel1(lab, TAKEN)
+        assert (now["ifindex"], now["address"]) == (device["ifindex"], device["address"]), (device, now)
+    wait_full_mesh(lab, "after the takeover")
+
+    # ---- hand-back
+    monitor = RouteMonitor(lab, TAKEN)
+
+    def hand_back():
+        down, fd = lab.hand_back(TAKEN)
+        assert down.ok, down.stderr
+        fd.wait_ready(60)
+        return time.time() - fd.started_at  # from flanneld's start (just after `down`) to its subnet file
+
+    lost, took, flanneld_up = run_step(lab, "hand-back", hand_back)
+    deleted = monitor.deletions(peers)
+    table.append(f"  hand-back ({took:.1f}s; flanneld start to its subnet file {flanneld_up * 1000:.0f} ms): {lost}")
+    print("\n" + "\n".join(table))
+    assert lab.runs_flanneld(TAKEN) and not lab.agent_running(TAKEN)
+    assert lab.subnet_env(TAKEN).subnet.network.compressed == subnets[TAKEN], "the hand-back renumbered h1"
+    assert lab.leases() == leases, "the hand-back changed a lease"
+    if backend == "udp":
+        # `down` removes the eBPF path and flannel0 just before flanneld starts: the loss runs until
+        # flanneld has its TUN and its peers (a few ms after its subnet file), never for the whole step.
+        allowed = int((flanneld_up + HAND_BACK_SLACK) / PING_INTERVAL) + IN_FLIGHT_SLACK
+        assert max(lost.values()) <= allowed, f"udp hand-back lost {lost}; flanneld took {flanneld_up:.2f}s"
+    else:
+        assert not deleted, f"{backend}: peer routes deleted during the hand-back: {deleted}"
+        assert all(v == 0 for v in lost.values()), f"{backend} hand-back lost pings: {lost}"
+    if backend == "vxlan":
+        now = flannel1(lab, TAKEN)
+        assert (now["ifindex"], now["address"]) == (device["ifindex"], device["address"]), (device, now)
+    wait_full_mesh(lab, "after the hand-back")
