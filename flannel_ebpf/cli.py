@@ -322,7 +322,8 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         "--keep-datapath",
         action="store_true",
         help="hand the host back to flanneld: leave vxlan's device, host-gw/vxlan routes, neighbours, FDB "
-        "entries, the iptables chains and the subnet file for flanneld to adopt (udp's eBPF path still goes)",
+        "entries, the iptables chains and the subnet file for flanneld to adopt; udp's eBPF path goes, its "
+        "route moved onto a flanneld TUN started beforehand",
     )
     status = sub.add_parser("status", parents=[common], help="lease, peers, data path and counters")
     status.add_argument("--json", action="store_true", help="machine-readable output (its `summary`: see README)")
@@ -764,13 +765,14 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 #: backends whose kernel state flanneld adopts as it is, so `down --keep-datapath` leaves it: vxlan's
 #: flannel.<VNI> (flanneld keeps a compatible device, its VtepMAC and so its lease value unchanged) and the
-#: per-peer routes, neighbour and FDB entries both write alike. udp's eBPF path and its flannel0 go: flanneld
-#: makes its own TUN by the name pattern `flannel%d`, so a flannel0 left behind would take the next name.
+#: per-peer routes, neighbour and FDB entries both write alike. udp's eBPF path and its flannel0 go; a flanneld
+#: started before `down` (its TUN is then flannel1, by its name pattern flannel%d) gets the Network's route.
 HANDED_BACK = ("vxlan", "host-gw")
 
 
 def _down(args: argparse.Namespace) -> int:
     from flannel_ebpf.backends import make_backend
+    from flannel_ebpf.backends.udp_ebpf import UdpEbpfBackend
 
     st = state_file.load(args.state_dir)
     opts = agent_options(args)
@@ -796,7 +798,11 @@ def _down(args: argparse.Namespace) -> int:
             logger.info("kept the {} data path for flanneld to adopt (--keep-datapath)", backend_type)
             continue
         try:
-            make_backend(backend_type, st.backend_config if st else {}, backend_options).teardown(local)
+            backend = make_backend(backend_type, st.backend_config if st else {}, backend_options)
+            if keep and isinstance(backend, UdpEbpfBackend):
+                backend.teardown(local, hand_over=True)  # the route onto a running flanneld's TUN first
+            else:
+                backend.teardown(local)
             logger.info("removed the {} data path", backend_type)
         except Exception as e:
             failures += 1

@@ -451,19 +451,29 @@ class Lab:
         return Takeover(h.name, code, stopped_at)
 
     def hand_back(
-        self, host: Host | str, down_args: Sequence[str] = ("--keep-datapath",), version: str = DEFAULT_VERSION
+        self,
+        host: Host | str,
+        down_args: Sequence[str] = ("--keep-datapath",),
+        version: str = DEFAULT_VERSION,
+        overlap: bool = False,
+        timeout: float = 60.0,
     ) -> tuple[ExecResult, Flanneld]:
         """The way back: the agent gets SIGTERM (its data path stays and carries the traffic meanwhile),
         `flannel-ebpf down <down_args>` (the lease is kept unless --release-lease), then flanneld starts
-        again with its last flags."""
+        again with its last flags. `overlap` (the udp way, docs/MIGRATING.md): flanneld starts before
+        `down`, which runs once flanneld is ready and moves the route onto flanneld's TUN."""
         h = self.host(host)
         fd = self.flanneld_of(h)
         if fd is None:
             raise RuntimeError(f"{h.name} never ran flanneld: nothing to hand back to")
         agent = self.agent(h)
         agent.stop()
-        down = agent.down(list(down_args))
         extra = [a for a in fd.argv[1:] if a not in fd.flags()]
+        if overlap:
+            fd = self.start_flanneld(h, version, extra)
+            fd.wait_ready(timeout)
+            return agent.down(list(down_args)), fd
+        down = agent.down(list(down_args))
         return down, self.start_flanneld(h, version, extra)
 
     def flanneld_of(self, host: Host | str) -> Flanneld | None:
