@@ -318,6 +318,13 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     sub.add_parser("up", parents=[common], help="run the agent (the default)")
     down = sub.add_parser("down", parents=[common], help="remove everything `up` made on this host")
     down.add_argument("--release-lease", action="store_true", help="also delete this host's lease in etcd")
+    down.add_argument(
+        "--keep-datapath",
+        action="store_true",
+        help="hand the host back to flanneld: leave vxlan's device, host-gw/vxlan routes, neighbours, FDB "
+        "entries, the iptables chains and the subnet file for flanneld to adopt; udp's eBPF path goes, its "
+        "route moved onto a flanneld TUN started beforehand",
+    )
     status = sub.add_parser("status", parents=[common], help="lease, peers, data path and counters")
     status.add_argument("--json", action="store_true", help="machine-readable output (`summary`: docs/OPERATIONS.md)")
     status.add_argument("--watch", action="store_true", help="refresh the summary and its rates every 2 s")
@@ -758,8 +765,16 @@ def cmd_down(args: argparse.Namespace) -> int:
             lock.release()
 
 
+#: backends whose kernel state flanneld adopts as it is, so `down --keep-datapath` leaves it: vxlan's
+#: flannel.<VNI> (flanneld keeps a compatible device, its VtepMAC and so its lease value unchanged) and the
+#: per-peer routes, neighbour and FDB entries both write alike. udp's eBPF path and its flannel0 go; a flanneld
+#: started before `down` (its TUN is then flannel1, by its name pattern flannel%d) gets the Network's route.
+HANDED_BACK = ("vxlan", "host-gw")
+
+
 def _down(args: argparse.Namespace) -> int:
     from flannel_ebpf.backends import make_backend
+    from flannel_ebpf.backends.udp_ebpf import UdpEbpfBackend
 
     st = state_file.load(args.state_dir)
     opts = agent_options(args)
@@ -779,16 +794,26 @@ def _down(args: argparse.Namespace) -> int:
         local = st.local_network()
         backend_options = st.options()
     failures = 0
+    keep = getattr(args, "keep_datapath", False)
     for backend_type in backend_types:
+        if keep and backend_type in HANDED_BACK:
+            logger.info("kept the {} data path for flanneld to adopt (--keep-datapath)", backend_type)
+            continue
         try:
-            make_backend(backend_type, st.backend_config if st else {}, backend_options).teardown(local)
+            backend = make_backend(backend_type, st.backend_config if st else {}, backend_options)
+            if keep and isinstance(backend, UdpEbpfBackend):
+                backend.teardown(local, hand_over=True)  # the route onto a running flanneld's TUN first
+            else:
+                backend.teardown(local)
             logger.info("removed the {} data path", backend_type)
         except Exception as e:
             failures += 1
             logger.error("removing the {} data path failed: {}", backend_type, e)
     from flannel_ebpf import ipmasq
 
-    if ipmasq.iptables_available():
+    if keep:
+        logger.info("kept the iptables chains: flanneld adds the same ones")
+    elif ipmasq.iptables_available():
         try:
             ipmasq.teardown_chains(ipmasq.all_flannel_chains(network_name))
         except Exception as e:
@@ -801,7 +826,8 @@ def _down(args: argparse.Namespace) -> int:
         logger.error("down did not finish; kept {} for another try", state_file.path(args.state_dir))
         return 1
     subnet_path = st.subnet_file if st else args.subnet_file
-    for path in (subnet_path, state_file.path(args.state_dir)):
+    # Handed back: the subnet file stays for the container runtime until flanneld rewrites it (same lease).
+    for path in ([] if keep else [subnet_path]) + [state_file.path(args.state_dir)]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return 0

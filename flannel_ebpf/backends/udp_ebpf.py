@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -44,6 +45,7 @@ from flannel_ebpf.backends.base import (
 )
 from flannel_ebpf.backends.routes import ROUTE_PROTOCOL
 from flannel_ebpf.backends.udp_delivery import DELIVERY_MODES, EndpointSync, detach_handoff_everywhere
+from flannel_ebpf.backends.udp_device_guard import DeviceGuard
 from flannel_ebpf.config import udp_port_problem
 from flannel_ebpf.datapath import bpfsys, layout
 from flannel_ebpf.datapath.maps import DatapathMapError, DatapathMaps, remove_pins
@@ -55,6 +57,8 @@ from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 from flannel_ebpf.subnet_file import atomic_write
 
 DEVICE = "flannel0"
+_FLANNELD_TUN_RE = re.compile(r"^flannel\d+$")
+_IFF_LOWER_UP = 1 << 16
 SETTINGS_FILE = "udp-ebpf-changed-settings.json"  # in --state-dir: what teardown puts back
 DEFAULT_PORT = 8285
 OVERHEAD = 28  # outer IPv4 (20) + UDP (8): flannel's udp encapsulation
@@ -106,6 +110,9 @@ class UdpEbpfBackend(Backend):
         self._skipped = SkippedLeases("udp (eBPF)")
         self._endpoint_sync: EndpointSync | None = None
         self._loader_name: str | None = None  # "elf" | "bcc" once started (--loader auto resolved)
+        self._encap_pending: int | None = None  # flannel0's ifindex while the encap waits for the first sync
+        self._decap_pending: int | None = None  # the underlay's, while the tc decap waits likewise
+        self._guard: DeviceGuard | None = None  # makes flannel0 again if it goes (a flanneld taken over)
 
     # --- Backend --------------------------------------------------------------------------------
     def overhead(self) -> int:
@@ -122,7 +129,7 @@ class UdpEbpfBackend(Backend):
         foreign = Loader.foreign_xdp(local.ext.index, layout.PROG_DECAP_XDP) if self._decap == "xdp" else None
         if foreign and not hooks.POLICY.replace_foreign_xdp:  # refused before anything is created
             raise BackendError(f"udp (eBPF): {foreign_xdp_refusal(local.ext.index, foreign)}")
-        tun_index = self._configure_device(local)
+        tun_index = self._configure_device(local, route_now=False)
         old_rp_filter = _loosen_rp_filter(local.ext.name)
         if old_rp_filter is not None:
             self._remember_setting(f"rp_filter:{local.ext.name}", old_rp_filter)
@@ -140,6 +147,8 @@ class UdpEbpfBackend(Backend):
             {"program": a.program, "ifindex": a.ifindex, "hook": a.hook, "prog_id": a.prog_id, "xdp_mode": a.xdp_mode}
             for a in (encap, decap)
         ]
+        if self._encap_pending is None:  # a restart: the encap is on flannel0 already, the route may be too
+            self._route_network(tun_index, local.network)
         mode = f" ({decap.xdp_mode})" if decap.xdp_mode else ""
         logger.info(
             "udp (eBPF): encap on {} egress, decap {}{} on {}, port {}, {} pinned peers adopted from {}",
@@ -152,6 +161,20 @@ class UdpEbpfBackend(Backend):
             self.pin_dir,
         )
         self._start_delivery(local)
+        self._guard = DeviceGuard(DEVICE, lambda: self._restore_device(local)).start()
+
+    def _restore_device(self, local: LocalNetwork) -> int:
+        """flannel0 again (ours: persistent), with the pinned encap program on its egress."""
+        index = self._configure_device(local)
+        self._attach_from_pin(layout.PROG_ENCAP, index, "egress")
+        return index
+
+    def _attach_from_pin(self, program: str, index: int, direction: str) -> None:
+        fd = bpfsys.obj_get(layout.prog_pin_path(self.pin_dir, program))
+        try:
+            hooks.tc_attach(index, direction, fd, program)
+        finally:
+            os.close(fd)
 
     def _load_and_attach(self, local: LocalNetwork, tun_index: int) -> tuple[Attachment, Attachment, int]:
         """Load this run's programs (adopting the pinned maps), fill the config, attach encap and decap
@@ -191,13 +214,27 @@ class UdpEbpfBackend(Backend):
             self._peers = self._maps.read_peers()
             self._leases_of = Counter(self._peers.values())
             adopted = len(self._peers)
-            encap = loader.attach_tc(layout.PROG_ENCAP, tun_index, "egress")
+            if any(f.name == layout.PROG_ENCAP for f in hooks.tc_filters(tun_index, "egress")):
+                encap = loader.attach_tc(layout.PROG_ENCAP, tun_index, "egress")  # a restart: swap in place
+            else:
+                # A device that carries no encap yet (flanneld's flannel0 taken over, or a new one): attach
+                # once the first sync has filled fl_peers, else each packet before it gets net-unreachable.
+                encap = Attachment(layout.PROG_ENCAP, tun_index, "tc-egress", loader.prog_id(layout.PROG_ENCAP))
+                self._encap_pending = tun_index
             if decap_program == layout.PROG_DECAP_XDP:
                 decap = loader.attach_xdp(decap_program, local.ext.index, self.options.xdp_mode)
                 if decap.xdp_mode == "native" and _gro_for_veth_xdp(local.ext.name):
                     self._remember_setting(f"gro:{local.ext.name}", 0)
                 # Switching from tc decap: remove it only now, once XDP takes the packets.
                 hooks.tc_detach(local.ext.index, "ingress", layout.PROG_DECAP_TC)
+            elif self._encap_pending is not None and not any(
+                f.name == decap_program for f in hooks.tc_filters(local.ext.index, "ingress")
+            ):
+                # Likewise: before fl_members is filled, decap would drop every peer's packet (a flanneld
+                # beside us still takes them on its socket meanwhile).
+                decap = Attachment(decap_program, local.ext.index, "tc-ingress", loader.prog_id(decap_program))
+                self._decap_pending = local.ext.index
+                Loader.detach_xdp(local.ext.index, layout.PROG_DECAP_XDP)
             else:
                 decap = loader.attach_tc(decap_program, local.ext.index, "ingress")
                 Loader.detach_xdp(local.ext.index, layout.PROG_DECAP_XDP)
@@ -303,6 +340,9 @@ class UdpEbpfBackend(Backend):
 
     def stop(self) -> None:
         # Leave programs attached and maps pinned: the data path keeps forwarding without us.
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
         if self._endpoint_sync is not None:
             self._endpoint_sync.stop()
             self._endpoint_sync = None
@@ -310,8 +350,14 @@ class UdpEbpfBackend(Backend):
             self._maps.close()
             self._maps = None
 
-    def teardown(self, local: LocalNetwork | None) -> None:
+    def teardown(self, local: LocalNetwork | None, hand_over: bool = False) -> None:
+        """Remove everything. `hand_over` (`down --keep-datapath`): a flanneld already running beside this
+        data path holds a TUN of its own (`flannel1`: it names its device `flannel%d`, and flannel0 was
+        taken) with no route, since ours was there; the Network's route is moved onto it in place first,
+        so the traffic goes over to flanneld without a gap."""
         self.stop()
+        if hand_over and local is not None:
+            self._route_to_other_tun(local.network)
         with IPRoute() as ipr:
             links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         # Our decap programs, wherever they are: the recorded underlay, else every device (after a crash
@@ -348,6 +394,27 @@ class UdpEbpfBackend(Backend):
                 hooks.forget_clsact(record, *entry)
         remove_pins(self.pin_dir)
         self._restore_settings()
+
+    @staticmethod
+    def _route_to_other_tun(network: IPv4Network) -> None:
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                name = link.get_attr("IFLA_IFNAME") or ""
+                info = link.get_attr("IFLA_LINKINFO")
+                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+                # flanneld's: flannel<N>, a TUN that a process reads (carrier up); ours has no reader
+                if name == DEVICE or not _FLANNELD_TUN_RE.match(name) or kind != "tun":
+                    continue
+                if not link["flags"] & _IFF_LOWER_UP:
+                    continue
+                try:
+                    ipr.route("replace", dst=str(network), oif=link["index"])
+                except NetlinkError as e:
+                    logger.warning("udp (eBPF): cannot move the route of {} to {}: {}", network, name, e)
+                    return
+                logger.info("udp (eBPF): route {} moved to {} (flanneld's TUN) before removing ours", network, name)
+                return
+        logger.info("udp (eBPF): no flanneld TUN yet: the route of {} goes with {}", network, DEVICE)
 
     # --- interface settings we changed, and put back on teardown ----------------------------------
     @property
@@ -504,9 +571,20 @@ class UdpEbpfBackend(Backend):
                 maps.set_member(public_ip, count)
         for public_ip in current.keys() - desired.keys():
             maps.delete_member(public_ip)
+        if self._decap_pending is not None:
+            self._attach_from_pin(layout.PROG_DECAP_TC, self._decap_pending, "ingress")
+            self._decap_pending = None
+        if self._encap_pending is not None:
+            self._attach_from_pin(layout.PROG_ENCAP, self._encap_pending, "egress")
+            assert self._local is not None
+            self._route_network(self._encap_pending, self._local.network)
+            logger.info("udp (eBPF): encap and decap attached once fl_peers and fl_members were filled")
+            self._encap_pending = None
 
-    def _configure_device(self, local: LocalNetwork) -> int:
-        """flannel0 as flanneld makes it: TUN, lease network address /32, route <Network>, MTU - 28."""
+    def _configure_device(self, local: LocalNetwork, route_now: bool = True) -> int:
+        """flannel0 as flanneld makes it: TUN, lease network address /32, route <Network>, MTU - 28.
+        `route_now=False`: the route waits for the encap (`_route_network`), so a Network routed to
+        another live device (a flanneld's flannel1) keeps its route until flannel0 can carry packets."""
         mtu = local.ext.mtu - OVERHEAD
         address = str(local.subnet.network_address)
         with IPRoute() as ipr:
@@ -536,11 +614,18 @@ class UdpEbpfBackend(Backend):
                 if dst != str(local.network):
                     with contextlib.suppress(NetlinkError):
                         ipr.route("del", dst=dst, oif=index, proto=ROUTE_PROTOCOL)
-            try:
-                ipr.route("replace", dst=str(local.network), oif=index, proto=ROUTE_PROTOCOL)
-            except NetlinkError as e:
-                raise BackendError(f"udp (eBPF): cannot route {local.network} to {DEVICE}: {e}") from e
+        if route_now:
+            self._route_network(index, local.network)
         return index
+
+    @staticmethod
+    def _route_network(index: int, network: IPv4Network) -> None:
+        """`<Network> dev flannel0`, replacing in place whatever route the Network had (flanneld's)."""
+        with IPRoute() as ipr:
+            try:
+                ipr.route("replace", dst=str(network), oif=index, proto=ROUTE_PROTOCOL)
+            except NetlinkError as e:
+                raise BackendError(f"udp (eBPF): cannot route {network} to {DEVICE}: {e}") from e
 
     @staticmethod
     def _remove_empty_clsact(index: int, name: str, record: Path) -> None:

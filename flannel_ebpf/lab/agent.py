@@ -80,15 +80,24 @@ class Agent:
         return self.proc is not None and self.proc.poll() is None
 
     def start(
-        self, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None, go_style: bool = False
+        self,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        go_style: bool = False,
+        flanneld_flags: Sequence[str] | None = None,
     ) -> None:
         """`go_style`: the command line as flanneld's unit files and the etcd-era tutorials write it: no
-        subcommand, one dash, `-flag=value` (`flannel-ebpf -etcd-endpoints=http://... -iface=eth0`)."""
+        subcommand, one dash, `-flag=value` (`flannel-ebpf -etcd-endpoints=http://... -iface=eth0`).
+        `flanneld_flags`: a flanneld's own command line (a takeover: the unit's ExecStart kept, only the
+        binary swapped), then this agent's --state-dir and --bpf-pin-dir (lab isolation), then `extra_args`."""
         if self.running:
             raise RuntimeError(f"agent on {self.host.name} already runs (pid {self.proc.pid})")  # type: ignore[union-attr]
         self.host.dir.mkdir(parents=True, exist_ok=True)
         flags = [*self.common_flags(), "--iface", self.host.iface]
-        if go_style:
+        if flanneld_flags is not None:
+            lab_dirs = ["--state-dir", str(self.host.state_dir), "--bpf-pin-dir", str(self.pin_dir)]
+            self.argv = [*self._command(), *flanneld_flags, *lab_dirs, *extra_args]
+        elif go_style:
             pairs = zip(flags[::2], flags[1::2], strict=True)
             self.argv = [*self._command(), *(f"-{name.lstrip('-')}={value}" for name, value in pairs), *extra_args]
         else:
@@ -143,7 +152,7 @@ class Agent:
                 return out
             if out.startswith("not-ready"):
                 last = out
-            elif self.host.subnet_file.exists():
+            elif self._subnet_file_written():
                 # `health` is missing or broken in this CLI: the subnet file is the next best sign.
                 return f"subnet-file {self.host.subnet_file}"
             else:
@@ -151,6 +160,13 @@ class Agent:
                 last = msg[-1] if msg else f"health exit {r.returncode}"
             time.sleep(0.3)
         raise TimeoutError(f"agent on {self.host.name} not ready after {timeout}s ({last}):\n{self.log_tail()}")
+
+    def _subnet_file_written(self) -> bool:
+        """The subnet file was written by this run (not left by flanneld before a takeover)."""
+        try:
+            return self.host.subnet_file.stat().st_mtime >= self.started_at - 1
+        except FileNotFoundError:
+            return False
 
     def log_tail(self, lines: int = 40) -> str:
         try:

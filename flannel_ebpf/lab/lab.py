@@ -23,7 +23,9 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,15 @@ _HOST_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 _RESERVED = {"sw", "rt", "etcd"}
 
 Target = Host | Container | Netns | str
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """What `Lab.takeover` did: flanneld's exit code on SIGTERM and when it had exited (time.time())."""
+
+    host: str
+    flanneld_exit: int | None
+    flanneld_stopped_at: float
 
 
 class Lab:
@@ -435,6 +446,55 @@ class Lab:
         fd.start([f"-listen={listen}", *extra_args])
         fd.wait_serving(listen)
         return fd
+
+    def takeover(
+        self, host: Host | str, extra_args: Sequence[str] = (), overlap: bool = False, timeout: float = 60.0
+    ) -> Takeover:
+        """flannel-ebpf takes a flanneld host over, as a systemd unit swap does: flanneld gets SIGTERM
+        (and is waited for), then the agent starts with flanneld's very flags (plus `extra_args`). The
+        subnet file, etcd prefix and --iface are flanneld's, so the agent finds its lease and subnet.
+        `overlap` (the udp way, docs/MIGRATING.md): the agent starts first, beside flanneld, and once it
+        is ready (its eBPF path attached to flanneld's flannel0) flanneld gets SIGTERM."""
+        h = self.host(host)
+        fd = self.flanneld_of(h)
+        if fd is None or not fd.running:
+            raise RuntimeError(f"{h.name} runs no flanneld to take over")
+        flags = fd.argv[1:]
+        agent = self.agent(h)
+        if overlap:
+            agent.start(extra_args, flanneld_flags=flags)
+            agent.wait_ready(timeout)
+        code = fd.stop()
+        stopped_at = time.time()
+        if not overlap:
+            agent.start(extra_args, flanneld_flags=flags)
+        return Takeover(h.name, code, stopped_at)
+
+    def hand_back(
+        self,
+        host: Host | str,
+        down_args: Sequence[str] = ("--keep-datapath",),
+        version: str = DEFAULT_VERSION,
+        overlap: bool = False,
+        timeout: float = 60.0,
+    ) -> tuple[ExecResult, Flanneld]:
+        """The way back: the agent gets SIGTERM (its data path stays and carries the traffic meanwhile),
+        `flannel-ebpf down <down_args>` (the lease is kept unless --release-lease), then flanneld starts
+        again with its last flags. `overlap` (the udp way, docs/MIGRATING.md): flanneld starts before
+        `down`, which runs once flanneld is ready and moves the route onto flanneld's TUN."""
+        h = self.host(host)
+        fd = self.flanneld_of(h)
+        if fd is None:
+            raise RuntimeError(f"{h.name} never ran flanneld: nothing to hand back to")
+        agent = self.agent(h)
+        agent.stop()
+        extra = [a for a in fd.argv[1:] if a not in fd.flags()]
+        if overlap:
+            fd = self.start_flanneld(h, version, extra)
+            fd.wait_ready(timeout)
+            return agent.down(list(down_args)), fd
+        down = agent.down(list(down_args))
+        return down, self.start_flanneld(h, version, extra)
 
     def flanneld_of(self, host: Host | str) -> Flanneld | None:
         """The host's flanneld runner (None: it never ran one)."""

@@ -100,6 +100,16 @@ def count_flood(
     return parse_ping(res.stdout + res.stderr, node.name, str(dst))
 
 
+def probe_flood(node: Node, dst: str, count: int = 1000, interval: float = 0.002, size: int = 56) -> PingResult:
+    """Exactly `count` echo requests `interval` apart, then up to a second for the last answers: lost =
+    sent - received, exactly. Unlike `count_flood` (whose -w deadline makes ping exit on the first ICMP
+    error), an error answer (net unreachable while a route is missing) does not end it, so a step that
+    breaks a path for a while is measured to its end. Bounded by a hard timeout of 3x the nominal time."""
+    argv = ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "1", "-s", str(size), str(dst)]
+    res = node.exec(argv, timeout=count * interval * 3 + 15, check=False)
+    return parse_ping(res.stdout + res.stderr, node.name, str(dst))
+
+
 class FloodCounter:
     """Count-bounded floods back to back in a thread until `stop()`: the pings a fault loses, exactly (each
     flood ends on an answer; the gaps between floods, a few ms each, are not measured)."""
@@ -352,3 +362,46 @@ def kernel_thread_pids(name_prefix: str = "ksoftirqd/") -> list[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return pids
+
+
+class PairFloods:
+    """One flood of `count` probes (`probe_flood`) per (source, destination) pair, all at once, each in a
+    thread: the pings a step (a takeover, a hand-back) loses, per pair, exactly. `wait()` joins them."""
+
+    def __init__(self, pairs: Sequence[tuple[str, Node, str]], count: int, interval: float) -> None:
+        #: (label "src->dst", node to ping from, destination address)
+        self.pairs = list(pairs)
+        self.count, self.interval = count, interval
+        self.results: dict[str, PingResult | BaseException] = {}
+        self.ended: dict[str, float] = {}  # time.time() each flood ended
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> PairFloods:
+        for label, node, dst in self.pairs:
+            thread = threading.Thread(target=self._run, args=(label, node, dst), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        return self
+
+    def _run(self, label: str, node: Node, dst: str) -> None:
+        try:
+            self.results[label] = probe_flood(node, dst, self.count, self.interval)
+        except BaseException as e:  # handed to the caller by wait()
+            self.results[label] = e
+        self.ended[label] = time.time()
+
+    def wait(self) -> dict[str, PingResult]:
+        """Every flood's result (raises the first flood that failed to run)."""
+        for thread in self._threads:
+            thread.join(self.count * self.interval * 3 + 30)
+        out: dict[str, PingResult] = {}
+        for label, _node, _dst in self.pairs:
+            r = self.results.get(label)
+            if not isinstance(r, PingResult):
+                raise RuntimeError(f"flood {label} did not finish: {r!r}")
+            out[label] = r
+        return out
+
+    @staticmethod
+    def lost(results: dict[str, PingResult]) -> dict[str, int]:
+        return {label: r.sent - r.received for label, r in results.items()}
