@@ -2,7 +2,7 @@
 
 The lab test runs both for real in a host namespace, limited to 1024 descriptors (systemd's default soft
 limit), and opens 1,100 slow-loris connections to each (a partial header every 2 s, reconnecting when cut)
-for 25 s. Throughout, a normal request to each is answered within 1 s, the agent keeps doing its work
+for 25 s. Throughout, a normal request to each from another host is answered within 1 s, the agent keeps doing its work
 (a peer lease added during the attack reaches the data path, its state file is rewritten), and neither
 log grows by 100 KB. The framing that times requests is tested on its own.
 """
@@ -104,8 +104,9 @@ def limit_descriptors(pid: int, limit: int = 1024) -> None:
 
 @pytest.mark.lab
 def test_slow_loris_on_the_lease_server_and_healthz_leaves_both_answering(lab_factory):
-    lab = lab_factory(1, network_config=HOSTGW)
-    h1 = lab.host("h1")
+    # h1 serves and attacks itself (one source address, as one attacking host); h2 is an honest client
+    lab = lab_factory(2, network_config=HOSTGW)
+    h1, h2 = lab.host("h1"), lab.host("h2")
     ip = str(h1.underlay_ip)
     server = Server(lab, "h1", ["--listen", f"{ip}:{LEASE_PORT}"])
     server.start()
@@ -122,7 +123,7 @@ def test_slow_loris_on_the_lease_server_and_healthz_leaves_both_answering(lab_fa
         targets = [f"{ip},{LEASE_PORT},{SLOW_CONNECTIONS}", f"{ip},{HEALTHZ_PORT},{SLOW_CONNECTIONS}"]
         attack = h1.popen([sys.executable, "-c", ATTACK, str(ATTACK_SECONDS), str(TRICKLE_SECONDS), *targets],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-        probe = h1.popen([sys.executable, "-c", PROBE, str(ATTACK_SECONDS), *urls],
+        probe = h2.popen([sys.executable, "-c", PROBE, str(ATTACK_SECONDS), *urls],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         try:
             began = time.monotonic()

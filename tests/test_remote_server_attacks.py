@@ -260,10 +260,13 @@ def test_one_address_cannot_take_every_connection_with_long_polls(etcd, prefix, 
                 sock = server.connect("127.0.0.2")
                 sock.sendall(b"GET /v1/_/leases?next=1 HTTP/1.1\r\nHost: x\r\n\r\n")
                 held.append(sock)
-        time.sleep(0.5)
         try:
-            open_polls = sum(answer_or_close(sock, 0.05) == b"STILL OPEN" for sock in held)
-            assert open_polls <= 4, open_polls  # 16 // 8, at least 4
+            # the server refuses the excess as it accepts them (a busy machine: give it time to reach them)
+            still_open = list(held)
+            deadline = time.monotonic() + 10
+            while len(still_open) > 4 and time.monotonic() < deadline:
+                still_open = [sock for sock in still_open if answer_or_close(sock, 0.05) == b"STILL OPEN"]
+            assert len(still_open) <= 4, len(still_open)  # 16 // 8, at least 4
             assert server.status() == "HTTP/1.1 200 OK"
             assert server.status(source="127.0.0.3") == "HTTP/1.1 200 OK"
         finally:
