@@ -266,6 +266,8 @@ class Report:
     pairs: dict[str, dict[str, int]] = field(default_factory=dict)  # "h1->h2": sent, lost
     removed: Removed | None = None
     lease_writes: dict[str, int] = field(default_factory=dict)  # host -> etcd version of its subnet key
+    warmup: float = 0.0  # seconds an agent process runs before its baseline sample
+    started_at: dict[str, float] = field(default_factory=dict)  # agent pid -> when it started (s after t0)
     violations: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -417,13 +419,14 @@ class Soak:
 
     def _do_etcd_stop(self, event: Event) -> str:
         members = self._etcd_members(event.target)
+        began = time.monotonic()
         self._stop_members(members, event.signal)
-        answered = self.lab.etcd.answers()
-        time.sleep(event.hold)
-        back = self._start_members(members)
-        if not answered:
-            raise RuntimeError(f"etcd did not answer with member {event.target} down (quorum should be kept)")
-        return f"etcd answered while it was down; member healthy {back:.1f}s after its start"
+        try:  # a stopped leader costs an election first
+            answered = f"etcd answered {self._wait(self.lab.etcd.answers, 15, 'two members to answer'):.1f}s after"
+        finally:
+            time.sleep(max(0.0, event.hold - (time.monotonic() - began)))
+            back = self._start_members(members)
+        return f"{answered}; member healthy {back:.1f}s after its start"
 
     def _do_quorum_loss(self, event: Event) -> str:
         members = self._etcd_members(event.target)
@@ -433,7 +436,9 @@ class Soak:
         time.sleep(max(0.0, event.hold - 0.5))
         back = self._start_members(members)
         answers = self._wait(self.lab.etcd.answers, 30, "etcd answering again")
-        return f"quorum {'lost' if lost else 'NOT lost'}; members healthy {back:.1f}s, etcd answered {answers:.1f}s later"
+        if not lost:
+            raise RuntimeError(f"etcd still answered with members {event.target} stopped")
+        return f"quorum lost; members healthy {back:.1f}s after their start, etcd answered {answers:.1f}s later"
 
     def _do_host_remove(self, event: Event) -> str:
         h = event.target
@@ -459,7 +464,7 @@ class Soak:
             )
         except RuntimeError:
             self.report.violations.append(
-                f"{h} removed at {removed.removed_at}s: after {LEFTOVER_GRACE:.0f}s still left: {self.leftovers(removed)}"
+                f"{h} removed at {removed.removed_at}s, {LEFTOVER_GRACE:.0f}s later still: {self.leftovers(removed)}"
             )
         return (
             f"agent exit {code}; down exit {down.returncode}; subnet {subnet}, etcd leases "
@@ -665,14 +670,18 @@ class Soak:
                         f"{(s.rss_kib / base.rss_kib - 1):+.1%} of {base.rss_kib} KiB at {base.at:.0f}s"
                     )
                 if s.fds > base.fds + FD_SLACK:
-                    r.violations.append(f"{s.host} agent {pid}: {s.fds} fds at {s.at:.0f}s, {base.fds} at {base.at:.0f}s")
+                    r.violations.append(
+                        f"{s.host} agent {pid}: {s.fds} fds at {s.at:.0f}s, {base.fds} at {base.at:.0f}s"
+                    )
                 if s.threads > base.threads + THREAD_SLACK:
                     r.violations.append(
                         f"{s.host} agent {pid}: {s.threads} threads at {s.at:.0f}s, {base.threads} at {base.at:.0f}s"
                     )
         for c in r.checks:
             if c.get("leftovers"):
-                r.violations.append(f"at {c['at']:.0f}s, left of {r.removed.host if r.removed else '?'}: {c['leftovers']}")
+                r.violations.append(
+                    f"at {c['at']:.0f}s, left of {r.removed.host if r.removed else '?'}: {c['leftovers']}"
+                )
             for h, p in c["procs"].items():
                 if p is None and c["final"]:
                     r.violations.append(f"{h}: no agent running at the end")
@@ -722,7 +731,7 @@ class Soak:
                     self.report.violations.append(f"event {event.describe().strip()} failed: {type(e).__name__}: {e}")
                     self.report.events.append({**asdict(event), "started": round(self.now(), 1), "took": 0,
                                                "notes": f"FAILED: {e}"})  # fmt: skip
-                    logger.exception("soak event failed")
+                    logger.error("soak event {} failed: {}: {}", event.kind, type(e).__name__, e)
             time.sleep(max(0.0, self.duration - self.now()))
         finally:
             self._stop_sampler.set()
@@ -732,6 +741,8 @@ class Soak:
             for flood in self.floods.values():
                 flood.join()
         self.check(final=True)
+        self.report.warmup = self.warmup
+        self.report.started_at = {str(pid): at for pid, at in self.started_at.items()}
         self.final_state()
         self.evaluate()
         return self.report
@@ -776,29 +787,39 @@ def render(report: Report) -> str:
     by_pid: dict[int, list[ProcSample]] = {}
     for p in r.procs:
         by_pid.setdefault(p.pid, []).append(p)
-    out += ["| host | pid | samples | first | last | RSS min–max | fds min–max | threads min–max |",
-            "|---|---:|---:|---|---|---|---|---|"]  # fmt: skip
+    out += ["| host | pid | samples | first | baseline | last | RSS vs baseline | fds max | threads max |",
+            "|---|---:|---:|---|---|---|---:|---:|---:|"]  # fmt: skip
     for pid, ss in sorted(by_pid.items(), key=lambda kv: (kv[1][0].host, kv[1][0].at)):
-        f, last = ss[0], ss[-1]
-        rss = [s.rss_kib for s in ss]
-        fds = [s.fds for s in ss]
-        th = [s.threads for s in ss]
+        first, last = ss[0], ss[-1]
+        base = next((s for s in ss if s.at - r.started_at.get(str(pid), 0.0) >= r.warmup), None)
+        later = [s for s in ss if base is not None and s.at > base.at]
+        dev = max((abs(s.rss_kib / base.rss_kib - 1) for s in later), default=None) if base else None
+
+        def cell(s: ProcSample | None) -> str:
+            return f"{s.at:.0f} s: {_mib(s.rss_kib)} / {s.fds} / {s.threads}" if s else "(ran too short)"
+
         out.append(
-            f"| {f.host} | {pid} | {len(ss)} | {f.at:.0f} s: {_mib(f.rss_kib)} / {f.fds} / {f.threads} | "
-            f"{last.at:.0f} s: {_mib(last.rss_kib)} / {last.fds} / {last.threads} | "
-            f"{_mib(min(rss))}–{_mib(max(rss))} | {min(fds)}–{max(fds)} | {min(th)}–{max(th)} |"
+            f"| {first.host} | {pid} | {len(ss)} | {cell(first)} | {cell(base)} | {cell(last)} | "
+            f"{'-' if dev is None else f'{dev:.1%}'} | {max(s.fds for s in ss)} | {max(s.threads for s in ss)} |"
         )
     if r.removed is not None:
         rm = r.removed
         out += ["", "## Removed host", "",
                 f"{rm.host} (subnet {rm.subnet}, {rm.public_ip}{', VTEP ' + rm.vtep_mac if rm.vtep_mac else ''}) "
                 f"removed at {rm.removed_at:.0f} s; nothing of it left after "
-                f"{'%.1f s' % rm.clean_after if rm.clean_after is not None else 'never'}."]  # fmt: skip
+                f"{'never' if rm.clean_after is None else f'{rm.clean_after:.1f} s'}."]  # fmt: skip
     if r.lease_writes:
         out += ["", "Writes of each live host's subnet key (etcd version; renewals every 30 s): "
                 + ", ".join(f"{h} {v}" for h, v in sorted(r.lease_writes.items())) + "."]  # fmt: skip
-    out += ["", "## Pairs", "", "| pair | pings | lost |", "|---|---:|---:|"]
-    out += [f"| {k} | {v['sent']} | {v['lost']} |" for k, v in sorted(r.pairs.items())]
+    hosts = sorted({k.split("->")[0] for k in r.pairs} | {k.split("->")[1] for k in r.pairs})
+    out += ["", "## Pings per pair (lost in parentheses)", "", "| from \\ to | " + " | ".join(hosts) + " |",
+            "|---|" + "---:|" * len(hosts)]  # fmt: skip
+    for src in hosts:
+        cells = []
+        for dst in hosts:
+            p = r.pairs.get(f"{src}->{dst}")
+            cells.append("" if p is None else f"{p['sent']}" + (f" ({p['lost']})" if p["lost"] else ""))
+        out.append(f"| {src} | " + " | ".join(cells) + " |")
     out += ["", "## Violations", ""]
     out += [f"- {v}" for v in r.violations] or ["none"]
     return "\n".join(out) + "\n"
