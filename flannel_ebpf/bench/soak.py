@@ -251,6 +251,7 @@ class Removed:
     lease_ids: list[int]
     removed_at: float  # seconds after the floods started
     clean_after: float | None = None  # seconds from the removal until nothing was left
+    left_at_first: list[str] = field(default_factory=list)  # what the first look after `down` still found
 
 
 @dataclass
@@ -458,10 +459,12 @@ class Soak:
         down = self.lab.agent_down(h, ["--release-lease"])
         removed = Removed(h, subnet, public_ip, vtep_mac, lease_ids, round(self.now(), 1))
         self.report.removed = removed
+        downed = time.monotonic()
+        removed.left_at_first = self.leftovers(removed)
         try:
-            removed.clean_after = round(
-                self._wait(lambda: not self.leftovers(removed), LEFTOVER_GRACE, f"nothing left of {h}"), 1
-            )
+            if removed.left_at_first:
+                self._wait(lambda: not self.leftovers(removed), LEFTOVER_GRACE, f"nothing left of {h}")
+            removed.clean_after = round(time.monotonic() - downed, 1)
         except RuntimeError:
             self.report.violations.append(
                 f"{h} removed at {removed.removed_at}s, {LEFTOVER_GRACE:.0f}s later still: {self.leftovers(removed)}"
@@ -808,6 +811,9 @@ def render(report: Report) -> str:
                 f"{rm.host} (subnet {rm.subnet}, {rm.public_ip}{', VTEP ' + rm.vtep_mac if rm.vtep_mac else ''}) "
                 f"removed at {rm.removed_at:.0f} s; nothing of it left after "
                 f"{'never' if rm.clean_after is None else f'{rm.clean_after:.1f} s'}."]  # fmt: skip
+        if rm.left_at_first:
+            out += ["", "Still there at the first look after `down`:", ""]
+            out += [f"- {x}" for x in rm.left_at_first]
     if r.lease_writes:
         out += ["", "Writes of each live host's subnet key (etcd version; renewals every 30 s): "
                 + ", ".join(f"{h} {v}" for h, v in sorted(r.lease_writes.items())) + "."]  # fmt: skip
