@@ -626,7 +626,10 @@ class Soak:
 
     def _sampler(self) -> None:
         n = 1
-        while not self._stop_sampler.wait(max(0.0, n * self.check_every - self.now())):
+        # the check due when the run ends is the final one (after the floods have stopped)
+        while n * self.check_every < self.duration - 1 and not self._stop_sampler.wait(
+            max(0.0, n * self.check_every - self.now())
+        ):
             try:
                 self.check()
             except Exception as e:  # a failed measurement is reported, it never ends the run
