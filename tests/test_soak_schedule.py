@@ -1,11 +1,21 @@
-"""The soak's fault schedule (flannel_ebpf.bench.soak.make_schedule): replayable from its seed, and every
-run, short or long, has each kind of fault the issue asks for, in an order that can be carried out."""
+"""The soak's logic without a lab (flannel_ebpf.bench.soak): its fault schedule is replayable from its seed
+and every run, short or long, has each kind of fault the issue asks for, in an order that can be carried
+out; its verdict flags a lost ping, and RSS, fd or thread growth past the tolerances after each agent
+process's own warm-up."""
 
 from __future__ import annotations
 
 import pytest
 
-from flannel_ebpf.bench.soak import INITIAL_HOSTS, NEW_HOST, STABLE_HOSTS, make_schedule, warmup_seconds
+from flannel_ebpf.bench.soak import (
+    INITIAL_HOSTS,
+    NEW_HOST,
+    STABLE_HOSTS,
+    ProcSample,
+    Segment,
+    make_schedule,
+    warmup_seconds,
+)
 
 REQUIRED = {"agent-kill", "etcd-stop", "quorum-loss", "host-remove", "host-add"}
 
@@ -50,3 +60,53 @@ def test_every_schedule_can_be_carried_out(seed, minutes):
 def test_an_hour_has_many_faults_and_a_short_run_a_third_of_warm_up():
     assert len(make_schedule(28, 3600)) > 60
     assert warmup_seconds(3600) == 300 and warmup_seconds(180) == 60
+
+
+def judged(segments=(), procs=(), started_at=None, duration=180.0):
+    """A Soak's verdict on made-up measurements (no lab: evaluate() only reads what was recorded)."""
+    from flannel_ebpf.bench.soak import Removed, Soak
+
+    soak = Soak(lambda *a, **k: None, "udp", duration / 60, 28)
+    soak.live = ["h1", "h2"]
+    soak.segments = list(segments) or [Segment("h1", "h2", 0, 10, 250, 250), Segment("h2", "h1", 0, 10, 250, 250)]
+    soak.report.procs = list(procs)
+    soak.started_at = started_at or {}
+    soak.report.removed = Removed("h3", "10.5.3.0/24", "192.168.50.13", "", [1], 12.0, 0.3)
+    soak.evaluate()
+    return soak.report.violations
+
+
+def sample(at, rss=70_000, fds=26, threads=12, pid=100):
+    return ProcSample(at, "h1", pid, rss, fds, threads)
+
+
+def test_clean_measurements_pass():
+    procs = [sample(30), sample(60), sample(90, rss=71_000, fds=30, threads=13), sample(180, rss=76_000)]
+    assert judged(procs=procs, started_at={100: 0.0}) == []
+
+
+def test_one_lost_ping_is_a_violation_naming_the_pair_and_the_events():
+    lossy = [Segment("h1", "h2", 20.0, 30.5, 251, 250), Segment("h2", "h1", 0, 10, 250, 250)]
+    (violation,) = judged(segments=lossy)
+    assert "1 of 251 pings lost h1->h2" in violation
+
+
+@pytest.mark.parametrize(
+    ("later", "what"),
+    [
+        (sample(120, rss=77_100), "RSS"),  # +10.1% of the 60 s baseline
+        (sample(120, rss=62_900), "RSS"),  # -10.1%
+        (sample(120, fds=26 + 9), "fds"),
+        (sample(120, threads=12 + 5), "threads"),
+    ],
+)
+def test_growth_past_the_tolerance_after_the_baseline_is_a_violation(later, what):
+    # the baseline is the first sample once the process has run the warm-up (a third of 3 minutes)
+    (violation,) = judged(procs=[sample(30, rss=40_000), sample(60), later], started_at={100: 0.0})
+    assert "h1 agent 100: " in violation and what.lower() in violation.lower()
+
+
+def test_a_process_started_late_is_judged_from_its_own_warm_up():
+    # restarted at 100 s: its baseline is its sample at 160 s or later, not the one at 120 s
+    procs = [sample(120, rss=50_000, pid=7), sample(180, rss=70_000, pid=7)]
+    assert judged(procs=procs, started_at={7: 100.0}) == []
