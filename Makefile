@@ -6,7 +6,7 @@ CLANG  ?= clang
 BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(BPF_SRC:.c=.o)
 
-.PHONY: setup demo test test-unit lint bench bench-quick bench-scale bpf wheel charm clean lab-cleanup \
+.PHONY: setup demo test test-unit lint bench bench-quick bench-scale soak bpf wheel charm clean lab-cleanup \
 	vagrant-box vagrant-up vagrant-check vagrant-bench vagrant-switch vagrant-destroy
 
 setup: $(STAMP)
@@ -39,6 +39,14 @@ bench-quick: setup bpf
 # a 1,000-lease burst, a periodic relist, event-loop stalls, memory (bench/results/scale-*.md).
 bench-scale: setup bpf
 	$(PY) -m flannel_ebpf.bench.scale
+
+# An hour of churn on one backend (flannel_ebpf/bench/soak.py): six hosts, a three-member etcd, all pairs
+# flooding, a seeded fault schedule (SEED= replays one); writes bench/results/soak-<backend>-*.{md,json}.
+MINUTES ?= 60
+BACKEND ?= udp
+SEED    ?=
+soak: setup bpf
+	$(PY) -m flannel_ebpf.bench.soak --backend $(BACKEND) --minutes $(MINUTES) $(if $(SEED),--seed $(SEED))
 
 # Precompiled objects for the ELF loader (and for `tc ... bpf obj`): no LLVM or headers needed at run time.
 # bpf/sources.sha256 records the sources they were built from: the agent's `--loader auto` takes the
