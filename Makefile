@@ -20,7 +20,7 @@ demo: setup
 
 # On a machine `make setup` prepared nothing may be skipped: a skip (no root, no etcd, a missing tool) fails.
 test: setup bpf
-	FLANNEL_EBPF_NO_SKIPS=1 $(PY) -m pytest -v -rs tests charm/tests
+	FLANNEL_EBPF_NO_SKIPS=1 $(PY) -m pytest -v -rs --durations=25 tests charm/tests
 
 test-unit: setup
 	$(PY) -m pytest -q tests/test_config.py tests/test_allocation.py tests/test_cli.py

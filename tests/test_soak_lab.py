@@ -8,7 +8,7 @@ Asserted: no ping lost on any pair, each agent's RSS within 10% of its value aft
 (fds and threads flat), nothing left of the removed host, and every fault of the schedule carried out.
 The report (markdown + JSON) goes to FLANNEL_EBPF_SOAK_OUT (default: the test's tmp dir) and is printed.
 
-On udp eBPF and on vxlan, about 3.6 minutes each (FLANNEL_EBPF_SOAK_BACKENDS=udp runs one).
+On udp eBPF, about 3.6 minutes (CI's time is bounded); FLANNEL_EBPF_SOAK_BACKENDS=udp,vxlan adds vxlan.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.lab
 SEED = 28
 MINUTES = 3.0
 CHECK_EVERY = 30.0
-BACKENDS = [b for b in os.environ.get("FLANNEL_EBPF_SOAK_BACKENDS", "udp,vxlan").split(",") if b]
+BACKENDS = [b for b in os.environ.get("FLANNEL_EBPF_SOAK_BACKENDS", "udp").split(",") if b]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
