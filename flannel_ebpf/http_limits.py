@@ -426,6 +426,14 @@ class GuardedListener:
         self._conns.add(conn)
         self._by_source.setdefault(source, set()).add(conn)
         conn.task = asyncio.ensure_future(self._establish(sock, conn))
+        conn.task.add_done_callback(lambda task: self._never_established(task, sock, conn))
+
+    def _never_established(self, task: asyncio.Future[Any], sock: socket.socket, conn: _Connection) -> None:
+        """A connection cut before its task ever ran (a burst of accepts, each replacing an older one in the
+        same loop iteration): the coroutine never started, so nothing else closes its socket."""
+        if task.cancelled() and conn.transport is None:
+            self._forget(conn)
+            sock.close()
 
     async def _establish(self, sock: socket.socket, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()
