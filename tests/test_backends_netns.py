@@ -379,9 +379,11 @@ def test_vxlan_peer_removal_mac_change_and_garbage(lab: Lab) -> None:
     ns1 = lab.ns("h1")
     mac2 = values[1]["BackendData"]["VtepMAC"]
 
-    # peer removal takes route, neighbour and FDB entry
+    # peer removal takes route, nexthop object, neighbour and FDB entry (no resync needed)
+    assert {nh.get("gateway") for nh in ipj(ns1, "nexthop", "show", "proto", "102")} == {"10.5.2.0", "10.5.3.0"}
     h1.call("remove_peer", lease=lease(2, values[1]))
     assert set(our_routes(ns1)) == {"10.5.3.0/24"}
+    assert {nh.get("gateway") for nh in ipj(ns1, "nexthop", "show", "proto", "102")} == {"10.5.3.0"}
     assert "10.5.2.0" not in perm_neigh(ns1, "flannel.1")
     assert mac2 not in {e["mac"] for e in fdb(ns1, "flannel.1")}
     assert not ping(lab.ns("c1"), "10.5.2.2", count=1)

@@ -220,6 +220,14 @@ class RouteTable:
                 self.our_ids.add(nexthop_id(spec.gateway))
         return failed
 
+    def drop_nexthop(self, gateway: IPv4Address) -> None:
+        """Delete our nexthop object of `gateway` now that its route is gone. Only for a gateway no other
+        route can use (a vxlan peer's VTEP address is its own): the kernel deletes every route still over
+        a nexthop it deletes, so shared gateways wait for collect()."""
+        nh = nexthop_id(gateway)
+        if nh in self.our_ids and self.bulk.execute([netlink_bulk.nexthop_delete(nh)])[0] in (0, errno.ENOENT):
+            self.our_ids.discard(nh)
+
     def collect(self, desired: Iterable[RouteSpec], also_keep: Iterable[RouteSpec] = ()) -> int:
         """Delete our nexthop objects that no desired route uses any more (after the routes). How many.
         `also_keep`: routes of other networks (multi-network mode), whose nexthops are not ours to drop

@@ -513,6 +513,7 @@ class VxlanBackend(RoutedBackend):
     def _unprogram(self, old: VxlanPeer) -> None:
         delete_route(self.ipr, old.subnet)
         if old.vtep_mac is not None:
+            self.routes.drop_nexthop(old.route.gateway)
             self._del_neigh(old.subnet.network_address)
             if not self._mac_in_use(old.vtep_mac, old.subnet):
                 self._del_fdb(old.vtep_mac)
