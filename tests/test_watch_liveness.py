@@ -6,6 +6,7 @@ so a recovery after an outage takes about one back-off, not tens of seconds."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -58,6 +59,22 @@ def test_backoff_is_capped_and_jittered():
         assert b.delay == 0.01
 
     run(body())
+
+
+def test_backoff_reports_what_it_saw_not_the_time_until_the_next_try(logs):
+    """A loop that retries only at its next interval must not report that wait as outage."""
+
+    async def body():
+        b = Backoff("test", first=0.01, limit=0.01)
+        await b.failed(OSError("down"))
+        await b.failed(OSError("down"))
+        await asyncio.sleep(0.3)  # etcd back meanwhile; the loop's next try comes later
+        b.succeeded()
+
+    run(body())
+    line = next(ln for ln in logs if "answers again" in ln)
+    seen, ago = (float(x) for x in re.findall(r"over ([0-9.]+)s, the last ([0-9.]+)s ago", line)[0])
+    assert "2 failed attempts" in line and seen < 0.2 and ago >= 0.25
 
 
 def test_silent_watch_stream_is_noticed_and_resumed(etcd, prefix, logs):

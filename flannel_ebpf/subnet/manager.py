@@ -133,12 +133,16 @@ class Backoff:
         self.what, self.first, self.limit = what, min(first, limit), limit
         self.delay = first
         self.failing_since: float | None = None
+        self.last_failure = 0.0
+        self.failures = 0
         self.reason = ""  # what the current failure is, in one line (empty while things work)
 
     async def failed(self, error: BaseException) -> None:
         reason = describe_etcd_error(error)
+        self.last_failure = time.monotonic()
+        self.failures += 1
         if self.failing_since is None:
-            self.failing_since = time.monotonic()
+            self.failing_since = self.last_failure
         if reason != self.reason:
             logger.warning("{}: {}; retrying", self.what, reason)
             self.reason = reason
@@ -147,8 +151,17 @@ class Backoff:
 
     def succeeded(self) -> None:
         if self.failing_since is not None:
-            logger.info("{}: etcd answers again after {:.1f}s", self.what, time.monotonic() - self.failing_since)
+            # What was seen, not the outage: it ended somewhere after the last failure, and a loop that
+            # retries only at its next interval would make "since the first failure" overstate it.
+            logger.info(
+                "{}: etcd answers again ({} failed attempts over {:.1f}s, the last {:.1f}s ago)",
+                self.what,
+                self.failures,
+                self.last_failure - self.failing_since,
+                time.monotonic() - self.last_failure,
+            )
         self.failing_since = None
+        self.failures = 0
         self.reason = ""
         self.delay = self.first
 
