@@ -32,7 +32,7 @@ from flannel_ebpf.network import (
     agent_identity,
     warn_route_overlaps,
 )
-from flannel_ebpf.subnet.registry import LeaseSource
+from flannel_ebpf.subnet.store import LeaseSource
 
 __all__ = [
     "HEARTBEAT_SECONDS",

@@ -29,7 +29,7 @@ from flannel_ebpf.flags import FALSE_WORDS, FLAGS, TRUE_WORDS, UNSUPPORTED, Flag
 from flannel_ebpf.logs import configure_logging, printable
 from flannel_ebpf.runtimes import commands as runtime_commands
 from flannel_ebpf.subnet.manager import LeaseOptions
-from flannel_ebpf.subnet.registry import EtcdTLS
+from flannel_ebpf.subnet.store import EtcdTLS
 
 COMMANDS = ("up", "down", "status", "health", *runtime_commands.COMMANDS)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flannel_ebpf.subnet.registry import DEFAULT_PREFIX
+from flannel_ebpf.subnet.store import DEFAULT_PREFIX
 
 
 @dataclass(frozen=True)

@@ -43,14 +43,13 @@ from flannel_ebpf.subnet.lease import Lease, unusable_address_reason
 from flannel_ebpf.subnet.manager import Backoff, LeaseManager, LeaseOptions, PeerSink
 from flannel_ebpf.subnet.registry import (
     ETCD_UNAVAILABLE,
-    EtcdTLS,
-    LeaseSource,
     SubnetRegistry,
     describe_etcd_error,
     describe_tls_error,
     grpc_code,
     tls_error_kind,
 )
+from flannel_ebpf.subnet.store import EtcdTLS, LeaseSource
 
 CONFIG_POLL_SECONDS = 1.0
 #: while the v3 config is missing, how often etcd's v2 store is asked whether the config is there instead

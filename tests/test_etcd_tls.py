@@ -17,7 +17,8 @@ from flannel_ebpf.agent import Agent, AgentOptions, FatalError
 from flannel_ebpf.lab.etcd import free_port
 from flannel_ebpf.subnet.lease import LeaseAttrs
 from flannel_ebpf.subnet.manager import LeaseOptions
-from flannel_ebpf.subnet.registry import EtcdTLS, SubnetRegistry
+from flannel_ebpf.subnet.registry import SubnetRegistry
+from flannel_ebpf.subnet.store import EtcdTLS
 
 pytestmark = pytest.mark.skipif(not shutil.which("openssl") or not shutil.which("etcd"), reason="needs openssl, etcd")
 

@@ -30,15 +30,8 @@ from flannel_ebpf.config import NetworkConfig
 from flannel_ebpf.logs import clip
 from flannel_ebpf.subnet.allocation import pick_subnet
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent
-from flannel_ebpf.subnet.registry import (
-    ETCD_RETRYABLE,
-    EtcdPermissionError,
-    LeaseSource,
-    Listing,
-    WatchCanceled,
-    WatchCompacted,
-    describe_etcd_error,
-)
+from flannel_ebpf.subnet.registry import ETCD_RETRYABLE, WatchCanceled, describe_etcd_error
+from flannel_ebpf.subnet.store import EtcdPermissionError, LeaseSource, Listing, WatchCompacted
 
 #: At most this many invalid keys are logged one by one per listing; the rest are counted in one line.
 GARBAGE_LOG_LIMIT = 20
