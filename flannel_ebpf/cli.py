@@ -195,7 +195,7 @@ def _list_flag(args: argparse.Namespace, name: str) -> list[str]:
 
 
 def agent_options(args: argparse.Namespace) -> Any:
-    from flannel_ebpf.agent import AgentOptions
+    from flannel_ebpf.options import AgentOptions
 
     if not 1 <= args.subnet_lease_renew_margin <= 1439:
         raise SystemExit("flannel-ebpf: --subnet-lease-renew-margin must be between 1 and 1439 minutes")
@@ -316,7 +316,7 @@ def recorded_networks(args: argparse.Namespace, beside_classic: bool = False) ->
         return names
     if not beside_classic and os.path.exists(state_file.path(args.state_dir)):
         return []
-    from flannel_ebpf.network import NETWORKS_STATE_SUBDIR
+    from flannel_ebpf.options import NETWORKS_STATE_SUBDIR
 
     base = os.path.join(args.state_dir, NETWORKS_STATE_SUBDIR)
     try:
@@ -328,7 +328,7 @@ def recorded_networks(args: argparse.Namespace, beside_classic: bool = False) ->
 
 def network_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
     """The arguments as one network of a multi-network agent sees them (its state dir, env file, pins)."""
-    from flannel_ebpf.network import network_state_dir
+    from flannel_ebpf.options import network_state_dir
 
     return argparse.Namespace(
         **{

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from flannel_ebpf.agent import Agent, AgentOptions, FatalError
+from flannel_ebpf.agent import Agent
 from flannel_ebpf.config import parse_config
 from flannel_ebpf.lab.etcd import EtcdServer
+from flannel_ebpf.network import FatalError
+from flannel_ebpf.options import AgentOptions
 from flannel_ebpf.subnet.lease import LeaseAttrs
 from flannel_ebpf.subnet.manager import LeaseManager, LeaseOptions
 from flannel_ebpf.subnet.registry import SubnetRegistry
