@@ -283,6 +283,8 @@ def agent_options(args: argparse.Namespace) -> Any:
             udp_allow_foreign_source=args.udp_allow_foreign_source,
             xdp_mode=args.xdp_mode,
             loader=args.loader,
+            xdp_replace_foreign=args.xdp_replace_foreign,
+            clsact_record_dir=args.state_dir,
         ),
     )
 
@@ -352,7 +354,6 @@ def setup_logging(verbose: int) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from flannel_ebpf.agent import run_agent
-    from flannel_ebpf.loaders import attach
 
     options = agent_options(args)
     if options.listen:  # the server of client/server mode: no networking, no state dir (as flanneld v0.5)
@@ -365,7 +366,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"flannel-ebpf: {e}", file=sys.stderr)
         return 1
     with lock:  # held for the agent's whole life
-        attach.configure(replace_foreign_xdp=args.xdp_replace_foreign, state_dir=args.state_dir)
         return run_agent(options)
 
 

@@ -127,7 +127,7 @@ class UdpEbpfBackend(Backend):
         self._ext = local.ext
         self._decap = self._decap_mode(local.ext)
         foreign = Loader.foreign_xdp(local.ext.index, layout.PROG_DECAP_XDP) if self._decap == "xdp" else None
-        if foreign and not hooks.POLICY.replace_foreign_xdp:  # refused before anything is created
+        if foreign and not self.options.xdp_replace_foreign:  # refused before anything is created
             raise BackendError(f"udp (eBPF): {foreign_xdp_refusal(local.ext.index, foreign)}")
         tun_index = self._configure_device(local, route_now=False)
         old_rp_filter = _loosen_rp_filter(local.ext.name)
@@ -483,7 +483,7 @@ class UdpEbpfBackend(Backend):
             return self.options.udp_decap
         if self.options.udp_delivery == "peer" or _driver(ext.name) == "veth":
             return "tc"
-        if Loader.foreign_xdp(ext.index, layout.PROG_DECAP_XDP) and not hooks.POLICY.replace_foreign_xdp:
+        if Loader.foreign_xdp(ext.index, layout.PROG_DECAP_XDP) and not self.options.xdp_replace_foreign:
             logger.info("udp (eBPF): {} has another tool's XDP program: decapsulating in tc", ext.name)
             return "tc"
         return "xdp"
@@ -507,9 +507,16 @@ class UdpEbpfBackend(Backend):
 
     def _make_loader(self, programs: list[str]) -> Loader:
         try:
-            return make_loader(self.options.loader, self.pin_dir, programs)
+            return make_loader(self.options.loader, self.pin_dir, programs, self._host_policy())
         except LoaderError as e:
             raise BackendError(f"udp (eBPF): {e}") from e
+
+    def _host_policy(self) -> hooks.HostPolicy:
+        record_dir = self.options.clsact_record_dir
+        return hooks.HostPolicy(
+            replace_foreign_xdp=self.options.xdp_replace_foreign,
+            clsact_record=Path(record_dir) / hooks.CLSACT_RECORD_FILE if record_dir else None,
+        )
 
     def _open_maps(self) -> None:
         if self._maps is None:
