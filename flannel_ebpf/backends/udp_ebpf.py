@@ -172,7 +172,7 @@ class UdpEbpfBackend(Backend):
     def _attach_from_pin(self, program: str, index: int, direction: str) -> None:
         fd = bpfsys.obj_get(layout.prog_pin_path(self.pin_dir, program))
         try:
-            hooks.tc_attach(index, direction, fd, program)
+            hooks.tc_attach(index, direction, fd, program, self._host_policy().clsact_record)
         finally:
             os.close(fd)
 
@@ -502,7 +502,8 @@ class UdpEbpfBackend(Backend):
             if delivery == "port":
                 logger.info("udp (eBPF): this kernel keeps decapsulated skbs whole: no bridge hand-off needed")
             return
-        self._endpoint_sync = EndpointSync(self.pin_dir, local.subnet, attach_hook=attach_hook)
+        record = self._host_policy().clsact_record
+        self._endpoint_sync = EndpointSync(self.pin_dir, local.subnet, attach_hook=attach_hook, clsact_record=record)
         self._endpoint_sync.start()
 
     def _make_loader(self, programs: list[str]) -> Loader:
