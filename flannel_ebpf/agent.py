@@ -77,7 +77,7 @@ class Agent:
     def multi(self) -> bool:
         return bool(self.options.networks)
 
-    # The classic single network, as the agent exposed it before multi-network mode (tests use these).
+    # Classic mode's one network, reached through the agent (tests use these).
     @property
     def state(self) -> Any:
         return self.networks[0].state

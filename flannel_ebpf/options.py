@@ -44,7 +44,7 @@ class AgentOptions:
 
     networks: list[str] = field(default_factory=list)  # --networks: multi-network mode (empty: classic)
     subnet_dir: str = "/run/flannel/networks"  # multi-network mode: <subnet_dir>/<name>.env
-    # client/server mode (issue 17): --listen serves the lease API (flannel_ebpf/remote/server.py), --remote
+    # client/server mode: --listen serves the lease API (flannel_ebpf/remote/server.py), --remote
     # takes leases from such a server instead of etcd; --remote-*file secure that link
     listen: str = ""
     remote: str = ""
