@@ -21,30 +21,11 @@ from loguru import logger
 
 from flannel_ebpf import metrics, sd_notify
 from flannel_ebpf.http_limits import PLAIN_TEXT, Answer, ConnectionLimits, Route, ThreadedHttpServer
-from flannel_ebpf.network import (
-    HEARTBEAT_SECONDS,
-    AgentOptions,
-    DataPlane,
-    FatalError,
-    HostClaims,
-    Network,
-    RegistryFactory,
-    agent_identity,
-    warn_route_overlaps,
-)
-from flannel_ebpf.subnet.registry import LeaseSource
+from flannel_ebpf.network import HostClaims, Network
+from flannel_ebpf.options import AgentOptions, RegistryFactory
+from flannel_ebpf.subnet.store import LeaseSource
 
-__all__ = [
-    "HEARTBEAT_SECONDS",
-    "Agent",
-    "AgentOptions",
-    "DataPlane",
-    "FatalError",
-    "Network",
-    "agent_identity",
-    "run_agent",
-    "warn_route_overlaps",
-]
+__all__ = ["Agent", "NamedRegistryFactory", "run_agent"]
 
 #: the event loop's health: how late a timer of this period fires is how long the loop was blocked
 LOOP_PROBE_SECONDS = 0.05
@@ -96,7 +77,7 @@ class Agent:
     def multi(self) -> bool:
         return bool(self.options.networks)
 
-    # The classic single network, as the agent exposed it before multi-network mode (tests use these).
+    # Classic mode's one network, reached through the agent (tests use these).
     @property
     def state(self) -> Any:
         return self.networks[0].state

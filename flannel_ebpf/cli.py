@@ -4,6 +4,7 @@ As with flanneld, every flag can be set in the environment: `--etcd-endpoints` i
 A flag on the command line wins over the environment. With no sub-command, `flannel-ebpf --flags...` runs
 `up`, so that it starts like flanneld. Flags are read as Go's flag package reads flanneld's: `-iface=eth0`,
 `-iface eth0`, `--iface=eth0` and `--iface eth0` are the same, a boolean alone (`-ip-masq`) is true.
+The flag table itself (shared with the runtime sub-commands) is flannel_ebpf.flags.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -25,162 +25,14 @@ from loguru import logger
 from flannel_ebpf import package_version, status_view
 from flannel_ebpf import state as state_file
 from flannel_ebpf.backends.base import BackendOptions
+from flannel_ebpf.flags import FALSE_WORDS, FLAGS, TRUE_WORDS, UNSUPPORTED, Flag
 from flannel_ebpf.logs import configure_logging, printable
 from flannel_ebpf.runtimes import commands as runtime_commands
 from flannel_ebpf.subnet.manager import LeaseOptions
-from flannel_ebpf.subnet.registry import DEFAULT_PREFIX, EtcdTLS
+from flannel_ebpf.subnet.store import EtcdTLS
 
 COMMANDS = ("up", "down", "status", "health", *runtime_commands.COMMANDS)
 
-
-@dataclass(frozen=True)
-class Flag:
-    name: str  # without dashes; FLANNELD_<NAME> in the environment
-    default: Any
-    help: str
-    kind: str = "str"  # str | int | float | bool | list | choice
-    choices: tuple[str, ...] = ()
-
-    @property
-    def env(self) -> str:
-        return "FLANNELD_" + self.name.upper().replace("-", "_")
-
-
-# flanneld's flags (the ones that make sense without Kubernetes), then flannel-ebpf's own.
-FLAGS = (
-    Flag("etcd-endpoints", "http://127.0.0.1:4001,http://127.0.0.1:2379", "comma-separated etcd endpoints"),
-    Flag("etcd-prefix", DEFAULT_PREFIX, "etcd prefix"),
-    Flag("etcd-keyfile", "", "TLS key file for etcd"),
-    Flag("etcd-certfile", "", "TLS certificate file for etcd"),
-    Flag("etcd-cafile", "", "TLS CA file for etcd"),
-    Flag(
-        "etcd-api",
-        "v3",
-        "etcd API the config and leases live in: v3 (flanneld v0.10+), v2 (flanneld v0.5-v0.9: etcd 3.4/3.5 "
-        "with --enable-v2)",
-        "choice",
-        ("v3", "v2"),
-    ),
-    Flag(
-        "subnet-len-rule",
-        "auto",
-        "default SubnetLen when the config sets none: v0.5 (/24 below a /24 Network, else one bit longer), v0.20 "
-        "(/24 up to a /22 Network, else two bits longer), auto (v0.5 with --etcd-api v2, else v0.20)",
-        "choice",
-        ("auto", "v0.5", "v0.20"),
-    ),
-    Flag("etcd-username", "", "etcd user name"),
-    Flag("etcd-password", "", "etcd password"),
-    Flag("iface", [], "interface (name or IPv4) for inter-host traffic; repeatable, first match wins", "list"),
-    Flag("iface-regex", [], "regex matched (unanchored) against interface IPs, then names; repeatable", "list"),
-    Flag("iface-can-reach", "", "use the interface (and source address) the kernel routes this IPv4 address via"),
-    Flag("net-config-path", "", "read the network config from this JSON file instead of <etcd-prefix>/config"),
-    Flag("public-ip", "", "IP the other hosts reach this one at (default: the interface's address)"),
-    Flag("subnet-file", "/run/flannel/subnet.env", "where FLANNEL_NETWORK/SUBNET/MTU/IPMASQ are written"),
-    Flag("subnet-lease-renew-margin", 60, "renew the lease this many minutes before it expires (1-1439)", "int"),
-    Flag("ip-masq", False, "masquerade traffic leaving the overlay (iptables FLANNEL-POSTRTG)", "bool"),
-    Flag("iptables-resync", 5, "re-check the iptables rules every N seconds", "int"),
-    Flag("iptables-forward-rules", True, "accept overlay traffic in the FORWARD chain (FLANNEL-FWD)", "bool"),
-    Flag("healthz-ip", "0.0.0.0", "address of the /healthz HTTP endpoint"),
-    Flag("healthz-port", 0, "port of the /healthz HTTP endpoint (0: off)", "int"),
-    # older flanneld's (v0.5) client/server mode
-    Flag("listen", "", "run as the server of client/server mode on this address (e.g. :8888, fd://)"),
-    Flag("remote", "", "run as a client of the server at this address (e.g. 10.1.2.3:8888): no etcd access"),
-    Flag("remote-keyfile", "", "TLS key file for the client/server link"),
-    Flag("remote-certfile", "", "TLS certificate file for the client/server link"),
-    Flag("remote-cafile", "", "TLS CA file for the client/server link (server: clients must present a cert)"),
-    Flag(
-        "listen-trust-any-client",
-        False,
-        "server: let any client write the leases of any PublicIP, as flanneld v0.5 did (default: only the "
-        "IPv4 addresses in its certificate's IP SANs with --remote-cafile, else its source address)",
-        "bool",
-    ),
-    # older flanneld's (v0.5-v0.7) multi-network mode
-    Flag("networks", "", "run in multi-network mode and serve these comma-separated networks"),
-    Flag("subnet-dir", "/run/flannel/networks", "multi-network mode: where <network>.env files are written"),
-    # flannel-ebpf's own
-    Flag("state-dir", "/run/flannel-ebpf", "directory of the agent's state file (read by status/health/down)"),
-    Flag("bpf-pin-dir", "/sys/fs/bpf/flannel-ebpf", "where the eBPF udp path pins its maps"),
-    Flag("udp-datapath", "ebpf", "udp backend implementation", "choice", ("ebpf", "tun")),
-    Flag(
-        "udp-decap",
-        "auto",
-        "where the eBPF udp path decapsulates (auto: tc on veth underlays, XDP elsewhere)",
-        "choice",
-        ("auto", "xdp", "tc"),
-    ),
-    Flag(
-        "udp-delivery",
-        "port",
-        "how decapsulated packets reach local containers: port (routed, FORWARD kept, handed whole to the "
-        "container's bridge port), bridge (the kernel's bridge alone), peer (straight in: bypasses host netfilter)",
-        "choice",
-        ("port", "bridge", "peer"),
-    ),
-    Flag("xdp-mode", "auto", "XDP attach mode for --udp-decap xdp", "choice", ("auto", "native", "generic")),
-    Flag(
-        "udp-allow-foreign-source",
-        False,
-        "eBPF udp decap accepts any inner source from a member, as flanneld does (default: only sources in "
-        "a subnet the sending host leases); for hosts that route other networks into the overlay",
-        "bool",
-    ),
-    Flag(
-        "xdp-replace-foreign",
-        False,
-        "replace another tool's XDP program on the interface (default: refuse to start, naming it)",
-        "bool",
-    ),
-    Flag(
-        "loader",
-        "auto",
-        "how eBPF programs get into the kernel: elf (precompiled objects, no compiler), bcc (compiles the C "
-        "sources at start: development), auto (elf when objects for this version are installed, else bcc)",
-        "choice",
-        ("auto", "elf", "bcc"),
-    ),
-    Flag("subnet-lease-ttl", 24 * 3600, "lease TTL in seconds (flannel: 24 h; short values for labs)", "int"),
-    Flag("lease-check-interval", 10.0, "seconds between checks that our lease is still ours", "float"),
-    Flag("resync-interval", 10.0, "seconds between full reconciles of the data path", "float"),
-    Flag(
-        "subnet-relist-interval",
-        300.0,
-        "seconds between full listings of the leases in etcd, reconciled against what the watch delivered "
-        "(0: only when needed)",
-        "float",
-    ),
-    Flag("etcd-retry-max", 1.0, "longest wait in seconds between two attempts while etcd fails", "float"),
-    Flag("allow-subnet-change", False, "take a new subnet if ours is held by another host", "bool"),
-)
-
-_TRUE = {"1", "true", "yes", "on", "t"}
-_FALSE = {"0", "false", "no", "off", "", "f"}
-_KUBE = "its leases live in etcd only; for the Kubernetes subnet manager run flanneld"
-
-
-@dataclass(frozen=True)
-class Unsupported:
-    """A flanneld flag flannel-ebpf does not have: why, and the flanneld defaults that change nothing (a
-    setting that is a no-op in flanneld too is accepted, e.g. FLANNELD_KUBE_SUBNET_MGR=false)."""
-
-    why: str
-    boolean: bool = False
-    harmless: tuple[str, ...] = ("",)
-
-
-#: flanneld v0.20.2's flags (klog's included) and older flanneld's that flannel-ebpf does not support.
-UNSUPPORTED = {
-    "kube-subnet-mgr": Unsupported(_KUBE, boolean=True, harmless=tuple(_FALSE)),
-    "kube-api-url": Unsupported(_KUBE),
-    "kubeconfig-file": Unsupported(_KUBE),
-    "kube-annotation-prefix": Unsupported(_KUBE, harmless=("", "flannel.alpha.coreos.com")),
-    # a no-op without the Kubernetes subnet manager, whatever its value
-    "set-node-network-unavailable": Unsupported(_KUBE, boolean=True, harmless=tuple(_TRUE | _FALSE)),
-    "public-ipv6": Unsupported("flannel-ebpf runs IPv4 overlays only"),
-    "vmodule": Unsupported("klog's per-file log levels; use -v"),
-    "log_backtrace_at": Unsupported("klog's Go stack traces; there are none to log"),
-}
 
 _GO_FLAG = re.compile(r"--?([A-Za-z][A-Za-z0-9_.-]*)(=.*)?", re.DOTALL)
 
@@ -256,8 +108,8 @@ def refuse_unsupported(argv: list[str], environ: dict[str, str]) -> list[str]:
 def _env_value(flag: Flag, raw: str) -> Any:
     """Convert a FLANNELD_* value; a bad one is a clear error, not a traceback."""
     if flag.kind == "bool":
-        if raw.lower() in _TRUE | _FALSE:
-            return raw.lower() in _TRUE
+        if raw.lower() in TRUE_WORDS | FALSE_WORDS:
+            return raw.lower() in TRUE_WORDS
     elif flag.kind == "int":
         if raw.strip().lstrip("-").isdigit():
             return int(raw)
@@ -277,8 +129,8 @@ def _env_value(flag: Flag, raw: str) -> Any:
 
 
 def _bool_arg(raw: str) -> bool:
-    if raw.lower() in _TRUE | _FALSE:
-        return raw.lower() in _TRUE
+    if raw.lower() in TRUE_WORDS | FALSE_WORDS:
+        return raw.lower() in TRUE_WORDS
     raise argparse.ArgumentTypeError(f"not a boolean: {raw!r}")
 
 
@@ -343,7 +195,7 @@ def _list_flag(args: argparse.Namespace, name: str) -> list[str]:
 
 
 def agent_options(args: argparse.Namespace) -> Any:
-    from flannel_ebpf.agent import AgentOptions
+    from flannel_ebpf.options import AgentOptions
 
     if not 1 <= args.subnet_lease_renew_margin <= 1439:
         raise SystemExit("flannel-ebpf: --subnet-lease-renew-margin must be between 1 and 1439 minutes")
@@ -431,6 +283,8 @@ def agent_options(args: argparse.Namespace) -> Any:
             udp_allow_foreign_source=args.udp_allow_foreign_source,
             xdp_mode=args.xdp_mode,
             loader=args.loader,
+            xdp_replace_foreign=args.xdp_replace_foreign,
+            clsact_record_dir=args.state_dir,
         ),
     )
 
@@ -464,7 +318,7 @@ def recorded_networks(args: argparse.Namespace, beside_classic: bool = False) ->
         return names
     if not beside_classic and os.path.exists(state_file.path(args.state_dir)):
         return []
-    from flannel_ebpf.network import NETWORKS_STATE_SUBDIR
+    from flannel_ebpf.options import NETWORKS_STATE_SUBDIR
 
     base = os.path.join(args.state_dir, NETWORKS_STATE_SUBDIR)
     try:
@@ -476,7 +330,7 @@ def recorded_networks(args: argparse.Namespace, beside_classic: bool = False) ->
 
 def network_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
     """The arguments as one network of a multi-network agent sees them (its state dir, env file, pins)."""
-    from flannel_ebpf.network import network_state_dir
+    from flannel_ebpf.options import network_state_dir
 
     return argparse.Namespace(
         **{
@@ -500,7 +354,6 @@ def setup_logging(verbose: int) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from flannel_ebpf.agent import run_agent
-    from flannel_ebpf.loaders import attach
 
     options = agent_options(args)
     if options.listen:  # the server of client/server mode: no networking, no state dir (as flanneld v0.5)
@@ -513,7 +366,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"flannel-ebpf: {e}", file=sys.stderr)
         return 1
     with lock:  # held for the agent's whole life
-        attach.configure(replace_foreign_xdp=args.xdp_replace_foreign, state_dir=args.state_dir)
         return run_agent(options)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from flannel_ebpf.subnet.lease import UNUSABLE_RANGES, load_bounded_json
+from flannel_ebpf.bounded_json import load_bounded_json
 
 KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "alloc", "aws-vpc", "gce")
 #: The network config is a few hundred bytes; refuse anything absurd before parsing it.
@@ -35,6 +35,18 @@ SHARED_UDP_PORTS = {
 
 class ConfigError(ValueError):
     """The network config is invalid; the message says what to fix."""
+
+
+# Addresses that can never be a host's PublicIP, nor lie inside an overlay Network: packets to them never
+# leave the host (loopback, "this network"), are never routed (link-local: valid on one link only, and home
+# of cloud metadata services), or are not unicast at all (multicast, class E with 255.255.255.255).
+UNUSABLE_RANGES: tuple[tuple[IPv4Network, str], ...] = (
+    (IPv4Network("0.0.0.0/8"), "'this network' (0.0.0.0/8)"),
+    (IPv4Network("127.0.0.0/8"), "loopback (127.0.0.0/8)"),
+    (IPv4Network("169.254.0.0/16"), "link-local (169.254.0.0/16)"),
+    (IPv4Network("224.0.0.0/4"), "multicast (224.0.0.0/4)"),
+    (IPv4Network("240.0.0.0/4"), "reserved class E / broadcast (240.0.0.0/4)"),
+)
 
 
 @dataclass(frozen=True)

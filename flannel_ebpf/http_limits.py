@@ -27,14 +27,14 @@ import socket
 import ssl
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from loguru import logger
+
+from flannel_ebpf.logs import CountedLine
 
 #: accept() failing for want of file descriptors or memory: wait, and make room, rather than give up
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -60,41 +60,6 @@ class ConnectionLimits:
 
 #: requests a connection may have begun and not yet had answered before it is read no further
 MAX_UNANSWERED = 4
-
-
-class RateLimitedLog:
-    """Counts events by kind and logs them as one WARNING line per `every` seconds: the first event after
-    a quiet period at once, later ones summed up when the period ends."""
-
-    def __init__(self, what: str, every: float) -> None:
-        self.what = what
-        self.every = every
-        self.totals: Counter[str] = Counter()  # since the start (tests, metrics)
-        self._pending: Counter[str] = Counter()
-        self._last = -float("inf")
-        self._timer: asyncio.TimerHandle | None = None
-        self.lines = 0
-
-    def add(self, kind: str, count: int = 1) -> None:
-        self.totals[kind] += count
-        self._pending[kind] += count
-        if self._timer is None:
-            delay = max(0.0, self._last + self.every - time.monotonic())
-            self._timer = asyncio.get_running_loop().call_later(delay, self.flush)
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._pending:
-            return
-        now = time.monotonic()
-        since = "" if self._last == -float("inf") else f" in the last {now - self._last:.0f} s"
-        parts = ", ".join(f"{n} {kind}" for kind, n in self._pending.items())
-        logger.warning("{}: {}{}", self.what, parts, since)
-        self._pending.clear()
-        self._last = now
-        self.lines += 1
 
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
@@ -349,7 +314,9 @@ class GuardedListener:
         self._sock = sock
         self._ssl = ssl_context
         self.limits = limits
-        self.events = RateLimitedLog(f"{name} (at most {limits.max_connections} connections)", limits.log_every)
+        self.events = CountedLine(
+            f"{name} (at most {limits.max_connections} connections)", limits.log_every, gather_burst=True
+        )
         self._conns: set[_Connection] = set()
         self._by_source: dict[str, set[_Connection]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -465,11 +432,11 @@ class GuardedListener:
                 del self._by_source[conn.source]
 
 
-def quiet_connection_errors(loop: asyncio.AbstractEventLoop, what: str, every: float = 10.0) -> RateLimitedLog:
+def quiet_connection_errors(loop: asyncio.AbstractEventLoop, what: str, every: float = 10.0) -> CountedLine:
     """Route the loop's reports of connection errors (an OSError: a reset, a broken pipe, a failed
     handshake, no file descriptor left) to one counted line per `every` seconds instead of a traceback
     each; anything else still goes to asyncio's default handler."""
-    events = RateLimitedLog(f"{what}: connection errors", every)
+    events = CountedLine(f"{what}: connection errors", every, gather_burst=True)
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")

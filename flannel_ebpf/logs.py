@@ -27,6 +27,7 @@ import re
 import sys
 import time
 import traceback
+from collections import Counter
 from typing import Any, TextIO, cast
 
 from loguru import logger
@@ -110,29 +111,38 @@ def add_safe_sink(sink: TextIO, level: str) -> int:
 
 
 class CountedLine:
-    """One WARNING line per `every` seconds about events anybody can cause: the first after a quiet period
-    at once, the ones after it counted and said when the period ends (or with the next one, outside an
-    event loop)."""
+    """One WARNING line per `every` seconds about events anybody can cause, counted by kind: the first
+    after a quiet period is said at once, the ones after it counted and said when the period ends (or with
+    the next one, outside an event loop). With `gather_burst`, "at once" is the event loop's next turn, so
+    that a burst within one turn (a flood of accepts) is one line. `latest`: the text of the latest event,
+    said at the end of the line."""
 
-    def __init__(self, what: str, every: float) -> None:
+    def __init__(self, what: str, every: float, gather_burst: bool = False) -> None:
         self.what = what
         self.every = every
-        self.total = 0
-        self._pending = 0
+        self.gather_burst = gather_burst
+        self.totals: Counter[str] = Counter()  # since the start, by kind
+        self.lines = 0
+        self._pending: Counter[str] = Counter()
         self._latest = ""
         self._last = -float("inf")
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, latest: str) -> None:
-        self.total += 1
-        self._pending += 1
-        self._latest = latest
+    @property
+    def total(self) -> int:
+        return sum(self.totals.values())
+
+    def add(self, kind: str = "", count: int = 1, latest: str = "") -> None:
+        self.totals[kind] += count
+        self._pending[kind] += count
+        if latest:
+            self._latest = latest
         wait = self._last + self.every - time.monotonic()
-        if wait <= 0:
+        if wait <= 0 and not self.gather_burst:
             self.flush()
         elif self._timer is None:
             with contextlib.suppress(RuntimeError):  # no running loop: said with the next one
-                self._timer = asyncio.get_running_loop().call_later(wait, self.flush)
+                self._timer = asyncio.get_running_loop().call_later(max(0.0, wait), self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -142,8 +152,12 @@ class CountedLine:
             return
         now = time.monotonic()
         since = "" if self._last == -float("inf") else f" in the last {now - self._last:.0f} s"
-        logger.warning("{}: {}{} (the latest: {})", self.what, self._pending, since, clip(self._latest))
-        self._pending, self._last = 0, now
+        counts = ", ".join(f"{n} {kind}" if kind else str(n) for kind, n in self._pending.items())
+        latest = f" (the latest: {clip(self._latest)})" if self._latest else ""
+        logger.warning("{}: {}{}{}", self.what, counts, since, latest)
+        self._pending.clear()
+        self._last = now
+        self.lines += 1
 
 
 def _is_malformed_request(record: logging.LogRecord) -> bool:
@@ -168,7 +182,7 @@ class InterceptHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if _is_malformed_request(record):
             error = record.exc_info[1] if record.exc_info else None
-            self.malformed.add(f"{type(error).__name__}: {error}")
+            self.malformed.add(latest=f"{type(error).__name__}: {error}")
             return
         try:
             level: str | int = logger.level(record.levelname).name

@@ -26,7 +26,7 @@ STATE_FILE = "state.json"
 LOCK_FILE = "agent.lock"
 #: at most this many refused leases are listed one by one in the state (all are counted)
 REFUSED_SHOWN = 100
-#: how often a ready agent rewrites its state (flannel_ebpf.agent.HEARTBEAT_SECONDS; a test checks both)
+#: how often a ready agent rewrites its state (flannel_ebpf.network.HEARTBEAT_SECONDS; a test checks both)
 AGENT_HEARTBEAT_SECONDS = 5.0
 
 

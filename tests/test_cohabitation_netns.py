@@ -34,8 +34,8 @@ from flannel_ebpf.loaders.base import Loader, LoaderError
 
 class ById(Loader):
     '''A loader whose programs are already in the kernel (put there by iproute2): fds by id.'''
-    def __init__(self, ids):
-        super().__init__("/nonexistent")
+    def __init__(self, ids, policy=None):
+        super().__init__("/nonexistent", policy)
         self.ids = ids
     def load(self, programs):
         pass
@@ -54,7 +54,7 @@ try:
         a = loader.attach_xdp("flannel_xdp_in", index, "auto", replace_foreign=True)
         out["attached"] = a.prog_id
     elif step == "attach-replace-policy":
-        attach.configure(replace_foreign_xdp=True)
+        loader = ById({"flannel_xdp_in": prog_id}, attach.HostPolicy(replace_foreign_xdp=True))
         a = loader.attach_xdp("flannel_xdp_in", index, "generic")
         out["attached"], out["mode"] = a.prog_id, a.xdp_mode
     elif step == "attach-stale":
@@ -121,7 +121,7 @@ def test_foreign_xdp_is_refused_by_name_unless_asked_and_ours_is_swapped(ns: Net
     assert "changed while we attached" in out.get("error", ""), out
     assert xdp_prog(ns, "eth0").prog_id == v2.prog_id
 
-    # 5. --xdp-replace-foreign through the process policy (attach.configure, as `up` sets it), and a
+    # 5. --xdp-replace-foreign through the loader's policy (as `up`'s backend makes it), and a
     #    mode change (native -> generic) of a foreign program: detached only as the expected one.
     ns.ip("link", "set", "dev", "eth0", "xdp", "off")
     ns.ip("link", "set", "dev", "eth0", "xdp", "obj", str(foreign_obj), "sec", "xdp")

@@ -22,7 +22,8 @@ import aetcd.watcher
 import pytest
 from aetcd import rpc
 
-from flannel_ebpf.subnet.registry import EtcdTLS, _Client
+from flannel_ebpf.subnet.registry import _Client
+from flannel_ebpf.subnet.store import EtcdTLS
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -20,8 +20,9 @@ import pytest
 
 from flannel_ebpf.lab.etcd import free_port
 from flannel_ebpf.remote.client import RemoteRegistry
-from flannel_ebpf.subnet.etcd_v2 import V2Config, base_url, copy_command, find_v2_config, hint
-from flannel_ebpf.subnet.registry import EtcdTLS, SubnetRegistry, endpoint_tls
+from flannel_ebpf.subnet.etcd_v2 import V2Config, copy_command, find_v2_config, hint
+from flannel_ebpf.subnet.registry import SubnetRegistry
+from flannel_ebpf.subnet.store import EtcdTLS, base_url, endpoint_tls
 from tests.test_etcd_tls import make_pki
 
 KEY = "/coreos.com/network/config"

@@ -13,11 +13,14 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannel_ebpf.agent import Agent, AgentOptions, FatalError
+from flannel_ebpf.agent import Agent
 from flannel_ebpf.lab.etcd import free_port
+from flannel_ebpf.network import FatalError
+from flannel_ebpf.options import AgentOptions
 from flannel_ebpf.subnet.lease import LeaseAttrs
 from flannel_ebpf.subnet.manager import LeaseOptions
-from flannel_ebpf.subnet.registry import EtcdTLS, SubnetRegistry
+from flannel_ebpf.subnet.registry import SubnetRegistry
+from flannel_ebpf.subnet.store import EtcdTLS
 
 pytestmark = pytest.mark.skipif(not shutil.which("openssl") or not shutil.which("etcd"), reason="needs openssl, etcd")
 

@@ -50,9 +50,9 @@ def test_xdp_replace_foreign_flag_and_its_environment_variable() -> None:
 
 
 def test_heartbeat_constant_matches_the_agent() -> None:
-    from flannel_ebpf import agent
+    from flannel_ebpf import network
 
-    assert state_file.AGENT_HEARTBEAT_SECONDS == agent.HEARTBEAT_SECONDS
+    assert state_file.AGENT_HEARTBEAT_SECONDS == network.HEARTBEAT_SECONDS
     assert state_file.heartbeat_limit(10.0) == 30.0 and state_file.heartbeat_limit(1.0) == 15.0
 
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from flannel_ebpf.agent import Agent, AgentOptions, FatalError
+from flannel_ebpf.agent import Agent
 from flannel_ebpf.config import parse_config
 from flannel_ebpf.lab.etcd import EtcdServer
+from flannel_ebpf.network import FatalError
+from flannel_ebpf.options import AgentOptions
 from flannel_ebpf.subnet.lease import LeaseAttrs
 from flannel_ebpf.subnet.manager import LeaseManager, LeaseOptions
 from flannel_ebpf.subnet.registry import SubnetRegistry
@@ -121,14 +123,14 @@ def test_flanneld_role_acquires_a_lease_and_names_the_presence_key(auth_etcd, lo
         assert lease.subnet.subnet_of(parse_config(CONFIG).network)
         assert presence_key in m.presence_denied and "readwrite" in m.presence_denied
         for _ in range(3):
-            await m.check_once()  # renewal checks under the same role: fine, and nothing said again
+            await m.maintain_once()  # renewal checks under the same role: fine, and nothing said again
         lines = [line for line in logs if presence_key in line]
         assert len(lines) == 1 and "permission denied" in lines[0] and "readwrite" in lines[0]
         assert not any("etcd unavailable" in line for line in logs)
         # once the role covers the key, the guard is on at the next check
         auth_etcd.ctl(*ROOT, "role", "grant-permission", "flanneld", "--prefix=true", "readwrite",
                       f"{PREFIX}/flannel-ebpf/hosts/")  # fmt: skip
-        await m.check_once()
+        await m.maintain_once()
         assert m.presence_lease and not m.presence_denied
         held = auth_etcd.ctl(*ROOT, "get", "--print-value-only", presence_key).strip()
         assert held == "hostA:1"
@@ -161,7 +163,7 @@ def test_documented_role_runs_the_agent_with_every_guard(auth_etcd, logs):
         attrs = LeaseAttrs(IPv4Address("192.168.50.2"), "host-gw")
         m = LeaseManager(parse_config(CONFIG), attrs, registry(), registry(), options)
         await asyncio.wait_for(m.acquire(), 15)
-        await m.check_once()
+        await m.maintain_once()
         assert m.presence_lease and not m.presence_denied and m.problem is None
         await m.release_presence()
         await m.leases.close()

@@ -14,7 +14,8 @@ from flannel_ebpf import ipmasq
 from flannel_ebpf.backends.routes import in_scope
 from flannel_ebpf.backends.udp_delivery import EndpointSync
 from flannel_ebpf.cli import agent_options, parse_argv
-from flannel_ebpf.network import AgentOptions, HostClaims, Network
+from flannel_ebpf.network import HostClaims, Network
+from flannel_ebpf.options import AgentOptions
 
 
 def options(argv, env=None):

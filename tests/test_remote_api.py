@@ -18,7 +18,8 @@ from flannel_ebpf.remote.client import RemoteRegistry
 from flannel_ebpf.remote.server import ServerOptions, serve
 from flannel_ebpf.subnet.lease import LeaseAttrs
 from flannel_ebpf.subnet.manager import LeaseManager, LeaseOptions
-from flannel_ebpf.subnet.registry import EtcdTLS, SubnetRegistry
+from flannel_ebpf.subnet.registry import SubnetRegistry
+from flannel_ebpf.subnet.store import EtcdTLS
 from tests.test_subnet_etcd import CONFIG, RecordingSink, eventually, run, running
 
 A = LeaseAttrs(IPv4Address("192.168.60.1"), "vxlan", {"VNI": 1, "VtepMAC": "aa:bb:cc:dd:ee:01"})

@@ -23,7 +23,8 @@ import pytest
 
 from flannel_ebpf.remote import wire
 from flannel_ebpf.remote.server import ServerOptions, certificate_identity, serve, source_identity
-from flannel_ebpf.subnet.registry import EtcdTLS, SubnetRegistry
+from flannel_ebpf.subnet.registry import SubnetRegistry
+from flannel_ebpf.subnet.store import EtcdTLS
 from tests.test_remote_api import free_port
 from tests.test_subnet_etcd import run
 

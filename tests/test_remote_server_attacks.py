@@ -30,7 +30,8 @@ import asyncio, signal, sys
 from flannel_ebpf.logs import configure_logging
 from flannel_ebpf.http_limits import ConnectionLimits
 from flannel_ebpf.remote.server import ServerOptions, serve
-from flannel_ebpf.subnet.registry import EtcdTLS, SubnetRegistry
+from flannel_ebpf.subnet.registry import SubnetRegistry
+from flannel_ebpf.subnet.store import EtcdTLS
 port, endpoint, prefix, max_connections, poll_seconds = sys.argv[1:6]
 configure_logging("INFO")
 limits = ConnectionLimits(max_connections=int(max_connections), request_seconds=2.0, keepalive_seconds=30.0)

@@ -22,7 +22,7 @@ from flannel_ebpf.remote import wire
 from flannel_ebpf.remote.client import RemoteError, RemoteRegistry
 from flannel_ebpf.remote.server import HttpError, _RefusalLog
 from flannel_ebpf.subnet.lease import LeaseFormatError
-from flannel_ebpf.subnet.registry import EtcdTLS
+from flannel_ebpf.subnet.store import EtcdTLS
 from tests.test_remote_api import free_port, get_json, prefix, server  # noqa: F401 (prefix: a fixture)
 from tests.test_subnet_etcd import run
 

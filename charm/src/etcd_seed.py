@@ -25,7 +25,8 @@ def same_config(a: Any, b: Any) -> bool:
 
 
 async def seed(args: argparse.Namespace) -> dict[str, Any]:
-    from flannel_ebpf.subnet.registry import EtcdTLS, SubnetRegistry, describe_etcd_error
+    from flannel_ebpf.subnet.registry import SubnetRegistry, describe_etcd_error
+    from flannel_ebpf.subnet.store import EtcdTLS
 
     wanted = json.loads(args.config)
     registry = SubnetRegistry(

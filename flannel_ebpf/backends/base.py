@@ -94,6 +94,9 @@ class BackendOptions:
     udp_allow_foreign_source: bool = False  # eBPF decap accepts any inner source from a member (flanneld's way)
     xdp_mode: str = "auto"  # "auto" | "native" | "generic"
     loader: str = "auto"  # "auto" (elf when precompiled objects are present, else bcc) | "elf" | "bcc"
+    xdp_replace_foreign: bool = False  # replace another tool's XDP program on the underlay (else refuse)
+    #: the agent's --state-dir, where attaching records the clsact qdiscs it creates ("": not recorded)
+    clsact_record_dir: str = ""
     network_name: str = ""  # multi-network mode (--networks): the network this backend serves; "" classic
 
 

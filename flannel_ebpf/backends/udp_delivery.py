@@ -153,8 +153,17 @@ class EndpointSync:
     contends with the agent's data-plane calls; it touches nothing but fl_endpoints and the hook.
     """
 
-    def __init__(self, pin_dir: Path, subnet: IPv4Network, *, attach_hook: bool, resync: float = 10.0) -> None:
+    def __init__(
+        self,
+        pin_dir: Path,
+        subnet: IPv4Network,
+        *,
+        attach_hook: bool,
+        resync: float = 10.0,
+        clsact_record: Path | None = None,
+    ) -> None:
         self.pin_dir = pin_dir
+        self.clsact_record = clsact_record  # where a clsact qdisc the hook creates is recorded (loaders.attach)
         self.subnet = subnet
         self.gateway = subnet.network_address + 1  # FLANNEL_SUBNET's address: Docker's --bip
         self.attach_hook = attach_hook
@@ -277,7 +286,7 @@ class EndpointSync:
             return
         fd = bpfsys.obj_get(layout.prog_pin_path(self.pin_dir, layout.PROG_DELIVER))
         try:
-            hooks.tc_attach(bridge.index, "egress", fd, layout.PROG_DELIVER)
+            hooks.tc_attach(bridge.index, "egress", fd, layout.PROG_DELIVER, self.clsact_record)
         finally:
             os.close(fd)
         self._hooked = bridge.index

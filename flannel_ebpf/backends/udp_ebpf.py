@@ -127,7 +127,7 @@ class UdpEbpfBackend(Backend):
         self._ext = local.ext
         self._decap = self._decap_mode(local.ext)
         foreign = Loader.foreign_xdp(local.ext.index, layout.PROG_DECAP_XDP) if self._decap == "xdp" else None
-        if foreign and not hooks.POLICY.replace_foreign_xdp:  # refused before anything is created
+        if foreign and not self.options.xdp_replace_foreign:  # refused before anything is created
             raise BackendError(f"udp (eBPF): {foreign_xdp_refusal(local.ext.index, foreign)}")
         tun_index = self._configure_device(local, route_now=False)
         old_rp_filter = _loosen_rp_filter(local.ext.name)
@@ -172,7 +172,7 @@ class UdpEbpfBackend(Backend):
     def _attach_from_pin(self, program: str, index: int, direction: str) -> None:
         fd = bpfsys.obj_get(layout.prog_pin_path(self.pin_dir, program))
         try:
-            hooks.tc_attach(index, direction, fd, program)
+            hooks.tc_attach(index, direction, fd, program, self._host_policy().clsact_record)
         finally:
             os.close(fd)
 
@@ -483,7 +483,7 @@ class UdpEbpfBackend(Backend):
             return self.options.udp_decap
         if self.options.udp_delivery == "peer" or _driver(ext.name) == "veth":
             return "tc"
-        if Loader.foreign_xdp(ext.index, layout.PROG_DECAP_XDP) and not hooks.POLICY.replace_foreign_xdp:
+        if Loader.foreign_xdp(ext.index, layout.PROG_DECAP_XDP) and not self.options.xdp_replace_foreign:
             logger.info("udp (eBPF): {} has another tool's XDP program: decapsulating in tc", ext.name)
             return "tc"
         return "xdp"
@@ -502,14 +502,22 @@ class UdpEbpfBackend(Backend):
             if delivery == "port":
                 logger.info("udp (eBPF): this kernel keeps decapsulated skbs whole: no bridge hand-off needed")
             return
-        self._endpoint_sync = EndpointSync(self.pin_dir, local.subnet, attach_hook=attach_hook)
+        record = self._host_policy().clsact_record
+        self._endpoint_sync = EndpointSync(self.pin_dir, local.subnet, attach_hook=attach_hook, clsact_record=record)
         self._endpoint_sync.start()
 
     def _make_loader(self, programs: list[str]) -> Loader:
         try:
-            return make_loader(self.options.loader, self.pin_dir, programs)
+            return make_loader(self.options.loader, self.pin_dir, programs, self._host_policy())
         except LoaderError as e:
             raise BackendError(f"udp (eBPF): {e}") from e
+
+    def _host_policy(self) -> hooks.HostPolicy:
+        record_dir = self.options.clsact_record_dir
+        return hooks.HostPolicy(
+            replace_foreign_xdp=self.options.xdp_replace_foreign,
+            clsact_record=Path(record_dir) / hooks.CLSACT_RECORD_FILE if record_dir else None,
+        )
 
     def _open_maps(self) -> None:
         if self._maps is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from loguru import logger
 
 from flannel_ebpf.datapath import layout
+from flannel_ebpf.loaders.attach import HostPolicy
 from flannel_ebpf.loaders.base import Loader, LoaderError
 
 LOADERS = ("auto", "elf", "bcc")
@@ -29,18 +30,23 @@ def resolve_loader(kind: str, programs: Iterable[str] = layout.PROGRAM_NAMES) ->
     return "bcc"
 
 
-def make_loader(kind: str, pin_dir: str | Path, programs: Iterable[str] = layout.PROGRAM_NAMES) -> Loader:
-    """`--loader auto|elf|bcc`."""
+def make_loader(
+    kind: str,
+    pin_dir: str | Path,
+    programs: Iterable[str] = layout.PROGRAM_NAMES,
+    policy: HostPolicy | None = None,
+) -> Loader:
+    """`--loader auto|elf|bcc`; `policy`: how the loader treats hooks shared with other tools."""
     if kind not in LOADERS:
         raise LoaderError(f"unknown loader {kind!r} ({', '.join(LOADERS)})")
     kind = resolve_loader(kind, programs)
     if kind == "elf":
         from flannel_ebpf.loaders.elf import ElfLoader
 
-        return ElfLoader(pin_dir)
+        return ElfLoader(pin_dir, policy=policy)
     from flannel_ebpf.loaders.bcc import BccLoader
 
-    return BccLoader(pin_dir)
+    return BccLoader(pin_dir, policy)
 
 
-__all__ = ["LOADERS", "Loader", "LoaderError", "make_loader", "resolve_loader"]
+__all__ = ["LOADERS", "HostPolicy", "Loader", "LoaderError", "make_loader", "resolve_loader"]

@@ -9,7 +9,7 @@ Other tools share these hooks, so nothing here takes what is not ours: an XDP pr
 is replaced only when the operator says so (--xdp-replace-foreign), a replace names the program it
 expects to find (IFLA_XDP_EXPECTED_FD, so a program attached meanwhile is never clobbered), tc filters
 are removed by their exact name, and a clsact qdisc is ours only if we created it (recorded in the
-state dir: see HostPolicy).
+state dir: see HostPolicy). The HostPolicy is an option of each loader (make_loader), never process-wide.
 """
 
 from __future__ import annotations
@@ -56,22 +56,13 @@ class AttachError(RuntimeError):
 
 @dataclass
 class HostPolicy:
-    """How this process treats hooks that other tools share with us. `flannel-ebpf up` sets it once
-    from its flags (configure()); the defaults are the safe ones for any other caller."""
+    """How a loader treats hooks that other tools share with us. The agent's backends make it from
+    --xdp-replace-foreign and --state-dir; the defaults are the safe ones for any other caller."""
 
     #: replace an XDP program that is not ours (else attaching refuses, naming it)
     replace_foreign_xdp: bool = False
     #: where tc_attach records a clsact qdisc it created (None: nothing recorded, so never deleted)
     clsact_record: Path | None = None
-
-
-POLICY = HostPolicy()
-
-
-def configure(replace_foreign_xdp: bool = False, state_dir: str | Path | None = None) -> None:
-    """Set this process's HostPolicy (the agent: from --xdp-replace-foreign and --state-dir)."""
-    POLICY.replace_foreign_xdp = replace_foreign_xdp
-    POLICY.clsact_record = Path(state_dir) / CLSACT_RECORD_FILE if state_dir is not None else None
 
 
 def ifname(ifindex: int) -> str:
@@ -91,10 +82,7 @@ def created_clsacts(record: Path) -> list[tuple[int, str]]:
         return []
 
 
-def _record_clsact(ifindex: int) -> None:
-    record = POLICY.clsact_record
-    if record is None:
-        return
+def _record_clsact(record: Path, ifindex: int) -> None:
     entry = (ifindex, ifname(ifindex))
     entries = [e for e in created_clsacts(record) if e != entry] + [entry]
     try:
@@ -125,12 +113,14 @@ class TcFilter:
     handle: int
 
 
-def tc_attach(ifindex: int, direction: str, prog_fd: int, name: str) -> None:
-    """Make `prog_fd` the direct-action filter at clsact `direction` of `ifindex` (replace in place)."""
+def tc_attach(ifindex: int, direction: str, prog_fd: int, name: str, clsact_record: Path | None = None) -> None:
+    """Make `prog_fd` the direct-action filter at clsact `direction` of `ifindex` (replace in place); a
+    clsact qdisc created here is recorded in `clsact_record` (None: not recorded, so never deleted)."""
     with IPRoute() as ipr:
         try:
             ipr.tc("add", "clsact", ifindex)
-            _record_clsact(ifindex)  # ours: `down` may delete it once no filter at all is left on it
+            if clsact_record is not None:
+                _record_clsact(clsact_record, ifindex)  # ours: `down` may delete it once no filter at all is left on it
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise AttachError(f"cannot add clsact qdisc on #{ifindex}: {e}") from e

@@ -61,8 +61,9 @@ def foreign_xdp_refusal(ifindex: int, foreign: str) -> str:
 class Loader(ABC):
     name: ClassVar[str] = ""
 
-    def __init__(self, pin_dir: str | Path) -> None:
+    def __init__(self, pin_dir: str | Path, policy: attach.HostPolicy | None = None) -> None:
         self.pin_dir = Path(pin_dir)
+        self.policy = policy if policy is not None else attach.HostPolicy()
         self._fds: dict[str, int] = {}  # program name -> fd, filled by load()
 
     @abstractmethod
@@ -109,7 +110,7 @@ class Loader(ABC):
     def attach_tc(self, program: str, ifindex: int, direction: str) -> Attachment:
         """Direct-action filter at clsact ingress/egress; replaces ours in place if present."""
         try:
-            attach.tc_attach(ifindex, direction, self.program_fd(program), program)
+            attach.tc_attach(ifindex, direction, self.program_fd(program), program, self.policy.clsact_record)
         except attach.AttachError as e:
             raise LoaderError(str(e)) from e
         return Attachment(program, ifindex, f"tc-{direction}", self.prog_id(program))
@@ -120,10 +121,10 @@ class Loader(ABC):
         """XDP in mode native | generic | auto (native, else generic); reports the mode in use.
 
         Our own program (same kernel name) is swapped atomically. Another tool's program is never
-        replaced unless `replace_foreign` (default: attach.POLICY, set from --xdp-replace-foreign): the
+        replaced unless `replace_foreign` (default: this loader's policy, from --xdp-replace-foreign): the
         attach is refused with one line naming it (name, id, mode)."""
         if replace_foreign is None:
-            replace_foreign = attach.POLICY.replace_foreign_xdp
+            replace_foreign = self.policy.replace_foreign_xdp
         try:
             current = attach.xdp_query(ifindex)
             foreign = self.foreign_xdp(ifindex, program)

@@ -20,6 +20,7 @@ from typing import Any
 from loguru import logger
 
 from flannel_ebpf.datapath import bpfsys, layout
+from flannel_ebpf.loaders.attach import HostPolicy
 from flannel_ebpf.loaders.base import Loader, LoaderError
 
 
@@ -83,8 +84,8 @@ def kernel_headers_problem() -> str | None:
 class BccLoader(Loader):
     name = "bcc"
 
-    def __init__(self, pin_dir: str | Path) -> None:
-        super().__init__(pin_dir)
+    def __init__(self, pin_dir: str | Path, policy: HostPolicy | None = None) -> None:
+        super().__init__(pin_dir, policy)
         self._bpf: Any = None
         self._own_fds: list[int] = []  # loaded by us, not by bcc: closed by us
 

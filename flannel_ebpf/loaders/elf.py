@@ -37,6 +37,7 @@ from loguru import logger
 
 from flannel_ebpf.datapath import bpfsys, layout
 from flannel_ebpf.datapath.maps import pinned_map_mismatch
+from flannel_ebpf.loaders.attach import HostPolicy
 from flannel_ebpf.loaders.base import Loader, LoaderError
 
 EM_BPF = 247
@@ -297,8 +298,10 @@ def link_program(obj: ElfObject, name: str, map_fds: dict[str, int]) -> bytes:
 class ElfLoader(Loader):
     name = "elf"
 
-    def __init__(self, pin_dir: str | Path, object_dir: str | Path | None = None) -> None:
-        super().__init__(pin_dir)
+    def __init__(
+        self, pin_dir: str | Path, object_dir: str | Path | None = None, policy: HostPolicy | None = None
+    ) -> None:
+        super().__init__(pin_dir, policy)
         self.object_dir = Path(object_dir) if object_dir is not None else layout.BPF_SOURCE_DIR
         self._map_fds: dict[str, int] = {}
 

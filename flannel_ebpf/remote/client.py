@@ -47,7 +47,7 @@ from loguru import logger
 
 from flannel_ebpf.remote import wire
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseFormatError, subnet_key
-from flannel_ebpf.subnet.registry import EtcdTLS, Listing, WatchCompacted
+from flannel_ebpf.subnet.store import EtcdTLS, Listing, WatchCompacted
 
 REVISION_HEADER = "X-Flannel-Ebpf-Revision"
 CLUSTER_HEADER = "X-Flannel-Ebpf-Cluster-Id"

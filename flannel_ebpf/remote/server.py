@@ -62,13 +62,8 @@ from flannel_ebpf.remote import wire
 from flannel_ebpf.subnet.allocation import OutOfSubnets
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseFormatError, parse_subnet_key
 from flannel_ebpf.subnet.manager import LeaseManager, LeaseOptions
-from flannel_ebpf.subnet.registry import (
-    ETCD_RETRYABLE,
-    EtcdTLS,
-    SubnetRegistry,
-    WatchCompacted,
-    describe_etcd_error,
-)
+from flannel_ebpf.subnet.registry import ETCD_RETRYABLE, SubnetRegistry, describe_etcd_error
+from flannel_ebpf.subnet.store import EtcdTLS, WatchCompacted
 
 #: a watch with nothing to report is answered (no events, same cursor) after this long, so that the
 #: client learns the server is alive and a dead connection is noticed on both sides

@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from flannel_ebpf.bounded_json import load_bounded_json
 from flannel_ebpf.config import NetworkConfig
-from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseFormatError, load_bounded_json
+from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseFormatError
 
 #: Go's zero time.Time as encoding/json writes it: flanneld's "never expires / unknown".
 ZERO_TIME = "0001-01-01T00:00:00Z"

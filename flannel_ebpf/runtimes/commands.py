@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 
+from flannel_ebpf.flags import FLAGS
 from flannel_ebpf.subnet_file import atomic_write
 
 from . import bridge as bridge_mod
@@ -18,8 +19,6 @@ COMMANDS = ("docker-opts", "bridge", "cni-config")
 
 def _default(environ: Mapping[str, str], flag: str) -> str:
     """A flag's default as `up` has it: FLANNELD_<NAME> from the environment, else flannel-ebpf's own."""
-    from flannel_ebpf.cli import FLAGS
-
     spec = next(f for f in FLAGS if f.name == flag)
     return environ.get(spec.env, spec.default)
 

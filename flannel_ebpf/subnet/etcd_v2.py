@@ -7,7 +7,7 @@ would wait for a config the operator believes is there. etcd 3.4 and 3.5 serve t
 tells whether the config is there.
 
 Blocking (urllib), short timeouts: SubnetRegistry.v2_config_hint runs `find_v2_config` in a thread.
-TLS or not is decided exactly as for the gRPC client (registry.endpoint_tls): the probe carries the etcd
+TLS or not is decided exactly as for the gRPC client (store.endpoint_tls): the probe carries the etcd
 password, so it never goes out in plaintext where the gRPC client would use TLS.
 """
 
@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from flannel_ebpf.subnet.registry import EtcdTLS, endpoint_tls, parse_endpoint
+from flannel_ebpf.subnet.store import EtcdTLS, base_url, endpoint_tls, ssl_context
 
 #: the probe is a hint only: never hold the agent up for long on an endpoint that does not answer
 PROBE_TIMEOUT = 2.0
@@ -35,22 +35,6 @@ class V2Config:
     endpoint: str  # the endpoint whose v2 store holds the key
     key: str
     value: str
-
-
-def base_url(endpoint: str, tls: EtcdTLS | None) -> str:
-    """The URL the v2 API is reached at: https:// whenever the gRPC client would use TLS there."""
-    host, port, _ = parse_endpoint(endpoint)
-    host = f"[{host}]" if ":" in host else host
-    return f"{'https' if endpoint_tls(endpoint, tls) is not None else 'http'}://{host}:{port}"
-
-
-def _ssl_context(tls: EtcdTLS | None) -> ssl.SSLContext | None:
-    if tls is None:
-        return None
-    context = ssl.create_default_context(cafile=tls.cafile or None)
-    if tls.certfile:
-        context.load_cert_chain(tls.certfile, tls.keyfile or None)
-    return context
 
 
 def probe_endpoint(
@@ -71,7 +55,7 @@ def probe_endpoint(
         token = base64.b64encode(f"{username}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
-        context = _ssl_context(use_tls)
+        context = ssl_context(use_tls)
         with urllib.request.urlopen(request, timeout=timeout, context=context) as answer:
             doc = json.loads(answer.read(MAX_ANSWER_BYTES))
     except (OSError, ValueError, ssl.SSLError, urllib.error.URLError):

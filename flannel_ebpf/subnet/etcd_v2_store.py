@@ -17,7 +17,6 @@ Reads are `quorum=true` (linearizable, as the v3 client's): a lagging member nev
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import json
 import re
@@ -34,7 +33,6 @@ import aiohttp
 from loguru import logger
 
 from flannel_ebpf.logs import clip
-from flannel_ebpf.subnet.etcd_v2 import _ssl_context, base_url
 from flannel_ebpf.subnet.lease import (
     MAX_VALUE_BYTES,
     Lease,
@@ -42,15 +40,17 @@ from flannel_ebpf.subnet.lease import (
     LeaseEvent,
     LeaseFormatError,
     parse_subnet_key,
-    subnet_key,
 )
-from flannel_ebpf.subnet.registry import (
+from flannel_ebpf.subnet.store import (
     DEFAULT_PREFIX,
+    Connection,
     EtcdPermissionError,
+    EtcdStore,
     EtcdTLS,
     Listing,
     WatchCompacted,
-    endpoint_tls,
+    base_url,
+    ssl_context,
 )
 
 #: A long poll that brings no event within this is asked again from the index etcd was at (a dead TCP
@@ -128,10 +128,9 @@ class _Claim:
 
 
 @dataclass
-class _V2Connection:
+class _V2Connection(Connection):
     """The HTTP session of a store and of its for_prefix() views: the endpoint in use, one session."""
 
-    endpoint_index: int = 0
     session: aiohttp.ClientSession | None = None
     claims: dict[int, _Claim] = field(default_factory=dict)
 
@@ -169,7 +168,7 @@ def has_ttl(node: dict[str, Any]) -> bool:
     return node.get("expiration") is not None or node.get("ttl") is not None
 
 
-class EtcdV2Registry:
+class EtcdV2Registry(EtcdStore[_V2Connection]):
     """flannel's keys under one prefix in etcd's v2 store (tries the endpoints in turn). A LeaseSource."""
 
     def __init__(
@@ -182,49 +181,26 @@ class EtcdV2Registry:
         timeout: float = 5.0,
         watch_poll: float = WATCH_POLL_SECONDS,
     ) -> None:
-        if not endpoints:
-            raise ValueError("no etcd endpoints given")
-        self.endpoints = endpoints
-        # v2 keys are paths from the root: flanneld v0.5 joins `coreos.com/network` as `/coreos.com/network`
-        self.prefix = "/" + prefix.strip("/")
-        self._tls = tls
+        super().__init__(endpoints, prefix, tls, _V2Connection())
         self._auth = aiohttp.BasicAuth(username, password) if username else None
         self._timeout = timeout
         self.watch_poll = watch_poll
-        self._connection = _V2Connection()
         self._tokens = itertools.count(1)
 
     # --- connection ---
 
-    def for_prefix(self, prefix: str) -> EtcdV2Registry:
-        """The keys under another prefix, through this store's HTTP session (see SubnetRegistry.for_prefix)."""
-        view = copy.copy(self)
-        view.prefix = "/" + prefix.strip("/")
-        return view
-
-    @property
-    def endpoint(self) -> str:
-        return self.endpoints[self._connection.endpoint_index]
-
-    def tls_for(self, endpoint: str) -> EtcdTLS | None:
-        return endpoint_tls(endpoint, self._tls)
-
-    @property
-    def lost_reason(self) -> str:
-        return ""
+    @staticmethod
+    def normal_prefix(prefix: str) -> str:
+        # v2 keys are paths from the root: flanneld v0.5 joins `coreos.com/network` as `/coreos.com/network`
+        return "/" + prefix.strip("/")
 
     def _session(self) -> aiohttp.ClientSession:
         if self._connection.session is None or self._connection.session.closed:
             tls = self.tls_for(self.endpoint)
-            context = _ssl_context(tls)
+            context = ssl_context(tls)
             connector = aiohttp.TCPConnector(ssl=context if context is not None else False, limit=16)
             self._connection.session = aiohttp.ClientSession(connector=connector, auth=self._auth)
         return self._connection.session
-
-    async def reconnect(self) -> None:
-        """Drop the session and move to the next endpoint (after a failure)."""
-        await self.close()
-        self._connection.endpoint_index = (self._connection.endpoint_index + 1) % len(self.endpoints)
 
     async def close(self) -> None:
         if self._connection.session is not None:
@@ -237,22 +213,8 @@ class EtcdV2Registry:
     # --- keys ---
 
     @property
-    def config_key(self) -> str:
-        return f"{self.prefix}/config"
-
-    @property
     def subnets_dir(self) -> str:
         return f"{self.prefix}/subnets"
-
-    @property
-    def subnets_prefix(self) -> str:
-        return f"{self.subnets_dir}/"
-
-    def lease_key(self, subnet: IPv4Network) -> str:
-        return self.subnets_prefix + subnet_key(subnet)
-
-    def presence_key(self, public_ip: IPv4Address) -> str:
-        return f"{self.prefix}/flannel-ebpf/hosts/{public_ip}"
 
     def _url(self, key: str) -> str:
         return f"{base_url(self.endpoint, self._tls)}/v2/keys{quote(key)}"

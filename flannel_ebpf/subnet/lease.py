@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any
 
+from flannel_ebpf.bounded_json import load_bounded_json
+from flannel_ebpf.config import UNUSABLE_RANGES
 from flannel_ebpf.logs import VALUE_LIMIT
 
 #: a BackendType as flanneld names its backends (udp, vxlan, host-gw, aws-vpc, tencent-vpc, ...): it reaches
@@ -26,19 +28,6 @@ _V6_KEY_RE = re.compile(r"([0-9a-f:]{2,39})-([0-9]{1,3})")
 
 #: The largest lease value the agent reads. flanneld writes about 150 bytes; anything near this is hostile.
 MAX_VALUE_BYTES = 64 * 1024
-#: The deepest JSON nesting accepted in a lease value or the network config (flannel's are 2 or 3 deep).
-MAX_JSON_DEPTH = 16
-
-# Addresses that can never be a host's PublicIP, nor lie inside an overlay Network: packets to them never
-# leave the host (loopback, "this network"), are never routed (link-local: valid on one link only, and home
-# of cloud metadata services), or are not unicast at all (multicast, class E with 255.255.255.255).
-UNUSABLE_RANGES: tuple[tuple[IPv4Network, str], ...] = (
-    (IPv4Network("0.0.0.0/8"), "'this network' (0.0.0.0/8)"),
-    (IPv4Network("127.0.0.0/8"), "loopback (127.0.0.0/8)"),
-    (IPv4Network("169.254.0.0/16"), "link-local (169.254.0.0/16)"),
-    (IPv4Network("224.0.0.0/4"), "multicast (224.0.0.0/4)"),
-    (IPv4Network("240.0.0.0/4"), "reserved class E / broadcast (240.0.0.0/4)"),
-)
 
 
 class LeaseFormatError(ValueError):
@@ -51,51 +40,6 @@ def unusable_address_reason(ip: IPv4Address) -> str | None:
         if ip in network:
             return f"{ip} is {what}"
     return None
-
-
-def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether `text` nests arrays/objects deeper than `limit`, decided without parsing it (parsing a
-    few thousand levels raises RecursionError). Brackets inside strings do not count."""
-    if text.count("[") + text.count("{") <= limit:  # the common case, 10,000 times per listing: cheap
-        return False
-    depth = 0
-    in_string = escaped = False
-    for ch in re.sub(r'[^\[\]{}"\\]', "", text):  # only what matters for nesting
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif ch in "]}":
-            depth -= 1
-    return False
-
-
-def load_bounded_json(raw: bytes | str, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """json.loads with a size and a nesting limit; ValueError (one line) on anything else."""
-    size = len(raw) if isinstance(raw, bytes | bytearray) else len(raw.encode(errors="replace"))
-    if size > max_bytes:
-        raise ValueError(f"{what} is {size} bytes, more than the {max_bytes} accepted")
-    try:
-        text = raw.decode() if isinstance(raw, bytes | bytearray) else raw
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{what} is not UTF-8: {e}") from None
-    if json_too_deep(text, max_depth):
-        raise ValueError(f"{what} nests JSON deeper than {max_depth} levels")
-    try:
-        return json.loads(text)
-    except RecursionError:  # belt and braces: json_too_deep should have caught it
-        raise ValueError(f"{what} nests JSON too deep") from None
-    except ValueError as e:
-        raise ValueError(f"{what} is not valid JSON: {e}") from None
 
 
 def subnet_key(subnet: IPv4Network) -> str:

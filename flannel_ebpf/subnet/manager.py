@@ -30,15 +30,8 @@ from flannel_ebpf.config import NetworkConfig
 from flannel_ebpf.logs import clip
 from flannel_ebpf.subnet.allocation import pick_subnet
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent
-from flannel_ebpf.subnet.registry import (
-    ETCD_RETRYABLE,
-    EtcdPermissionError,
-    LeaseSource,
-    Listing,
-    WatchCanceled,
-    WatchCompacted,
-    describe_etcd_error,
-)
+from flannel_ebpf.subnet.registry import ETCD_RETRYABLE, WatchCanceled, describe_etcd_error
+from flannel_ebpf.subnet.store import EtcdPermissionError, LeaseSource, Listing, WatchCompacted
 
 #: At most this many invalid keys are logged one by one per listing; the rest are counted in one line.
 GARBAGE_LOG_LIMIT = 20
@@ -389,20 +382,22 @@ class LeaseManager:
 
     # --- renewal and guard ---
 
-    def _due(self) -> float:
+    def _seconds_until_renewal(self) -> float:
         """Seconds until the lease must be renewed (never negative)."""
         if self.lease is None or self.lease.expiration is None:
             return float("inf")
         return max(0.0, self.lease.expiration - self.options.effective_margin - time.time())
 
     async def run_maintenance(self) -> None:
+        """Maintain the lease every check interval, or sooner when its renewal is due."""
         backoff = Backoff("lease maintenance", self.options.retry_interval, self.options.retry_max)
         while True:
+            wait = min(self.options.check_interval, self._seconds_until_renewal())
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._check_now.wait(), min(self.options.check_interval, self._due()))
+                await asyncio.wait_for(self._check_now.wait(), wait)
             self._check_now.clear()
             try:
-                await self.check_once()
+                await self.maintain_once()
                 backoff.succeeded()
             except ETCD_RETRYABLE as e:
                 self.etcd_errors["maintain"] += 1
@@ -410,10 +405,28 @@ class LeaseManager:
                 await self.leases.reconnect()
                 await backoff.failed(e)
 
-    async def check_once(self) -> None:
-        """Verify our key and etcd's identity; renew if due. Never overwrites another host's key."""
+    async def maintain_once(self) -> None:
+        """One round: notice etcd losing its data, keep our PublicIP's presence, then renew our lease,
+        re-create it if it vanished, or report that another host holds it. Never overwrites another
+        host's key."""
         assert self.lease is not None
         revision, cluster_id = await self.leases.current_revision()
+        self._notice_etcd_reset(revision, cluster_id)
+        if self.options.identity and not await self._keep_presence():
+            return  # reported; the lease is left alone until the other agent is gone
+        current = await self.leases.get_lease(self.lease.subnet)
+        if current is None:
+            await self._recreate_vanished_lease()
+        elif current.public_ip != self.attrs.public_ip:
+            self._report_lease_taken(current)
+        elif await self._renew_lease(current):
+            self._set_problem(None)
+        else:
+            return  # changed under us: decide on the next round
+        await self._changed()
+
+    def _notice_etcd_reset(self, revision: int, cluster_id: int) -> None:
+        """A new cluster id or a revision going backwards: etcd lost its data or was replaced, relist."""
         if self.cluster_id and (cluster_id != self.cluster_id or revision < self.last_revision):
             logger.warning(
                 "etcd lost its data or was replaced (cluster {:x} rev {} -> cluster {:x} rev {}); relisting",
@@ -422,41 +435,46 @@ class LeaseManager:
             self._grace_for_missing_peers()
             self.request_relist()
         self.cluster_id = cluster_id
-        if self.options.identity:
-            alive = bool(self.presence_lease) and await self.leases.refresh_presence(self.presence_lease)
-            if not alive and not await self._claim_presence():
-                return  # reported; the lease is left alone until the other agent is gone
-        current = await self.leases.get_lease(self.lease.subnet)
-        if current is None:
-            got = await self.leases.create_lease(self.lease.subnet, self.attrs, self.options.ttl)
-            if got:
-                logger.warning("lease {} had vanished from etcd (expired or lost); re-created it", got.subnet)
-                self.lease = got
-                self._set_problem(None)
-                # Whatever removed our key (an expiry, etcd losing its data) may have hidden other changes
-                # from the watch: a fresh listing costs little and makes the peers certain again.
-                self._grace_for_missing_peers()
-                self.request_relist()
-            else:
-                self._set_problem(f"lease {self.lease.subnet} vanished and was re-created by another host first")
-        elif current.public_ip != self.attrs.public_ip:
-            self._set_problem(
-                f"subnet {current.subnet} is now held by {current.public_ip}, not by us ({self.attrs.public_ip}); "
-                "keeping the data path as it is and not overwriting the other host's lease"
-            )
-        else:
-            due = current.expiration is not None and (current.expiration - time.time() < self.options.effective_margin)
-            if due or current.attrs != self.attrs:
-                got = await self.leases.update_lease(current, self.attrs, self.options.ttl)
-                if got is None:
-                    return  # changed under us: decide on the next check
-                logger.debug("renewed lease {} until {}", got.subnet, time.ctime(got.expiration or 0))
-                self.renewals += 1
-                self.lease = got
-            else:
-                self.lease = current
+
+    async def _keep_presence(self) -> bool:
+        """Refresh our claim on the PublicIP, or claim it again; False while another agent holds it."""
+        alive = bool(self.presence_lease) and await self.leases.refresh_presence(self.presence_lease)
+        return alive or await self._claim_presence()
+
+    async def _recreate_vanished_lease(self) -> None:
+        assert self.lease is not None
+        got = await self.leases.create_lease(self.lease.subnet, self.attrs, self.options.ttl)
+        if got:
+            logger.warning("lease {} had vanished from etcd (expired or lost); re-created it", got.subnet)
+            self.lease = got
             self._set_problem(None)
-        await self._changed()
+            # Whatever removed our key (an expiry, etcd losing its data) may have hidden other changes
+            # from the watch: a fresh listing costs little and makes the peers certain again.
+            self._grace_for_missing_peers()
+            self.request_relist()
+        else:
+            self._set_problem(f"lease {self.lease.subnet} vanished and was re-created by another host first")
+
+    def _report_lease_taken(self, current: Lease) -> None:
+        self._set_problem(
+            f"subnet {current.subnet} is now held by {current.public_ip}, not by us ({self.attrs.public_ip}); "
+            "keeping the data path as it is and not overwriting the other host's lease"
+        )
+
+    async def _renew_lease(self, current: Lease) -> bool:
+        """Renew our lease when its renewal is due, or write our attributes when they changed; False when
+        the key changed under us (the write is conditional on the version we read)."""
+        due = current.expiration is not None and (current.expiration - time.time() < self.options.effective_margin)
+        if not due and current.attrs == self.attrs:
+            self.lease = current
+            return True
+        got = await self.leases.update_lease(current, self.attrs, self.options.ttl)
+        if got is None:
+            return False
+        logger.debug("renewed lease {} until {}", got.subnet, time.ctime(got.expiration or 0))
+        self.renewals += 1
+        self.lease = got
+        return True
 
     async def release_presence(self) -> None:
         """The agent stops: let another agent (a replacement host) claim our PublicIP at once."""

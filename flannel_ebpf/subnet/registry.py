@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Protocol
-from urllib.parse import urlparse
 
 import aetcd
 import aetcd.exceptions
@@ -23,6 +20,7 @@ import grpc
 from aetcd import rpc
 from loguru import logger
 
+from flannel_ebpf.subnet import etcd_v2
 from flannel_ebpf.subnet.lease import (
     MAX_VALUE_BYTES,
     Lease,
@@ -30,26 +28,23 @@ from flannel_ebpf.subnet.lease import (
     LeaseEvent,
     LeaseFormatError,
     parse_subnet_key,
-    subnet_key,
+)
+from flannel_ebpf.subnet.store import (
+    DEFAULT_PREFIX,
+    Connection,
+    EtcdPermissionError,
+    EtcdStore,
+    EtcdTLS,
+    Listing,
+    WatchCompacted,
+    parse_endpoint,
 )
 
-DEFAULT_PREFIX = "/coreos.com/network"
 #: Keys per range request when listing subnets/. One unpaginated range is a single gRPC message, and
 #: gRPC refuses to receive more than 4 MiB: about 35,000 leases, or a few large values, would make every
 #: listing fail forever. A page that is still too big is asked for again in smaller pieces. 500 keys are
 #: parsed in ~20 ms between two awaits: the event loop is never held long.
 LIST_PAGE_SIZE = 500
-
-
-class EtcdPermissionError(aetcd.exceptions.ClientError):
-    """etcd refused a request on `key` for lack of a permission (etcd auth is on and our role lacks it)."""
-
-    def __init__(self, key: str, access: str, details: str = "") -> None:
-        self.key, self.access = key, access
-        super().__init__(
-            f"etcd denies {access} access to {key} (permission denied{': ' + details if details else ''}); "
-            f"grant this user's role {access} on it (see docs/SECURITY.md)"
-        )
 
 
 def grpc_code(error: BaseException) -> grpc.StatusCode | None:
@@ -186,17 +181,6 @@ WATCH_IDLE_SECONDS = 5.0
 WATCH_PROGRESS_TIMEOUT = 3.0
 
 
-@dataclass(frozen=True)
-class EtcdTLS:
-    cafile: str = ""
-    certfile: str = ""
-    keyfile: str = ""
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.cafile or self.certfile or self.keyfile)
-
-
 class _Client(aetcd.Client):
     """aetcd's client, plus TLS (aetcd itself only opens plaintext channels)."""
 
@@ -236,27 +220,6 @@ class _Client(aetcd.Client):
         self._connected.set()
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, int, bool]:
-    """`http://10.0.0.1:2379` -> (host, port, is_https)."""
-    if "://" not in endpoint:
-        endpoint = "http://" + endpoint
-    url = urlparse(endpoint)
-    if not url.hostname:
-        raise ValueError(f"not an etcd endpoint: {endpoint!r}")
-    return url.hostname, url.port or 2379, url.scheme == "https"
-
-
-def endpoint_tls(endpoint: str, tls: EtcdTLS | None) -> EtcdTLS | None:
-    """The TLS settings every connection to `endpoint` uses (None: plaintext), given the --etcd-*file
-    options: TLS for an https:// endpoint (the system's CAs when no file is given), and for any endpoint
-    (http://, bare host:port) once a TLS file is given. Never a fall-back to plaintext. The one decision
-    for the gRPC client and the v2 probe alike."""
-    https = parse_endpoint(endpoint)[2]
-    if tls is not None and tls.enabled:
-        return tls
-    return (tls or EtcdTLS()) if https else None
-
-
 class WatchCanceled(aetcd.exceptions.ClientError):
     """etcd canceled our watch for a reason other than a compaction (its reason is in the message):
     no more events will come on it, so the caller must relist and watch again."""
@@ -270,83 +233,14 @@ class WatchStalled(aetcd.exceptions.ConnectionTimeoutError):
     """The watch stream stopped answering (a dead connection that TCP has not noticed yet)."""
 
 
-class WatchCompacted(Exception):
-    """The revision a watch wanted to resume from was compacted away: relist."""
-
-    def __init__(self, compact_revision: int) -> None:
-        super().__init__(f"revision compacted (oldest kept: {compact_revision})")
-        self.compact_revision = compact_revision
-
-
-@dataclass(frozen=True)
-class Listing:
-    leases: list[Lease]
-    revision: int  # etcd's revision when the listing was taken: watch from revision + 1
-    garbage: list[tuple[str, str]]  # (key, reason) of keys/values that are not valid leases
-    #: subnets whose key is a valid lease key but whose value is garbage: nobody's peer, but the key
-    #: exists, so nobody can create a lease there either (subnet -> reason)
-    occupied: dict[IPv4Network, str] = field(default_factory=dict)
-
-
-class LeaseSource(Protocol):
-    """Where a network's config and leases come from: etcd (SubnetRegistry) or, with --remote, a lease
-    server (flannel_ebpf.remote.client.RemoteRegistry). What the agent and its LeaseManager use of it."""
-
-    endpoints: list[str]
-
-    # --- what the agent names in its messages ---
-    @property
-    def endpoint(self) -> str: ...
-    def tls_for(self, endpoint: str) -> EtcdTLS | None: ...
-    @property
-    def config_key(self) -> str: ...
-    @property
-    def subnets_prefix(self) -> str: ...
-    def lease_key(self, subnet: IPv4Network) -> str: ...
-    def presence_key(self, public_ip: IPv4Address) -> str: ...
-
-    # --- connection ---
-    async def reconnect(self) -> None: ...
-    async def close(self) -> None: ...
-
-    # --- config and leases ---
-    async def get_config(self) -> bytes | None: ...
-    async def list_leases(self) -> Listing: ...
-    async def get_lease(self, subnet: IPv4Network) -> Lease | None: ...
-    async def current_revision(self) -> tuple[int, int]: ...
-    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int | None) -> Lease | None: ...
-    async def update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int | None) -> Lease | None: ...
-    async def delete_lease(self, lease: Lease) -> bool: ...
-    def watch_leases(self, start_revision: int) -> AsyncIterator[tuple[int, LeaseEvent | None, str]]: ...
-
-    # --- one agent per PublicIP ---
-    async def claim_presence(self, public_ip: IPv4Address, identity: str, ttl: int) -> tuple[int, str]: ...
-    async def refresh_presence(self, lease_id: int) -> bool: ...
-    async def release_presence(self, lease_id: int) -> None: ...
-
-    # --- what the agent reports while it waits for the config, or while the source is cut off ---
-    async def v2_config_hint(self) -> str:
-        """While get_config() finds no config: the line saying that etcd's v2 store holds one (written the
-        old way, `etcdctl set`) and how to copy it to v3; "" when there is none or nothing to look in.
-        May raise: the agent keeps the hint it had."""
-        ...
-
-    @property
-    def lost_reason(self) -> str:
-        """Why the source is unreachable right now ("" while it answers, or where that is not tracked):
-        while it is set, an agent that would be ready is not-ready `server-lost`."""
-        ...
-
-
 @dataclass
-class _Connection:
+class _Connection(Connection):
     """A registry's etcd connection: the endpoint in use and its client (made on first use)."""
 
-    endpoint_index: int = 0
     client: _Client | None = None
 
 
-class SubnetRegistry:
+class SubnetRegistry(EtcdStore[_Connection]):
     """flannel's keys under one prefix, on one etcd cluster (tries the endpoints in turn). A LeaseSource."""
 
     def __init__(
@@ -360,26 +254,13 @@ class SubnetRegistry:
         watch_idle: float = WATCH_IDLE_SECONDS,
         watch_progress_timeout: float = WATCH_PROGRESS_TIMEOUT,
     ) -> None:
-        if not endpoints:
-            raise ValueError("no etcd endpoints given")
-        self.endpoints = endpoints
-        self.prefix = prefix.rstrip("/")
-        self._tls = tls
+        super().__init__(endpoints, prefix, tls, _Connection())
         self._auth = (username or None, password or None)
         self._timeout = timeout
         self.watch_idle = watch_idle
         self.watch_progress_timeout = watch_progress_timeout
-        self._connection = _Connection()
 
     # --- connection ---
-
-    def for_prefix(self, prefix: str) -> SubnetRegistry:
-        """The keys under another prefix, through this registry's etcd connection (the lease server's
-        networks: a network costs no connection of its own, and one nobody asks for again costs nothing).
-        A reconnect or close of either is one of both."""
-        view = copy.copy(self)  # shallow: the _Connection is shared
-        view.prefix = prefix.rstrip("/")
-        return view
 
     def _new_client(self) -> _Client:
         host, port, _https = parse_endpoint(self.endpoint)
@@ -392,11 +273,6 @@ class SubnetRegistry:
             self._connection.client = self._new_client()
         return self._connection.client
 
-    async def reconnect(self) -> None:
-        """Drop the current connection and move to the next endpoint (after a failure)."""
-        await self.close()
-        self._connection.endpoint_index = (self._connection.endpoint_index + 1) % len(self.endpoints)
-
     async def close(self) -> None:
         if self._connection.client is not None:
             client, self._connection.client = self._connection.client, None
@@ -404,31 +280,6 @@ class SubnetRegistry:
                 await client.close()
             except Exception as e:  # closing a broken channel may fail; nothing to do about it
                 logger.debug("closing etcd client: {}", e)
-
-    @property
-    def lost_reason(self) -> str:
-        return ""  # not tracked: etcd's errors surface as the errors of the calls that meet them
-
-    @property
-    def endpoint(self) -> str:
-        return self.endpoints[self._connection.endpoint_index]
-
-    def tls_for(self, endpoint: str) -> EtcdTLS | None:
-        """The TLS settings used for `endpoint` (None: plaintext). https:// never falls back to plaintext."""
-        return endpoint_tls(endpoint, self._tls)
-
-    # --- keys ---
-
-    @property
-    def config_key(self) -> str:
-        return f"{self.prefix}/config"
-
-    @property
-    def subnets_prefix(self) -> str:
-        return f"{self.prefix}/subnets/"
-
-    def lease_key(self, subnet: IPv4Network) -> str:
-        return self.subnets_prefix + subnet_key(subnet)
 
     # --- reads ---
 
@@ -440,8 +291,6 @@ class SubnetRegistry:
     async def v2_config_hint(self) -> str:
         """Ask etcd's v2 store for the config (in a thread: blocking HTTP, short timeout): the hint for a
         config written with `etcdctl set`, with the command that copies it to v3; "" when none has it."""
-        from flannel_ebpf.subnet import etcd_v2  # it imports this module
-
         # the endpoint that just answered first: it is the one most likely to answer this quickly too
         endpoints = [self.endpoint, *(e for e in self.endpoints if e != self.endpoint)]
         username, password = self._auth[0] or "", self._auth[1] or ""
@@ -644,10 +493,6 @@ class SubnetRegistry:
         return ok
 
     # --- presence: one agent per PublicIP -----------------------------------------------------------------
-
-    def presence_key(self, public_ip: IPv4Address) -> str:
-        # Outside subnets/ and config: flanneld never reads it, so the shared schema is unchanged.
-        return f"{self.prefix}/flannel-ebpf/hosts/{public_ip}"
 
     async def claim_presence(self, public_ip: IPv4Address, identity: str, ttl: int) -> tuple[int, str]:
         """Claim `public_ip` for this agent: (etcd lease id, "") on success, (0, holder) if another agent
