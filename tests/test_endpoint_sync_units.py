@@ -9,8 +9,8 @@ from ipaddress import IPv4Network
 
 from loguru import logger
 
-from flannel_ebpf.backends import udp_delivery
-from flannel_ebpf.backends.udp_delivery import EndpointSync, retry_delay
+from flannel_ebpf.backends.udp import delivery as udp_delivery
+from flannel_ebpf.backends.udp.delivery import EndpointSync, retry_delay
 
 SUBNET = IPv4Network("10.254.253.0/24")  # no bridge on this host holds its gateway: no hook, no endpoints
 

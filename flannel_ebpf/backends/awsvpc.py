@@ -37,8 +37,9 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.cloud import AWS_SDK, MetadataClient, import_sdk
+from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady
+from flannel_ebpf.backends.cloud.common import AWS_SDK, MetadataClient, import_sdk
+from flannel_ebpf.host.types import ExternalInterface, LocalNetwork
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
 DEFAULT_IMDS = "http://169.254.169.254"

@@ -30,8 +30,9 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.cloud import GCE_SDK, MetadataClient, import_sdk
+from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady
+from flannel_ebpf.backends.cloud.common import GCE_SDK, MetadataClient, import_sdk
+from flannel_ebpf.host.types import ExternalInterface, LocalNetwork
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
 COMPUTE_SCOPE = "https://www.googleapis.com/auth/compute"

@@ -13,15 +13,14 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.backends.base import BackendError, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.routes import (
+from flannel_ebpf.backends.base import BackendError, RoutedBackend, lease_problem
+from flannel_ebpf.host.types import ExternalInterface, LocalNetwork
+from flannel_ebpf.netlink.routes import (
     Reachability,
-    RoutedBackend,
     RouteSpec,
     delete_all_our_routes,
     delete_route,
     host_gw_route,
-    lease_problem,
     not_direct_reason,
     reachability,
     reachability_of_many,

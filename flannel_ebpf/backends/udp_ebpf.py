@@ -5,7 +5,7 @@
     underlay NIC
       tc ingress: flannel_tc_in (or XDP: flannel_xdp_in)   strip 28 bytes -> the stack forwards
     container bridge (docker0/cni0, found by the gateway address it holds)
-      tc egress: flannel_br_out   hand the routed packet whole to the container's port (udp_delivery.py)
+      tc egress: flannel_br_out   hand the routed packet whole to the container's port (udp/delivery.py)
 
 Kernel state left by this backend, all found again by name: the device flannel0 (its address, the
 route, the tc filter go with it), our filter/XDP program on the underlay, and the maps pinned under
@@ -35,26 +35,20 @@ from loguru import logger
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from flannel_ebpf.backends.base import (
-    Backend,
-    BackendError,
-    BackendOptions,
-    ExternalInterface,
-    LocalNetwork,
-    SkippedLeases,
-)
-from flannel_ebpf.backends.routes import ROUTE_PROTOCOL
-from flannel_ebpf.backends.udp_delivery import DELIVERY_MODES, EndpointSync, detach_handoff_everywhere
-from flannel_ebpf.backends.udp_device_guard import DeviceGuard
+from flannel_ebpf.backends.base import Backend, BackendError, SkippedLeases
+from flannel_ebpf.backends.udp.delivery import DELIVERY_MODES, EndpointSync, detach_handoff_everywhere
+from flannel_ebpf.backends.udp.device_guard import DeviceGuard
 from flannel_ebpf.config import udp_port_problem
 from flannel_ebpf.datapath import bpfsys, layout
 from flannel_ebpf.datapath.maps import DatapathMapError, DatapathMaps, remove_pins
+from flannel_ebpf.host.files import atomic_write
+from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.loaders import LoaderError, make_loader
 from flannel_ebpf.loaders import attach as hooks
 from flannel_ebpf.loaders.base import Attachment, Loader, foreign_xdp_refusal
 from flannel_ebpf.loaders.probes import KernelFeatures, probe_kernel
+from flannel_ebpf.netlink.routes import ROUTE_PROTOCOL
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
-from flannel_ebpf.subnet_file import atomic_write
 
 DEVICE = "flannel0"
 _FLANNELD_TUN_RE = re.compile(r"^flannel\d+$")
@@ -239,7 +233,7 @@ class UdpEbpfBackend(Backend):
                 decap = loader.attach_tc(decap_program, local.ext.index, "ingress")
                 Loader.detach_xdp(local.ext.index, layout.PROG_DECAP_XDP)
             # Pinned: status finds the ids; the bridge hand-off is attached from its pin whenever the
-            # container bridge appears (udp_delivery.EndpointSync). A previous run's programs that this
+            # container bridge appears (udp.delivery.EndpointSync). A previous run's programs that this
             # run does not use (another decap or delivery mode) are unpinned, so they can go.
             pinned = [p for p in programs if p != layout.PROG_PROBE_DECAP]
             for program in layout.PROGRAM_NAMES:

@@ -33,16 +33,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import flags as NTF
 from pyroute2.netlink.rtnl.ndmsg import states as NUD
 
-from flannel_ebpf.backends import netlink_bulk
-from flannel_ebpf.backends.base import BackendError, BackendOptions, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.netlink_bulk import AF_BRIDGE, format_mac
-from flannel_ebpf.backends.routes import (
-    RoutedBackend,
+from flannel_ebpf.backends.base import BackendError, RoutedBackend, lease_problem
+from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.netlink import bulk as netlink_bulk
+from flannel_ebpf.netlink.bulk import AF_BRIDGE, format_mac
+from flannel_ebpf.netlink.routes import (
     RouteSpec,
     delete_all_our_routes,
     delete_route,
     host_gw_route,
-    lease_problem,
     reachability,
     reconcile_routes,
     replace_route,
