@@ -565,11 +565,7 @@ class AwsVpcBackend(Backend):
         }
 
     def _inst(self) -> AwsInstance:
-        if self.instance is None or self.ec2 is None:
-            raise BackendError("aws-vpc: prepare() was not called")
-        return self.instance
+        return self.required(self.instance if self.ec2 is not None else None)
 
     def _local(self) -> LocalNetwork:
-        if self.local is None:
-            raise BackendError("aws-vpc: start() was not called")
-        return self.local
+        return self.required(self.local, "start()")

@@ -17,9 +17,10 @@ them from one data-plane task so that they never run concurrently.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, TypeVar
 
 from loguru import logger
 from pyroute2 import IPRoute
@@ -32,31 +33,7 @@ from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 #: a full sync logs the peers it added one per line up to this many, else in one line
 ADDED_LOG_LIMIT = 20
 
-
-@dataclass
-class SkippedLeases:
-    """Leases a backend cannot use, with why: each is logged once (and again when its reason changes),
-    not on every resync, so one bad lease never floods the log."""
-
-    backend: str  # as logged: "udp (tun)", "udp (eBPF)"
-    reasons: dict[IPv4Network, str] = field(default_factory=dict)
-
-    def skip(self, lease: Lease, why: str) -> None:
-        if self.reasons.get(lease.subnet) != why:
-            logger.warning("{}: ignoring lease {} (PublicIP {}): {}", self.backend, lease.subnet, lease.public_ip, why)
-        self.reasons[lease.subnet] = why
-
-    def usable(self, lease: Lease) -> None:
-        if self.reasons.pop(lease.subnet, None) is not None:
-            logger.info("{}: lease {} is usable again", self.backend, lease.subnet)
-
-    def forget(self, subnet: IPv4Network) -> None:
-        """The lease is gone (deleted or expired)."""
-        self.reasons.pop(subnet, None)
-
-    def prune(self, present: set[IPv4Network]) -> None:
-        """After a full sync: forget leases that are gone."""
-        self.reasons = {subnet: why for subnet, why in self.reasons.items() if subnet in present}
+T = TypeVar("T")
 
 
 class BackendError(RuntimeError):
@@ -120,6 +97,12 @@ class Backend(ABC):
         """What `flannel-ebpf status` shows for this backend."""
         return {"type": self.type_name}
 
+    def required(self, value: T | None, step: str = "prepare()") -> T:
+        """`value`, which `step` sets; an error naming that step when it has not run."""
+        if value is None:
+            raise BackendError(f"{self.type_name}: {step} was not called")
+        return value
+
 
 class RoutedBackend(Backend):
     """What host-gw and vxlan share: one netlink socket, opened lazily in whatever network namespace the
@@ -164,12 +147,47 @@ class RoutedBackend(Backend):
     def sync(self, peers: list[Lease]) -> None:
         self.book.begin_sync()  # the peers it adds are logged in one line at the end
         try:
+            self.book.replace_leases(peers)
             self._sync(peers)
         finally:
             self.book.end_sync()
 
     def _sync(self, peers: list[Lease]) -> None:
         raise NotImplementedError
+
+    def resync(self) -> None:
+        """Periodic re-check: a full reconcile of the known leases against the kernel (retries refused
+        peers, drops what no longer applies, restores what someone deleted); quiet when nothing changed."""
+        self.sync(list(self.book.leases.values()))
+
+    def _ext(self) -> ExternalInterface:
+        return self.required(self.ext)
+
+    def _checked_ext(self, lease: Lease) -> ExternalInterface | None:
+        """The external interface, or None when the lease fails the checks every routed backend makes
+        (then the book has it as skipped, with why)."""
+        ext = self._ext()
+        problem = lease_problem(
+            lease, self.type_name, self.local.subnet if self.local else None, {ext.address, ext.public_ip}
+        )
+        if problem:
+            self.book.skip(lease, problem)
+            return None
+        return ext
+
+    def _evaluate_each(self, peers: Iterable[Lease], evaluate: Callable[[Lease], T | None]) -> dict[IPv4Network, T]:
+        """What `evaluate` makes of each lease, by subnet; a lease it cannot make anything of is refused,
+        never raised: one bad peer costs exactly that peer, never the whole sync."""
+        desired: dict[IPv4Network, T] = {}
+        for lease in peers:
+            try:
+                found = evaluate(lease)
+            except Exception as e:
+                self.book.refuse(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
+                continue
+            if found is not None:
+                desired[lease.subnet] = found
+        return desired
 
     def stop(self) -> None:
         if self._ipr is not None:
@@ -182,14 +200,16 @@ class RoutedBackend(Backend):
 
 @dataclass
 class PeerBook:
-    """What a routed backend knows about its peers, for reconciles and for `status`.
+    """What a backend knows about its peers, for reconciles and for `status`.
 
-    `leases` holds every lease the agent gave us (also the ones we could not program), so that a
-    periodic re-check can retry refused peers: a peer refused because it sits behind a router is
-    programmed as soon as it becomes directly reachable, and vice versa.
+    `leases` holds every lease the agent gave a routed backend (also the ones it could not program), so
+    that a periodic re-check can retry refused peers: a peer refused because it sits behind a router is
+    programmed as soon as it becomes directly reachable, and vice versa. Each skipped or refused lease is
+    logged once (and again when its reason changes), not on every resync, so one bad lease never floods
+    the log.
     """
 
-    backend_type: str
+    backend: str  # as logged: "host-gw", "vxlan", "udp (tun)", "udp (eBPF)"
     leases: dict[IPv4Network, Lease] = field(default_factory=dict)
     #: peers programmed in the kernel: subnet -> what `status` shows about them
     programmed: dict[IPv4Network, dict[str, Any]] = field(default_factory=dict)
@@ -207,9 +227,9 @@ class PeerBook:
         added, self._added = self._added or [], None
         if len(added) <= ADDED_LOG_LIMIT:
             for line in added:
-                logger.info("{}: subnet added: {}", self.backend_type, line)
+                logger.info("{}: subnet added: {}", self.backend, line)
         else:
-            logger.info("{}: {} subnets added: {}, ...", self.backend_type, len(added),
+            logger.info("{}: {} subnets added: {}, ...", self.backend, len(added),
                         ", ".join(added[:ADDED_LOG_LIMIT]))  # fmt: skip
 
     def refuse(self, lease: Lease, reason: str) -> None:
@@ -220,7 +240,7 @@ class PeerBook:
         if self.refused.get(lease.subnet) != reason:
             logger.error(
                 "{}: not programming peer {} (PublicIP {}): {}",
-                self.backend_type,
+                self.backend,
                 lease.subnet,
                 lease.public_ip,
                 reason,
@@ -232,30 +252,41 @@ class PeerBook:
         self.refused.pop(lease.subnet, None)
         if self.skipped.get(lease.subnet) != reason:
             logger.warning(
-                "{}: ignoring lease {} (PublicIP {}): {}", self.backend_type, lease.subnet, lease.public_ip, reason
+                "{}: ignoring lease {} (PublicIP {}): {}", self.backend, lease.subnet, lease.public_ip, reason
             )
         self.skipped[lease.subnet] = reason
 
+    def usable(self, lease: Lease) -> None:
+        """The lease is neither skipped nor refused (any more)."""
+        refused = self.refused.pop(lease.subnet, None)
+        skipped = self.skipped.pop(lease.subnet, None)
+        if refused is not None or skipped is not None:
+            logger.info("{}: peer {} (PublicIP {}) is usable again", self.backend, lease.subnet, lease.public_ip)
+
     def accept(self, lease: Lease, info: dict[str, Any]) -> None:
-        if self.refused.pop(lease.subnet, None) is not None or self.skipped.pop(lease.subnet, None):
-            logger.info("{}: peer {} (PublicIP {}) is usable again", self.backend_type, lease.subnet, lease.public_ip)
+        self.usable(lease)
         if self.programmed.get(lease.subnet) != info:
             if self._added is not None:
                 self._added.append(f"{lease.subnet} via {lease.public_ip}")
             else:
-                logger.info("{}: subnet added: {} via {}", self.backend_type, lease.subnet, lease.public_ip)
+                logger.info("{}: subnet added: {} via {}", self.backend, lease.subnet, lease.public_ip)
         self.programmed[lease.subnet] = info
 
     def forget(self, subnet: IPv4Network) -> None:
+        """The lease is gone (deleted or expired)."""
         for table in (self.leases, self.programmed, self.refused, self.skipped):
             table.pop(subnet, None)
+
+    def prune(self, present: set[IPv4Network]) -> None:
+        """After a full sync: forget the peers whose lease is gone."""
+        for subnet in list(self.programmed) + list(self.refused) + list(self.skipped):
+            if subnet not in present:
+                self.forget(subnet)
 
     def replace_leases(self, peers: list[Lease]) -> None:
         """A full sync: these are now all the leases; peers absent from them are forgotten."""
         self.leases = {lease.subnet: lease for lease in peers}
-        for subnet in list(self.programmed) + list(self.refused) + list(self.skipped):
-            if subnet not in self.leases:
-                self.forget(subnet)
+        self.prune(set(self.leases))
 
     def status(self) -> dict[str, Any]:
         def ip_of(subnet: IPv4Network) -> str | None:

@@ -360,14 +360,10 @@ class GceBackend(Backend):
         }
 
     def _inst(self) -> GceInstance:
-        if self.instance is None or self.compute is None:
-            raise BackendError("gce: prepare() was not called")
-        return self.instance
+        return self.required(self.instance if self.compute is not None else None)
 
     def _local(self) -> LocalNetwork:
-        if self.local is None:
-            raise BackendError("gce: start() was not called")
-        return self.local
+        return self.required(self.local, "start()")
 
     def start(self, local: LocalNetwork) -> None:
         self.local = local

@@ -13,7 +13,7 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.backends.base import BackendError, RoutedBackend, lease_problem
+from flannel_ebpf.backends.base import BackendError, RoutedBackend
 from flannel_ebpf.host.types import ExternalInterface, LocalNetwork
 from flannel_ebpf.netlink.routes import (
     Reachability,
@@ -58,12 +58,8 @@ class HostGwBackend(RoutedBackend):
     def _desired(self, lease: Lease, reach: Reachability | None = None) -> RouteSpec | None:
         """The route for a peer, or None (then the reason is recorded in the book). `reach`: the kernel's
         route to the peer, if already looked up (a full sync asks for all of them in one batch)."""
-        ext = self._ext()
-        problem = lease_problem(
-            lease, self.type_name, self.local.subnet if self.local else None, {ext.address, ext.public_ip}
-        )
-        if problem:
-            self.book.skip(lease, problem)
+        ext = self._checked_ext(lease)
+        if ext is None:
             return None
         reach = reach or reachability(self.ipr, lease.public_ip)
         if not reach.directly_connected_on(ext.index):
@@ -72,17 +68,8 @@ class HostGwBackend(RoutedBackend):
         return host_gw_route(lease.subnet, lease.public_ip, ext.index)
 
     def _sync(self, peers: list[Lease]) -> None:
-        self.book.replace_leases(peers)
         reach = reachability_of_many(self.bulk, (lease.public_ip for lease in peers))
-        desired: dict[Any, RouteSpec] = {}
-        for lease in peers:
-            try:
-                spec = self._desired(lease, reach.get(lease.public_ip))
-            except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
-                self.book.refuse(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
-                continue
-            if spec is not None:
-                desired[lease.subnet] = spec
+        desired = self._evaluate_each(peers, lambda lease: self._desired(lease, reach.get(lease.public_ip)))
         result = reconcile_routes(self.ipr, self.routes, desired.values(), self.route_scope(self.local))
         for lease in peers:
             spec = desired.get(lease.subnet)
@@ -100,11 +87,6 @@ class HostGwBackend(RoutedBackend):
                 len(result.removed),
                 result.unchanged,
             )
-
-    def resync(self) -> None:
-        """Periodic re-check: retry refused peers, drop routes to peers no longer on-link, restore routes
-        that disappeared. Idempotent and quiet when nothing changed."""
-        self.sync(list(self.book.leases.values()))
 
     def add_peer(self, lease: Lease) -> None:
         self.book.leases[lease.subnet] = lease
@@ -136,8 +118,3 @@ class HostGwBackend(RoutedBackend):
             "ext_iface": self.ext.name if self.ext else None,
             **self.book.status(),
         }
-
-    def _ext(self) -> ExternalInterface:
-        if self.ext is None:
-            raise BackendError("host-gw: prepare()/start() was not called")
-        return self.ext

@@ -35,7 +35,7 @@ from loguru import logger
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from flannel_ebpf.backends.base import Backend, BackendError, SkippedLeases
+from flannel_ebpf.backends.base import Backend, BackendError, PeerBook
 from flannel_ebpf.backends.udp.delivery import DELIVERY_MODES, EndpointSync, detach_handoff_everywhere
 from flannel_ebpf.backends.udp.device_guard import DeviceGuard
 from flannel_ebpf.config import udp_port_problem
@@ -101,7 +101,7 @@ class UdpEbpfBackend(Backend):
         self._attachments: list[dict[str, Any]] = []
         self._features: KernelFeatures | None = None
         self._decap: str | None = None  # "xdp" | "tc" once started (--udp-decap auto resolved)
-        self._skipped = SkippedLeases("udp (eBPF)")
+        self.book = PeerBook("udp (eBPF)")  # only its skipped leases are kept
         self._endpoint_sync: EndpointSync | None = None
         self._loader_name: str | None = None  # "elf" | "bcc" once started (--loader auto resolved)
         self._encap_pending: int | None = None  # flannel0's ifindex while the encap waits for the first sync
@@ -254,7 +254,7 @@ class UdpEbpfBackend(Backend):
         for lease in peers:
             if self._accept(lease):
                 desired[lease.subnet] = lease.public_ip
-        self._skipped.prune({lease.subnet for lease in peers})
+        self.book.prune({lease.subnet for lease in peers})
         current = maps.read_peers()
         # Room first: departed peers leave the map before new ones go in.
         for subnet in current.keys() - desired.keys():
@@ -319,7 +319,7 @@ class UdpEbpfBackend(Backend):
         logger.info("udp (eBPF): peer {} at {}", lease.subnet, lease.public_ip)
 
     def remove_peer(self, lease: Lease) -> None:
-        self._skipped.forget(lease.subnet)
+        self.book.forget(lease.subnet)
         self._drop_peer(lease.subnet)
 
     def _drop_peer(self, subnet: IPv4Network) -> None:
@@ -452,7 +452,7 @@ class UdpEbpfBackend(Backend):
             "delivery": self.options.udp_delivery,
             "loader": self._loader_name,  # None in a process that did not load them (cli fills it in)
             "peers_refused_map_full": self._refused_full,
-            "skipped": {str(subnet): why for subnet, why in sorted(self._skipped.reasons.items())},
+            "skipped": {str(subnet): why for subnet, why in sorted(self.book.skipped.items())},
             "programs": self.programs_in_kernel(self.watched_devices() or None),
         }
         if self._features is not None:
@@ -530,9 +530,9 @@ class UdpEbpfBackend(Backend):
         except Exception as e:  # whatever a lease holds, evaluating it never aborts a sync
             why = f"cannot evaluate its lease: {type(e).__name__}: {e}"
         if why:
-            self._skipped.skip(lease, why)
+            self.book.skip(lease, why)
             return False
-        self._skipped.usable(lease)
+        self.book.usable(lease)
         return True
 
     def _unusable(self, lease: Lease) -> str | None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.backends.base import Backend, BackendError, SkippedLeases
+from flannel_ebpf.backends.base import Backend, BackendError, PeerBook
 from flannel_ebpf.config import udp_port_problem
 from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.netlink.routes import ROUTE_PROTOCOL
@@ -93,7 +93,7 @@ class UdpTunBackend(Backend):
         if problem:
             raise BackendError(f"udp backend: {problem}")
         self.port: int = port
-        self._skipped = SkippedLeases("udp (tun)")
+        self.book = PeerBook("udp (tun)")  # only its skipped leases are kept
         self.ext: ExternalInterface | None = None
         self.local: LocalNetwork | None = None
         self.peers: dict[IPv4Network, UdpPeer] = {}
@@ -138,11 +138,11 @@ class UdpTunBackend(Backend):
             try:
                 peer = self._validate(lease)
             except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
-                self._skipped.skip(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
+                self.book.skip(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
                 continue
             if peer is not None:
                 wanted[peer.subnet] = peer
-        self._skipped.prune({lease.subnet for lease in peers})
+        self.book.prune({lease.subnet for lease in peers})
         for gone in set(self.peers) - set(wanted):
             logger.info("udp (tun): peer {} removed", gone)
         for subnet, peer in wanted.items():
@@ -156,7 +156,7 @@ class UdpTunBackend(Backend):
         try:
             peer = self._validate(lease)
         except Exception as e:  # never raised to the agent: that peer only is skipped
-            self._skipped.skip(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
+            self.book.skip(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
             peer = None
         if peer is None:
             if lease.subnet in self.peers:  # it changed into something unusable: its old entry goes
@@ -170,7 +170,7 @@ class UdpTunBackend(Backend):
             self._send({"op": "set", "peers": [self._entry(peer)]})
 
     def remove_peer(self, lease: Lease) -> None:
-        self._skipped.forget(lease.subnet)
+        self.book.forget(lease.subnet)
         self._drop_peer(lease.subnet)
 
     def _drop_peer(self, subnet: IPv4Network) -> None:
@@ -255,11 +255,11 @@ class UdpTunBackend(Backend):
         why = unusable_address_reason(ip)
         if why:
             return self._skip(lease, f"unusable PublicIP: {why}")
-        self._skipped.usable(lease)
+        self.book.usable(lease)
         return UdpPeer(subnet=lease.subnet, public_ip=ip)
 
     def _skip(self, lease: Lease, why: str) -> None:
-        self._skipped.skip(lease, why)
+        self.book.skip(lease, why)
         return None
 
     # -- kernel state --

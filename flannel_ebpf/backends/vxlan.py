@@ -33,7 +33,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import flags as NTF
 from pyroute2.netlink.rtnl.ndmsg import states as NUD
 
-from flannel_ebpf.backends.base import BackendError, RoutedBackend, lease_problem
+from flannel_ebpf.backends.base import BackendError, RoutedBackend
 from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.netlink import bulk as netlink_bulk
 from flannel_ebpf.netlink.bulk import AF_BRIDGE, format_mac
@@ -47,20 +47,16 @@ from flannel_ebpf.netlink.routes import (
     replace_route,
     vxlan_route,
 )
-from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
+from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, short_repr
 
 #: VXLAN (50) = outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 ENCAP_OVERHEAD = 50
 DEFAULT_VNI = 1
 #: the port Linux uses when none is given (IANA's 4789 is not the kernel default); flanneld relies on it
 LINUX_DEFAULT_PORT = 8472
+#: how much of a peer's bad value a log line quotes
+SHORT_LIMIT = 40
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-])(?:[0-9a-fA-F]{2}\1){4}[0-9a-fA-F]{2}$")
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    """repr() cut short for a log line (a lease value is anyone's input)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def random_vtep_mac() -> str:
@@ -73,7 +69,7 @@ def random_vtep_mac() -> str:
 def parse_mac(value: Any) -> str:
     """Normalise a VtepMAC from a lease to lower-case `aa:bb:…`; ValueError if it is not a unicast MAC."""
     if not isinstance(value, str) or not _MAC_RE.fullmatch(value):
-        raise ValueError(f"VtepMAC {_short(value)} is not a MAC address")
+        raise ValueError(f"VtepMAC {short_repr(value, SHORT_LIMIT)} is not a MAC address")
     mac = value.lower().replace("-", ":")
     first = int(mac[:2], 16)
     if first & 0x01:
@@ -282,8 +278,7 @@ class VxlanBackend(RoutedBackend):
         )
 
     def start(self, local: LocalNetwork) -> None:
-        if self.ifindex is None:
-            raise BackendError("vxlan: start() before prepare()")
+        self._index()
         self.local = local
         self.ext = local.ext
         want = IPv4Network(f"{local.subnet.network_address}/32")
@@ -308,12 +303,8 @@ class VxlanBackend(RoutedBackend):
     def _evaluate(self, lease: Lease, mac_owner: Callable[[str], VxlanPeer | None]) -> VxlanPeer | None:
         """The peer to program for a lease, or None (the reason is in the book). `mac_owner(mac)`: a
         peer other than this lease's already holding that VtepMAC."""
-        ext = self._ext()
-        problem = lease_problem(
-            lease, self.type_name, self.local.subnet if self.local else None, {ext.address, ext.public_ip}
-        )
-        if problem:
-            self.book.skip(lease, problem)
+        ext = self._checked_ext(lease)
+        if ext is None:
             return None
         data = lease.attrs.backend_data
         if not isinstance(data, dict):
@@ -326,8 +317,10 @@ class VxlanBackend(RoutedBackend):
             return None
         vni = data.get("VNI")
         if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni <= 0xFFFFFF):
-            # flanneld cannot decode such a lease either; a list here used to raise TypeError mid-sync
-            self.book.skip(lease, f"invalid BackendData: VNI {_short(vni)} is not a VXLAN network identifier")
+            # flanneld cannot decode such a lease either
+            self.book.skip(
+                lease, f"invalid BackendData: VNI {short_repr(vni, SHORT_LIMIT)} is not a VXLAN network identifier"
+            )
             return None
         if vni is not None and vni != self.cfg.vni and (lease.subnet, vni) not in self._vni_warned:
             self._vni_warned.add((lease.subnet, vni))  # once per lease, not on every resync
@@ -394,19 +387,15 @@ class VxlanBackend(RoutedBackend):
     # peers: Backend interface
 
     def _sync(self, peers: list[Lease]) -> None:
-        self.book.replace_leases(peers)
-        desired: dict[IPv4Network, VxlanPeer] = {}
-        claimed: dict[str, VxlanPeer] = {}
-        for lease in sorted(peers, key=lambda x: x.subnet):
-            try:
-                peer = self._evaluate(lease, claimed.get)
-            except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
-                self.book.refuse(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
-                continue
-            if peer is not None:
-                desired[lease.subnet] = peer
-                if peer.vtep_mac:
-                    claimed.setdefault(peer.vtep_mac, peer)
+        claimed: dict[str, VxlanPeer] = {}  # VtepMAC -> the first peer (by subnet) that holds it
+
+        def evaluate(lease: Lease) -> VxlanPeer | None:
+            peer = self._evaluate(lease, claimed.get)
+            if peer is not None and peer.vtep_mac:
+                claimed.setdefault(peer.vtep_mac, peer)
+            return peer
+
+        desired = self._evaluate_each(sorted(peers, key=lambda x: x.subnet), evaluate)
 
         want_neigh = {p.subnet.network_address for p in desired.values() if p.vtep_mac}
         want_fdb = {p.vtep_mac for p in desired.values() if p.vtep_mac}
@@ -462,10 +451,6 @@ class VxlanBackend(RoutedBackend):
                 len(result.removed),
                 result.unchanged,
             )
-
-    def resync(self) -> None:
-        """Periodic re-check: a full reconcile of the known leases against the kernel."""
-        self.sync(list(self.book.leases.values()))
 
     def add_peer(self, lease: Lease) -> None:
         self.book.leases[lease.subnet] = lease
@@ -556,12 +541,5 @@ class VxlanBackend(RoutedBackend):
                 device = {"name": self.cfg.device_name, "error": str(e)}
         return {"type": self.type_name, "device": device, **self.book.status()}
 
-    def _ext(self) -> ExternalInterface:
-        if self.ext is None:
-            raise BackendError("vxlan: prepare() was not called")
-        return self.ext
-
     def _index(self) -> int:
-        if self.ifindex is None:
-            raise BackendError("vxlan: prepare() was not called")
-        return self.ifindex
+        return self.required(self.ifindex)
