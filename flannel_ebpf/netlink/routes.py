@@ -168,8 +168,8 @@ class RouteTable:
     the kernel has them (5.3+), else as classic `<dst> via <gateway> dev <oif>` routes.
 
     Why: the kernel keeps one fib_info per distinct nexthop and finds it in a hash that ignores the
-    gateway, so N routes with N distinct gateways (one per peer host) cost O(N^2) to insert: 1.3 s for
-    10,000 host-gw routes on this machine, against 0.15 s as nexthop objects and routes. A nexthop id
+    gateway, so N routes with N distinct gateways (one per peer host) cost O(N^2) to insert; routes over
+    nexthop objects are hashed by nexthop id (figures in docs/PERFORMANCE.md). A nexthop id
     that another tool already uses (another protocol) is never touched: that peer gets a classic route.
     """
 

@@ -49,8 +49,8 @@ def driver(iface: str) -> str:
 
 
 def gro_for_veth_xdp(iface: str) -> bool:
-    """Native XDP on a veth underlay: switch GRO on (measured in the lab: 1.4-2.1 -> 4.1 Gbit/s,
-    ~3000 -> ~10 retransmits per 4 s). Without GRO the veth peer stops sending GSO packets to an XDP
+    """Native XDP on a veth underlay: switch GRO on (about twice the throughput, docs/PERFORMANCE.md).
+    Without GRO the veth peer stops sending GSO packets to an XDP
     device (it segments everything in software) and nothing merges them again after XDP_PASS; with it,
     the peer keeps TSO and veth's NAPI runs GRO. Physical NICs are left as they are; a failure is logged."""
     try:
