@@ -26,8 +26,7 @@ from loguru import logger
 from pyroute2 import IPRoute
 
 from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
-from flannel_ebpf.netlink.bulk import BulkNetlink
-from flannel_ebpf.netlink.routes import RouteTable
+from flannel_ebpf.netlink.peers import KernelNetlink, PeerNetlink
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
 #: a full sync logs the peers it added one per line up to this many, else in one line
@@ -105,44 +104,30 @@ class Backend(ABC):
 
 
 class RoutedBackend(Backend):
-    """What host-gw and vxlan share: one netlink socket, opened lazily in whatever network namespace the
-    agent runs in, and a PeerBook of the leases they were given."""
+    """What host-gw and vxlan share: the kernel as a PeerNetlink (rtnetlink sockets opened lazily in
+    whatever network namespace the agent runs in; the unit tests put an in-memory kernel there), and a
+    PeerBook of the leases they were given."""
 
     def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
         super().__init__(backend_config, options)
-        self._ipr: IPRoute | None = None
-        self._bulk: BulkNetlink | None = None
-        self._routes: RouteTable | None = None
+        self.kernel = KernelNetlink()
+        #: every peer route, neighbour and FDB entry goes through this
+        self.netlink: PeerNetlink = self.kernel
         self.ext: ExternalInterface | None = None
         self.local: LocalNetwork | None = None
         self.book = PeerBook(self.type_name)
 
     @property
     def ipr(self) -> IPRoute:
-        if self._ipr is None:
-            self._ipr = IPRoute()
-        return self._ipr
-
-    @property
-    def bulk(self) -> BulkNetlink:
-        """A second socket for full syncs: thousands of requests at a time (netlink.bulk)."""
-        if self._bulk is None:
-            self._bulk = BulkNetlink()
-        return self._bulk
+        """For the backend's own devices (vxlan's flannel.<VNI>); peers go through `netlink`."""
+        return self.kernel.ipr
 
     def route_scope(self, local: LocalNetwork | None) -> IPv4Network | None:
         """The routes this backend owns: in multi-network mode only those into its own Network (another
-        network's routes on this host are not ours to delete); else every proto-102 route, as always."""
+        network's routes on this host are not ours to delete); else every proto-102 route."""
         if self.options.network_name and local is not None:
             return local.network
         return None
-
-    @property
-    def routes(self) -> RouteTable:
-        """Where our routes are written (nexthop objects where the kernel has them)."""
-        if self._routes is None:
-            self._routes = RouteTable(self.bulk)
-        return self._routes
 
     def sync(self, peers: list[Lease]) -> None:
         self.book.begin_sync()  # the peers it adds are logged in one line at the end
@@ -190,12 +175,8 @@ class RoutedBackend(Backend):
         return desired
 
     def stop(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
-        if self._bulk is not None:
-            self._bulk.close()
-            self._bulk, self._routes = None, None
+        self.netlink.close()
+        self.kernel.close()
 
 
 @dataclass

@@ -18,14 +18,8 @@ from flannel_ebpf.host.types import ExternalInterface, LocalNetwork
 from flannel_ebpf.netlink.routes import (
     Reachability,
     RouteSpec,
-    delete_all_our_routes,
-    delete_route,
     host_gw_route,
     not_direct_reason,
-    reachability,
-    reachability_of_many,
-    reconcile_routes,
-    replace_route,
 )
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
@@ -61,16 +55,16 @@ class HostGwBackend(RoutedBackend):
         ext = self._checked_ext(lease)
         if ext is None:
             return None
-        reach = reach or reachability(self.ipr, lease.public_ip)
+        reach = reach or self.netlink.reachability(lease.public_ip)
         if not reach.directly_connected_on(ext.index):
-            self.book.refuse(lease, not_direct_reason(self.ipr, reach, ext.name))
+            self.book.refuse(lease, not_direct_reason(reach, ext.name, self.netlink.link_name))
             return None
         return host_gw_route(lease.subnet, lease.public_ip, ext.index)
 
     def _sync(self, peers: list[Lease]) -> None:
-        reach = reachability_of_many(self.bulk, (lease.public_ip for lease in peers))
+        reach = self.netlink.reachability_of_many(lease.public_ip for lease in peers)
         desired = self._evaluate_each(peers, lambda lease: self._desired(lease, reach.get(lease.public_ip)))
-        result = reconcile_routes(self.ipr, self.routes, desired.values(), self.route_scope(self.local))
+        result = self.netlink.reconcile_routes(desired.values(), self.route_scope(self.local))
         for lease in peers:
             spec = desired.get(lease.subnet)
             if spec is None:
@@ -94,21 +88,21 @@ class HostGwBackend(RoutedBackend):
             spec = self._desired(lease)
             if spec is None:
                 # a lease that changed into something we cannot serve must not leave its old route behind
-                delete_route(self.ipr, lease.subnet)
+                self.netlink.delete_route(lease.subnet)
                 return
             # One replace, not a dump of every route to compare first: that cost O(peers) per event.
-            replace_route(self.routes, spec)
+            self.netlink.replace_route(spec)
             self.book.accept(lease, {"public_ip": str(lease.public_ip), "route": spec.describe()})
         except Exception as e:  # a peer must never take the agent down: record it, resync retries
             self.book.refuse(lease, f"programming failed: {e}")
 
     def remove_peer(self, lease: Lease) -> None:
         self.book.forget(lease.subnet)
-        if delete_route(self.ipr, lease.subnet):
+        if self.netlink.delete_route(lease.subnet):
             logger.info("host-gw: subnet removed: {}", lease.subnet)
 
     def teardown(self, local: LocalNetwork | None) -> None:
-        count = delete_all_our_routes(self.ipr, self.routes, self.route_scope(local))
+        count = self.netlink.delete_all_routes(self.route_scope(local))
         logger.info("host-gw: teardown removed {} routes", count)
         self.stop()
 

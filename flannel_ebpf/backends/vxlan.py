@@ -18,7 +18,6 @@ previous one left without flapping a single entry.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import secrets
@@ -30,21 +29,13 @@ from typing import Any
 
 from loguru import logger
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.ndmsg import flags as NTF
-from pyroute2.netlink.rtnl.ndmsg import states as NUD
 
 from flannel_ebpf.backends.base import BackendError, RoutedBackend
 from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
-from flannel_ebpf.netlink import bulk as netlink_bulk
-from flannel_ebpf.netlink.bulk import AF_BRIDGE, format_mac
+from flannel_ebpf.netlink.peers import NUD_PERMANENT, FdbEntry, Neighbour
 from flannel_ebpf.netlink.routes import (
     RouteSpec,
-    delete_all_our_routes,
-    delete_route,
     host_gw_route,
-    reachability,
-    reconcile_routes,
-    replace_route,
     vxlan_route,
 )
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, short_repr
@@ -326,7 +317,7 @@ class VxlanBackend(RoutedBackend):
             self._vni_warned.add((lease.subnet, vni))  # once per lease, not on every resync
             # flanneld ignores a peer's VNI; so do we, but a mismatch means its packets will not decap here
             logger.warning("vxlan: peer {} announces VNI {}, this host uses {}", lease.subnet, vni, self.cfg.vni)
-        if self.cfg.direct_routing and reachability(self.ipr, lease.public_ip).directly_connected_on(ext.index):
+        if self.cfg.direct_routing and self.netlink.reachability(lease.public_ip).directly_connected_on(ext.index):
             # same L2 segment: no encapsulation needed (flanneld's DirectRouting)
             route = host_gw_route(lease.subnet, lease.public_ip, ext.index)
             return VxlanPeer(lease.subnet, lease.public_ip, None, route)
@@ -336,52 +327,6 @@ class VxlanBackend(RoutedBackend):
             self.book.refuse(lease, f"VtepMAC {mac} is already used by peer {other.subnet} ({other.public_ip})")
             return None
         return VxlanPeer(lease.subnet, lease.public_ip, mac, vxlan_route(lease.subnet, self._index()))
-
-    # ------------------------------------------------------------------------------------------------
-    # kernel reads and writes for neighbours and FDB entries on flannel.<VNI>
-
-    def _kernel_neighbours(self) -> dict[IPv4Address, tuple[str, int]]:
-        out: dict[IPv4Address, tuple[str, int]] = {}
-        for state, _flags, dst, lladdr in self.bulk.neighbours(self._index()):
-            if len(dst) == 4:
-                out[IPv4Address(dst)] = (format_mac(lladdr), state)
-        return out
-
-    def _kernel_fdb(self) -> dict[str, IPv4Address]:
-        out: dict[str, IPv4Address] = {}
-        for _state, _flags, dst, lladdr in self.bulk.neighbours(self._index(), AF_BRIDGE):
-            mac = format_mac(lladdr)
-            if len(dst) == 4 and lladdr and mac != "00:00:00:00:00:00":
-                out[mac] = IPv4Address(dst)
-        return out
-
-    def _set_neigh(self, ip: IPv4Address, mac: str) -> None:
-        self.ipr.neigh("replace", dst=str(ip), lladdr=mac, ifindex=self._index(), state=NUD["permanent"])
-
-    def _del_neigh(self, ip: IPv4Address) -> None:
-        try:
-            self.ipr.neigh("del", dst=str(ip), ifindex=self._index())
-        except NetlinkError as e:
-            if e.code not in (errno.ENOENT, errno.ESRCH):
-                raise
-
-    def _set_fdb(self, mac: str, ip: IPv4Address) -> None:
-        self.ipr.fdb(
-            "replace",
-            ifindex=self._index(),
-            lladdr=mac,
-            dst=str(ip),
-            state=NUD["permanent"],
-            flags=NTF["self"],
-        )
-
-    def _del_fdb(self, mac: str) -> None:
-        # without a dst the whole entry (every remote of that MAC) goes
-        try:
-            self.ipr.fdb("del", ifindex=self._index(), lladdr=mac)
-        except NetlinkError as e:
-            if e.code not in (errno.ENOENT, errno.ESRCH):
-                raise
 
     # ------------------------------------------------------------------------------------------------
     # peers: Backend interface
@@ -401,39 +346,38 @@ class VxlanBackend(RoutedBackend):
         want_fdb = {p.vtep_mac for p in desired.values() if p.vtep_mac}
         # neighbours and FDB first, routes last: a route must never point at an unresolved next hop
         changes = 0
-        for ip, (_mac, state) in self._kernel_neighbours().items():
-            if ip not in want_neigh and state & NUD["permanent"]:
-                self._del_neigh(ip)
+        index = self._index()
+        for ip, (_mac, state) in self.netlink.neighbours(index).items():
+            if ip not in want_neigh and state & NUD_PERMANENT:
+                self.netlink.delete_neighbour(index, ip)
                 changes += 1
-        have_fdb = self._kernel_fdb()
+        have_fdb = self.netlink.fdb(index)
         for mac in have_fdb:
             if mac not in want_fdb:
-                self._del_fdb(mac)
+                self.netlink.delete_fdb(index, mac)
                 changes += 1
-        have_neigh = self._kernel_neighbours()
+        have_neigh = self.netlink.neighbours(index)
         # What is missing or wrong goes in one batch; a request the kernel refuses costs exactly that peer
         # (no route for it, below; the next resync retries it).
-        requests: list[tuple[VxlanPeer, netlink_bulk.Request]] = []
+        requests: list[tuple[VxlanPeer, Neighbour | FdbEntry]] = []
         for peer in desired.values():
             if peer.vtep_mac is None:
                 continue
             ip = peer.subnet.network_address
-            if have_neigh.get(ip, ("", 0)) != (peer.vtep_mac, NUD["permanent"]):
-                requests.append((peer, netlink_bulk.neigh_replace(self._index(), ip, peer.vtep_mac)))
+            if have_neigh.get(ip, ("", 0)) != (peer.vtep_mac, NUD_PERMANENT):
+                requests.append((peer, Neighbour(ip, peer.vtep_mac)))
             if have_fdb.get(peer.vtep_mac) != peer.public_ip:
-                requests.append((peer, netlink_bulk.fdb_replace(self._index(), peer.vtep_mac, peer.public_ip)))
+                requests.append((peer, FdbEntry(peer.vtep_mac, peer.public_ip)))
                 have_fdb[peer.vtep_mac] = peer.public_ip
         failed: dict[IPv4Network, str] = {}
-        for (peer, _request), code in zip(requests, self.bulk.execute([r for _, r in requests]), strict=True):
+        for (peer, _entry), code in zip(requests, self.netlink.write(index, [e for _, e in requests]), strict=True):
             if code:
                 failed[peer.subnet] = f"kernel refused its neighbour/FDB entry: {os.strerror(code)}"
         changes += len(requests)
         desired = {s: p for s, p in desired.items() if s not in failed}
         for subnet, reason in failed.items():
             self.book.refuse(self.book.leases[subnet], reason)
-        result = reconcile_routes(
-            self.ipr, self.routes, (p.route for p in desired.values()), self.route_scope(self.local)
-        )
+        result = self.netlink.reconcile_routes((p.route for p in desired.values()), self.route_scope(self.local))
         self._peers.clear()
         for subnet, peer in desired.items():
             lease = self.book.leases[subnet]
@@ -461,7 +405,7 @@ class VxlanBackend(RoutedBackend):
                 if old is not None:
                     self._unprogram(old)
                 else:
-                    delete_route(self.ipr, lease.subnet)
+                    self.netlink.delete_route(lease.subnet)
                 return
             if new != old:
                 self._program(new, old)
@@ -477,29 +421,31 @@ class VxlanBackend(RoutedBackend):
         if old is not None:
             self._unprogram(old)
         else:
-            delete_route(self.ipr, lease.subnet)
+            self.netlink.delete_route(lease.subnet)
         logger.info("vxlan: subnet removed: {}", lease.subnet)
 
     def _mac_in_use(self, mac: str, except_subnet: IPv4Network) -> bool:
         return self._peers.other_with_mac(mac, except_subnet) is not None
 
     def _program(self, new: VxlanPeer, old: VxlanPeer | None) -> None:
+        index = self._index()
         if new.vtep_mac is not None:
-            self._set_neigh(new.subnet.network_address, new.vtep_mac)
-            self._set_fdb(new.vtep_mac, new.public_ip)
-        replace_route(self.routes, new.route)  # one replace: comparing first would dump every route per event
+            self.netlink.replace_neighbour(index, Neighbour(new.subnet.network_address, new.vtep_mac))
+            self.netlink.replace_fdb(index, FdbEntry(new.vtep_mac, new.public_ip))
+        self.netlink.replace_route(new.route)  # one replace: comparing first would dump every route per event
         if old is not None and old.vtep_mac is not None:
             if new.vtep_mac is None:
-                self._del_neigh(old.subnet.network_address)
+                self.netlink.delete_neighbour(index, old.subnet.network_address)
             if old.vtep_mac != new.vtep_mac and not self._mac_in_use(old.vtep_mac, old.subnet):
-                self._del_fdb(old.vtep_mac)
+                self.netlink.delete_fdb(index, old.vtep_mac)
 
     def _unprogram(self, old: VxlanPeer) -> None:
-        delete_route(self.ipr, old.subnet)
+        self.netlink.delete_route(old.subnet)
         if old.vtep_mac is not None:
-            self._del_neigh(old.subnet.network_address)
+            index = self._index()
+            self.netlink.delete_neighbour(index, old.subnet.network_address)
             if not self._mac_in_use(old.vtep_mac, old.subnet):
-                self._del_fdb(old.vtep_mac)
+                self.netlink.delete_fdb(index, old.vtep_mac)
         self._peers.pop(old.subnet, None)
 
     # ------------------------------------------------------------------------------------------------
@@ -512,9 +458,7 @@ class VxlanBackend(RoutedBackend):
                 # its neighbours, FDB entries and the routes through it go with it
                 self.ipr.link("del", index=index)
                 logger.info("vxlan: deleted {}", name)
-        count = delete_all_our_routes(
-            self.ipr, self.routes, self.route_scope(local)
-        )  # DirectRouting routes are on the external interface
+        count = self.netlink.delete_all_routes(self.route_scope(local))  # DirectRouting's, on the ext iface
         if count:
             logger.info("vxlan: teardown removed {} direct routes", count)
         self.ifindex = None

@@ -5,14 +5,14 @@ or `flannel-ebpf down` finds exactly our routes and nothing else: a reconcile on
 that protocol, so an operator's static routes and the kernel's connected routes are never touched.
 
 Functions take an open pyroute2 `IPRoute` (single requests) and/or a BulkNetlink (dumps, full syncs),
-both bound to the caller's network namespace.
+both bound to the caller's network namespace; the backends reach them through `netlink.peers`.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from socket import AF_INET
@@ -137,8 +137,9 @@ def link_name(ipr: IPRoute, ifindex: int | None) -> str:
     return links[0].get_attr("IFLA_IFNAME") if links else f"#{ifindex}"
 
 
-def not_direct_reason(ipr: IPRoute, reach: Reachability, ext_name: str) -> str:
-    """Why `reach.address` cannot be used as a next hop on the external interface, in words."""
+def not_direct_reason(reach: Reachability, ext_name: str, link_name: Callable[[int | None], str]) -> str:
+    """Why `reach.address` cannot be used as a next hop on the external interface, in words. `link_name`:
+    a device's name from its index."""
     if reach.error:
         return f"{reach.address} is unreachable from this host: {reach.error}"
     if reach.local:
@@ -146,12 +147,10 @@ def not_direct_reason(ipr: IPRoute, reach: Reachability, ext_name: str) -> str:
     if reach.gateway is not None:
         return (
             f"{reach.address} is not on a network directly connected to {ext_name}: the kernel reaches it "
-            f"via the router {reach.gateway} (dev {link_name(ipr, reach.oif)}); host-gw needs all hosts on "
+            f"via the router {reach.gateway} (dev {link_name(reach.oif)}); host-gw needs all hosts on "
             "one L2 segment (use vxlan, or vxlan with DirectRouting, across routers)"
         )
-    return (
-        f"{reach.address} is reached through {link_name(ipr, reach.oif)}, not through the external interface {ext_name}"
-    )
+    return f"{reach.address} is reached through {link_name(reach.oif)}, not through the external interface {ext_name}"
 
 
 # ---------------------------------------------------------------------------------------------------
