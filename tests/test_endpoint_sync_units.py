@@ -1,4 +1,4 @@
-"""The udp backend's endpoint-sync thread (udp_delivery.EndpointSync) when its reconcile keeps failing:
+"""The udp backend's endpoint-sync thread (backends.udp.delivery.EndpointSync) when its reconcile keeps failing:
 it waits before each retry and does not repeat the same warning, without a lab."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The one small interface every backend implements.
+"""The one small interface every backend implements, and what backends share: the PeerBook of their
+leases, and RoutedBackend for host-gw and vxlan.
 
 The agent drives a backend in this order:
     backend = make_backend(config, options)
