@@ -24,8 +24,8 @@ from loguru import logger
 
 from flannel_ebpf import package_version, status_view
 from flannel_ebpf import state as state_file
-from flannel_ebpf.backends.base import BackendOptions
 from flannel_ebpf.flags import FALSE_WORDS, FLAGS, TRUE_WORDS, UNSUPPORTED, Flag
+from flannel_ebpf.host.types import BackendOptions
 from flannel_ebpf.logs import configure_logging, printable
 from flannel_ebpf.runtimes import commands as runtime_commands
 from flannel_ebpf.subnet.manager import LeaseOptions

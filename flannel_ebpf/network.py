@@ -33,9 +33,11 @@ from loguru import logger
 from flannel_ebpf import sd_notify, subnet_file
 from flannel_ebpf import state as state_file
 from flannel_ebpf.backends import make_backend
-from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady, LocalNetwork
+from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady
 from flannel_ebpf.config import MAX_CONFIG_BYTES, ConfigError, NetworkConfig, parse_config
-from flannel_ebpf.iface import InterfaceError, choose_interface
+from flannel_ebpf.host.files import atomic_write
+from flannel_ebpf.host.iface import InterfaceError, choose_interface
+from flannel_ebpf.host.types import BackendOptions, LocalNetwork
 from flannel_ebpf.metrics import DurationHistogram
 from flannel_ebpf.options import AgentOptions, RegistryFactory
 from flannel_ebpf.subnet.allocation import OutOfSubnets
@@ -573,7 +575,7 @@ class Network:
 def warn_route_overlaps(network: Any, own_subnet: Any) -> list[str]:
     """Warn (once, at start) about routes of this host that the overlay Network overlaps: its addresses
     would be routed into the overlay, or the overlay's into them. Returns the warnings."""
-    from flannel_ebpf.backends.routes import overlapping_routes  # netlink: only where needed
+    from flannel_ebpf.netlink.routes import overlapping_routes  # netlink: only where needed
 
     try:
         found = overlapping_routes(network, exclude=own_subnet)
@@ -601,5 +603,5 @@ def agent_identity(state_dir: str) -> str:
     except FileNotFoundError:
         pass
     identity = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
-    subnet_file.atomic_write(path, identity + "\n")
+    atomic_write(path, identity + "\n")
     return identity

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from flannel_ebpf.backends.base import BackendOptions, ExternalInterface, LocalNetwork
-from flannel_ebpf.subnet_file import atomic_write
+from flannel_ebpf.host.files import atomic_write
+from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
 
 STATE_FILE = "state.json"
 LOCK_FILE = "agent.lock"

@@ -2,29 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from ipaddress import IPv4Interface, IPv4Network
 
+from flannel_ebpf.host.files import atomic_write
 from flannel_ebpf.subnet.allocation import gateway_address
-
-
-def atomic_write(path: str, text: str, mode: int = 0o644) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def render(network: IPv4Network, subnet: IPv4Network, mtu: int, ip_masq: bool) -> str:

@@ -29,7 +29,7 @@ NO_SKIPS = os.environ.get("FLANNEL_EBPF_NO_SKIPS", "") not in ("", "0")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Tests import boto3 directly (the agent goes through backends.cloud.import_sdk): the same filter, so
+    # Tests import boto3 directly (the agent goes through backends.cloud.common.import_sdk): the same filter, so
     # Debian's pyOpenSSL deprecation warning does not end every run.
     try:
         import cryptography.utils  # noqa: F401

@@ -20,8 +20,9 @@ import pytest
 
 from flannel_ebpf.backends import make_backend
 from flannel_ebpf.backends.awsvpc import AwsVpcBackend
-from flannel_ebpf.backends.base import BackendError, BackendNotReady, BackendOptions, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.cloud import MetadataUnreachable
+from flannel_ebpf.backends.base import BackendError, BackendNotReady
+from flannel_ebpf.backends.cloud.common import MetadataUnreachable
+from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 from tests.cloud_standins import AwsMetadataStandIn, MotoServer, silent_listener
 

@@ -19,7 +19,8 @@ from botocore.exceptions import ClientError
 from loguru import logger
 
 from flannel_ebpf.backends.awsvpc import AwsVpcBackend
-from flannel_ebpf.backends.base import BackendError, BackendNotReady, BackendOptions, LocalNetwork
+from flannel_ebpf.backends.base import BackendError, BackendNotReady
+from flannel_ebpf.host.types import BackendOptions, LocalNetwork
 from tests.cloud_standins import MotoServer
 from tests.test_awsvpc import NETWORK, REGION, Vpc, agent, ext_of, lease, make_vpc, routes
 

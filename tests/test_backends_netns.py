@@ -527,9 +527,9 @@ def _driver_main() -> None:  # pragma: no cover - runs in a subprocess
     from pyroute2 import IPRoute
 
     from flannel_ebpf.backends.alloc import AllocBackend
-    from flannel_ebpf.backends.base import BackendOptions, ExternalInterface, LocalNetwork
     from flannel_ebpf.backends.hostgw import HostGwBackend
     from flannel_ebpf.backends.vxlan import VxlanBackend
+    from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
     from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
     logs: list[str] = []

@@ -28,7 +28,7 @@ from flannel_ebpf.subnet.store import EtcdTLS
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 #: imported but deliberately not declared: bcc is Debian's python3-bpfcc (PyPI's "bcc" is another project);
-#: cryptography only to silence its warning, when present (backends/cloud.py)
+#: cryptography only to silence its warning, when present (backends/cloud/common.py)
 UNDECLARED_OK = {"bcc", "cryptography"}
 
 
@@ -150,7 +150,8 @@ class Hide:
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
 sys.meta_path.insert(0, Hide())
 from flannel_ebpf.backends import make_backend
-from flannel_ebpf.backends.base import BackendError, BackendOptions
+from flannel_ebpf.backends.base import BackendError
+from flannel_ebpf.host.types import BackendOptions
 try:
     make_backend({backend!r}, {{}}, BackendOptions())
 except BackendError as e:
@@ -178,7 +179,7 @@ def test_a_cloud_backend_without_its_sdk_says_which_extra_to_install(backend: st
 
 LOAD_BACKEND = """
 from flannel_ebpf.backends import make_backend
-from flannel_ebpf.backends.base import BackendOptions
+from flannel_ebpf.host.types import BackendOptions
 make_backend({backend!r}, {{}}, BackendOptions())
 print("loaded")
 """

@@ -47,7 +47,7 @@ CASES: dict[str, dict] = {
 
 PROBE = """
 import json, sys
-from flannel_ebpf.iface import InterfaceError, choose_interface
+from flannel_ebpf.host.iface import InterfaceError, choose_interface
 out = {}
 for name, case in json.loads(sys.argv[1]).items():
     kwargs = {k: v for k, v in case.items() if k != "drop_default"}

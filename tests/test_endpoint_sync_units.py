@@ -1,4 +1,4 @@
-"""The udp backend's endpoint-sync thread (udp_delivery.EndpointSync) when its reconcile keeps failing:
+"""The udp backend's endpoint-sync thread (backends.udp.delivery.EndpointSync) when its reconcile keeps failing:
 it waits before each retry and does not repeat the same warning, without a lab."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from ipaddress import IPv4Network
 
 from loguru import logger
 
-from flannel_ebpf.backends import udp_delivery
-from flannel_ebpf.backends.udp_delivery import EndpointSync, retry_delay
+from flannel_ebpf.backends.udp import delivery as udp_delivery
+from flannel_ebpf.backends.udp.delivery import EndpointSync, retry_delay
 
 SUBNET = IPv4Network("10.254.253.0/24")  # no bridge on this host holds its gateway: no hook, no endpoints
 

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from flannel_ebpf.backends import make_backend
-from flannel_ebpf.backends.base import BackendError, BackendNotReady, BackendOptions, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.cloud import MetadataUnreachable
+from flannel_ebpf.backends.base import BackendError, BackendNotReady
+from flannel_ebpf.backends.cloud.common import MetadataUnreachable
 from flannel_ebpf.backends.gce import GceBackend, route_name
+from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 from tests.cloud_standins import silent_listener
 from tests.gce_standin import GceStandIn

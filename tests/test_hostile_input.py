@@ -8,9 +8,10 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannel_ebpf.backends.base import BackendError, BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.backends.base import BackendError
 from flannel_ebpf.bounded_json import json_too_deep
 from flannel_ebpf.config import ConfigError, parse_config
+from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.subnet.lease import (
     MAX_VALUE_BYTES,
     Lease,

@@ -70,8 +70,8 @@ def _in_ns(ns: str, code: str) -> object:
 OVERLAPS = """
 import json
 from ipaddress import IPv4Network as N
+from flannel_ebpf.netlink.routes import overlapping_routes
 from flannel_ebpf.network import warn_route_overlaps
-from flannel_ebpf.backends.routes import overlapping_routes
 print(json.dumps({
     "overlay": overlapping_routes(N("10.5.0.0/16"), exclude=N("10.5.1.0/24")),
     "no_exclude": overlapping_routes(N("10.5.0.0/16")),

@@ -11,9 +11,9 @@ import pytest
 from loguru import logger
 
 from flannel_ebpf import ipmasq
-from flannel_ebpf.backends.routes import in_scope
-from flannel_ebpf.backends.udp_delivery import EndpointSync
+from flannel_ebpf.backends.udp.delivery import EndpointSync
 from flannel_ebpf.cli import agent_options, parse_argv
+from flannel_ebpf.netlink.routes import in_scope
 from flannel_ebpf.network import HostClaims, Network
 from flannel_ebpf.options import AgentOptions
 

@@ -1,4 +1,4 @@
-"""netlink_bulk against the kernel, in a namespace of our own: what it writes is what iproute2 reads back,
+"""netlink.bulk against the kernel, in a namespace of our own: what it writes is what iproute2 reads back,
 a refused request costs exactly that request (in the middle of a chunk too), and its dumps and route
 lookups agree with iproute2's.
 
@@ -21,7 +21,7 @@ from flannel_ebpf.lab.netns import create_netns, delete_netns, new_prefix
 PROBE = """
 import errno, json, socket
 from ipaddress import IPv4Address, IPv4Network
-from flannel_ebpf.backends import netlink_bulk as nb
+from flannel_ebpf.netlink import bulk as nb
 
 eth = socket.if_nametoindex("e0")
 out = {}

@@ -88,7 +88,7 @@ _FULL_MAP_DRIVER = """
 import json, sys
 from ipaddress import IPv4Address, IPv4Network
 from pyroute2 import IPRoute
-from flannel_ebpf.backends.base import BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.backends.udp_ebpf import UdpEbpfBackend
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 

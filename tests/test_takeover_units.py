@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from flannel_ebpf.backends.udp_device_guard import deleted_links
+from flannel_ebpf.backends.udp.device_guard import deleted_links
 from flannel_ebpf.cli import HANDED_BACK, parse_argv
 
 RTM_NEWLINK, RTM_DELLINK, IFLA_MTU, IFLA_IFNAME = 16, 17, 4, 3

@@ -60,8 +60,8 @@ def _driver() -> None:
     """Read JSON commands from stdin, answer one JSON line each."""
     from ipaddress import IPv4Address, IPv4Network
 
-    from flannel_ebpf.backends.base import BackendOptions, ExternalInterface, LocalNetwork
     from flannel_ebpf.backends.udp_ebpf import UdpEbpfBackend
+    from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
     from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
     backend: UdpEbpfBackend | None = None

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from flannel_ebpf.backends.udp_tun_proxy import (
+from flannel_ebpf.backends.udp.tun_proxy import (
     PeerTable,
     build_net_unreachable,
     decrement_ttl,
@@ -122,7 +122,7 @@ needs_root = pytest.mark.skipif(
 RUNNER = r"""
 import json, socket, sys
 from ipaddress import IPv4Address, IPv4Network
-from flannel_ebpf.backends.base import BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.backends.udp_tun import UdpTunBackend
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
@@ -355,7 +355,7 @@ class Lab:
         for pid in self.proxy_pids:  # forwarding processes the runners started, should any outlive them
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b""
-                if b"udp_tun_proxy" in cmdline:
+                if b"udp.tun_proxy" in cmdline:
                     os.kill(pid, signal.SIGKILL)
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
@@ -579,7 +579,7 @@ def test_stop_restart_and_teardown(lab: Lab) -> None:
     ns = lab.ns("h1")
     pid = h1.call("status")["proxy"]["pid"]
     h1.call("stop")
-    assert not Path(f"/proc/{pid}").exists() or b"udp_tun_proxy" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert not Path(f"/proc/{pid}").exists() or b"udp.tun_proxy" not in Path(f"/proc/{pid}/cmdline").read_bytes()
     # The device persists and keeps the route: overlay traffic ends in flannel0, nothing forwards it.
     assert sh("ip", "-n", ns, "link", "show", "flannel0", check=False).returncode == 0
     assert ping(lab, "c1", "10.5.2.2")[0]["result"] == "timeout"

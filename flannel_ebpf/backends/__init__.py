@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flannel_ebpf.backends.base import Backend, BackendError, BackendOptions
+from flannel_ebpf.backends.base import Backend, BackendError
+from flannel_ebpf.host.types import BackendOptions
 
 
 def backend_class(backend_type: str, options: BackendOptions) -> type[Backend]:

@@ -11,7 +11,8 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.backends.base import Backend, ExternalInterface, LocalNetwork
+from flannel_ebpf.backends.base import Backend
+from flannel_ebpf.host.types import ExternalInterface, LocalNetwork
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
 

@@ -37,8 +37,9 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.cloud import AWS_SDK, MetadataClient, import_sdk
+from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady
+from flannel_ebpf.backends.cloud.common import AWS_SDK, MetadataClient, import_sdk
+from flannel_ebpf.host.types import ExternalInterface, LocalNetwork
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
 DEFAULT_IMDS = "http://169.254.169.254"
@@ -564,11 +565,7 @@ class AwsVpcBackend(Backend):
         }
 
     def _inst(self) -> AwsInstance:
-        if self.instance is None or self.ec2 is None:
-            raise BackendError("aws-vpc: prepare() was not called")
-        return self.instance
+        return self.required(self.instance if self.ec2 is not None else None)
 
     def _local(self) -> LocalNetwork:
-        if self.local is None:
-            raise BackendError("aws-vpc: start() was not called")
-        return self.local
+        return self.required(self.local, "start()")

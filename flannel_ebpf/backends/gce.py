@@ -30,8 +30,9 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.cloud import GCE_SDK, MetadataClient, import_sdk
+from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady
+from flannel_ebpf.backends.cloud.common import GCE_SDK, MetadataClient, import_sdk
+from flannel_ebpf.host.types import ExternalInterface, LocalNetwork
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
 COMPUTE_SCOPE = "https://www.googleapis.com/auth/compute"
@@ -359,14 +360,10 @@ class GceBackend(Backend):
         }
 
     def _inst(self) -> GceInstance:
-        if self.instance is None or self.compute is None:
-            raise BackendError("gce: prepare() was not called")
-        return self.instance
+        return self.required(self.instance if self.compute is not None else None)
 
     def _local(self) -> LocalNetwork:
-        if self.local is None:
-            raise BackendError("gce: start() was not called")
-        return self.local
+        return self.required(self.local, "start()")
 
     def start(self, local: LocalNetwork) -> None:
         self.local = local

@@ -13,20 +13,13 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.backends.base import BackendError, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.routes import (
+from flannel_ebpf.backends.base import BackendError, RoutedBackend
+from flannel_ebpf.host.types import ExternalInterface, LocalNetwork
+from flannel_ebpf.netlink.routes import (
     Reachability,
-    RoutedBackend,
     RouteSpec,
-    delete_all_our_routes,
-    delete_route,
     host_gw_route,
-    lease_problem,
     not_direct_reason,
-    reachability,
-    reachability_of_many,
-    reconcile_routes,
-    replace_route,
 )
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
@@ -59,32 +52,19 @@ class HostGwBackend(RoutedBackend):
     def _desired(self, lease: Lease, reach: Reachability | None = None) -> RouteSpec | None:
         """The route for a peer, or None (then the reason is recorded in the book). `reach`: the kernel's
         route to the peer, if already looked up (a full sync asks for all of them in one batch)."""
-        ext = self._ext()
-        problem = lease_problem(
-            lease, self.type_name, self.local.subnet if self.local else None, {ext.address, ext.public_ip}
-        )
-        if problem:
-            self.book.skip(lease, problem)
+        ext = self._checked_ext(lease)
+        if ext is None:
             return None
-        reach = reach or reachability(self.ipr, lease.public_ip)
+        reach = reach or self.netlink.reachability(lease.public_ip)
         if not reach.directly_connected_on(ext.index):
-            self.book.refuse(lease, not_direct_reason(self.ipr, reach, ext.name))
+            self.book.refuse(lease, not_direct_reason(reach, ext.name, self.netlink.link_name))
             return None
         return host_gw_route(lease.subnet, lease.public_ip, ext.index)
 
     def _sync(self, peers: list[Lease]) -> None:
-        self.book.replace_leases(peers)
-        reach = reachability_of_many(self.bulk, (lease.public_ip for lease in peers))
-        desired: dict[Any, RouteSpec] = {}
-        for lease in peers:
-            try:
-                spec = self._desired(lease, reach.get(lease.public_ip))
-            except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
-                self.book.refuse(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
-                continue
-            if spec is not None:
-                desired[lease.subnet] = spec
-        result = reconcile_routes(self.ipr, self.routes, desired.values(), self.route_scope(self.local))
+        reach = self.netlink.reachability_of_many(lease.public_ip for lease in peers)
+        desired = self._evaluate_each(peers, lambda lease: self._desired(lease, reach.get(lease.public_ip)))
+        result = self.netlink.reconcile_routes(desired.values(), self.route_scope(self.local))
         for lease in peers:
             spec = desired.get(lease.subnet)
             if spec is None:
@@ -102,32 +82,27 @@ class HostGwBackend(RoutedBackend):
                 result.unchanged,
             )
 
-    def resync(self) -> None:
-        """Periodic re-check: retry refused peers, drop routes to peers no longer on-link, restore routes
-        that disappeared. Idempotent and quiet when nothing changed."""
-        self.sync(list(self.book.leases.values()))
-
     def add_peer(self, lease: Lease) -> None:
         self.book.leases[lease.subnet] = lease
         try:
             spec = self._desired(lease)
             if spec is None:
                 # a lease that changed into something we cannot serve must not leave its old route behind
-                delete_route(self.ipr, lease.subnet)
+                self.netlink.delete_route(lease.subnet)
                 return
             # One replace, not a dump of every route to compare first: that cost O(peers) per event.
-            replace_route(self.routes, spec)
+            self.netlink.replace_route(spec)
             self.book.accept(lease, {"public_ip": str(lease.public_ip), "route": spec.describe()})
         except Exception as e:  # a peer must never take the agent down: record it, resync retries
             self.book.refuse(lease, f"programming failed: {e}")
 
     def remove_peer(self, lease: Lease) -> None:
         self.book.forget(lease.subnet)
-        if delete_route(self.ipr, lease.subnet):
+        if self.netlink.delete_route(lease.subnet):
             logger.info("host-gw: subnet removed: {}", lease.subnet)
 
     def teardown(self, local: LocalNetwork | None) -> None:
-        count = delete_all_our_routes(self.ipr, self.routes, self.route_scope(local))
+        count = self.netlink.delete_all_routes(self.route_scope(local))
         logger.info("host-gw: teardown removed {} routes", count)
         self.stop()
 
@@ -137,8 +112,3 @@ class HostGwBackend(RoutedBackend):
             "ext_iface": self.ext.name if self.ext else None,
             **self.book.status(),
         }
-
-    def _ext(self) -> ExternalInterface:
-        if self.ext is None:
-            raise BackendError("host-gw: prepare()/start() was not called")
-        return self.ext

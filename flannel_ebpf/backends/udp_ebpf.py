@@ -5,7 +5,7 @@
     underlay NIC
       tc ingress: flannel_tc_in (or XDP: flannel_xdp_in)   strip 28 bytes -> the stack forwards
     container bridge (docker0/cni0, found by the gateway address it holds)
-      tc egress: flannel_br_out   hand the routed packet whole to the container's port (udp_delivery.py)
+      tc egress: flannel_br_out   hand the routed packet whole to the container's port (udp/delivery.py)
 
 Kernel state left by this backend, all found again by name: the device flannel0 (its address, the
 route, the tc filter go with it), our filter/XDP program on the underlay, and the maps pinned under
@@ -16,15 +16,8 @@ atomically and reconciles the peers.
 
 from __future__ import annotations
 
-import array
 import contextlib
-import errno
-import fcntl
-import json
 import os
-import re
-import socket
-import struct
 import time
 from collections import Counter
 from ipaddress import IPv4Address, IPv4Network
@@ -35,41 +28,29 @@ from loguru import logger
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from flannel_ebpf.backends.base import (
-    Backend,
-    BackendError,
-    BackendOptions,
-    ExternalInterface,
-    LocalNetwork,
-    SkippedLeases,
+from flannel_ebpf.backends.base import Backend, BackendError, PeerBook
+from flannel_ebpf.backends.udp.delivery import DELIVERY_MODES, EndpointSync, detach_handoff_everywhere
+from flannel_ebpf.backends.udp.device import DEVICE, OVERHEAD, configure_device, route_network, route_to_other_tun
+from flannel_ebpf.backends.udp.device_guard import DeviceGuard
+from flannel_ebpf.backends.udp.underlay import (
+    SETTINGS_FILE,
+    driver,
+    gro_for_veth_xdp,
+    loosen_rp_filter,
+    remember_setting,
+    restore_settings,
 )
-from flannel_ebpf.backends.routes import ROUTE_PROTOCOL
-from flannel_ebpf.backends.udp_delivery import DELIVERY_MODES, EndpointSync, detach_handoff_everywhere
-from flannel_ebpf.backends.udp_device_guard import DeviceGuard
 from flannel_ebpf.config import udp_port_problem
 from flannel_ebpf.datapath import bpfsys, layout
 from flannel_ebpf.datapath.maps import DatapathMapError, DatapathMaps, remove_pins
+from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
 from flannel_ebpf.loaders import LoaderError, make_loader
 from flannel_ebpf.loaders import attach as hooks
 from flannel_ebpf.loaders.base import Attachment, Loader, foreign_xdp_refusal
 from flannel_ebpf.loaders.probes import KernelFeatures, probe_kernel
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
-from flannel_ebpf.subnet_file import atomic_write
 
-DEVICE = "flannel0"
-_FLANNELD_TUN_RE = re.compile(r"^flannel\d+$")
-_IFF_LOWER_UP = 1 << 16
-SETTINGS_FILE = "udp-ebpf-changed-settings.json"  # in --state-dir: what teardown puts back
 DEFAULT_PORT = 8285
-OVERHEAD = 28  # outer IPv4 (20) + UDP (8): flannel's udp encapsulation
-
-
-def _sysctl(path: str, value: str) -> None:
-    """Set a per-device sysctl of our own device (in the caller's namespace); a failure is logged."""
-    try:
-        Path("/proc/sys", path).write_text(value)
-    except OSError as e:
-        logger.warning("cannot set {} = {}: {}", path.replace("/", "."), value, e)
 
 
 class UdpEbpfBackend(Backend):
@@ -107,7 +88,7 @@ class UdpEbpfBackend(Backend):
         self._attachments: list[dict[str, Any]] = []
         self._features: KernelFeatures | None = None
         self._decap: str | None = None  # "xdp" | "tc" once started (--udp-decap auto resolved)
-        self._skipped = SkippedLeases("udp (eBPF)")
+        self.book = PeerBook("udp (eBPF)")  # only its skipped leases are kept
         self._endpoint_sync: EndpointSync | None = None
         self._loader_name: str | None = None  # "elf" | "bcc" once started (--loader auto resolved)
         self._encap_pending: int | None = None  # flannel0's ifindex while the encap waits for the first sync
@@ -129,10 +110,10 @@ class UdpEbpfBackend(Backend):
         foreign = Loader.foreign_xdp(local.ext.index, layout.PROG_DECAP_XDP) if self._decap == "xdp" else None
         if foreign and not self.options.xdp_replace_foreign:  # refused before anything is created
             raise BackendError(f"udp (eBPF): {foreign_xdp_refusal(local.ext.index, foreign)}")
-        tun_index = self._configure_device(local, route_now=False)
-        old_rp_filter = _loosen_rp_filter(local.ext.name)
+        tun_index = configure_device(local, route_now=False)
+        old_rp_filter = loosen_rp_filter(local.ext.name)
         if old_rp_filter is not None:
-            self._remember_setting(f"rp_filter:{local.ext.name}", old_rp_filter)
+            remember_setting(self._settings_file, f"rp_filter:{local.ext.name}", old_rp_filter)
         try:
             encap, decap, adopted = self._load_and_attach(local, tun_index)
         except BackendError as e:
@@ -148,7 +129,7 @@ class UdpEbpfBackend(Backend):
             for a in (encap, decap)
         ]
         if self._encap_pending is None:  # a restart: the encap is on flannel0 already, the route may be too
-            self._route_network(tun_index, local.network)
+            route_network(tun_index, local.network)
         mode = f" ({decap.xdp_mode})" if decap.xdp_mode else ""
         logger.info(
             "udp (eBPF): encap on {} egress, decap {}{} on {}, port {}, {} pinned peers adopted from {}",
@@ -165,7 +146,7 @@ class UdpEbpfBackend(Backend):
 
     def _restore_device(self, local: LocalNetwork) -> int:
         """flannel0 again (ours: persistent), with the pinned encap program on its egress."""
-        index = self._configure_device(local)
+        index = configure_device(local)
         self._attach_from_pin(layout.PROG_ENCAP, index, "egress")
         return index
 
@@ -223,8 +204,8 @@ class UdpEbpfBackend(Backend):
                 self._encap_pending = tun_index
             if decap_program == layout.PROG_DECAP_XDP:
                 decap = loader.attach_xdp(decap_program, local.ext.index, self.options.xdp_mode)
-                if decap.xdp_mode == "native" and _gro_for_veth_xdp(local.ext.name):
-                    self._remember_setting(f"gro:{local.ext.name}", 0)
+                if decap.xdp_mode == "native" and gro_for_veth_xdp(local.ext.name):
+                    remember_setting(self._settings_file, f"gro:{local.ext.name}", 0)
                 # Switching from tc decap: remove it only now, once XDP takes the packets.
                 hooks.tc_detach(local.ext.index, "ingress", layout.PROG_DECAP_TC)
             elif self._encap_pending is not None and not any(
@@ -239,7 +220,7 @@ class UdpEbpfBackend(Backend):
                 decap = loader.attach_tc(decap_program, local.ext.index, "ingress")
                 Loader.detach_xdp(local.ext.index, layout.PROG_DECAP_XDP)
             # Pinned: status finds the ids; the bridge hand-off is attached from its pin whenever the
-            # container bridge appears (udp_delivery.EndpointSync). A previous run's programs that this
+            # container bridge appears (udp.delivery.EndpointSync). A previous run's programs that this
             # run does not use (another decap or delivery mode) are unpinned, so they can go.
             pinned = [p for p in programs if p != layout.PROG_PROBE_DECAP]
             for program in layout.PROGRAM_NAMES:
@@ -260,7 +241,7 @@ class UdpEbpfBackend(Backend):
         for lease in peers:
             if self._accept(lease):
                 desired[lease.subnet] = lease.public_ip
-        self._skipped.prune({lease.subnet for lease in peers})
+        self.book.prune({lease.subnet for lease in peers})
         current = maps.read_peers()
         # Room first: departed peers leave the map before new ones go in.
         for subnet in current.keys() - desired.keys():
@@ -325,7 +306,7 @@ class UdpEbpfBackend(Backend):
         logger.info("udp (eBPF): peer {} at {}", lease.subnet, lease.public_ip)
 
     def remove_peer(self, lease: Lease) -> None:
-        self._skipped.forget(lease.subnet)
+        self.book.forget(lease.subnet)
         self._drop_peer(lease.subnet)
 
     def _drop_peer(self, subnet: IPv4Network) -> None:
@@ -357,7 +338,7 @@ class UdpEbpfBackend(Backend):
         so the traffic goes over to flanneld without a gap."""
         self.stop()
         if hand_over and local is not None:
-            self._route_to_other_tun(local.network)
+            route_to_other_tun(local.network)
         with IPRoute() as ipr:
             links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         # Our decap programs, wherever they are: the recorded underlay, else every device (after a crash
@@ -393,60 +374,11 @@ class UdpEbpfBackend(Backend):
             if entry not in alive:  # flannel0's, or a device gone since: nothing left to delete
                 hooks.forget_clsact(record, *entry)
         remove_pins(self.pin_dir)
-        self._restore_settings()
+        restore_settings(self._settings_file)
 
-    @staticmethod
-    def _route_to_other_tun(network: IPv4Network) -> None:
-        with IPRoute() as ipr:
-            for link in ipr.get_links():
-                name = link.get_attr("IFLA_IFNAME") or ""
-                info = link.get_attr("IFLA_LINKINFO")
-                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-                # flanneld's: flannel<N>, a TUN that a process reads (carrier up); ours has no reader
-                if name == DEVICE or not _FLANNELD_TUN_RE.match(name) or kind != "tun":
-                    continue
-                if not link["flags"] & _IFF_LOWER_UP:
-                    continue
-                try:
-                    ipr.route("replace", dst=str(network), oif=link["index"])
-                except NetlinkError as e:
-                    logger.warning("udp (eBPF): cannot move the route of {} to {}: {}", network, name, e)
-                    return
-                logger.info("udp (eBPF): route {} moved to {} (flanneld's TUN) before removing ours", network, name)
-                return
-        logger.info("udp (eBPF): no flanneld TUN yet: the route of {} goes with {}", network, DEVICE)
-
-    # --- interface settings we changed, and put back on teardown ----------------------------------
     @property
     def _settings_file(self) -> Path:
         return Path(self.options.state_dir) / SETTINGS_FILE
-
-    def _remember_setting(self, key: str, original: int) -> None:
-        """Record a setting's original value the first time we change it (a restart keeps the first)."""
-        try:
-            saved = json.loads(self._settings_file.read_text())
-        except (OSError, ValueError):
-            saved = {}
-        saved.setdefault(key, original)
-        atomic_write(str(self._settings_file), json.dumps(saved) + "\n")
-
-    def _restore_settings(self) -> None:
-        try:
-            saved = json.loads(self._settings_file.read_text())
-        except (OSError, ValueError):
-            return
-        for key, original in saved.items():
-            kind, _, iface = key.partition(":")
-            try:
-                if kind == "gro":
-                    _set_gro(iface, bool(original))
-                elif kind == "rp_filter":
-                    with open(f"/proc/sys/net/ipv4/conf/{iface}/rp_filter", "w") as f:
-                        f.write(str(original))
-                logger.info("udp (eBPF): {} on {} put back to {}", kind, iface, original)
-            except OSError as e:  # the interface may be gone
-                logger.warning("udp (eBPF): cannot put {} back on {}: {}", kind, iface, e)
-        self._settings_file.unlink(missing_ok=True)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = {
@@ -458,7 +390,7 @@ class UdpEbpfBackend(Backend):
             "delivery": self.options.udp_delivery,
             "loader": self._loader_name,  # None in a process that did not load them (cli fills it in)
             "peers_refused_map_full": self._refused_full,
-            "skipped": {str(subnet): why for subnet, why in sorted(self._skipped.reasons.items())},
+            "skipped": {str(subnet): why for subnet, why in sorted(self.book.skipped.items())},
             "programs": self.programs_in_kernel(self.watched_devices() or None),
         }
         if self._features is not None:
@@ -481,7 +413,7 @@ class UdpEbpfBackend(Backend):
         decap gets unmerged 1.5 KB packets (UDP GRO does not merge port 8285)."""
         if self.options.udp_decap != "auto":
             return self.options.udp_decap
-        if self.options.udp_delivery == "peer" or _driver(ext.name) == "veth":
+        if self.options.udp_delivery == "peer" or driver(ext.name) == "veth":
             return "tc"
         if Loader.foreign_xdp(ext.index, layout.PROG_DECAP_XDP) and not self.options.xdp_replace_foreign:
             logger.info("udp (eBPF): {} has another tool's XDP program: decapsulating in tc", ext.name)
@@ -544,9 +476,9 @@ class UdpEbpfBackend(Backend):
         except Exception as e:  # whatever a lease holds, evaluating it never aborts a sync
             why = f"cannot evaluate its lease: {type(e).__name__}: {e}"
         if why:
-            self._skipped.skip(lease, why)
+            self.book.skip(lease, why)
             return False
-        self._skipped.usable(lease)
+        self.book.usable(lease)
         return True
 
     def _unusable(self, lease: Lease) -> str | None:
@@ -585,55 +517,9 @@ class UdpEbpfBackend(Backend):
         if self._encap_pending is not None:
             self._attach_from_pin(layout.PROG_ENCAP, self._encap_pending, "egress")
             assert self._local is not None
-            self._route_network(self._encap_pending, self._local.network)
+            route_network(self._encap_pending, self._local.network)
             logger.info("udp (eBPF): encap and decap attached once fl_peers and fl_members were filled")
             self._encap_pending = None
-
-    def _configure_device(self, local: LocalNetwork, route_now: bool = True) -> int:
-        """flannel0 as flanneld makes it: TUN, lease network address /32, route <Network>, MTU - 28.
-        `route_now=False`: the route waits for the encap (`_route_network`), so a Network routed to
-        another live device (a flanneld's flannel1) keeps its route until flannel0 can carry packets."""
-        mtu = local.ext.mtu - OVERHEAD
-        address = str(local.subnet.network_address)
-        with IPRoute() as ipr:
-            index = next(iter(ipr.link_lookup(ifname=DEVICE)), None)
-            if index is None:
-                try:
-                    ipr.link("add", ifname=DEVICE, kind="tuntap", mode="tun")  # persistent, no reader
-                except NetlinkError as e:
-                    raise BackendError(f"udp (eBPF): cannot create TUN {DEVICE}: {e}") from e
-                index = ipr.link_lookup(ifname=DEVICE)[0]
-            # No IPv6 on the overlay device: it would only send router solicitations into the encap.
-            _sysctl(f"net/ipv6/conf/{DEVICE}/disable_ipv6", "1")
-            # Our ICMP errors (no peer, frag needed) come back in on flannel0 from flannel0's own address.
-            _sysctl(f"net/ipv4/conf/{DEVICE}/accept_local", "1")
-            ipr.link("set", index=index, mtu=mtu, state="up")
-            for addr in ipr.get_addr(family=socket.AF_INET, index=index):
-                have = (addr.get_attr("IFA_ADDRESS"), addr["prefixlen"])
-                if have != (address, 32):
-                    ipr.addr("del", index=index, address=have[0], prefixlen=have[1])
-            try:
-                ipr.addr("add", index=index, address=address, prefixlen=32)
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise BackendError(f"udp (eBPF): cannot address {DEVICE}: {e}") from e
-            for route in ipr.get_routes(family=socket.AF_INET, oif=index, proto=ROUTE_PROTOCOL):
-                dst = f"{route.get_attr('RTA_DST')}/{route['dst_len']}"
-                if dst != str(local.network):
-                    with contextlib.suppress(NetlinkError):
-                        ipr.route("del", dst=dst, oif=index, proto=ROUTE_PROTOCOL)
-        if route_now:
-            self._route_network(index, local.network)
-        return index
-
-    @staticmethod
-    def _route_network(index: int, network: IPv4Network) -> None:
-        """`<Network> dev flannel0`, replacing in place whatever route the Network had (flanneld's)."""
-        with IPRoute() as ipr:
-            try:
-                ipr.route("replace", dst=str(network), oif=index, proto=ROUTE_PROTOCOL)
-            except NetlinkError as e:
-                raise BackendError(f"udp (eBPF): cannot route {network} to {DEVICE}: {e}") from e
 
     @staticmethod
     def _remove_empty_clsact(index: int, name: str, record: Path) -> None:
@@ -708,77 +594,3 @@ class UdpEbpfBackend(Backend):
             return bpfsys.prog_info(fd).prog_id
         finally:
             os.close(fd)
-
-
-_SIOCETHTOOL = 0x8946
-_ETHTOOL_GDRVINFO = 0x03
-_ETHTOOL_GGRO = 0x2B
-_ETHTOOL_SGRO = 0x2C
-
-
-def _ethtool(sock: socket.socket, iface: str, request: bytearray) -> bytearray:
-    """One SIOCETHTOOL ioctl: `request` is the ethtool struct (cmd first), filled in place."""
-    buf = array.array("B", request)
-    address, _length = buf.buffer_info()
-    ifreq = struct.pack("16sP", iface.encode()[:15], address)
-    fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, ifreq)
-    return bytearray(buf.tobytes())
-
-
-def _set_gro(iface: str, on: bool) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        _ethtool(sock, iface, bytearray(struct.pack("II", _ETHTOOL_SGRO, int(on))))
-
-
-def _driver(iface: str) -> str:
-    """The device's driver name as ethtool reports it ("veth", "virtio_net", "mlx5_core", ...)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            # struct ethtool_drvinfo: cmd, then driver[32] (196 bytes in all)
-            info = _ethtool(sock, iface, bytearray(struct.pack("I", _ETHTOOL_GDRVINFO)) + bytearray(192))
-    except OSError:
-        return ""
-    return info[4:36].split(b"\0", 1)[0].decode(errors="replace")
-
-
-def _gro_for_veth_xdp(iface: str) -> bool:
-    """Native XDP on a veth underlay: switch GRO on (measured in the lab: 1.4-2.1 -> 4.1 Gbit/s,
-    ~3000 -> ~10 retransmits per 4 s). Without GRO the veth peer stops sending GSO packets to an XDP
-    device (it segments everything in software) and nothing merges them again after XDP_PASS; with it,
-    the peer keeps TSO and veth's NAPI runs GRO. Physical NICs are left as they are; a failure is logged."""
-    try:
-        if _driver(iface) != "veth":
-            return False
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            # struct ethtool_value: cmd, data
-            (_cmd, gro) = struct.unpack("II", _ethtool(sock, iface, bytearray(struct.pack("II", _ETHTOOL_GGRO, 0))))
-            if gro:
-                return False
-        _set_gro(iface, True)
-        logger.info("udp (eBPF): GRO switched on for {} (veth with native XDP: keeps GSO packets whole)", iface)
-        return True
-    except OSError as e:
-        logger.warning("udp (eBPF): cannot switch GRO on for {}: {}", iface, e)
-        return False
-
-
-def _loosen_rp_filter(iface: str) -> int | None:
-    """Decapsulated packets arrive on the underlay NIC while the route back to their source points at
-    flannel0: strict reverse-path filtering (rp_filter=1, e.g. RHEL's default) would drop every one of them.
-    The kernel uses max(all, iface), so loose mode (2) on the interface is enough and leaves `all` alone.
-    Returns the interface's previous value when it changed it."""
-
-    def read(name: str) -> int:
-        try:
-            with open(f"/proc/sys/net/ipv4/conf/{name}/rp_filter") as f:
-                return int(f.read())
-        except (OSError, ValueError):
-            return 0
-
-    if max(read("all"), read(iface)) != 1:
-        return None
-    previous = read(iface)
-    with open(f"/proc/sys/net/ipv4/conf/{iface}/rp_filter", "w") as f:
-        f.write("2")
-    logger.info("udp (eBPF): set rp_filter=2 (loose) on {}: strict mode drops decapsulated packets", iface)
-    return previous

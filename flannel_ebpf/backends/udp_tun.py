@@ -10,7 +10,7 @@ persistent (TUNSETPERSIST): while the forwarding process is down (agent restart)
 into flannel0, so overlay traffic is dropped there instead of leaking out of the default route; a restarted
 agent re-attaches to the same device. `teardown` deletes it.
 
-Packets are moved by `udp_tun_proxy`, a process of its own that the agent starts in `start()` and ends in
+Packets are moved by `udp.tun_proxy`, a process of its own that the agent starts in `start()` and ends in
 `stop()`; peers reach it over a SOCK_SEQPACKET socketpair (see that module for the protocol).
 """
 
@@ -34,22 +34,18 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.backends.base import (
-    Backend,
-    BackendError,
-    BackendOptions,
-    ExternalInterface,
-    LocalNetwork,
-    SkippedLeases,
-)
-from flannel_ebpf.backends.routes import ROUTE_PROTOCOL
+from flannel_ebpf.backends.base import Backend, BackendError, PeerBook
 from flannel_ebpf.config import udp_port_problem
+from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.netlink.routes import ROUTE_PROTOCOL
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, unusable_address_reason
 
 DEVICE_NAME = "flannel0"
 DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28  # outer IPv4 header (20) + UDP header (8)
-PROXY_MODULE = "flannel_ebpf.backends.udp_tun_proxy"
+PROXY_MODULE = "flannel_ebpf.backends.udp.tun_proxy"
+#: its module path in earlier releases: an agent upgraded while that proxy runs still finds and ends it
+EARLIER_PROXY_MODULE = "flannel_ebpf.backends.udp_tun_proxy"
 PID_FILE = "udp-tun-proxy.pid"
 
 # <linux/if_tun.h>
@@ -97,7 +93,7 @@ class UdpTunBackend(Backend):
         if problem:
             raise BackendError(f"udp backend: {problem}")
         self.port: int = port
-        self._skipped = SkippedLeases("udp (tun)")
+        self.book = PeerBook("udp (tun)")  # only its skipped leases are kept
         self.ext: ExternalInterface | None = None
         self.local: LocalNetwork | None = None
         self.peers: dict[IPv4Network, UdpPeer] = {}
@@ -142,11 +138,11 @@ class UdpTunBackend(Backend):
             try:
                 peer = self._validate(lease)
             except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
-                self._skipped.skip(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
+                self.book.skip(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
                 continue
             if peer is not None:
                 wanted[peer.subnet] = peer
-        self._skipped.prune({lease.subnet for lease in peers})
+        self.book.prune({lease.subnet for lease in peers})
         for gone in set(self.peers) - set(wanted):
             logger.info("udp (tun): peer {} removed", gone)
         for subnet, peer in wanted.items():
@@ -160,7 +156,7 @@ class UdpTunBackend(Backend):
         try:
             peer = self._validate(lease)
         except Exception as e:  # never raised to the agent: that peer only is skipped
-            self._skipped.skip(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
+            self.book.skip(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
             peer = None
         if peer is None:
             if lease.subnet in self.peers:  # it changed into something unusable: its old entry goes
@@ -174,7 +170,7 @@ class UdpTunBackend(Backend):
             self._send({"op": "set", "peers": [self._entry(peer)]})
 
     def remove_peer(self, lease: Lease) -> None:
-        self._skipped.forget(lease.subnet)
+        self.book.forget(lease.subnet)
         self._drop_peer(lease.subnet)
 
     def _drop_peer(self, subnet: IPv4Network) -> None:
@@ -259,11 +255,11 @@ class UdpTunBackend(Backend):
         why = unusable_address_reason(ip)
         if why:
             return self._skip(lease, f"unusable PublicIP: {why}")
-        self._skipped.usable(lease)
+        self.book.usable(lease)
         return UdpPeer(subnet=lease.subnet, public_ip=ip)
 
     def _skip(self, lease: Lease, why: str) -> None:
-        self._skipped.skip(lease, why)
+        self.book.skip(lease, why)
         return None
 
     # -- kernel state --
@@ -454,13 +450,13 @@ def _set_device_sysctl(device: str, name: str, value: str) -> None:
 
 
 def _is_our_proxy(pid: int) -> bool:
-    """The pid runs udp_tun_proxy (and is not a zombie): guards against a recycled pid."""
+    """The pid runs the TUN proxy (and is not a zombie): guards against a recycled pid."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return PROXY_MODULE.encode() in cmdline and state != "Z"
+    return any(m.encode() in cmdline for m in (PROXY_MODULE, EARLIER_PROXY_MODULE)) and state != "Z"
 
 
 def _end_process(proc: subprocess.Popen, timeout: float) -> None:

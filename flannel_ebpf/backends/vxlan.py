@@ -18,7 +18,6 @@ previous one left without flapping a single entry.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import secrets
@@ -30,38 +29,25 @@ from typing import Any
 
 from loguru import logger
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.ndmsg import flags as NTF
-from pyroute2.netlink.rtnl.ndmsg import states as NUD
 
-from flannel_ebpf.backends import netlink_bulk
-from flannel_ebpf.backends.base import BackendError, BackendOptions, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.netlink_bulk import AF_BRIDGE, format_mac
-from flannel_ebpf.backends.routes import (
-    RoutedBackend,
+from flannel_ebpf.backends.base import BackendError, RoutedBackend
+from flannel_ebpf.host.types import BackendOptions, ExternalInterface, LocalNetwork
+from flannel_ebpf.netlink.peers import NUD_PERMANENT, FdbEntry, Neighbour
+from flannel_ebpf.netlink.routes import (
     RouteSpec,
-    delete_all_our_routes,
-    delete_route,
     host_gw_route,
-    lease_problem,
-    reachability,
-    reconcile_routes,
-    replace_route,
     vxlan_route,
 )
-from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
+from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, short_repr
 
 #: VXLAN (50) = outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 ENCAP_OVERHEAD = 50
 DEFAULT_VNI = 1
 #: the port Linux uses when none is given (IANA's 4789 is not the kernel default); flanneld relies on it
 LINUX_DEFAULT_PORT = 8472
+#: how much of a peer's bad value a log line quotes
+SHORT_LIMIT = 40
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-])(?:[0-9a-fA-F]{2}\1){4}[0-9a-fA-F]{2}$")
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    """repr() cut short for a log line (a lease value is anyone's input)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def random_vtep_mac() -> str:
@@ -74,7 +60,7 @@ def random_vtep_mac() -> str:
 def parse_mac(value: Any) -> str:
     """Normalise a VtepMAC from a lease to lower-case `aa:bb:…`; ValueError if it is not a unicast MAC."""
     if not isinstance(value, str) or not _MAC_RE.fullmatch(value):
-        raise ValueError(f"VtepMAC {_short(value)} is not a MAC address")
+        raise ValueError(f"VtepMAC {short_repr(value, SHORT_LIMIT)} is not a MAC address")
     mac = value.lower().replace("-", ":")
     first = int(mac[:2], 16)
     if first & 0x01:
@@ -283,8 +269,7 @@ class VxlanBackend(RoutedBackend):
         )
 
     def start(self, local: LocalNetwork) -> None:
-        if self.ifindex is None:
-            raise BackendError("vxlan: start() before prepare()")
+        self._index()
         self.local = local
         self.ext = local.ext
         want = IPv4Network(f"{local.subnet.network_address}/32")
@@ -309,12 +294,8 @@ class VxlanBackend(RoutedBackend):
     def _evaluate(self, lease: Lease, mac_owner: Callable[[str], VxlanPeer | None]) -> VxlanPeer | None:
         """The peer to program for a lease, or None (the reason is in the book). `mac_owner(mac)`: a
         peer other than this lease's already holding that VtepMAC."""
-        ext = self._ext()
-        problem = lease_problem(
-            lease, self.type_name, self.local.subnet if self.local else None, {ext.address, ext.public_ip}
-        )
-        if problem:
-            self.book.skip(lease, problem)
+        ext = self._checked_ext(lease)
+        if ext is None:
             return None
         data = lease.attrs.backend_data
         if not isinstance(data, dict):
@@ -327,14 +308,16 @@ class VxlanBackend(RoutedBackend):
             return None
         vni = data.get("VNI")
         if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni <= 0xFFFFFF):
-            # flanneld cannot decode such a lease either; a list here used to raise TypeError mid-sync
-            self.book.skip(lease, f"invalid BackendData: VNI {_short(vni)} is not a VXLAN network identifier")
+            # flanneld cannot decode such a lease either
+            self.book.skip(
+                lease, f"invalid BackendData: VNI {short_repr(vni, SHORT_LIMIT)} is not a VXLAN network identifier"
+            )
             return None
         if vni is not None and vni != self.cfg.vni and (lease.subnet, vni) not in self._vni_warned:
             self._vni_warned.add((lease.subnet, vni))  # once per lease, not on every resync
             # flanneld ignores a peer's VNI; so do we, but a mismatch means its packets will not decap here
             logger.warning("vxlan: peer {} announces VNI {}, this host uses {}", lease.subnet, vni, self.cfg.vni)
-        if self.cfg.direct_routing and reachability(self.ipr, lease.public_ip).directly_connected_on(ext.index):
+        if self.cfg.direct_routing and self.netlink.reachability(lease.public_ip).directly_connected_on(ext.index):
             # same L2 segment: no encapsulation needed (flanneld's DirectRouting)
             route = host_gw_route(lease.subnet, lease.public_ip, ext.index)
             return VxlanPeer(lease.subnet, lease.public_ip, None, route)
@@ -346,106 +329,55 @@ class VxlanBackend(RoutedBackend):
         return VxlanPeer(lease.subnet, lease.public_ip, mac, vxlan_route(lease.subnet, self._index()))
 
     # ------------------------------------------------------------------------------------------------
-    # kernel reads and writes for neighbours and FDB entries on flannel.<VNI>
-
-    def _kernel_neighbours(self) -> dict[IPv4Address, tuple[str, int]]:
-        out: dict[IPv4Address, tuple[str, int]] = {}
-        for state, _flags, dst, lladdr in self.bulk.neighbours(self._index()):
-            if len(dst) == 4:
-                out[IPv4Address(dst)] = (format_mac(lladdr), state)
-        return out
-
-    def _kernel_fdb(self) -> dict[str, IPv4Address]:
-        out: dict[str, IPv4Address] = {}
-        for _state, _flags, dst, lladdr in self.bulk.neighbours(self._index(), AF_BRIDGE):
-            mac = format_mac(lladdr)
-            if len(dst) == 4 and lladdr and mac != "00:00:00:00:00:00":
-                out[mac] = IPv4Address(dst)
-        return out
-
-    def _set_neigh(self, ip: IPv4Address, mac: str) -> None:
-        self.ipr.neigh("replace", dst=str(ip), lladdr=mac, ifindex=self._index(), state=NUD["permanent"])
-
-    def _del_neigh(self, ip: IPv4Address) -> None:
-        try:
-            self.ipr.neigh("del", dst=str(ip), ifindex=self._index())
-        except NetlinkError as e:
-            if e.code not in (errno.ENOENT, errno.ESRCH):
-                raise
-
-    def _set_fdb(self, mac: str, ip: IPv4Address) -> None:
-        self.ipr.fdb(
-            "replace",
-            ifindex=self._index(),
-            lladdr=mac,
-            dst=str(ip),
-            state=NUD["permanent"],
-            flags=NTF["self"],
-        )
-
-    def _del_fdb(self, mac: str) -> None:
-        # without a dst the whole entry (every remote of that MAC) goes
-        try:
-            self.ipr.fdb("del", ifindex=self._index(), lladdr=mac)
-        except NetlinkError as e:
-            if e.code not in (errno.ENOENT, errno.ESRCH):
-                raise
-
-    # ------------------------------------------------------------------------------------------------
     # peers: Backend interface
 
     def _sync(self, peers: list[Lease]) -> None:
-        self.book.replace_leases(peers)
-        desired: dict[IPv4Network, VxlanPeer] = {}
-        claimed: dict[str, VxlanPeer] = {}
-        for lease in sorted(peers, key=lambda x: x.subnet):
-            try:
-                peer = self._evaluate(lease, claimed.get)
-            except Exception as e:  # one bad peer costs exactly that peer, never the whole sync
-                self.book.refuse(lease, f"cannot evaluate its lease: {type(e).__name__}: {e}")
-                continue
-            if peer is not None:
-                desired[lease.subnet] = peer
-                if peer.vtep_mac:
-                    claimed.setdefault(peer.vtep_mac, peer)
+        claimed: dict[str, VxlanPeer] = {}  # VtepMAC -> the first peer (by subnet) that holds it
+
+        def evaluate(lease: Lease) -> VxlanPeer | None:
+            peer = self._evaluate(lease, claimed.get)
+            if peer is not None and peer.vtep_mac:
+                claimed.setdefault(peer.vtep_mac, peer)
+            return peer
+
+        desired = self._evaluate_each(sorted(peers, key=lambda x: x.subnet), evaluate)
 
         want_neigh = {p.subnet.network_address for p in desired.values() if p.vtep_mac}
         want_fdb = {p.vtep_mac for p in desired.values() if p.vtep_mac}
         # neighbours and FDB first, routes last: a route must never point at an unresolved next hop
         changes = 0
-        for ip, (_mac, state) in self._kernel_neighbours().items():
-            if ip not in want_neigh and state & NUD["permanent"]:
-                self._del_neigh(ip)
+        index = self._index()
+        for ip, (_mac, state) in self.netlink.neighbours(index).items():
+            if ip not in want_neigh and state & NUD_PERMANENT:
+                self.netlink.delete_neighbour(index, ip)
                 changes += 1
-        have_fdb = self._kernel_fdb()
+        have_fdb = self.netlink.fdb(index)
         for mac in have_fdb:
             if mac not in want_fdb:
-                self._del_fdb(mac)
+                self.netlink.delete_fdb(index, mac)
                 changes += 1
-        have_neigh = self._kernel_neighbours()
+        have_neigh = self.netlink.neighbours(index)
         # What is missing or wrong goes in one batch; a request the kernel refuses costs exactly that peer
         # (no route for it, below; the next resync retries it).
-        requests: list[tuple[VxlanPeer, netlink_bulk.Request]] = []
+        requests: list[tuple[VxlanPeer, Neighbour | FdbEntry]] = []
         for peer in desired.values():
             if peer.vtep_mac is None:
                 continue
             ip = peer.subnet.network_address
-            if have_neigh.get(ip, ("", 0)) != (peer.vtep_mac, NUD["permanent"]):
-                requests.append((peer, netlink_bulk.neigh_replace(self._index(), ip, peer.vtep_mac)))
+            if have_neigh.get(ip, ("", 0)) != (peer.vtep_mac, NUD_PERMANENT):
+                requests.append((peer, Neighbour(ip, peer.vtep_mac)))
             if have_fdb.get(peer.vtep_mac) != peer.public_ip:
-                requests.append((peer, netlink_bulk.fdb_replace(self._index(), peer.vtep_mac, peer.public_ip)))
+                requests.append((peer, FdbEntry(peer.vtep_mac, peer.public_ip)))
                 have_fdb[peer.vtep_mac] = peer.public_ip
         failed: dict[IPv4Network, str] = {}
-        for (peer, _request), code in zip(requests, self.bulk.execute([r for _, r in requests]), strict=True):
+        for (peer, _entry), code in zip(requests, self.netlink.write(index, [e for _, e in requests]), strict=True):
             if code:
                 failed[peer.subnet] = f"kernel refused its neighbour/FDB entry: {os.strerror(code)}"
         changes += len(requests)
         desired = {s: p for s, p in desired.items() if s not in failed}
         for subnet, reason in failed.items():
             self.book.refuse(self.book.leases[subnet], reason)
-        result = reconcile_routes(
-            self.ipr, self.routes, (p.route for p in desired.values()), self.route_scope(self.local)
-        )
+        result = self.netlink.reconcile_routes((p.route for p in desired.values()), self.route_scope(self.local))
         self._peers.clear()
         for subnet, peer in desired.items():
             lease = self.book.leases[subnet]
@@ -464,10 +396,6 @@ class VxlanBackend(RoutedBackend):
                 result.unchanged,
             )
 
-    def resync(self) -> None:
-        """Periodic re-check: a full reconcile of the known leases against the kernel."""
-        self.sync(list(self.book.leases.values()))
-
     def add_peer(self, lease: Lease) -> None:
         self.book.leases[lease.subnet] = lease
         try:
@@ -477,7 +405,7 @@ class VxlanBackend(RoutedBackend):
                 if old is not None:
                     self._unprogram(old)
                 else:
-                    delete_route(self.ipr, lease.subnet)
+                    self.netlink.delete_route(lease.subnet)
                 return
             if new != old:
                 self._program(new, old)
@@ -493,30 +421,32 @@ class VxlanBackend(RoutedBackend):
         if old is not None:
             self._unprogram(old)
         else:
-            delete_route(self.ipr, lease.subnet)
+            self.netlink.delete_route(lease.subnet)
         logger.info("vxlan: subnet removed: {}", lease.subnet)
 
     def _mac_in_use(self, mac: str, except_subnet: IPv4Network) -> bool:
         return self._peers.other_with_mac(mac, except_subnet) is not None
 
     def _program(self, new: VxlanPeer, old: VxlanPeer | None) -> None:
+        index = self._index()
         if new.vtep_mac is not None:
-            self._set_neigh(new.subnet.network_address, new.vtep_mac)
-            self._set_fdb(new.vtep_mac, new.public_ip)
-        replace_route(self.routes, new.route)  # one replace: comparing first would dump every route per event
+            self.netlink.replace_neighbour(index, Neighbour(new.subnet.network_address, new.vtep_mac))
+            self.netlink.replace_fdb(index, FdbEntry(new.vtep_mac, new.public_ip))
+        self.netlink.replace_route(new.route)  # one replace: comparing first would dump every route per event
         if old is not None and old.vtep_mac is not None:
             if new.vtep_mac is None:
-                self._del_neigh(old.subnet.network_address)
+                self.netlink.delete_neighbour(index, old.subnet.network_address)
             if old.vtep_mac != new.vtep_mac and not self._mac_in_use(old.vtep_mac, old.subnet):
-                self._del_fdb(old.vtep_mac)
+                self.netlink.delete_fdb(index, old.vtep_mac)
 
     def _unprogram(self, old: VxlanPeer) -> None:
-        delete_route(self.ipr, old.subnet)
+        self.netlink.delete_route(old.subnet)
         if old.vtep_mac is not None:
-            self.routes.drop_nexthop(old.route.gateway)
-            self._del_neigh(old.subnet.network_address)
+            index = self._index()
+            self.netlink.drop_nexthop(old.route.gateway)
+            self.netlink.delete_neighbour(index, old.subnet.network_address)
             if not self._mac_in_use(old.vtep_mac, old.subnet):
-                self._del_fdb(old.vtep_mac)
+                self.netlink.delete_fdb(index, old.vtep_mac)
         self._peers.pop(old.subnet, None)
 
     # ------------------------------------------------------------------------------------------------
@@ -529,9 +459,7 @@ class VxlanBackend(RoutedBackend):
                 # its neighbours, FDB entries and the routes through it go with it
                 self.ipr.link("del", index=index)
                 logger.info("vxlan: deleted {}", name)
-        count = delete_all_our_routes(
-            self.ipr, self.routes, self.route_scope(local)
-        )  # DirectRouting routes are on the external interface
+        count = self.netlink.delete_all_routes(self.route_scope(local))  # DirectRouting's, on the ext iface
         if count:
             logger.info("vxlan: teardown removed {} direct routes", count)
         self.ifindex = None
@@ -558,12 +486,5 @@ class VxlanBackend(RoutedBackend):
                 device = {"name": self.cfg.device_name, "error": str(e)}
         return {"type": self.type_name, "device": device, **self.book.status()}
 
-    def _ext(self) -> ExternalInterface:
-        if self.ext is None:
-            raise BackendError("vxlan: prepare() was not called")
-        return self.ext
-
     def _index(self) -> int:
-        if self.ifindex is None:
-            raise BackendError("vxlan: prepare() was not called")
-        return self.ifindex
+        return self.required(self.ifindex)

@@ -62,7 +62,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT_DIR = REPO_ROOT / "bench" / "results"
 NETWORK = "10.5.0.0/16"
 ETCD_PREFIX = "/coreos.com/network"
-ROUTE_PROTOCOL = "102"  # flannel-ebpf's routes (backends.routes.ROUTE_PROTOCOL); the bench must not import backends
+ROUTE_PROTOCOL = "102"  # flannel-ebpf's routes (netlink.routes.ROUTE_PROTOCOL); the bench must not import backends
 IPERF_PORT = 5201
 UDP_PAYLOAD = 64  # bytes of UDP payload: a small-packet rate, not a bandwidth
 # Measured alongside the report's metrics, shown in its notes (BackendResult has no field for them).

@@ -27,7 +27,7 @@ from typing import Any
 
 from loguru import logger
 
-from flannel_ebpf.subnet_file import atomic_write
+from flannel_ebpf.host.files import atomic_write
 
 RECORD_FILE = "bridge.json"
 DEFAULT_BRIDGE = "docker0"

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from flannel_ebpf.flags import FLAGS
-from flannel_ebpf.subnet_file import atomic_write
+from flannel_ebpf.host.files import atomic_write
 
 from . import bridge as bridge_mod
 from . import cni as cni_mod

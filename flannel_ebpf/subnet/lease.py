@@ -56,14 +56,14 @@ def parse_subnet_key(name: str) -> IPv4Network:
     v4, sep, v6 = name.partition("&")
     m = _V4_KEY_RE.fullmatch(v4)
     if not m:
-        raise LeaseFormatError(f"not a subnet key: {_short(name, VALUE_LIMIT)}")
+        raise LeaseFormatError(f"not a subnet key: {short_repr(name, VALUE_LIMIT)}")
     try:
         subnet = IPv4Network(f"{m.group(1)}/{m.group(2)}")  # strict: no host bits
     except ValueError as e:
-        raise LeaseFormatError(f"not a subnet key: {_short(name, VALUE_LIMIT)}: {e}") from None
+        raise LeaseFormatError(f"not a subnet key: {short_repr(name, VALUE_LIMIT)}: {e}") from None
     if subnet_key(subnet) != v4:
         written = subnet_key(subnet)
-        raise LeaseFormatError(f"not a subnet key: {_short(name, VALUE_LIMIT)} (flanneld writes {written!r})")
+        raise LeaseFormatError(f"not a subnet key: {short_repr(name, VALUE_LIMIT)} (flanneld writes {written!r})")
     if sep:
         m6 = _V6_KEY_RE.fullmatch(v6)
         try:
@@ -71,7 +71,7 @@ def parse_subnet_key(name: str) -> IPv4Network:
         except ValueError:
             subnet6 = None
         if subnet6 is None or f"{subnet6.network_address}-{subnet6.prefixlen}" != v6:
-            raise LeaseFormatError(f"not a subnet key: {_short(name, VALUE_LIMIT)} (bad IPv6 part)")
+            raise LeaseFormatError(f"not a subnet key: {short_repr(name, VALUE_LIMIT)} (bad IPv6 part)")
     return subnet
 
 
@@ -112,20 +112,20 @@ class LeaseAttrs:
         except ValueError:
             public_ip = None
         if public_ip is None:
-            raise LeaseFormatError(f"lease has no usable PublicIP: {_short(raw_ip)}")
+            raise LeaseFormatError(f"lease has no usable PublicIP: {short_repr(raw_ip)}")
         why = unusable_address_reason(public_ip)
         if why:
             raise LeaseFormatError(f"lease PublicIP is never a peer: {why}")
         backend_type = value.get("BackendType") or "udp"
         if not isinstance(backend_type, str) or not BACKEND_NAME.fullmatch(backend_type):
-            raise LeaseFormatError(f"lease BackendType is not a backend name: {_short(backend_type)}")
+            raise LeaseFormatError(f"lease BackendType is not a backend name: {short_repr(backend_type)}")
         data = value.get("BackendData")
         if data is not None and not isinstance(data, dict):
-            raise LeaseFormatError(f"lease BackendData is not an object: {_short(data)}")
+            raise LeaseFormatError(f"lease BackendData is not an object: {short_repr(data)}")
         return cls(public_ip=public_ip, backend_type=backend_type, backend_data=data)
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def short_repr(value: Any, limit: int = 80) -> str:
     """repr() for a log line: a hostile value must not flood the log."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"

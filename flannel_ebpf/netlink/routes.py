@@ -1,31 +1,28 @@
-"""What host-gw and vxlan share: a lease becomes a route, and routes are reconciled against the kernel.
+"""Our routes in the kernel: a peer becomes a route, and routes are reconciled against the kernel.
 
 Every route flannel-ebpf adds carries `proto 102` (ROUTE_PROTOCOL). That marker is how a restarted agent
 or `flannel-ebpf down` finds exactly our routes and nothing else: a reconcile only ever deletes routes of
 that protocol, so an operator's static routes and the kernel's connected routes are never touched.
 
 Functions take an open pyroute2 `IPRoute` (single requests) and/or a BulkNetlink (dumps, full syncs),
-both bound to the caller's network namespace.
+both bound to the caller's network namespace; the backends reach them through `netlink.peers`.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from socket import AF_INET
-from typing import Any
 
 from loguru import logger
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from flannel_ebpf.backends import netlink_bulk
-from flannel_ebpf.backends.base import Backend, BackendOptions, ExternalInterface, LocalNetwork
-from flannel_ebpf.backends.netlink_bulk import BulkNetlink, Route
-from flannel_ebpf.subnet.lease import Lease
+from flannel_ebpf.netlink import bulk as netlink_bulk
+from flannel_ebpf.netlink.bulk import BulkNetlink, Route
 
 #: rtm_protocol of every route flannel-ebpf installs (`ip route show proto 102`).
 ROUTE_PROTOCOL = 102
@@ -35,8 +32,6 @@ MAIN_TABLE = 254
 RTNH_F_ONLINK = 4
 #: rtm_type of a route to one of this host's own addresses
 RTN_LOCAL = 2
-#: a full sync logs the peers it added one per line up to this many, else in one line
-ADDED_LOG_LIMIT = 20
 
 
 @dataclass(frozen=True)
@@ -142,8 +137,9 @@ def link_name(ipr: IPRoute, ifindex: int | None) -> str:
     return links[0].get_attr("IFLA_IFNAME") if links else f"#{ifindex}"
 
 
-def not_direct_reason(ipr: IPRoute, reach: Reachability, ext_name: str) -> str:
-    """Why `reach.address` cannot be used as a next hop on the external interface, in words."""
+def not_direct_reason(reach: Reachability, ext_name: str, link_name: Callable[[int | None], str]) -> str:
+    """Why `reach.address` cannot be used as a next hop on the external interface, in words. `link_name`:
+    a device's name from its index."""
     if reach.error:
         return f"{reach.address} is unreachable from this host: {reach.error}"
     if reach.local:
@@ -151,12 +147,10 @@ def not_direct_reason(ipr: IPRoute, reach: Reachability, ext_name: str) -> str:
     if reach.gateway is not None:
         return (
             f"{reach.address} is not on a network directly connected to {ext_name}: the kernel reaches it "
-            f"via the router {reach.gateway} (dev {link_name(ipr, reach.oif)}); host-gw needs all hosts on "
+            f"via the router {reach.gateway} (dev {link_name(reach.oif)}); host-gw needs all hosts on "
             "one L2 segment (use vxlan, or vxlan with DirectRouting, across routers)"
         )
-    return (
-        f"{reach.address} is reached through {link_name(ipr, reach.oif)}, not through the external interface {ext_name}"
-    )
+    return f"{reach.address} is reached through {link_name(reach.oif)}, not through the external interface {ext_name}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,8 +167,8 @@ class RouteTable:
     the kernel has them (5.3+), else as classic `<dst> via <gateway> dev <oif>` routes.
 
     Why: the kernel keeps one fib_info per distinct nexthop and finds it in a hash that ignores the
-    gateway, so N routes with N distinct gateways (one per peer host) cost O(N^2) to insert: 1.3 s for
-    10,000 host-gw routes on this machine, against 0.15 s as nexthop objects and routes. A nexthop id
+    gateway, so N routes with N distinct gateways (one per peer host) cost O(N^2) to insert; routes over
+    nexthop objects are hashed by nexthop id (figures in docs/PERFORMANCE.md). A nexthop id
     that another tool already uses (another protocol) is never touched: that peer gets a classic route.
     """
 
@@ -336,171 +330,6 @@ def delete_all_our_routes(ipr: IPRoute, table: RouteTable, scope: IPv4Network | 
         count += 1
     table.collect((), also_keep=others)
     return count
-
-
-# ---------------------------------------------------------------------------------------------------
-# peer bookkeeping shared by the routed backends
-
-
-class RoutedBackend(Backend):
-    """What host-gw and vxlan share: one netlink socket, opened lazily in whatever network namespace the
-    agent runs in, and a PeerBook of the leases they were given."""
-
-    def __init__(self, backend_config: dict[str, Any], options: BackendOptions) -> None:
-        super().__init__(backend_config, options)
-        self._ipr: IPRoute | None = None
-        self._bulk: BulkNetlink | None = None
-        self._routes: RouteTable | None = None
-        self.ext: ExternalInterface | None = None
-        self.local: LocalNetwork | None = None
-        self.book = PeerBook(self.type_name)
-
-    @property
-    def ipr(self) -> IPRoute:
-        if self._ipr is None:
-            self._ipr = IPRoute()
-        return self._ipr
-
-    @property
-    def bulk(self) -> BulkNetlink:
-        """A second socket for full syncs: thousands of requests at a time (netlink_bulk)."""
-        if self._bulk is None:
-            self._bulk = BulkNetlink()
-        return self._bulk
-
-    def route_scope(self, local: LocalNetwork | None) -> IPv4Network | None:
-        """The routes this backend owns: in multi-network mode only those into its own Network (another
-        network's routes on this host are not ours to delete); else every proto-102 route, as always."""
-        if self.options.network_name and local is not None:
-            return local.network
-        return None
-
-    @property
-    def routes(self) -> RouteTable:
-        """Where our routes are written (nexthop objects where the kernel has them)."""
-        if self._routes is None:
-            self._routes = RouteTable(self.bulk)
-        return self._routes
-
-    def sync(self, peers: list[Lease]) -> None:
-        self.book.begin_sync()  # the peers it adds are logged in one line at the end
-        try:
-            self._sync(peers)
-        finally:
-            self.book.end_sync()
-
-    def _sync(self, peers: list[Lease]) -> None:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
-        if self._bulk is not None:
-            self._bulk.close()
-            self._bulk, self._routes = None, None
-
-
-@dataclass
-class PeerBook:
-    """What a routed backend knows about its peers, for reconciles and for `status`.
-
-    `leases` holds every lease the agent gave us (also the ones we could not program), so that a
-    periodic re-check can retry refused peers: a peer refused because it sits behind a router is
-    programmed as soon as it becomes directly reachable, and vice versa.
-    """
-
-    backend_type: str
-    leases: dict[IPv4Network, Lease] = field(default_factory=dict)
-    #: peers programmed in the kernel: subnet -> what `status` shows about them
-    programmed: dict[IPv4Network, dict[str, Any]] = field(default_factory=dict)
-    #: peers whose lease is fine but that this host cannot serve (e.g. not on our L2 segment)
-    refused: dict[IPv4Network, str] = field(default_factory=dict)
-    #: leases that are not for this backend or carry invalid data
-    skipped: dict[IPv4Network, str] = field(default_factory=dict)
-    #: during a full sync: the peers added, logged as one line at its end (10,000 lines would cost a second)
-    _added: list[str] | None = None
-
-    def begin_sync(self) -> None:
-        self._added = []
-
-    def end_sync(self) -> None:
-        added, self._added = self._added or [], None
-        if len(added) <= ADDED_LOG_LIMIT:
-            for line in added:
-                logger.info("{}: subnet added: {}", self.backend_type, line)
-        else:
-            logger.info("{}: {} subnets added: {}, ...", self.backend_type, len(added),
-                        ", ".join(added[:ADDED_LOG_LIMIT]))  # fmt: skip
-
-    def refuse(self, lease: Lease, reason: str) -> None:
-        """Record a refused peer; log an error the first time (and when the reason changes), not each
-        re-check, so a permanently misplaced peer does not flood the log every 10 seconds."""
-        self.programmed.pop(lease.subnet, None)
-        self.skipped.pop(lease.subnet, None)
-        if self.refused.get(lease.subnet) != reason:
-            logger.error(
-                "{}: not programming peer {} (PublicIP {}): {}",
-                self.backend_type,
-                lease.subnet,
-                lease.public_ip,
-                reason,
-            )
-        self.refused[lease.subnet] = reason
-
-    def skip(self, lease: Lease, reason: str) -> None:
-        self.programmed.pop(lease.subnet, None)
-        self.refused.pop(lease.subnet, None)
-        if self.skipped.get(lease.subnet) != reason:
-            logger.warning(
-                "{}: ignoring lease {} (PublicIP {}): {}", self.backend_type, lease.subnet, lease.public_ip, reason
-            )
-        self.skipped[lease.subnet] = reason
-
-    def accept(self, lease: Lease, info: dict[str, Any]) -> None:
-        if self.refused.pop(lease.subnet, None) is not None or self.skipped.pop(lease.subnet, None):
-            logger.info("{}: peer {} (PublicIP {}) is usable again", self.backend_type, lease.subnet, lease.public_ip)
-        if self.programmed.get(lease.subnet) != info:
-            if self._added is not None:
-                self._added.append(f"{lease.subnet} via {lease.public_ip}")
-            else:
-                logger.info("{}: subnet added: {} via {}", self.backend_type, lease.subnet, lease.public_ip)
-        self.programmed[lease.subnet] = info
-
-    def forget(self, subnet: IPv4Network) -> None:
-        for table in (self.leases, self.programmed, self.refused, self.skipped):
-            table.pop(subnet, None)
-
-    def replace_leases(self, peers: list[Lease]) -> None:
-        """A full sync: these are now all the leases; peers absent from them are forgotten."""
-        self.leases = {lease.subnet: lease for lease in peers}
-        for subnet in list(self.programmed) + list(self.refused) + list(self.skipped):
-            if subnet not in self.leases:
-                self.forget(subnet)
-
-    def status(self) -> dict[str, Any]:
-        def ip_of(subnet: IPv4Network) -> str | None:
-            lease = self.leases.get(subnet)
-            return str(lease.public_ip) if lease else None
-
-        return {
-            "peers": {str(s): info for s, info in sorted(self.programmed.items())},
-            "refused": {str(s): {"public_ip": ip_of(s), "reason": r} for s, r in sorted(self.refused.items())},
-            "skipped": {str(s): {"public_ip": ip_of(s), "reason": r} for s, r in sorted(self.skipped.items())},
-        }
-
-
-def lease_problem(
-    lease: Lease, backend_type: str, local_subnet: IPv4Network | None, own_ips: set[IPv4Address]
-) -> str | None:
-    """Why a peer lease must not be programmed at all, or None. Checks every routed backend shares."""
-    if lease.attrs.backend_type != backend_type:
-        return f"its BackendType is {lease.attrs.backend_type!r}, this host runs {backend_type!r}"
-    if local_subnet is not None and lease.subnet.overlaps(local_subnet):
-        return f"its subnet overlaps this host's own lease {local_subnet}"
-    if lease.public_ip in own_ips:
-        return f"its PublicIP {lease.public_ip} is this host's own address (a stale lease of this host?)"
-    return None
 
 
 #: rtm_type of an ordinary route to a network

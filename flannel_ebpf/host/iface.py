@@ -22,7 +22,7 @@ from loguru import logger
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from flannel_ebpf.backends.base import ExternalInterface
+from flannel_ebpf.host.types import ExternalInterface
 
 
 class InterfaceError(RuntimeError):

@@ -1,7 +1,7 @@
 """The forwarding loop of the userspace udp path: flannel's classic TUN proxy, as a process of its own.
 
 The agent (`udp_tun.UdpTunBackend`) opens the TUN device and the UDP socket, then starts this module as
-`python -m flannel_ebpf.backends.udp_tun_proxy` with both descriptors and one end of a SOCK_SEQPACKET
+`python -m flannel_ebpf.backends.udp.tun_proxy` with both descriptors and one end of a SOCK_SEQPACKET
 socketpair (the control channel). A separate process, not a thread, because the agent is an asyncio
 program and every packet here is Python bytecode: sharing one GIL with the agent would slow both.
 

@@ -1,0 +1,1 @@
+"""What the cloud route backends (aws-vpc, gce) share."""
