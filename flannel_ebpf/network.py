@@ -37,7 +37,7 @@ from flannel_ebpf.backends.base import Backend, BackendError, BackendNotReady
 from flannel_ebpf.config import MAX_CONFIG_BYTES, ConfigError, NetworkConfig, parse_config
 from flannel_ebpf.host.files import atomic_write
 from flannel_ebpf.host.iface import InterfaceError, choose_interface
-from flannel_ebpf.host.types import BackendOptions, LocalNetwork
+from flannel_ebpf.host.types import LocalNetwork
 from flannel_ebpf.metrics import DurationHistogram
 from flannel_ebpf.options import AgentOptions, RegistryFactory
 from flannel_ebpf.subnet.allocation import OutOfSubnets
