@@ -96,16 +96,16 @@ class LxcContainer:
 
     def start(self) -> None:
         r = self.ns.exec(
-            ["lxc-start", "-n", self.name, "-P", str(self.lxcpath), "-f", str(self.config), "-d", "-l", "INFO", "-o",
-             str(self.log)],
+            ["lxc-start", "-n", self.name, "-P", str(self.lxcpath), "-f", str(self.config), "-d", "-l", "INFO",
+             "-o", str(self.log)],
             check=False,
             timeout=60,
-        )
+        )  # fmt: skip
         self.started = True
         if not r.ok:
             raise RuntimeError(f"lxc-start {self.name} failed: {r.stderr.strip()}\n{self.log_tail()}")
-        r = self.ns.exec(["lxc-wait", "-n", self.name, "-P", str(self.lxcpath), "-s", "RUNNING", "-t", "30"], check=False,
-                         timeout=40)  # fmt: skip
+        r = self.ns.exec(["lxc-wait", "-n", self.name, "-P", str(self.lxcpath), "-s", "RUNNING", "-t", "30"],
+                         check=False, timeout=40)  # fmt: skip
         if not r.ok:
             raise RuntimeError(f"{self.name} is not running: {r.stderr.strip()}\n{self.log_tail()}")
 

@@ -63,9 +63,8 @@ def parse_ping(output: str, src: str = "", dst: str = "") -> PingResult:
     r = _RTT_RE.search(output)
     rtts: list[float | None] = [float(x) for x in r.groups()] if r else [None] * 4
     rtt_min, rtt_avg, rtt_max, rtt_mdev = rtts
-    return PingResult(
-        src, dst, int(m.group(1)), int(m.group(2)), int(m.group(3) or 0), rtt_min, rtt_avg, rtt_max, rtt_mdev, output=output
-    )
+    sent, received, errors = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+    return PingResult(src, dst, sent, received, errors, rtt_min, rtt_avg, rtt_max, rtt_mdev, output=output)
 
 
 def ping(
