@@ -450,7 +450,7 @@ class PeerBook:
         self.skipped[lease.subnet] = reason
 
     def accept(self, lease: Lease, info: dict[str, Any]) -> None:
-        if self.refused.pop(lease.subnet, None) is not None or self.skipped.pop(lease.subnet, None):
+        if self.refused.pop(lease.subnet, None) is not None or self.skipped.pop(lease.subnet, ""):
             logger.info("{}: peer {} (PublicIP {}) is usable again", self.backend_type, lease.subnet, lease.public_ip)
         if self.programmed.get(lease.subnet) != info:
             if self._added is not None:
