@@ -845,7 +845,7 @@ async def _release_lease(opts: Any, st: state_file.AgentState) -> bool:
         if str(lease.public_ip) != st.iface.get("public_ip"):
             logger.error("lease {} is held by {} now, not by this host; leaving it", st.subnet, lease.public_ip)
             return False
-        ok = await registry.delete_lease(lease)
+        ok: bool = await registry.delete_lease(lease)
         logger.info("released lease {}", st.subnet) if ok else logger.error("lease {} changed; kept", st.subnet)
         return ok
     except Exception as e:

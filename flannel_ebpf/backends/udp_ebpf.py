@@ -588,7 +588,7 @@ class UdpEbpfBackend(Backend):
         mtu = local.ext.mtu - OVERHEAD
         address = str(local.subnet.network_address)
         with IPRoute() as ipr:
-            index = next(iter(ipr.link_lookup(ifname=DEVICE)), None)
+            index: int | None = next(iter(ipr.link_lookup(ifname=DEVICE)), None)
             if index is None:
                 try:
                     ipr.link("add", ifname=DEVICE, kind="tuntap", mode="tun")  # persistent, no reader
