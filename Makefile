@@ -25,9 +25,11 @@ test: setup bpf
 test-unit: setup
 	$(PY) -m pytest -q tests/test_config.py tests/test_allocation.py tests/test_cli.py
 
+# mypy: strict on the package ([tool.mypy] in pyproject.toml).
 lint: setup
 	$(VENV)/bin/ruff check flannel_ebpf tests charm
 	$(VENV)/bin/ruff format --check flannel_ebpf tests charm
+	$(VENV)/bin/mypy
 
 bench: setup bpf
 	$(PY) -m flannel_ebpf.bench
@@ -118,4 +120,4 @@ lab-cleanup: setup
 
 clean:
 	rm -f bpf/*.o bpf/sources.sha256
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
