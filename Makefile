@@ -22,12 +22,15 @@ demo: setup
 test: setup bpf
 	FLANNEL_EBPF_NO_SKIPS=1 $(PY) -m pytest -v -rs --durations=25 tests charm/tests
 
+# Every test that needs no root (a real loopback etcd, moto's and the GCE stand-in's servers included).
 test-unit: setup
-	$(PY) -m pytest -q tests/test_config.py tests/test_allocation.py tests/test_cli.py
+	$(PY) -m pytest -q -m "not root" tests charm/tests
 
+# mypy: strict on the package ([tool.mypy] in pyproject.toml).
 lint: setup
 	$(VENV)/bin/ruff check flannel_ebpf tests charm
 	$(VENV)/bin/ruff format --check flannel_ebpf tests charm
+	$(VENV)/bin/mypy
 
 bench: setup bpf
 	$(PY) -m flannel_ebpf.bench
@@ -118,4 +121,4 @@ lab-cleanup: setup
 
 clean:
 	rm -f bpf/*.o bpf/sources.sha256
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -96,7 +96,7 @@ class Agent:
             if not self.multi:
                 return await self.networks[0].run()
             logger.info("multi-network mode: networks {}", ", ".join(self.options.networks))
-            runs = [asyncio.ensure_future(self._run_network(net)) for net in self.networks]
+            runs: list[asyncio.Future[int]] = [asyncio.ensure_future(self._run_network(net)) for net in self.networks]
             notifier = asyncio.ensure_future(self._ready_once_every_network_is_up(runs))
             try:
                 codes = await asyncio.gather(*runs)
@@ -122,7 +122,7 @@ class Agent:
         which under a Type=notify unit ends in the start timeout: a deliberate difference."""
 
         async def up_or_ended(network: Network, run: asyncio.Future[int]) -> None:
-            up = asyncio.ensure_future(network.up.wait())
+            up: asyncio.Future[Any] = asyncio.ensure_future(network.up.wait())
             try:
                 await asyncio.wait({up, run}, return_when=asyncio.FIRST_COMPLETED)
             finally:

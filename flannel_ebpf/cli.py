@@ -415,7 +415,8 @@ def _missing_programs(st: state_file.AgentState) -> str | None:
     if st.backend_type != "udp" or options.udp_datapath != "ebpf":
         return None
     from flannel_ebpf.backends import make_backend
-    from flannel_ebpf.backends.udp_ebpf import DEVICE, UdpEbpfBackend
+    from flannel_ebpf.backends.udp.device import DEVICE
+    from flannel_ebpf.backends.udp_ebpf import UdpEbpfBackend
     from flannel_ebpf.datapath import layout
 
     local = st.local_network()
@@ -697,7 +698,7 @@ async def _release_lease(opts: Any, st: state_file.AgentState) -> bool:
         if str(lease.public_ip) != st.iface.get("public_ip"):
             logger.error("lease {} is held by {} now, not by this host; leaving it", st.subnet, lease.public_ip)
             return False
-        ok = await registry.delete_lease(lease)
+        ok: bool = await registry.delete_lease(lease)
         logger.info("released lease {}", st.subnet) if ok else logger.error("lease {} changed; kept", st.subnet)
         return ok
     except Exception as e:

@@ -17,7 +17,7 @@ import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from loguru import logger
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -59,7 +59,8 @@ class DurationHistogram:
         self.count += 1
 
     def cumulative(self) -> list[tuple[str, float]]:
-        running, out = 0, []
+        running = 0
+        out: list[tuple[str, float]] = []
         for bound, n in zip((*map(str, self.buckets), "+Inf"), list(self.counts), strict=True):
             running += n
             out.append((bound, running))
@@ -115,7 +116,7 @@ def refusal_kind(reason: str) -> str:
 # --- the agent's collector --------------------------------------------------------------------------------
 
 
-def _ok(value: Any) -> bool:
+def _ok(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -300,7 +301,7 @@ def _read_counters(pin_dir: str) -> dict[Any, tuple[int, int]] | None:
         slot = (layout.COUNTERS_MAP.value_size + 7) // 8 * 8
         result: dict[Any, tuple[int, int]] = {}
         for reason in layout.Reason:
-            raw = bpfsys.map_lookup(fd, layout.pack_u32(int(reason)), slot * ncpus)
+            raw = bpfsys.map_lookup(fd, layout.pack_u32(int(reason)), slot * ncpus) or b""
             packets = nbytes = 0
             for cpu in range(ncpus if raw else 0):
                 p, b = layout.unpack_counter(raw[cpu * slot : (cpu + 1) * slot])

@@ -162,7 +162,8 @@ class DataPlane(PeerSink):
     async def status(self) -> dict[str, Any]:
         """The backend's status, taken like any other backend call: never concurrently with one."""
         try:
-            return await self._run_locked(self.backend.status)
+            status: dict[str, Any] = await self._run_locked(self.backend.status)
+            return status
         except asyncio.CancelledError:
             raise
         except Exception as e:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flannel_ebpf.backends.base import BackendOptions
+from flannel_ebpf.host.types import BackendOptions
 from flannel_ebpf.subnet.manager import LeaseOptions
 from flannel_ebpf.subnet.registry import SubnetRegistry
 from flannel_ebpf.subnet.store import EtcdTLS, LeaseSource

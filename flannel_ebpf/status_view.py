@@ -64,8 +64,8 @@ def summary(
     for table in ("refused", "skipped"):
         entries = status.get(table)
         if isinstance(entries, dict):
-            for entry in entries.values():
-                kind = refusal_kind(str(entry.get("reason", "")) if isinstance(entry, dict) else str(entry))
+            for refusal in entries.values():
+                kind = refusal_kind(str(refusal.get("reason", "")) if isinstance(refusal, dict) else str(refusal))
                 refused[kind] = refused.get(kind, 0) + 1
     if status.get("peers_refused_map_full"):
         refused["map_full"] = int(status["peers_refused_map_full"])

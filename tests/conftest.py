@@ -38,6 +38,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("filterwarnings", "ignore::cryptography.utils.CryptographyDeprecationWarning:OpenSSL")
 
 
+#: Test files named so need root (network namespaces, TUN, iptables); `make test-unit` runs the others.
+ROOT_FILE_SUFFIXES = ("_lab", "_netns")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # One marker for "needs root", from the file's name and the lab and bpf markers, so that
+    # `pytest -m "not root"` selects every test that runs as any user.
+    for item in items:
+        marked = any(item.iter_markers("lab")) or any(item.iter_markers("bpf"))
+        if marked or item.path.stem.endswith(ROOT_FILE_SUFFIXES):
+            item.add_marker(pytest.mark.root)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     # Remember each phase's report on the test item so that fixtures can tell whether the test failed.

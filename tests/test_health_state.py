@@ -124,6 +124,7 @@ finally:
 """
 
 
+@pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
 def test_health_sees_a_reused_pid(tmp_path: Path) -> None:
     r = subprocess.run(

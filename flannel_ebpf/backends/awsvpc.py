@@ -394,7 +394,7 @@ class AwsVpcBackend(Backend):
             for table, routes in tables.items()
             for r in routes
             if (net := route_cidr(r)) is not None
-            and net.subnet_of(local.network)  # type: ignore[arg-type]
+            and net.subnet_of(local.network)
             and net != local.subnet
             and (r.get("NetworkInterfaceId") or r.get("InstanceId"))
         }

@@ -71,7 +71,7 @@ def _metadata_credentials(metadata: MetadataClient) -> Any:
             now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
             self.expiry = now + datetime.timedelta(seconds=int(answer.get("expires_in", 300)))
 
-    return MetadataCredentials()
+    return MetadataCredentials()  # type: ignore[no-untyped-call]  # google-auth's __init__ is not annotated
 
 
 @dataclass
@@ -224,12 +224,14 @@ class GceBackend(Backend):
         from googleapiclient.errors import HttpError
 
         inst = self._inst()
+        route: dict[str, Any] | None
         try:
-            return self.compute.routes().get(project=inst.project, route=name).execute(num_retries=2)
+            route = self.compute.routes().get(project=inst.project, route=name).execute(num_retries=2)
         except HttpError as e:
             if e.resp.status == 404:
                 return None
-            return self._do(f"getting route {name}", self.compute.routes().get(project=inst.project, route=name))
+            route = self._do(f"getting route {name}", self.compute.routes().get(project=inst.project, route=name))
+        return route
 
     def _delete(self, name: str, why: str) -> None:
         inst = self._inst()

@@ -97,7 +97,7 @@ class UdpTunBackend(Backend):
         self.ext: ExternalInterface | None = None
         self.local: LocalNetwork | None = None
         self.peers: dict[IPv4Network, UdpPeer] = {}
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._ctl: socket.socket | None = None
         self._request_ids = itertools.count(1)
         self._started = False  # between start() and stop(): a dead forwarding process is restarted
@@ -258,7 +258,7 @@ class UdpTunBackend(Backend):
         self.book.usable(lease)
         return UdpPeer(subnet=lease.subnet, public_ip=ip)
 
-    def _skip(self, lease: Lease, why: str) -> None:
+    def _skip(self, lease: Lease, why: str) -> UdpPeer | None:
         self.book.skip(lease, why)
         return None
 
@@ -368,7 +368,7 @@ class UdpTunBackend(Backend):
         self._push_all()
         return True
 
-    def _entry(self, peer: UdpPeer) -> list:
+    def _entry(self, peer: UdpPeer) -> list[Any]:
         return [int(peer.subnet.network_address), peer.subnet.prefixlen, str(peer.public_ip), self.port]
 
     def _push_all(self) -> None:
@@ -395,7 +395,7 @@ class UdpTunBackend(Backend):
         deadline = time.monotonic() + STATS_TIMEOUT
         while time.monotonic() < deadline:
             try:
-                reply = json.loads(self._ctl.recv(1 << 20))
+                reply: dict[str, Any] = json.loads(self._ctl.recv(1 << 20))
             except (OSError, ValueError):
                 return None
             if reply.get("id") == request_id:  # skip a late answer to an earlier, timed-out request
@@ -459,7 +459,7 @@ def _is_our_proxy(pid: int) -> bool:
     return any(m.encode() in cmdline for m in (PROXY_MODULE, EARLIER_PROXY_MODULE)) and state != "Z"
 
 
-def _end_process(proc: subprocess.Popen, timeout: float) -> None:
+def _end_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
     try:
         proc.wait(timeout)
         return

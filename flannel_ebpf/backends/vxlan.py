@@ -147,7 +147,7 @@ class ProgrammedPeers(dict[IPv4Network, "VxlanPeer"]):
         if peer.vtep_mac:
             self._by_mac.setdefault(peer.vtep_mac, set()).add(subnet)
 
-    def pop(self, subnet: IPv4Network, default: Any = None) -> Any:  # type: ignore[override]
+    def pop(self, subnet: IPv4Network, default: Any = None) -> Any:
         peer = super().pop(subnet, default)
         if peer is not default and peer.vtep_mac:
             users = self._by_mac.get(peer.vtep_mac, set())

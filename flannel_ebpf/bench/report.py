@@ -97,7 +97,8 @@ class BackendResult:
         )
 
     def value(self, key: str) -> float | None:
-        return getattr(self, key)
+        value: float | None = getattr(self, key)
+        return value
 
     @property
     def ok(self) -> bool:
@@ -364,9 +365,10 @@ def write_report(
     markdown.write_text(render_markdown(rows, meta))
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(report_json(rows, meta), indent=2) + "\n")
-    png: Path | None = out / f"{stem}.png"
+    chart = out / f"{stem}.png"
+    png: Path | None = chart
     try:
-        render_chart(rows, meta, png)
+        render_chart(rows, meta, chart)
     except Exception as e:  # matplotlib missing or broken: the table and JSON still matter
         logger.error("benchmark chart not drawn: {}", e)
         png = None

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from loguru import logger
 
@@ -198,18 +198,21 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
                 spec = SPECS[name]
                 tag = f"[{i}/{len(options.backends)}{f' round {round_no}' if round_no > 1 else ''}] {name}"
                 index = (round_no - 1) * len(options.backends) + i
+
+                def say_tagged(message: str, tag: str = tag) -> None:
+                    say(f"{tag}: {message}")
+
                 try:
                     result = _bench_backend(
-                        lab, spec, d, index, notes, machine_cpu, lambda m, tag=tag: say(f"{tag}: {m}"), probes,
-                        full=round_no == 1,
-                    )  # fmt: skip
+                        lab, spec, d, index, notes, machine_cpu, say_tagged, probes, full=round_no == 1
+                    )
                 except Exception as e:  # one backend failing must never end the run
                     error = _one_line(e)
                     say(f"{tag}: FAILED: {error}")
                     logger.debug("{} failed", name, exc_info=True)
                     result = BackendResult(name=name, error=error)
                 finally:
-                    _teardown_backend(lab, spec, notes, lambda m, tag=tag: say(f"{tag}: {m}"))
+                    _teardown_backend(lab, spec, notes, say_tagged)
                 samples[name].append(result)
     finally:
         lab.close()
@@ -267,7 +270,7 @@ def _bench_backend(
     if not full:
         values.pop(MACHINE_CPU_KEY, None)
         values.pop(BACKGROUND_KEY, None)
-        return replace(BackendResult(name=spec.name), **values)
+        return replace(BackendResult(name=spec.name), **cast(dict[str, Any], values))
     if spec.name == "udp-ebpf":  # after the measurements: each loader once more, on a restart
         for loader in ("elf", "bcc"):
             try:
@@ -281,7 +284,7 @@ def _bench_backend(
     machine, background = values.pop(MACHINE_CPU_KEY, None), values.pop(BACKGROUND_KEY, None)
     if machine is not None and background is not None:
         machine_cpu[spec.name] = f"{machine:.3f} s/Gbit (background {background:.2f} CPUs busy)"
-    return replace(BackendResult(name=spec.name), **values)
+    return replace(BackendResult(name=spec.name), **cast(dict[str, Any], values))
 
 
 def round_order(backends: Sequence[str], round_no: int, rounds: int) -> list[str]:
@@ -309,7 +312,7 @@ def _median_of_rounds(rounds: list[BackendResult], notes: list[str]) -> BackendR
             medians[key] = statistics.median(values)
             per_round[key] = each
             notes.append(f"{first.name} {key} per round: " + ", ".join(f"{v:.3g}" for v in values))
-    return replace(first, rounds=per_round, **medians)
+    return replace(first, rounds=per_round, **cast(dict[str, Any], medians))
 
 
 def _bring_up(lab: Lab, spec: BackendSpec, d: Durations, index: int, say: Callable[[str], None]) -> Endpoints:

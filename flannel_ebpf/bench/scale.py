@@ -109,7 +109,10 @@ def kernel_peers(lab: Lab, host: str, backend: str) -> dict[str, str]:
     ns = lab.hosts[host].netns
 
     def json_of(argv: Sequence[str]) -> list[dict[str, Any]]:
-        return json.loads(subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout or "[]")
+        listed: list[dict[str, Any]] = json.loads(
+            subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout or "[]"
+        )
+        return listed
 
     if backend == "host-gw":
         routes = json_of(["ip", "-n", ns, "-j", "-4", "route", "show", "root", str(NETWORK)])
@@ -154,7 +157,8 @@ def _seeder(lab: Lab, *args: str, timeout: float = 300.0) -> dict[str, Any]:
     assert lab.etcd_ns is not None
     argv = [sys.executable, "-m", "flannel_ebpf.lab.leases", *args]
     result = lab.etcd_ns.exec(argv, timeout=timeout)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    summary: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return summary
 
 
 def seed(lab: Lab, backend: str, start: int, count: int) -> float:
@@ -319,7 +323,7 @@ def render(results: Sequence[ScaleResult], meta: dict[str, Any]) -> str:
     def f(value: float, digits: int = 2) -> str:
         return f"{value:.{digits}f}"
 
-    rows = [
+    rows: list[tuple[str, Callable[[ScaleResult], str]]] = [
         ("leases in etcd (flanneld format)", lambda r: str(r.leases)),
         ("write them into etcd (load generator), s", lambda r: f(r.seed_seconds, 1)),
         ("one listing through the registry, s", lambda r: f(r.listing_seconds)),

@@ -324,7 +324,8 @@ class Soak:
             self.started_at[proc.pid] = self.now() if self.t0 else -1.0
 
     def _state(self, host: str) -> dict[str, Any]:
-        return json.loads((self.lab.host(host).state_dir / "state.json").read_text())
+        state: dict[str, Any] = json.loads((self.lab.host(host).state_dir / "state.json").read_text())
+        return state
 
     def _subnet(self, host: str) -> str:
         env = self.lab.subnet_env(host)
@@ -524,7 +525,8 @@ class Soak:
         r = self.lab.exec(host, argv, check=False)
         if not r.ok or not r.stdout.strip():
             return []
-        return json.loads(r.stdout)
+        listed: list[dict[str, Any]] = json.loads(r.stdout)
+        return listed
 
     def leftovers(self, removed: Removed) -> list[str]:
         """Everything that still names the removed host (empty: nothing left)."""
@@ -639,21 +641,21 @@ class Soak:
     def evaluate(self) -> None:
         """Turn the measurements into violations."""
         r = self.report
-        for s in self.segments:
-            key = f"{s.src}->{s.dst}"
+        for seg in self.segments:
+            key = f"{seg.src}->{seg.dst}"
             pair = r.pairs.setdefault(key, {"sent": 0, "lost": 0, "floods": 0})
-            pair["sent"] += s.sent
-            pair["lost"] += s.lost
+            pair["sent"] += seg.sent
+            pair["lost"] += seg.lost
             pair["floods"] += 1
-            if s.lost:
+            if seg.lost:
                 overlapping = [e["kind"] + " " + e["target"] for e in r.events
-                               if e["started"] <= s.ended and e["started"] + e["took"] >= s.started]  # fmt: skip
+                               if e["started"] <= seg.ended and e["started"] + e["took"] >= seg.started]  # fmt: skip
                 r.violations.append(
-                    f"{s.lost} of {s.sent} pings lost {key} between {s.started:.1f}s and {s.ended:.1f}s "
+                    f"{seg.lost} of {seg.sent} pings lost {key} between {seg.started:.1f}s and {seg.ended:.1f}s "
                     f"(events then: {', '.join(overlapping) or 'none'})"
                 )
-            if s.sent == 0:
-                r.violations.append(f"a flood {key} at {s.started:.1f}s sent nothing (could not run ping?)")
+            if seg.sent == 0:
+                r.violations.append(f"a flood {key} at {seg.started:.1f}s sent nothing (could not run ping?)")
         with self.lock:
             live = list(self.live)
         for h in live:
@@ -826,8 +828,8 @@ def render(report: Report) -> str:
     for src in hosts:
         cells = []
         for dst in hosts:
-            p = r.pairs.get(f"{src}->{dst}")
-            cells.append("" if p is None else f"{p['sent']}" + (f" ({p['lost']})" if p["lost"] else ""))
+            pair = r.pairs.get(f"{src}->{dst}")
+            cells.append("" if pair is None else f"{pair['sent']}" + (f" ({pair['lost']})" if pair["lost"] else ""))
         out.append(f"| {src} | " + " | ".join(cells) + " |")
     out += ["", "## Violations", ""]
     out += [f"- {v}" for v in r.violations] or ["none"]

@@ -49,7 +49,7 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
     nr = _SYSCALL_BPF.get(platform.machine())
     if nr is None:
         raise BpfError(errno.ENOSYS, f"bpf(2): unsupported architecture {platform.machine()}")
-    ret = _libc.syscall(nr, cmd, attr, len(attr))
+    ret: int = _libc.syscall(nr, cmd, attr, len(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise BpfError(err, f"bpf({what}): {os.strerror(err)}")

@@ -244,7 +244,8 @@ def pack_u32(value: int) -> bytes:
 
 
 def unpack_u32(raw: bytes) -> int:
-    return struct.unpack("=I", raw[:4])[0]
+    value: int = struct.unpack("=I", raw[:4])[0]
+    return value
 
 
 def unpack_counter(raw: bytes) -> tuple[int, int]:

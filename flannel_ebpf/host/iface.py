@@ -59,7 +59,7 @@ def _links(ipr: IPRoute) -> list[_Link]:
 
 def _default_route_index(ipr: IPRoute) -> int | None:
     for route in ipr.get_default_routes(family=socket.AF_INET):
-        oif = route.get_attr("RTA_OIF")
+        oif: int | None = route.get_attr("RTA_OIF")
         if oif:
             return oif
     return None

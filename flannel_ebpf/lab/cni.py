@@ -82,7 +82,9 @@ class CniRuntime:
             conf["prevResult"] = prev_result
         return conf
 
-    def invoke(self, command: str, conf: dict[str, Any], container_id: str, netns: Netns, ifname: str) -> dict:
+    def invoke(
+        self, command: str, conf: dict[str, Any], container_id: str, netns: Netns, ifname: str
+    ) -> dict[str, Any]:
         plugin = self.plugin_dir / conf["type"]
         env = {
             "CNI_COMMAND": command,

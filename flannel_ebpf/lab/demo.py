@@ -15,6 +15,7 @@ from typing import NoReturn
 from loguru import logger
 
 from .lab import Lab
+from .topology import Topology
 
 
 def _sigterm(signum: int, frame: object) -> NoReturn:
@@ -22,7 +23,7 @@ def _sigterm(signum: int, frame: object) -> NoReturn:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    topology = "routed" if args.routed else "flat"
+    topology: Topology = "routed" if args.routed else "flat"
     config = {"Network": args.network, "Backend": {"Type": args.backend}}
     print(f"== flannel-ebpf demo: {args.hosts} hosts, {topology} underlay, backend {args.backend}")
     if args.routed and args.backend == "host-gw":

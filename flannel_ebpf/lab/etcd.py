@@ -42,7 +42,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (on loopback; good enough for a test server)."""
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass
@@ -59,7 +60,7 @@ class EtcdServer:
     #: `name=peer-url,...` of every member of a new cluster (empty: this server alone)
     initial_cluster: str = ""
     cluster_token: str = "etcd-cluster"
-    proc: subprocess.Popen | None = field(default=None, repr=False)
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _own_data_dir: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -204,7 +205,8 @@ class EtcdServer:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"etcd v2 {method} {key} failed: {r.stderr.strip()[-500:]}")
-        return json.loads(r.stdout)
+        answer: dict[str, Any] = json.loads(r.stdout)
+        return answer
 
     def __enter__(self) -> EtcdServer:
         self.start()

@@ -539,7 +539,8 @@ class Lab:
     def agent_status(self, host: Host | str) -> dict[str, Any]:
         a = self.agent(host)
         r = a.cli("status", "--json", "--state-dir", str(a.host.state_dir), check=True)
-        return json.loads(r.stdout)
+        status: dict[str, Any] = json.loads(r.stdout)
+        return status
 
     def agent_log(self, host: Host | str, last_run: bool = False) -> str:
         """The host's agent log: every run (each begins with a `==== <time> start:` line), or the last."""

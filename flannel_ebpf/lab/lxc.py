@@ -96,15 +96,16 @@ class LxcContainer:
 
     def start(self) -> None:
         r = self.ns.exec(
-            ["lxc-start", "-n", self.name, "-P", self.lxcpath, "-f", self.config, "-d", "-l", "INFO", "-o", self.log],
+            ["lxc-start", "-n", self.name, "-P", str(self.lxcpath), "-f", str(self.config), "-d", "-l", "INFO",
+             "-o", str(self.log)],
             check=False,
             timeout=60,
-        )
+        )  # fmt: skip
         self.started = True
         if not r.ok:
             raise RuntimeError(f"lxc-start {self.name} failed: {r.stderr.strip()}\n{self.log_tail()}")
-        r = self.ns.exec(["lxc-wait", "-n", self.name, "-P", self.lxcpath, "-s", "RUNNING", "-t", "30"], check=False,
-                         timeout=40)  # fmt: skip
+        r = self.ns.exec(["lxc-wait", "-n", self.name, "-P", str(self.lxcpath), "-s", "RUNNING", "-t", "30"],
+                         check=False, timeout=40)  # fmt: skip
         if not r.ok:
             raise RuntimeError(f"{self.name} is not running: {r.stderr.strip()}\n{self.log_tail()}")
 
@@ -127,7 +128,7 @@ class LxcContainer:
     def stop(self) -> None:
         if self.started:
             # lxc-* reach the container's monitor by an abstract socket: only from the namespace it runs in.
-            self.ns.exec(["lxc-stop", "-n", self.name, "-P", self.lxcpath, "-k"], check=False, timeout=30)
+            self.ns.exec(["lxc-stop", "-n", self.name, "-P", str(self.lxcpath), "-k"], check=False, timeout=30)
             self.started = False
 
     def destroy(self) -> None:

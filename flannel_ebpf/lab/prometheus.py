@@ -114,7 +114,8 @@ class Prometheus:
         answer = self.api(f"/api/v1/query?query={quote(promql)}")
         if answer.get("status") != "success":
             raise RuntimeError(f"query {promql!r}: {answer.get('error') or answer}")
-        return answer["data"]["result"]
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
 
     def value(self, promql: str, **labels: str) -> float | None:
         """The value of the one series of `promql` whose labels include `labels` (None: no such series)."""

@@ -61,8 +61,10 @@ def parse_ping(output: str, src: str = "", dst: str = "") -> PingResult:
     if not m:
         return PingResult(src, dst, 0, 0, output=output)
     r = _RTT_RE.search(output)
-    rtts = [float(x) for x in r.groups()] if r else [None] * 4
-    return PingResult(src, dst, int(m.group(1)), int(m.group(2)), int(m.group(3) or 0), *rtts, output=output)
+    rtts: list[float | None] = [float(x) for x in r.groups()] if r else [None] * 4
+    rtt_min, rtt_avg, rtt_max, rtt_mdev = rtts
+    sent, received, errors = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+    return PingResult(src, dst, sent, received, errors, rtt_min, rtt_avg, rtt_max, rtt_mdev, output=output)
 
 
 def ping(
@@ -266,7 +268,7 @@ def iperf3_client(
     argv += list(extra)
     res: ExecResult = node.exec(argv, timeout=t + 20, check=False)
     try:
-        report = json.loads(res.stdout)
+        report: dict[str, Any] = json.loads(res.stdout)
     except json.JSONDecodeError as e:
         raise RuntimeError(f"iperf3 in {node.name}: no JSON report (exit {res.returncode}): {res.stderr}") from e
     if "error" in report:

@@ -238,10 +238,10 @@ class BulkNetlink:
             chunk = addresses[start : start + CHUNK]
             by_seq: dict[int, IPv4Address] = {}
             out = bytearray()
-            for address in chunk:
+            for wanted in chunk:
                 seq = self._next_seq()
-                by_seq[seq] = address
-                body = _RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, address.packed)
+                by_seq[seq] = wanted
+                body = _RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, wanted.packed)
                 out += _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETROUTE, NLM_F_REQUEST, seq, 0) + body
             self.sock.send(out)
             while by_seq:

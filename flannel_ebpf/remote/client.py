@@ -59,7 +59,7 @@ WATCH_TIMEOUT = 25.0 + WATCH_GRACE
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
 
 
-class RemoteError(aetcd.exceptions.ClientError):
+class RemoteError(aetcd.exceptions.ClientError):  # type: ignore[misc]  # aetcd is untyped
     """The server could not be reached or did not answer as expected. A ClientError, so that the agent's
     loops retry it with their bounded back-off exactly as they retry etcd's errors."""
 
@@ -465,7 +465,7 @@ class _KeepaliveConnector(aiohttp.TCPConnector):
     silent for hours, and only keepalive probes tell a silent server from a vanished one."""
 
     async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)  # type: ignore[misc]
+        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError, AttributeError):

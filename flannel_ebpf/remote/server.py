@@ -297,7 +297,9 @@ class RemoteServer:
         return self._root.for_prefix(f"{self._prefix}/{network}")
 
     @web.middleware
-    async def _refuse_big_bodies(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _refuse_big_bodies(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         """A body announced bigger than any request needs is refused before a byte of it is read, and so is
         a body without a Content-Length (chunked: flanneld v0.5's client and ours always send the length)."""
         size = request.content_length

@@ -129,7 +129,7 @@ def event_from_wire(value: Any) -> LeaseEvent:
 def config_to_wire(config: NetworkConfig, raw: bytes) -> dict[str, Any]:
     """The config as a v0.5 server sent it: the document from etcd with the defaults made explicit (so a
     client computes nothing, and our defaults, not flanneld v0.5's, apply to every client)."""
-    doc = json.loads(raw)
+    doc: dict[str, Any] = json.loads(raw)
     doc.update(
         Network=str(config.network),
         SubnetMin=str(config.subnet_min),

@@ -152,8 +152,8 @@ def ensure_bridge(spec: BridgeSpec, previous: BridgeRecord | None = None) -> Bri
                 result.changes.append("set up")
     except NetlinkError as e:
         raise BridgeError(f"{spec.name}: netlink: {e}") from None
-    for addr in result.kept_foreign:
-        logger.warning("bridge {} also holds {}, not a flannel address: left as it is", spec.name, addr)
+    for foreign in result.kept_foreign:
+        logger.warning("bridge {} also holds {}, not a flannel address: left as it is", spec.name, foreign)
     return result
 
 

@@ -73,7 +73,7 @@ _REMOVED_ACTIONS = {"delete", "expire", "compareAndDelete"}
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
-class EtcdV2Error(aetcd.exceptions.ClientError):
+class EtcdV2Error(aetcd.exceptions.ClientError):  # type: ignore[misc]  # aetcd is untyped
     """etcd's v2 API refused a request, or answered something that is not its API (one line)."""
 
     one_line = True
@@ -83,7 +83,7 @@ class EtcdV2Error(aetcd.exceptions.ClientError):
         self.code = code
 
 
-class EtcdV2Unavailable(aetcd.exceptions.ConnectionFailedError):
+class EtcdV2Unavailable(aetcd.exceptions.ConnectionFailedError):  # type: ignore[misc]  # aetcd is untyped
     """etcd's v2 API could not be reached (retried, as any etcd outage)."""
 
 
@@ -414,7 +414,8 @@ class EtcdV2Registry(EtcdStore[_V2Connection]):
             held = await self._get(key, "readwrite")
             if held.error_code == KEY_NOT_FOUND:
                 continue  # it expired between the two requests: create it again
-            holder = held.node.get("value") if isinstance(held.node.get("value"), str) else ""
+            value = held.node.get("value")
+            holder = value if isinstance(value, str) else ""
             if holder != identity:
                 return 0, clip(holder) or "another agent"
             data = {"value": identity, "ttl": str(ttl), "prevIndex": str(node_index(held.node))}

@@ -293,7 +293,7 @@ class LeaseManager:
         await self._changed()
         return False
 
-    async def _keep_previous(self, problem: str) -> None:
+    async def _keep_previous(self, problem: str) -> Lease | None:
         """Our previous subnet cannot be had and we may not move: say why (not-ready), wait a check
         interval, and let the caller try again (None: no lease this attempt)."""
         self._set_problem(problem)
@@ -313,7 +313,9 @@ class LeaseManager:
         if not self.presence_lease and not await self._claim_presence():
             await asyncio.sleep(self.options.check_interval)
             return None
-        server_acquires = getattr(self.leases, "acquire_lease", None)
+        server_acquires: Callable[[LeaseAttrs], Awaitable[Lease | None]] | None = getattr(
+            self.leases, "acquire_lease", None
+        )
         if server_acquires is not None and (got := await server_acquires(self.attrs)) is not None:
             # a flanneld v0.5 lease server: it picks the subnet (its API has no create-only write of a
             # named subnet), so the subnet file's subnet is only compared

@@ -181,16 +181,17 @@ WATCH_IDLE_SECONDS = 5.0
 WATCH_PROGRESS_TIMEOUT = 3.0
 
 
-class _Client(aetcd.Client):
+class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
     """aetcd's client, plus TLS (aetcd itself only opens plaintext channels)."""
 
     def __init__(self, host: str, port: int, tls: EtcdTLS | None, **kwargs: object) -> None:
-        super().__init__(host=host, port=port, options=_CHANNEL_OPTIONS, **kwargs)  # type: ignore[arg-type]
+        super().__init__(host=host, port=port, options=_CHANNEL_OPTIONS, **kwargs)
         self._tls = tls
 
     async def connect(self) -> None:
         if self._tls is None or self._connected.is_set():
-            return await super().connect()
+            await super().connect()
+            return
 
         def read(path: str) -> bytes | None:
             if not path:
@@ -220,7 +221,7 @@ class _Client(aetcd.Client):
         self._connected.set()
 
 
-class WatchCanceled(aetcd.exceptions.ClientError):
+class WatchCanceled(aetcd.exceptions.ClientError):  # type: ignore[misc]  # aetcd is untyped
     """etcd canceled our watch for a reason other than a compaction (its reason is in the message):
     no more events will come on it, so the caller must relist and watch again."""
 
@@ -229,7 +230,7 @@ class WatchCanceled(aetcd.exceptions.ClientError):
         self.reason = reason
 
 
-class WatchStalled(aetcd.exceptions.ConnectionTimeoutError):
+class WatchStalled(aetcd.exceptions.ConnectionTimeoutError):  # type: ignore[misc]  # aetcd is untyped
     """The watch stream stopped answering (a dead connection that TCP has not noticed yet)."""
 
 
@@ -418,7 +419,8 @@ class SubnetRegistry(EtcdStore[_Connection]):
         if not ttl:
             return 0  # a reservation: no etcd lease, never expires
         lease = await self.client.lease(ttl)
-        return lease.id
+        lease_id: int = lease.id
+        return lease_id
 
     async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int | None) -> Lease | None:
         """Create the lease only if its key does not exist. None: somebody else holds it."""
@@ -490,7 +492,7 @@ class SubnetRegistry(EtcdStore[_Connection]):
                 await self.client.revoke_lease(lease.lease_id)
             except aetcd.exceptions.ClientError as e:
                 logger.debug("revoking etcd lease {:x}: {}", lease.lease_id, e)
-        return ok
+        return bool(ok)
 
     # --- presence: one agent per PublicIP -----------------------------------------------------------------
 

@@ -69,7 +69,7 @@ def ssl_context(tls: EtcdTLS | None) -> ssl.SSLContext | None:
     return context
 
 
-class EtcdPermissionError(aetcd.exceptions.ClientError):
+class EtcdPermissionError(aetcd.exceptions.ClientError):  # type: ignore[misc]  # aetcd is untyped
     """etcd refused a request on `key` for lack of a permission (etcd auth is on and our role lacks it)."""
 
     def __init__(self, key: str, access: str, details: str = "") -> None:

@@ -75,7 +75,8 @@ class MetadataClient:
             # urllib follows proxies from the environment; a metadata service is link-local: never proxied
             opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
             with opener.open(req, timeout=self.timeout) as resp:
-                return resp.read(65536).decode()
+                body: str = resp.read(65536).decode()
+                return body
         except urllib.error.HTTPError as e:
             raise BackendError(f"{self.cloud} metadata service at {self.root}: {path}: HTTP {e.code}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as e:

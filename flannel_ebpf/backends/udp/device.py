@@ -40,13 +40,13 @@ def configure_device(local: LocalNetwork, route_now: bool = True) -> int:
     mtu = local.ext.mtu - OVERHEAD
     address = str(local.subnet.network_address)
     with IPRoute() as ipr:
-        index = next(iter(ipr.link_lookup(ifname=DEVICE)), None)
+        index: int | None = next(iter(ipr.link_lookup(ifname=DEVICE)), None)
         if index is None:
             try:
                 ipr.link("add", ifname=DEVICE, kind="tuntap", mode="tun")  # persistent, no reader
             except NetlinkError as e:
                 raise BackendError(f"udp (eBPF): cannot create TUN {DEVICE}: {e}") from e
-            index = ipr.link_lookup(ifname=DEVICE)[0]
+            index = int(ipr.link_lookup(ifname=DEVICE)[0])
         # No IPv6 on the overlay device: it would only send router solicitations into the encap.
         sysctl(f"net/ipv6/conf/{DEVICE}/disable_ipv6", "1")
         # Our ICMP errors (no peer, frag needed) come back in on flannel0 from flannel0's own address.

@@ -88,8 +88,9 @@ class DeviceGuard:
             events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             events.bind((0, _RTMGRP_LINK))
             self._subscribed.set()
+            watched: list[socket.socket | int] = [events, self._stop_r]
             while not self._stopping.is_set():
-                ready, _, _ = select.select([events, self._stop_r], [], [])
+                ready, _, _ = select.select(watched, [], [])
                 if self._stop_r in ready:
                     return
                 try:

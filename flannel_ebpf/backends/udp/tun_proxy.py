@@ -42,6 +42,7 @@ import struct
 import sys
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 from loguru import logger
 
@@ -93,7 +94,7 @@ def internet_checksum(data: bytes | bytearray | memoryview) -> int:
     """RFC 1071 checksum (only for the rare ICMP path; the hot path updates checksums incrementally)."""
     if len(data) % 2:
         data = bytes(data) + b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -177,7 +178,7 @@ class PeerTable:
                 del self.by_len[prefixlen]
         self._rebuild()
 
-    def replace(self, entries: list[list]) -> None:
+    def replace(self, entries: list[list[Any]]) -> None:
         self.by_len.clear()
         for net, prefixlen, ip, port in entries:
             self.by_len.setdefault(prefixlen, {})[net & prefix_mask(prefixlen)] = (ip, port)
@@ -217,7 +218,7 @@ class Proxy:
         self.local_net = int(local.network_address)
         self.local_mask = int(local.netmask)
         self.peers = PeerTable()
-        self.staged: list[list] = []
+        self.staged: list[list[Any]] = []
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self.running = True
         # One datagram per packet, as flanneld sends. UDP GSO batching ("1") saves CPU, but on a virtual
@@ -247,7 +248,7 @@ class Proxy:
             except (ValueError, KeyError, TypeError) as e:
                 logger.warning("udp-tun proxy: bad control message ignored: {}", e)
 
-    def _apply(self, msg: dict) -> None:
+    def _apply(self, msg: dict[str, Any]) -> None:
         op = msg["op"]
         if op == "set":
             for net, prefixlen, ip, port in msg["peers"]:
@@ -342,7 +343,7 @@ class Proxy:
                 # one sendmsg with UDP_SEGMENT (GSO): the kernel cuts it into one datagram per packet,
                 # each the same size but the last, exactly as separate sendto calls would.
                 off = seg_size = nseg = 0
-                batch_peer = None
+                batch_peer: tuple[str, int] = ("", 0)  # meaningful only while nseg > 0
                 for _ in batch:
                     n = tun_read(tx_view[off:])
                     if n is None:  # drained
