@@ -5,7 +5,7 @@ The binaries live in `<repo>/../shared/flanneld/` (`flanneld-<version>.xz`, see 
 the directory `$FLANNEL_EBPF_FLANNELD_DIR` names. A missing binary raises `FlanneldMissing`: a test
 that needs flanneld fails, it never skips.
 
-What flanneld v0.20.2 does to a host, seen in a lab namespace (`--ip-masq=false`): it writes the subnet
+What flanneld v0.20.2 does to a host (`--ip-masq=false`): it writes the subnet
 file (temp + rename), sets the FORWARD policy to ACCEPT and adds the `FLANNEL-FWD` chain (unless
 `--iptables-forward-rules=false`), creates flannel0 (udp, gone when it exits) or flannel.<VNI> (vxlan,
 kept) and per-peer routes (kept). It writes nothing else to the file system when `--subnet-file` is
