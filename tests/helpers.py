@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from flannel_ebpf.datapath import bpfsys, layout
+
+_LOG_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
@@ -20,11 +24,11 @@ def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str =
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def wait_delivery_settled(lab: Any) -> None:
-    """Until each eBPF udp agent has hooked its container bridge (or found that this kernel needs no
-    hook). Adding a clsact qdisc to a device that carries traffic drops one packet in the kernel
-    (measured with a plain `tc qdisc add`): loss tests must measure the agent, not that."""
-    for host in lab.host_names:
+def wait_delivery_settled(lab: Any, hosts: Sequence[str] | None = None) -> None:
+    """Until each eBPF udp agent (of `hosts`, default all) has hooked its container bridge (or found that
+    this kernel needs no hook). Adding a clsact qdisc to a device that carries traffic drops one packet in
+    the kernel: loss tests must measure the agent, not that."""
+    for host in lab.host_names if hosts is None else hosts:
         wait_for(
             lambda host=host: any(
                 line in lab.agent_log(host, last_run=True)
@@ -32,6 +36,16 @@ def wait_delivery_settled(lab: Any) -> None:
             ),
             what=f"the container bridge of {host} hooked",
         )
+
+
+def logged_at(lab: Any, host: str, needle: str) -> float | None:
+    """time.time() of the agent's last run's first log line containing `needle` (the agent logs local
+    time, to the millisecond)."""
+    for line in lab.agent_log(host, last_run=True).splitlines():
+        m = _LOG_TIME_RE.match(line)
+        if m and needle in line:
+            return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    return None
 
 
 def rx_bytes_per_packet(lab: Any, container: Any, traffic: Callable[[], object]) -> float:

@@ -20,7 +20,7 @@ flanneld lists the leases afresh, so after the restarts the full mesh is asserte
 On udp the TCP check turns tx checksum offload off in the flannel-ebpf hosts' containers: tc
 encapsulation runs before the kernel completes an offloaded (CHECKSUM_PARTIAL) inner checksum, and a
 veth never completes it, so flanneld's userspace TUN reader would get TCP segments with unfinished
-checksums. Measured without it: the flannel-ebpf side's SYNs reach flanneld's side with bad checksums
+checksums. Without it the flannel-ebpf side's SYNs reach flanneld's side with bad checksums
 (TcpInCsumErrors there) and TCP never connects. A physical NIC or virtio completes the checksums; see
 tests/test_udp_interop_lab.py. Pings are unaffected (ICMP checksums are never offloaded).
 
@@ -29,29 +29,32 @@ A missing flanneld binary fails these tests (FlanneldMissing), it never skips th
 
 from __future__ import annotations
 
-import json
-import re
 import time
-from ipaddress import IPv4Network
 
 import pytest
 
 from flannel_ebpf.lab.flanneld import FLANNELD_DIR_ENV, FlanneldMissing, find_flanneld, unpack_flanneld
+from tests.flanneld_helpers import (
+    AGENT_ARGS,
+    EBPF_HOSTS,
+    FLANNELD_HOSTS,
+    NETWORK,
+    ebpf_peers,
+    flanneld_logged_peers,
+    routed_peers,
+    start_mixed,
+    subnet_of,
+)
 
 pytestmark = pytest.mark.lab
 
 VERSION = "v0.20.2"
-NETWORK = "10.5.0.0/16"
-FLANNELD_HOSTS = ("h1", "h2")
-EBPF_HOSTS = ("h3", "h4")
-AGENT_ARGS = {"udp": ["--udp-datapath", "ebpf"], "vxlan": [], "host-gw": []}
-_UDP_ADDED = re.compile(r"Subnet added: (\S+)")
-_UDP_REMOVED = re.compile(r"Subnet removed: (\S+)")
 
 
-def test_flanneld_binary_is_there(tmp_path):
-    """The interop tests run the real binary: it must be found and must be the version it claims."""
-    binary = unpack_flanneld(VERSION, tmp_path)
+@pytest.mark.parametrize("version", [VERSION, "v0.5.5"])
+def test_flanneld_binary_is_there(tmp_path, version):
+    """The interop tests run the real binaries: each must be found and must be the version it claims."""
+    binary = unpack_flanneld(version, tmp_path)
     assert binary.stat().st_mode & 0o111
 
 
@@ -72,30 +75,16 @@ def test_lab_start_flanneld_fails_without_the_binary(lab_factory, tmp_path, monk
 # ------------------------------------------------------------------ helpers
 
 
-def subnet_of(lab, host: str) -> str:
-    env = lab.subnet_env(host)
-    assert env is not None, f"{host}: no subnet file"
-    return str(env.subnet.network)
-
-
 def known_peers(lab, host: str, backend: str, subnets: dict[str, str]) -> set[str]:
     """The peer subnets `host`'s flannel has programmed: routes for vxlan and host-gw (both implementations
     add one per peer); for udp, flanneld's own log (its peers live in its memory) or the eBPF peer map."""
     lease_subnets = set(subnets.values()) - {subnets[host]}
     if backend != "udp":
-        routes = json.loads(lab.exec(host, ["ip", "-j", "-4", "route", "show"]).stdout)
-        return {r["dst"] for r in routes if r.get("dst") in lease_subnets}
+        return routed_peers(lab, host, lease_subnets)
     fd = lab.flanneld_of(host)
     if fd is not None and fd.running:
-        known: set[str] = set()
-        for line in fd.log_text(last_run=True).splitlines():
-            if m := _UDP_ADDED.search(line):
-                known.add(m.group(1))
-            elif m := _UDP_REMOVED.search(line):
-                known.discard(m.group(1))
-        return known & lease_subnets
-    peers = lab.agent_status(host)["backend_status"]["maps"]["peers"]
-    return {str(IPv4Network(s)) for s in peers} & lease_subnets
+        return flanneld_logged_peers(fd) & lease_subnets
+    return ebpf_peers(lab, host, lease_subnets)
 
 
 def wait_ebpf_hosts_know_all(lab, backend: str, subnets: dict[str, str], timeout: float = 20.0) -> None:
@@ -160,19 +149,7 @@ def assert_lease_forms(lab, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", ["udp", "vxlan", "host-gw"])
 def test_flanneld_and_flannel_ebpf_hosts_started_together_and_restarted(lab_factory, backend):
-    lab = lab_factory(
-        len(FLANNELD_HOSTS) + len(EBPF_HOSTS), network_config={"Network": NETWORK, "Backend": {"Type": backend}}
-    )
-    # Started together: nobody waits for anybody before all four run.
-    for h in FLANNELD_HOSTS:
-        lab.start_flanneld(h, VERSION)
-    for h in EBPF_HOSTS:
-        lab.start_agent(h, AGENT_ARGS[backend])
-    lab.wait_all_ready(90)  # the eBPF udp path compiles its programs at start
-    subnets = {h: subnet_of(lab, h) for h in lab.host_names}
-    assert len(set(subnets.values())) == len(subnets), f"two hosts hold one subnet: {subnets}"
-    for h in lab.host_names:
-        lab.add_container(h)
+    lab, subnets = start_mixed(lab_factory, backend, VERSION)
     assert_lease_forms(lab, backend)
     if backend == "udp":
         for h in EBPF_HOSTS:  # the eBPF data path really runs (else this is no interop proof)

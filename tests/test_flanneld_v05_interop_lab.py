@@ -23,44 +23,24 @@ from ipaddress import IPv4Network
 
 import pytest
 
-from flannel_ebpf.lab.flanneld import unpack_flanneld
 from flannel_ebpf.lab.traffic import FloodCounter
-from tests.helpers import wait_for
+from tests.flanneld_helpers import (
+    AGENT_ARGS,
+    EBPF_HOSTS,
+    FLANNELD_HOSTS,
+    ebpf_peers,
+    flanneld_logged_peers,
+    routed_peers,
+    start_mixed,
+    subnet_of,
+)
+from tests.helpers import wait_delivery_settled, wait_for
 
 pytestmark = pytest.mark.lab
 
 VERSION = "v0.5.5"
-NETWORK = "10.5.0.0/16"
-FLANNELD_HOSTS = ("h1", "h2")
-EBPF_HOSTS = ("h3", "h4")
-AGENT_ARGS = {"udp": ["--udp-datapath", "ebpf"], "vxlan": [], "host-gw": []}
 OUTAGE_SECONDS = 20.0
 SEEN_WITHIN = 3.0
-_ADDED = re.compile(r"Subnet added: (\S+)")
-_REMOVED = re.compile(r"Subnet removed: (\S+)")
-
-
-def test_flanneld_v05_binary_is_there(tmp_path):
-    binary = unpack_flanneld(VERSION, tmp_path)
-    assert binary.stat().st_mode & 0o111
-
-
-def delivery_settled(lab) -> None:
-    """tests.helpers.wait_delivery_settled, for the flannel-ebpf hosts only."""
-    for host in EBPF_HOSTS:
-        wait_for(
-            lambda host=host: any(
-                line in lab.agent_log(host, last_run=True)
-                for line in ("hand-off attached", "no bridge hand-off needed")
-            ),
-            what=f"the container bridge of {host} hooked",
-        )
-
-
-def subnet_of(lab, host: str) -> str:
-    env = lab.subnet_env(host)
-    assert env is not None, f"{host}: no subnet file"
-    return str(env.subnet.network)
 
 
 def known_peers(lab, host: str, backend: str, subnets: dict[str, str]) -> set[str]:
@@ -71,22 +51,15 @@ def known_peers(lab, host: str, backend: str, subnets: dict[str, str]) -> set[st
     lease_subnets = set(subnets.values()) - {subnets[host]}
     fd = lab.flanneld_of(host)
     if fd is not None and fd.running:
-        known: set[str] = set()
-        for line in fd.log_text(last_run=True).splitlines():
-            if m := _ADDED.search(line):
-                known.add(m.group(1))
-            elif m := _REMOVED.search(line):
-                known.discard(m.group(1))
+        known = flanneld_logged_peers(fd)
         if backend == "vxlan":  # the leases present at its start get fdb entries, without a log line
             fdb = lab.exec(host, ["bridge", "fdb", "show", "dev", "flannel.1"]).stdout
             vteps = set(re.findall(r"\bdst (\S+)", fdb))
             known |= {k.replace("-", "/") for k, v in lab.leases().items() if v.get("PublicIP") in vteps}
         return known & lease_subnets
     if backend != "udp":
-        routes = json.loads(lab.exec(host, ["ip", "-j", "-4", "route", "show"]).stdout)
-        return {r["dst"] for r in routes if r.get("dst") in lease_subnets}
-    peers = lab.agent_status(host)["backend_status"]["maps"]["peers"]
-    return {str(IPv4Network(s)) for s in peers} & lease_subnets
+        return routed_peers(lab, host, lease_subnets)
+    return ebpf_peers(lab, host, lease_subnets)
 
 
 def wait_all_know_all(lab, backend: str, subnets: dict[str, str], timeout: float = 20.0) -> None:
@@ -123,25 +96,9 @@ def assert_v2_leases(lab, backend: str) -> None:
             assert value["BackendType"] == backend, n
 
 
-def start_mixed(lab_factory, backend: str, hosts: int = 4):
-    lab = lab_factory(hosts, network_config={"Network": NETWORK, "Backend": {"Type": backend}}, etcd_api="v2")
-    for h in FLANNELD_HOSTS:
-        lab.start_flanneld(h, VERSION)
-    for h in EBPF_HOSTS:
-        lab.start_agent(h, AGENT_ARGS[backend])
-    lab.wait_all_ready(90, hosts=[*FLANNELD_HOSTS, *EBPF_HOSTS])
-    subnets = {h: subnet_of(lab, h) for h in (*FLANNELD_HOSTS, *EBPF_HOSTS)}
-    assert len(set(subnets.values())) == len(subnets), f"two hosts hold one subnet: {subnets}"
-    for h in subnets:
-        lab.add_container(h)
-    if backend == "udp":
-        delivery_settled(lab)
-    return lab, subnets
-
-
 @pytest.mark.parametrize("backend", ["udp", "vxlan", "host-gw"])
 def test_flanneld_v05_and_flannel_ebpf_on_one_v2_store(lab_factory, backend):
-    lab, subnets = start_mixed(lab_factory, backend)
+    lab, subnets = start_mixed(lab_factory, backend, VERSION, etcd_api="v2")
     assert_v2_leases(lab, backend)
     assert {v["PublicIP"] for v in lab.leases().values()} == {str(lab.host(h).underlay_ip) for h in subnets}
     if backend == "udp":
@@ -172,7 +129,7 @@ def test_flanneld_v05_and_flannel_ebpf_on_one_v2_store(lab_factory, backend):
             lab.start_agent(h, AGENT_ARGS[backend])
             lab.wait_ready(h, 90)
             if backend == "udp":
-                delivery_settled(lab)
+                wait_delivery_settled(lab, EBPF_HOSTS)
             time.sleep(0.5)
         finally:
             results = [f.stop() for f in floods]
@@ -192,7 +149,7 @@ def v2_answers(lab) -> bool:
 
 
 def test_a_host_started_while_the_v2_etcd_is_down_is_seen_by_all_within_3s(lab_factory):
-    lab, subnets = start_mixed(lab_factory, "host-gw", hosts=5)
+    lab, subnets = start_mixed(lab_factory, "host-gw", VERSION, hosts=5, etcd_api="v2")
     check_mesh(lab, "host-gw", subnets, "before the outage")
     lab.stop_etcd()
     lab.start_agent("h5")

@@ -42,14 +42,14 @@ def subnet_dir(lab, host: str):
     return lab.host(host).dir / "flannel-networks"
 
 
-def start_ebpf_client(lab, host: str, remote: str, multi: bool) -> None:
-    args = ["--remote", remote]
-    if multi:
-        args += ["--networks", ",".join(NETWORKS), "--subnet-dir", str(subnet_dir(lab, host))]
-    lab.start_agent(host, args)
-
-
-def start_v05_client(lab, host: str, remote: str, multi: bool) -> None:
+def start_client(lab, host: str, kind: str, remote: str, multi: bool) -> None:
+    """A client of the server at `remote`: flannel-ebpf (`kind` "ebpf") or flanneld v0.5.5 ("v05")."""
+    if kind == "ebpf":
+        args = ["--remote", remote]
+        if multi:
+            args += ["--networks", ",".join(NETWORKS), "--subnet-dir", str(subnet_dir(lab, host))]
+        lab.start_agent(host, args)
+        return
     args = [f"-remote={remote}"]
     if multi:
         args += [f"-networks={','.join(NETWORKS)}", f"-subnet-dir={subnet_dir(lab, host)}"]
@@ -57,12 +57,33 @@ def start_v05_client(lab, host: str, remote: str, multi: bool) -> None:
     lab.start_flanneld(host, VERSION, args)
 
 
+def start_clients(lab, remote: str, multi: bool, kinds: dict[str, str]) -> None:
+    """Every client host (the late one too) cut from etcd, then the clients of `kinds` ({host: kind}) started
+    in that order, and ready through the server."""
+    for host in (*CLIENTS, LATE):
+        cut_from_etcd(lab, host)
+    for host, kind in kinds.items():
+        start_client(lab, host, kind, remote, multi)
+    wait_clients_ready(lab, kinds, multi)
+
+
+def late_client_joins(lab, remote: str, multi: bool, kind: str, phase: str) -> None:
+    """LATE joins as a `kind` client once the others answer: it gets its lease from the server, and every
+    client learns of it through the server's watch."""
+    start_client(lab, LATE, kind, remote, multi)
+    wait_clients_ready(lab, {LATE: kind}, multi)
+    check_leases(lab, multi, [*CLIENTS, LATE])
+    add_containers_and_ping(lab, multi, f"{phase}, {LATE} joined", [*CLIENTS, LATE])
+
+
 def agent_health(lab, host: str) -> dict[str, str]:
     out = lab.agent_cli(host, "health", "--state-dir", str(lab.host(host).state_dir)).stdout
     return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
 
 
-def wait_clients_ready(lab, ebpf: list[str], v05: list[str], multi: bool) -> None:
+def wait_clients_ready(lab, kinds: dict[str, str], multi: bool) -> None:
+    ebpf = [h for h, kind in kinds.items() if kind == "ebpf"]
+    v05 = [h for h, kind in kinds.items() if kind == "v05"]
     if not multi:
         lab.wait_all_ready(60, hosts=[*ebpf, *v05])
         return
@@ -133,22 +154,12 @@ def test_flannel_ebpf_and_v05_clients_of_a_flanneld_v05_server(lab_factory, mult
     configure(lab, multi)
     remote = f"{lab.host('h1').underlay_ip}:{PORT}"
     server = lab.start_flanneld_server("h1", remote, VERSION)
-    for host in (*CLIENTS, LATE):
-        cut_from_etcd(lab, host)
-    ebpf, v05 = ["h2", "h3"], ["h4"]
-    for host in ebpf:
-        start_ebpf_client(lab, host, remote, multi)
-    for host in v05:
-        start_v05_client(lab, host, remote, multi)
-    wait_clients_ready(lab, ebpf, v05, multi)
-    for host in ebpf:  # the client knew the server for a v0.5 one and kept to its API
+    start_clients(lab, remote, multi, {"h2": "ebpf", "h3": "ebpf", "h4": "v05"})
+    for host in ("h2", "h3"):  # the client knew the server for a v0.5 one and kept to its API
         assert f"flannel server http://{remote} is a flanneld v0.5" in lab.agent_log(host, last_run=True)
     check_leases(lab, multi, list(CLIENTS))
     add_containers_and_ping(lab, multi, f"flanneld {VERSION} server", list(CLIENTS))
-    start_v05_client(lab, LATE, remote, multi)
-    wait_clients_ready(lab, [], [LATE], multi)
-    check_leases(lab, multi, [*CLIENTS, LATE])
-    add_containers_and_ping(lab, multi, f"flanneld {VERSION} server, {LATE} joined", [*CLIENTS, LATE])
+    late_client_joins(lab, remote, multi, "v05", f"flanneld {VERSION} server")
     requests = server.log_text(last_run=True)
     for name in NETWORKS if multi else ["_"]:  # every network went through the v0.5.5 server
         assert f"POST /v1/{name}/leases" in requests, requests[-2000:]
@@ -163,24 +174,14 @@ def test_v05_and_flannel_ebpf_clients_of_a_flannel_ebpf_server(lab_factory, mult
     server.start()
     try:
         remote = f"{h1_ip}:{PORT}"
-        for host in (*CLIENTS, LATE):
-            cut_from_etcd(lab, host)
-        ebpf, v05 = ["h4"], ["h2", "h3"]
-        for host in v05:
-            start_v05_client(lab, host, remote, multi)
-        for host in ebpf:
-            start_ebpf_client(lab, host, remote, multi)
-        wait_clients_ready(lab, ebpf, v05, multi)
+        start_clients(lab, remote, multi, {"h2": "v05", "h3": "v05", "h4": "ebpf"})
         assert f"flannel server http://{remote} is a flannel-ebpf server" in lab.agent_log("h4", last_run=True)
         check_leases(lab, multi, list(CLIENTS))
         add_containers_and_ping(lab, multi, "flannel-ebpf server", list(CLIENTS))
-        start_ebpf_client(lab, LATE, remote, multi)
-        wait_clients_ready(lab, [LATE], [], multi)
-        check_leases(lab, multi, [*CLIENTS, LATE])
-        add_containers_and_ping(lab, multi, f"flannel-ebpf server, {LATE} joined", [*CLIENTS, LATE])
+        late_client_joins(lab, remote, multi, "ebpf", "flannel-ebpf server")
         log = server.log.read_text()
         assert "may not write" not in log, log[-2000:]  # no client was refused its own lease
-        for host in v05:  # the v0.5.5 clients are still running and took no error from our server
+        for host in ("h2", "h3"):  # the v0.5.5 clients are still running and took no error from our server
             fd = lab.flanneld_of(host)
             assert fd.running, fd.log_tail()
             assert "Failed" not in fd.log_text(last_run=True), fd.log_tail()

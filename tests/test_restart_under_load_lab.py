@@ -1,4 +1,4 @@
-"""Issue 15, part 5: restart under load on every backend.
+"""Restart under load on every backend.
 
 Two hosts, one container each, a real etcd. While a count-bounded ping flood (`ping -c 5000 -i 0.002`, one
 run for the whole window) and a 12 s iperf3 TCP stream (`-i 0.2`) run from host A's container to host B's,
@@ -30,7 +30,6 @@ import re
 import subprocess
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import pytest
 
 from flannel_ebpf.lab.netns import stop_process
 from flannel_ebpf.lab.traffic import PingResult, count_flood
-from tests.helpers import pinned_map_ids, wait_delivery_settled, wait_for
+from tests.helpers import logged_at, pinned_map_ids, wait_delivery_settled, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -53,7 +52,6 @@ PING_INTERVAL = 0.002
 # at least until both restarts are done (checked; on a busy machine ping paces itself slower).
 PING_COUNT = int((IPERF_SECONDS - 2) / PING_INTERVAL)
 NEAR_ZERO = 0.01  # an interval moving less than this share of the fastest one is a stall
-_LOG_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ", re.M)
 
 
 def config(backend: str) -> dict[str, Any]:
@@ -88,16 +86,6 @@ def longest_stall(intervals: list[dict[str, Any]]) -> tuple[float, int]:
         else:
             run, run_n = 0.0, 0
     return longest, longest_n
-
-
-def logged_at(lab, host, needle: str) -> float | None:
-    """time.time() of the last run's first log line containing `needle` (the agent logs local time, to
-    the millisecond)."""
-    for line in lab.agent_log(host, last_run=True).splitlines():
-        m = _LOG_TIME_RE.match(line)
-        if m and needle in line:
-            return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
-    return None
 
 
 def program_ids(lab, host) -> dict[str, int]:

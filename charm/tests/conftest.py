@@ -1,6 +1,6 @@
 """Fixtures for the charm's tests: the charm's src/ on sys.path, a host laid out in a temporary directory
 (the agent's real CLI behind /opt/flannel-ebpf's place, systemctl a recorder: no systemd runs in a test),
-and a real etcd on loopback."""
+and a real etcd on loopback (tests/conftest.py's)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ sys.path.insert(0, str(CHARM_DIR / "src"))
 
 from workload import Paths, Workload  # noqa: E402
 
-from flannel_ebpf.lab.etcd import EtcdServer  # noqa: E402
+# The loopback etcd of the package's tests: the same fixtures, not a second copy of them.
+from tests.conftest import etcd, etcd_server  # noqa: E402, F401
 
 #: `flannel-ebpf health`'s line for a ready agent with lxcbr0 recorded, as the lab test
-#: (tests/test_charm_lxc_lab.py) gets it from a real agent, and as the seed charm printed it.
+#: (tests/test_charm_lxc_lab.py) gets it from a real agent.
 READY_LINE = "ready lxcbr:10.10.16.1 subnet:10.10.16.1/24 mtu:1472"
 SUBNET_ENV = "FLANNEL_NETWORK=10.10.0.0/16\nFLANNEL_SUBNET=10.10.16.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
 
@@ -104,20 +105,3 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHost]:
     monkeypatch.setattr(FlannelEbpfCharm, "make_workload", staticmethod(lambda _dir: fake.workload()))
     monkeypatch.setattr(FlannelEbpfCharm, "ready_wait", 0.0)
     yield fake
-
-
-@pytest.fixture(scope="session")
-def etcd_server() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def etcd(etcd_server: EtcdServer) -> EtcdServer:
-    etcd_server.start()
-    etcd_server.ctl("del", "", "--from-key")
-    return etcd_server

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from loguru import logger
-
-from .netns import ExecResult, stop_process
-from .topology import Host
+from .netns import ExecResult
+from .process import HostProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RUN_MARK = "\n==== "  # begins each run's part of an agent log: `==== <time> start: <argv>`
 
 
 def cli_command() -> list[str]:
@@ -44,20 +39,20 @@ def cli_env(extra: Mapping[str, str] | None = None, checkout: bool = True) -> di
 
 
 @dataclass
-class Agent:
+class Agent(HostProcess):
     """The agent of one host: its command lines and, while running, its process."""
 
-    host: Host
+    kind = "agent"
+
     etcd_endpoint: str
     pin_dir: Path
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    argv: list[str] = field(default_factory=list)
-    ever_started: bool = False
     #: the `flannel-ebpf` command to run (None: this checkout's, see cli_command), e.g. an installed one
     command: Sequence[str] | None = None
-    #: time.time() of the last start (start-to-ready figures)
-    started_at: float = 0.0
     etcd_api: str = "v3"  # v2: the agent runs with --etcd-api v2 (the lab's etcd serves the v2 API)
+
+    @property
+    def log(self) -> Path:
+        return self.host.agent_log
 
     def _command(self) -> list[str]:
         return list(self.command) if self.command is not None else cli_command()
@@ -75,10 +70,6 @@ class Agent:
             *(["--etcd-api", self.etcd_api] if self.etcd_api != "v3" else []),
         ]  # fmt: skip
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(
         self,
         extra_args: Sequence[str] = (),
@@ -90,40 +81,17 @@ class Agent:
         subcommand, one dash, `-flag=value` (`flannel-ebpf -etcd-endpoints=http://... -iface=eth0`).
         `flanneld_flags`: a flanneld's own command line (a takeover: the unit's ExecStart kept, only the
         binary swapped), then this agent's --state-dir and --bpf-pin-dir (lab isolation), then `extra_args`."""
-        if self.running:
-            raise RuntimeError(f"agent on {self.host.name} already runs (pid {self.proc.pid})")  # type: ignore[union-attr]
-        self.host.dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_stopped()
         flags = [*self.common_flags(), "--iface", self.host.iface]
         if flanneld_flags is not None:
             lab_dirs = ["--state-dir", str(self.host.state_dir), "--bpf-pin-dir", str(self.pin_dir)]
-            self.argv = [*self._command(), *flanneld_flags, *lab_dirs, *extra_args]
+            argv = [*self._command(), *flanneld_flags, *lab_dirs, *extra_args]
         elif go_style:
             pairs = zip(flags[::2], flags[1::2], strict=True)
-            self.argv = [*self._command(), *(f"-{name.lstrip('-')}={value}" for name, value in pairs), *extra_args]
+            argv = [*self._command(), *(f"-{name.lstrip('-')}={value}" for name, value in pairs), *extra_args]
         else:
-            self.argv = [*self._command(), "up", *flags, *extra_args]
-        with open(self.host.agent_log, "ab") as log:
-            log.write(f"{RUN_MARK}{time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.started_at = time.time()
-            self.proc = self.host.popen(self.argv, stdout=log, stderr=log, env=self._env(env), share_bpffs=True)
-        self.ever_started = True
-        logger.debug("agent on {} started, pid {}", self.host.name, self.proc.pid)
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM and wait (SIGKILL if it does not exit in time). Returns the exit code."""
-        return self._signal(signal.SIGTERM, timeout)
-
-    def kill(self) -> int | None:
-        return self._signal(signal.SIGKILL, 10.0)
-
-    def _signal(self, sig: signal.Signals, timeout: float) -> int | None:
-        if self.proc is None:
-            return None
-        proc, self.proc = self.proc, None
-        code = stop_process(proc, timeout, sig, what=f"agent on {self.host.name}")
-        logger.debug("agent on {} exited with {}", self.host.name, code)
-        return code
+            argv = [*self._command(), "up", *flags, *extra_args]
+        self._launch(argv, self._env(env), share_bpffs=True)
 
     def cli(self, *args: str, timeout: float = 30.0, check: bool = False) -> ExecResult:
         """Any other subcommand (`health`, `status --json`, `down`, ...) in the host's namespace."""
@@ -167,10 +135,3 @@ class Agent:
             return self.host.subnet_file.stat().st_mtime >= self.started_at - 1
         except FileNotFoundError:
             return False
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.host.agent_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no agent log)"
-        return "\n".join(text.splitlines()[-lines:])

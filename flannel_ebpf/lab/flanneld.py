@@ -5,7 +5,7 @@ The binaries live in `<repo>/../shared/flanneld/` (`flanneld-<version>.xz`, see 
 the directory `$FLANNEL_EBPF_FLANNELD_DIR` names. A missing binary raises `FlanneldMissing`: a test
 that needs flanneld fails, it never skips.
 
-What flanneld v0.20.2 does to a host, seen in a lab namespace (`--ip-masq=false`): it writes the subnet
+What flanneld v0.20.2 does to a host (`--ip-masq=false`): it writes the subnet
 file (temp + rename), sets the FORWARD policy to ACCEPT and adds the `FLANNEL-FWD` chain (unless
 `--iptables-forward-rules=false`), creates flannel0 (udp, gone when it exits) or flannel.<VNI> (vxlan,
 kept) and per-peer routes (kept). It writes nothing else to the file system when `--subnet-file` is
@@ -28,7 +28,6 @@ import lzma
 import os
 import re
 import shlex
-import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -37,9 +36,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from .agent import REPO_ROOT, RUN_MARK
-from .netns import stop_process
-from .topology import Host
+from .agent import REPO_ROOT
+from .process import HostProcess
 
 FLANNELD_DIR_ENV = "FLANNEL_EBPF_FLANNELD_DIR"
 DEFAULT_VERSION = "v0.20.2"
@@ -123,20 +121,17 @@ def unpack_flanneld(version: str, dest_dir: Path, directory: Path | None = None)
 
 
 @dataclass
-class Flanneld:
+class Flanneld(HostProcess):
     """flannel's flanneld on one lab host: its command line and, while it runs, its process. It writes the
     host's usual subnet file (`host.subnet_file`), so containers are added exactly as on an agent's host."""
 
-    host: Host
+    kind = "flanneld"
+
     binary: Path
     etcd_endpoint: str
     version: str = DEFAULT_VERSION
     etcd_prefix: str = "/coreos.com/network"
     verbosity: int = 2
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    argv: list[str] = field(default_factory=list)
-    ever_started: bool = False
-    started_at: float = 0.0
     #: the subnet file's (inode, mtime) before the last start: ready = flanneld replaced it
     _file_before: tuple[int, int] | None = field(default=None, repr=False)
 
@@ -147,10 +142,6 @@ class Flanneld:
     @property
     def subnet_file(self) -> Path:
         return self.host.subnet_file
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def flags(self, public_ip: str | None = None, forward_rules: bool | None = None) -> list[str]:
         """flanneld's flags, `-name=value` (Go's flag package; both versions take this form)."""
@@ -175,21 +166,15 @@ class Flanneld:
         forward_rules: bool | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        if self.running:
-            raise RuntimeError(f"flanneld on {self.host.name} already runs (pid {self.proc.pid})")  # type: ignore[union-attr]
-        self.host.dir.mkdir(parents=True, exist_ok=True)
-        self.argv = [str(self.binary), *self.flags(public_ip, forward_rules), *extra_args]
+        self._ensure_stopped()
         self._file_before = _identity(self.subnet_file)
         # flanneld reads FLANNELD_* from its environment too: none leak in from the test's.
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
         child_env.update(env or {})
-        with open(self.log, "ab") as log:
-            log.write(f"{RUN_MARK}{time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.started_at = time.time()
-            self.proc = self.host.popen(self.argv, stdout=log, stderr=log, env=child_env)
-        self.ever_started = True
-        logger.debug("flanneld {} on {} started, pid {}", self.version, self.host.name, self.proc.pid)
+        self._launch([str(self.binary), *self.flags(public_ip, forward_rules), *extra_args], child_env)
+
+    def _started_label(self) -> str:
+        return f"flanneld {self.version} on {self.host.name}"
 
     def wait_ready(self, timeout: float = 30.0) -> str:
         """Until flanneld has (re)written the subnet file with its lease; returns FLANNEL_SUBNET. Fails
@@ -235,35 +220,10 @@ class Flanneld:
             time.sleep(0.2)
         raise TimeoutError(f"flanneld on {self.host.name}: not serving {listen} after {timeout}s:\n{self.log_tail()}")
 
-    def _check_alive(self, what: str) -> None:
+    def _check_alive(self, before: str) -> None:
         if self.proc is None or self.proc.poll() is not None:
             code = None if self.proc is None else self.proc.returncode
-            raise RuntimeError(f"flanneld on {self.host.name} exited ({code}) before {what}:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM by PID and wait (SIGKILL after `timeout`). v0.20.2 exits 2 (a panic in its watch)."""
-        return self._signal(signal.SIGTERM, timeout)
-
-    def kill(self) -> int | None:
-        return self._signal(signal.SIGKILL, 10.0)
-
-    def _signal(self, sig: signal.Signals, timeout: float) -> int | None:
-        if self.proc is None:
-            return None
-        proc, self.proc = self.proc, None
-        code = stop_process(proc, timeout, sig, what=f"flanneld on {self.host.name}")
-        logger.debug("flanneld on {} exited with {}", self.host.name, code)
-        return code
-
-    def log_text(self, last_run: bool = True) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return text[text.rfind(RUN_MARK) :] if last_run and RUN_MARK in text else text
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text(last_run=False).splitlines()[-lines:]) or "(no flanneld log)"
+            raise RuntimeError(f"{self.what} exited ({code}) before {before}:\n{self.log_tail()}")
 
     def leftovers(self) -> dict[str, list[str]]:
         """What flanneld made that is still on the host: its devices, its iptables chains, its files."""

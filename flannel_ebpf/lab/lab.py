@@ -32,7 +32,7 @@ from typing import Any
 
 from loguru import logger
 
-from .agent import RUN_MARK, Agent
+from .agent import Agent
 from .containers import BRIDGE, Container, SubnetEnv, make_container
 from .etcd import EtcdCluster, EtcdServer
 from .flanneld import DEFAULT_VERSION, Flanneld, unpack_flanneld
@@ -544,11 +544,7 @@ class Lab:
 
     def agent_log(self, host: Host | str, last_run: bool = False) -> str:
         """The host's agent log: every run (each begins with a `==== <time> start:` line), or the last."""
-        try:
-            text = self.host(host).agent_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return text[text.rfind(RUN_MARK) :] if last_run and RUN_MARK in text else text
+        return self.agent(host).log_text(last_run)
 
     def subnet_env(self, host: Host | str) -> SubnetEnv | None:
         path = self.host(host).subnet_file
