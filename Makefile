@@ -22,15 +22,18 @@ demo: setup
 test: setup bpf
 	FLANNEL_EBPF_NO_SKIPS=1 $(PY) -m pytest -v -rs --durations=25 tests charm/tests
 
-# Every test that needs no root (a real loopback etcd, moto's and the GCE stand-in's servers included).
+# The unit tests: every test that needs no root and starts no service (etcd, moto, vagrant, a build), in
+# seconds; `make test` runs them all.
 test-unit: setup
-	$(PY) -m pytest -q -m "not root" tests charm/tests
+	$(PY) -m pytest -q -m "not root and not service" tests charm/tests
 
-# mypy: strict on the package ([tool.mypy] in pyproject.toml).
+# mypy: strict on the package ([tool.mypy] in pyproject.toml); lint-imports: the import contract
+# of docs/CONTRACT.md ([tool.importlinter]).
 lint: setup
 	$(VENV)/bin/ruff check flannel_ebpf tests charm
 	$(VENV)/bin/ruff format --check flannel_ebpf tests charm
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: setup bpf
 	$(PY) -m flannel_ebpf.bench

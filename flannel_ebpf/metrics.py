@@ -1,4 +1,4 @@
-"""Prometheus metrics: `/metrics` on the agent's health port, and the lease server's request counts.
+"""Prometheus metrics: `/metrics` on the agent's health port (the lease server's: remote/api_metrics.py).
 
 Everything is read at scrape time from what the agent already keeps in process (its networks' state, lease
 managers, data planes and the backend status of the last heartbeat); only the eBPF counters are read live
@@ -15,23 +15,21 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from loguru import logger
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client import Counter as PromCounter
-from prometheus_client import Histogram as PromHistogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
+from flannel_ebpf.remote.api_metrics import PREFIX
 from flannel_ebpf.subnet.manager import REFUSED_LENGTH, REFUSED_OUR_IP, REFUSED_OUTSIDE
 
 if TYPE_CHECKING:
-    from aiohttp import web
+    pass
 
-PREFIX = "flannel_ebpf"
 
 #: every phase a network can be in (flannel_ebpf.state.AgentState.phase): one series each, 1 for the current
 PHASES = ("starting", "waiting-config", "acquiring", "ready", "backend", "conflict", "server-lost", "stopped", "failed")
@@ -335,70 +333,3 @@ def render(accept_header: str | None, agent: Any) -> tuple[bytes, str]:
     (Prometheus' text format, or OpenMetrics)."""
     encoder, content_type = choose_encoder(accept_header or "")
     return encoder(registry_for(agent)), content_type
-
-
-# --- the lease server (client/server mode) ------------------------------------------------------------------
-
-
-class LeaseApiMetrics:
-    """Requests of the lease server by route (its pattern, e.g. `/v1/{network}/leases/{subnet}`), method and
-    status code; also answers `GET /metrics` on the server's own listener. One per process."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = PromCounter(
-            f"{PREFIX}_lease_api_requests",
-            "Requests to the lease server, by route, method and status code",
-            ["route", "method", "code"],
-            registry=self.registry,
-        )
-        self.duration = PromHistogram(
-            f"{PREFIX}_lease_api_request_duration_seconds",
-            "How long the lease server took to answer (a watch: until it returned events)",
-            ["route", "method"],
-            registry=self.registry,
-        )
-        self.registry.register(ProcessCollector(namespace=PREFIX, registry=None))
-
-    def render(self, accept_header: str | None) -> tuple[bytes, str]:
-        encoder, content_type = choose_encoder(accept_header or "")
-        return encoder(self.registry), content_type
-
-    @property
-    def middleware(self) -> Any:
-        from aiohttp import web
-
-        @web.middleware
-        async def count(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
-            if request.path == "/metrics" and request.method in ("GET", "HEAD"):
-                body, content_type = self.render(request.headers.get("Accept"))
-                return web.Response(body=body, headers={"Content-Type": content_type})
-            route = _route_of(request)
-            began, code = time.monotonic(), 500
-            try:
-                response = await handler(request)
-                code = response.status
-                return response
-            except web.HTTPException as e:
-                code = e.status
-                raise
-            finally:
-                self.requests.labels(route, _method(request.method), str(code)).inc()
-                self.duration.labels(route, _method(request.method)).observe(time.monotonic() - began)
-
-        return count
-
-
-def _route_of(request: web.Request) -> str:
-    """The matched route's pattern (bounded); `other` for a path no route matched."""
-    info = request.match_info
-    resource = info.route.resource if info is not None and info.route is not None else None
-    canonical = getattr(resource, "canonical", None) if resource is not None else None
-    return canonical if isinstance(canonical, str) and canonical.startswith("/v1/") else "other"
-
-
-def _method(method: str) -> str:
-    return method if method in ("GET", "POST", "PUT", "DELETE", "HEAD") else "other"
-
-
-LEASE_API = LeaseApiMetrics()

@@ -42,13 +42,23 @@ def pytest_configure(config: pytest.Config) -> None:
 ROOT_FILE_SUFFIXES = ("_lab", "_netns")
 
 
+#: Fixtures that start a real service (etcd, moto's EC2 server, a charm build): a test using one is not a
+#: unit test. Files that start processes themselves say so with `pytestmark = pytest.mark.service`.
+SERVICE_FIXTURES = frozenset(
+    {"etcd_server", "moto", "tls_etcd", "auth_etcd", "etcd2", "etcd_v2", "short_token_etcd", "built_charm"}
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # One marker for "needs root", from the file's name and the lab and bpf markers, so that
-    # `pytest -m "not root"` selects every test that runs as any user.
+    # `pytest -m "not root"` selects every test that runs as any user; and one for "starts a service",
+    # so that `make test-unit` (neither) runs in seconds.
     for item in items:
         marked = any(item.iter_markers("lab")) or any(item.iter_markers("bpf"))
         if marked or item.path.stem.endswith(ROOT_FILE_SUFFIXES):
             item.add_marker(pytest.mark.root)
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

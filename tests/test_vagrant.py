@@ -18,7 +18,10 @@ from flannel_ebpf.lab.vagrant import VagrantNode
 
 VAGRANT_DIR = Path(__file__).resolve().parents[1] / "vagrant"
 
-pytestmark = pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant is not installed (make setup)")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant is not installed (make setup)"),
+    pytest.mark.service,  # runs vagrant
+]
 
 
 def _validate(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:

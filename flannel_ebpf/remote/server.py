@@ -48,7 +48,7 @@ from typing import Any
 from aiohttp import hdrs, web
 from loguru import logger
 
-from flannel_ebpf import metrics, sd_notify
+from flannel_ebpf import sd_notify
 from flannel_ebpf.config import ConfigError, NetworkConfig, parse_config
 from flannel_ebpf.http_limits import (
     ANSWER_HOOK,
@@ -58,7 +58,7 @@ from flannel_ebpf.http_limits import (
     quiet_connection_errors,
 )
 from flannel_ebpf.logs import clip
-from flannel_ebpf.remote import wire
+from flannel_ebpf.remote import api_metrics, wire
 from flannel_ebpf.subnet.allocation import OutOfSubnets
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseFormatError, parse_subnet_key
 from flannel_ebpf.subnet.manager import LeaseManager, LeaseOptions
@@ -272,7 +272,7 @@ class RemoteServer:
         # client_max_size: a body is never read past the limit, whatever its framing
         app = web.Application(
             client_max_size=wire.MAX_REQUEST_BYTES + 1,
-            middlewares=[metrics.LEASE_API.middleware, self._refuse_big_bodies],
+            middlewares=[api_metrics.LEASE_API.middleware, self._refuse_big_bodies],
         )
         app.router.add_get("/v1/{network}/config", self._wrap(self.get_config))
         app.router.add_post("/v1/{network}/leases", self._wrap(self.acquire_lease))
