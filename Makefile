@@ -124,4 +124,4 @@ lab-cleanup: setup
 
 clean:
 	rm -f bpf/*.o bpf/sources.sha256
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .import_linter_cache
