@@ -348,8 +348,9 @@ class UdpEbpfBackend(Backend):
             for name in detach_handoff_everywhere(ipr):
                 logger.info("udp (eBPF): bridge-port hand-off removed from {}", name)
         # A clsact qdisc is shared with other tools: it goes only if we created it (recorded in the state
-        # dir) and nothing at all is left on it; the devices we created one on are looked at too.
-        record = Path(self.options.state_dir) / hooks.CLSACT_RECORD_FILE
+        # dir) and nothing at all is left on it; the devices we created one on are looked at too. The record
+        # is the agent's (--state-dir), where attaching wrote it, also for one network of several.
+        record = Path(self.options.clsact_record_dir or self.options.state_dir) / hooks.CLSACT_RECORD_FILE
         scope = [local.ext.index] if local is not None and local.ext.index in links else list(links)
         scope += [i for i, name in hooks.created_clsacts(record) if links.get(i) == name and i not in scope]
         for index in scope:
