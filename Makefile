@@ -6,7 +6,7 @@ CLANG  ?= clang
 BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(BPF_SRC:.c=.o)
 
-.PHONY: setup demo test test-unit lint bench bench-quick bench-scale soak bpf wheel charm clean lab-cleanup \
+.PHONY: setup demo test test-unit lint bench bench-quick bench-scale bench-profile soak bpf wheel charm clean lab-cleanup \
 	vagrant-box vagrant-up vagrant-check vagrant-bench vagrant-switch vagrant-destroy
 
 setup: $(STAMP)
@@ -40,6 +40,11 @@ bench: setup bpf
 
 bench-quick: setup bpf
 	$(PY) -m flannel_ebpf.bench --quick
+
+# perf record -a -g of one TCP stream per backend (host-gw, udp eBPF, vxlan): self cycles per skb of each
+# kernel function side by side (bench/results/profile-*.{md,json}); PROFILE_SECONDS= shortens the runs.
+bench-profile: setup bpf
+	nice -n 19 $(PY) -m flannel_ebpf.bench.profile $(if $(PROFILE_SECONDS),--seconds $(PROFILE_SECONDS))
 
 # 10,000 flanneld-format leases in a real etcd, one agent per backend: start to ready, listing, sync,
 # a 1,000-lease burst, a periodic relist, event-loop stalls, memory (bench/results/scale-*.md).
