@@ -134,13 +134,12 @@ def parse_perf_script(lines: Iterable[str]) -> Iterator[Sample]:
                 yield sample
             header, frames = None, []
             continue
-        if line[0].isspace():
-            if header is not None and (m := _FRAME.match(line)):
-                frames.append(Frame(m["sym"], m["dso"]))
-            continue
-        if (sample := emit()) is not None:  # a header with no blank line before it
-            yield sample
-        header, frames = _HEADER.match(line), []
+        if (new := _HEADER.match(line.strip())) is not None:
+            if (sample := emit()) is not None:  # a header with no blank line before it
+                yield sample
+            header, frames = new, []
+        elif header is not None and (m := _FRAME.match(line)):
+            frames.append(Frame(m["sym"], m["dso"]))
     if (sample := emit()) is not None:
         yield sample
 
@@ -183,9 +182,12 @@ class Aggregate:
     """Cycles per leaf symbol of the counted samples, and what was left out."""
 
     cycles: dict[str, float] = field(default_factory=dict)
+    inclusive: dict[str, float] = field(default_factory=dict)  # each symbol with its callees
+    callers: dict[str, dict[str, float]] = field(default_factory=dict)  # leaf -> its caller -> cycles
     counted_samples: int = 0
     excluded_samples: int = 0
     excluded_cycles: float = 0.0
+    idle_cycles: float = 0.0  # of the excluded: the idle task outside softirq
     in_iperf3_cycles: float = 0.0  # counted in the iperf3 processes (the rest: softirq in other tasks)
     first_time: float | None = None
     last_time: float | None = None
@@ -213,6 +215,8 @@ def counts(sample: Sample, traffic_pids: frozenset[int]) -> bool:
 def aggregate(samples: Iterable[Sample], traffic_pids: frozenset[int], cpu_mhz: float) -> Aggregate:
     agg = Aggregate()
     cycles: defaultdict[str, float] = defaultdict(float)
+    inclusive: defaultdict[str, float] = defaultdict(float)
+    callers: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
     factors: dict[str, float] = {}
     for s in samples:
         if s.event not in factors:
@@ -223,13 +227,21 @@ def aggregate(samples: Iterable[Sample], traffic_pids: frozenset[int], cpu_mhz: 
         agg.last_time = s.time if agg.last_time is None else max(agg.last_time, s.time)
         if counts(s, traffic_pids):
             cycles[s.leaf] += c
+            for name in {symbol_name(f) for f in s.frames}:
+                inclusive[name] += c
+            if len(s.frames) > 1:
+                callers[s.leaf][symbol_name(s.frames[1])] += c
             agg.counted_samples += 1
             if s.pid in traffic_pids:
                 agg.in_iperf3_cycles += c
         else:
             agg.excluded_samples += 1
             agg.excluded_cycles += c
+            if s.pid == 0:
+                agg.idle_cycles += c
     agg.cycles = dict(cycles)
+    agg.inclusive = dict(inclusive)
+    agg.callers = {leaf: dict(by) for leaf, by in callers.items()}
     return agg
 
 
@@ -254,9 +266,16 @@ class BackendProfile:
     event: str
     cycles_per_unit: float
     cycles_per_skb: dict[str, float]  # leaf symbol -> cycles / skb
-    excluded_share: float  # of all samples' cycles: other work on the machine
+    inclusive_per_skb: dict[str, float]  # symbol -> cycles / skb of the samples with it on their call chain
+    main_caller: dict[str, tuple[str, float]]  # leaf symbol -> (its most frequent caller, that caller's share)
+    excluded_share: float  # of all samples' cycles: idle and other work on the machine
+    idle_share: float  # of all samples' cycles: the idle task
     softirq_elsewhere_share: float  # of the counted cycles: network softirq run in other tasks
     error: str | None = None
+
+    @classmethod
+    def failed(cls, name: str, error: str) -> BackendProfile:
+        return cls(name, 0.0, 0.0, 0.0, 0.0, "", 0.0, {}, {}, {}, 0.0, 0.0, 0.0, error=error)
 
     @property
     def total(self) -> float:
@@ -280,9 +299,18 @@ def backend_profile(
         event=agg.event,
         cycles_per_unit=cycles_per_unit(agg.event, cpu_mhz) if agg.event else 0.0,
         cycles_per_skb={k: v / skbs for k, v in agg.cycles.items()},
+        inclusive_per_skb={k: v / skbs for k, v in agg.inclusive.items()},
+        main_caller={leaf: _main_caller(by) for leaf, by in agg.callers.items()},
         excluded_share=agg.excluded_cycles / all_cycles if all_cycles else 0.0,
+        idle_share=agg.idle_cycles / all_cycles if all_cycles else 0.0,
         softirq_elsewhere_share=1 - agg.in_iperf3_cycles / agg.total if agg.total else 0.0,
     )
+
+
+def _main_caller(by_caller: dict[str, float]) -> tuple[str, float]:
+    total = sum(by_caller.values())
+    name, cycles = max(by_caller.items(), key=lambda kv: (kv[1], kv[0]))
+    return name, cycles / total if total else 0.0
 
 
 def column_order(names: Sequence[str]) -> list[str]:
@@ -298,15 +326,22 @@ class Row:
     difference: float | None  # subject - reference
 
 
-def compare(profiles: Sequence[BackendProfile], top: int = TOP_ROWS) -> list[Row]:
-    """The symbols whose cycles per skb differ most between the subject and the reference (or, without
-    both, between the largest and smallest column), largest difference first."""
+def compare(
+    profiles: Sequence[BackendProfile], top: int = TOP_ROWS, inclusive: bool = False, skip: frozenset[str] = frozenset()
+) -> list[Row]:
+    """The symbols whose cycles per skb (self, or `inclusive` of their callees) differ most between the
+    subject and the reference (or, without both, between the largest and smallest column), largest
+    difference first."""
     ok = [p for p in profiles if p.error is None]
     by_name = {p.name: p for p in ok}
-    symbols = sorted({s for p in ok for s in p.cycles_per_skb})
+
+    def table(p: BackendProfile) -> dict[str, float]:
+        return p.inclusive_per_skb if inclusive else p.cycles_per_skb
+
+    symbols = sorted({s for p in ok for s in table(p)} - skip)
     rows = []
     for sym in symbols:
-        values = {p.name: p.cycles_per_skb.get(sym, 0.0) for p in ok}
+        values = {p.name: table(p).get(sym, 0.0) for p in ok}
         diff = values[SUBJECT] - values[REFERENCE] if SUBJECT in by_name and REFERENCE in by_name else None
         rows.append(Row(sym, values, diff))
 
@@ -344,6 +379,44 @@ def _signed(v: float | None) -> str:
     return "" if v is None else f"{v:+,.0f}"
 
 
+# Stages of the path, each with its callees: where a difference in the self-time table comes from.
+STAGES = (
+    "tcp_sendmsg",
+    "__ip_queue_xmit",
+    "__dev_queue_xmit",
+    "__qdisc_run",
+    "sch_direct_xmit",
+    "validate_xmit_skb",
+    "__skb_gso_segment",
+    "tc_run",
+    "skb_do_redirect",
+    "ip_route_output_key_hash_rcu",
+    "neigh_resolve_output",
+    "dev_hard_start_xmit",
+    "veth_xmit",
+    "__netif_receive_skb_core",
+    "br_handle_frame",
+    "ip_rcv",
+    "ip_forward",
+    "nf_hook_slow",
+    "udp_rcv",
+    "tcp_v4_rcv",
+    "tcp_recvmsg",
+    "net_rx_action",
+)
+
+
+def _caller_cell(row: Row, profiles: Sequence[BackendProfile]) -> str:
+    """The most frequent caller of a row's function: in the subject where it ran there, else where it
+    cost most."""
+    ranked = sorted(profiles, key=lambda p: (p.name != SUBJECT, -p.cycles_per_skb.get(row.symbol, 0.0)))
+    for p in ranked:
+        if row.symbol in p.main_caller:
+            caller, share = p.main_caller[row.symbol]
+            return f"{caller} {share:.0%} ({LABELS.get(p.name, p.name)})"
+    return ""
+
+
 def render_markdown(profiles: Sequence[BackendProfile], meta: dict[str, str], top: int = TOP_ROWS) -> str:
     names = column_order([p.name for p in profiles])
     ordered = sorted(profiles, key=lambda p: names.index(p.name))
@@ -353,29 +426,53 @@ def render_markdown(profiles: Sequence[BackendProfile], meta: dict[str, str], to
     out = ["# Where the cycles go, per skb", ""]
     out += [f"- {k}: {v}" for k, v in meta.items()]
     out += ["", "| backend | TCP 1 stream (Gbit/s) | skbs in the window | bytes per skb | perf window (s) |"
-            " other work left out (of all samples) | counted softirq run in other tasks |",
-            "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+            " idle (of all samples) | other tasks, left out | counted softirq that ran in other tasks |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for p in ordered:
         if p.error is not None:
-            out.append(f"| {LABELS.get(p.name, p.name)} | failed: {p.error} | | | | | |")
+            out.append(f"| {LABELS.get(p.name, p.name)} | failed: {p.error} | | | | | | |")
             continue
         out.append(
             f"| {LABELS.get(p.name, p.name)} | {p.gbps:.2f} | {p.skbs:,.0f} | {p.bytes_per_skb:,.0f} | "
-            f"{p.span_s:.2f} | {p.excluded_share:.0%} | {p.softirq_elsewhere_share:.0%} |"
+            f"{p.span_s:.2f} | {p.idle_share:.0%} | {p.excluded_share - p.idle_share:.0%} | "
+            f"{p.softirq_elsewhere_share:.0%} |"
         )
     if not ok:
         return "\n".join(out) + "\n"
-    header = ["function (self cycles per skb)", *(LABELS.get(c, c) for c in cols), diff_label]
-    out += ["", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(cols) + 1)]
-    for row in [*totals(ok), *compare(ok, top)]:
-        cells = [_num(row.values.get(c)) for c in cols]
-        out.append(f"| {row.symbol} | " + " | ".join(cells) + f" | {_signed(row.difference)} |")
+
+    def table(title: str, rows: Sequence[Row], callers: bool) -> None:
+        header = [title, *(LABELS.get(c, c) for c in cols), diff_label, *(["main caller"] if callers else [])]
+        out.extend(
+            ["", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(cols) + 1) + ("---|" if callers else "")]
+        )
+        for row in rows:
+            cells = [_num(row.values.get(c)) for c in cols]
+            extra = (
+                f" {_caller_cell(row, ok)} |"
+                if callers and row.symbol in _all_symbols(ok)
+                else (" |" if callers else "")
+            )
+            out.append(f"| {row.symbol} | " + " | ".join(cells) + f" | {_signed(row.difference)} |" + extra)
+
+    table("function (self cycles per skb)", [*totals(ok), *compare(ok, top)], callers=True)
     out.append("")
     out.append(
-        f"The {top} functions whose cycles per skb differ most (by the difference column), after the totals; "
+        f"The {top} functions whose self cycles per skb differ most (by the difference column), after the totals; "
         "0 where a function had no sample. Self time only: a function's callees have rows of their own."
     )
+    staged = [r for r in compare(ok, len(STAGES) * 4, inclusive=True) if r.symbol in STAGES]
+    staged.sort(key=lambda r: STAGES.index(r.symbol))
+    table("stage, with its callees (cycles per skb)", staged, callers=False)
+    out.append("")
+    out.append(
+        "The same samples, each counted once under every function on its call chain: the cost of a stage of "
+        "the path with everything it called (stages nest, so the rows do not add up)."
+    )
     return "\n".join(out) + "\n"
+
+
+def _all_symbols(profiles: Sequence[BackendProfile]) -> set[str]:
+    return {s for p in profiles for s in p.cycles_per_skb}
 
 
 def report_json(profiles: Sequence[BackendProfile], meta: dict[str, str]) -> dict[str, Any]:
@@ -488,7 +585,7 @@ def run_profile(options: ProfileOptions, say: Callable[[str], None] | None = Non
             except Exception as e:  # one backend failing keeps the others
                 say_tagged(f"FAILED: {_one_line(e)}")
                 logger.debug("{} failed", name, exc_info=True)
-                profiles.append(BackendProfile(name, 0, 0, 0, 0, "", 0, {}, 0, 0, error=_one_line(e)))
+                profiles.append(BackendProfile.failed(name, _one_line(e)))
             finally:
                 _teardown_backend(lab, spec, notes, say_tagged)
     finally:
