@@ -13,6 +13,7 @@ from flannel_ebpf.bench.profile import (
     Frame,
     aggregate,
     backend_profile,
+    caller_chain,
     compare,
     cpu_mhz,
     cycles_per_unit,
@@ -164,6 +165,19 @@ def test_backend_profile_divides_cycles_by_the_skbs_of_the_window() -> None:
     assert prof.cycles_per_unit == 2.0
 
 
+def test_caller_chain_follows_the_most_frequent_caller_up_the_stack() -> None:
+    agg = recorded_aggregate()
+    assert agg.callers["ip_route_input_slow"] == {"ip_rcv": PER_SAMPLE}  # not only leaves have callers
+    prof = backend_profile("udp-ebpf", agg, packets=1_000, tx_bytes=1, wall_seconds=0.002, gbps=1, cpu_mhz=MHZ)
+    chain = caller_chain(prof, "trie_lookup_elem", depth=3)
+    assert chain == "bpf_prog_flannel_encap [eBPF] 100% < cls_bpf_classify 100% < tc_run 100%"
+    assert caller_chain(prof, "fib_table_lookup", depth=1) in (
+        "ip_route_input_slow 50%",
+        "ip_route_output_key_hash_rcu 50%",
+    )
+    assert caller_chain(prof, "handle_softirqs", depth=3) == ""  # the top of its stack
+
+
 def make(name: str, per_skb: dict[str, float], bytes_per_skb: float = 50_000) -> BackendProfile:
     return BackendProfile(
         name, 20.0, 1000.0, bytes_per_skb, 6.5, "cpu-clock", 2.6, per_skb, dict(per_skb), {}, 0.4, 0.3, 0.1
@@ -206,6 +220,7 @@ def test_markdown_puts_host_gw_first_and_shows_a_failed_backend() -> None:
     assert "difference (udp eBPF - host-gw)" in header
     assert "| fib_table_lookup | 1,000 | 2,500 | +1,500 |" in text
     assert "| vxlan | failed: agents not ready |" in text
+    assert "| stage, with its callees (cycles per skb) |" in text
     payload = json.loads(json.dumps(report_json([SIDE_BY_SIDE[0], failed], {"kernel": "6.18"})))
     assert payload["backends"][1]["error"] == "agents not ready"
     assert payload["backends"][0]["cycles_per_skb"]["br_dev_xmit"] == 800

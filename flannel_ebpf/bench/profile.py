@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import re
@@ -183,7 +184,7 @@ class Aggregate:
 
     cycles: dict[str, float] = field(default_factory=dict)
     inclusive: dict[str, float] = field(default_factory=dict)  # each symbol with its callees
-    callers: dict[str, dict[str, float]] = field(default_factory=dict)  # leaf -> its caller -> cycles
+    callers: dict[str, dict[str, float]] = field(default_factory=dict)  # symbol -> its caller -> cycles
     counted_samples: int = 0
     excluded_samples: int = 0
     excluded_cycles: float = 0.0
@@ -227,10 +228,11 @@ def aggregate(samples: Iterable[Sample], traffic_pids: frozenset[int], cpu_mhz: 
         agg.last_time = s.time if agg.last_time is None else max(agg.last_time, s.time)
         if counts(s, traffic_pids):
             cycles[s.leaf] += c
-            for name in {symbol_name(f) for f in s.frames}:
+            names = [symbol_name(f) for f in s.frames]
+            for name in set(names):
                 inclusive[name] += c
-            if len(s.frames) > 1:
-                callers[s.leaf][symbol_name(s.frames[1])] += c
+            for callee, caller in set(itertools.pairwise(names)):  # recursion counted once
+                callers[callee][caller] += c
             agg.counted_samples += 1
             if s.pid in traffic_pids:
                 agg.in_iperf3_cycles += c
@@ -267,7 +269,7 @@ class BackendProfile:
     cycles_per_unit: float
     cycles_per_skb: dict[str, float]  # leaf symbol -> cycles / skb
     inclusive_per_skb: dict[str, float]  # symbol -> cycles / skb of the samples with it on their call chain
-    main_caller: dict[str, tuple[str, float]]  # leaf symbol -> (its most frequent caller, that caller's share)
+    main_caller: dict[str, tuple[str, float]]  # symbol -> (its most frequent caller, that caller's share)
     excluded_share: float  # of all samples' cycles: idle and other work on the machine
     idle_share: float  # of all samples' cycles: the idle task
     softirq_elsewhere_share: float  # of the counted cycles: network softirq run in other tasks
@@ -388,8 +390,10 @@ STAGES = (
     "sch_direct_xmit",
     "validate_xmit_skb",
     "__skb_gso_segment",
+    "skb_segment",
     "tc_run",
     "skb_do_redirect",
+    "ip_route_output_flow",
     "ip_route_output_key_hash_rcu",
     "neigh_resolve_output",
     "dev_hard_start_xmit",
@@ -406,14 +410,26 @@ STAGES = (
 )
 
 
-def _caller_cell(row: Row, profiles: Sequence[BackendProfile]) -> str:
-    """The most frequent caller of a row's function: in the subject where it ran there, else where it
-    cost most."""
-    ranked = sorted(profiles, key=lambda p: (p.name != SUBJECT, -p.cycles_per_skb.get(row.symbol, 0.0)))
+def caller_chain(profile: BackendProfile, symbol: str, depth: int) -> str:
+    """`symbol`'s most frequent caller, that one's, ... `depth` levels up, with each step's share."""
+    steps: list[str] = []
+    seen = {symbol}
+    while len(steps) < depth and symbol in profile.main_caller:
+        symbol, share = profile.main_caller[symbol]
+        if symbol in seen:
+            break
+        seen.add(symbol)
+        steps.append(f"{symbol} {share:.0%}")
+    return " < ".join(steps)
+
+
+def _caller_cell(row: Row, profiles: Sequence[BackendProfile], depth: int) -> str:
+    """Where a row's function was called from: in the subject where it ran there, else where it cost
+    most."""
+    ranked = sorted(profiles, key=lambda p: (p.name != SUBJECT, -p.inclusive_per_skb.get(row.symbol, 0.0)))
     for p in ranked:
         if row.symbol in p.main_caller:
-            caller, share = p.main_caller[row.symbol]
-            return f"{caller} {share:.0%} ({LABELS.get(p.name, p.name)})"
+            return f"{caller_chain(p, row.symbol, depth)} ({LABELS.get(p.name, p.name)})"
     return ""
 
 
@@ -440,29 +456,30 @@ def render_markdown(profiles: Sequence[BackendProfile], meta: dict[str, str], to
     if not ok:
         return "\n".join(out) + "\n"
 
-    def table(title: str, rows: Sequence[Row], callers: bool) -> None:
-        header = [title, *(LABELS.get(c, c) for c in cols), diff_label, *(["main caller"] if callers else [])]
+    def table(title: str, rows: Sequence[Row], caller_depth: int) -> None:
+        """`caller_depth` > 0: a column with where each function was called from, that many levels up."""
+        callers = caller_depth > 0
+        header = [title, *(LABELS.get(c, c) for c in cols), diff_label, *(["called from"] if callers else [])]
         out.extend(
             ["", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(cols) + 1) + ("---|" if callers else "")]
         )
+        known = _all_symbols(ok)
         for row in rows:
             cells = [_num(row.values.get(c)) for c in cols]
-            extra = (
-                f" {_caller_cell(row, ok)} |"
-                if callers and row.symbol in _all_symbols(ok)
-                else (" |" if callers else "")
-            )
+            extra = ""
+            if callers:
+                extra = f" {_caller_cell(row, ok, caller_depth)} |" if row.symbol in known else " |"
             out.append(f"| {row.symbol} | " + " | ".join(cells) + f" | {_signed(row.difference)} |" + extra)
 
-    table("function (self cycles per skb)", [*totals(ok), *compare(ok, top)], callers=True)
+    table("function (self cycles per skb)", [*totals(ok), *compare(ok, top)], caller_depth=1)
     out.append("")
     out.append(
         f"The {top} functions whose self cycles per skb differ most (by the difference column), after the totals; "
         "0 where a function had no sample. Self time only: a function's callees have rows of their own."
     )
-    staged = [r for r in compare(ok, len(STAGES) * 4, inclusive=True) if r.symbol in STAGES]
+    staged = [r for r in compare(ok, top=sys.maxsize, inclusive=True) if r.symbol in STAGES]
     staged.sort(key=lambda r: STAGES.index(r.symbol))
-    table("stage, with its callees (cycles per skb)", staged, callers=False)
+    table("stage, with its callees (cycles per skb)", staged, caller_depth=3)
     out.append("")
     out.append(
         "The same samples, each counted once under every function on its call chain: the cost of a stage of "
@@ -472,7 +489,7 @@ def render_markdown(profiles: Sequence[BackendProfile], meta: dict[str, str], to
 
 
 def _all_symbols(profiles: Sequence[BackendProfile]) -> set[str]:
-    return {s for p in profiles for s in p.cycles_per_skb}
+    return {s for p in profiles for s in p.inclusive_per_skb}
 
 
 def report_json(profiles: Sequence[BackendProfile], meta: dict[str, str]) -> dict[str, Any]:
