@@ -17,7 +17,7 @@ import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import Any, TypeGuard
 
 from loguru import logger
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -26,10 +26,6 @@ from prometheus_client.exposition import choose_encoder
 
 from flannel_ebpf.remote.api_metrics import PREFIX
 from flannel_ebpf.subnet.manager import REFUSED_LENGTH, REFUSED_OUR_IP, REFUSED_OUTSIDE
-
-if TYPE_CHECKING:
-    pass
-
 
 #: every phase a network can be in (flannel_ebpf.state.AgentState.phase): one series each, 1 for the current
 PHASES = ("starting", "waiting-config", "acquiring", "ready", "backend", "conflict", "server-lost", "stopped", "failed")
