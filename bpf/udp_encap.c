@@ -15,6 +15,7 @@
  * underlay after encapsulation -> ICMP fragmentation needed, as the kernel would answer.
  */
 #include "lib/flannel.h"
+#include "lib/encap.h"
 #include "lib/icmp_reply.h"
 
 FL_PROG("tc")
@@ -119,70 +120,32 @@ int flannel_encap(struct __sk_buff *skb)
 	}
 
 	/* Everything the outer headers need, read before helpers invalidate packet pointers. */
-	__be32 outer_daddr = peer->public_ip;
-	__be32 outer_saddr = cfg->own_ip;
-	__be16 port = cfg->port;
+	struct fl_outer o = {
+		.saddr = cfg->own_ip, .daddr = peer->public_ip, .port = cfg->port, .tos = ip->tos, .inner_len = inner_len,
+	};
 	__u32 underlay_ifindex = cfg->underlay_ifindex;
-	__u8 tos = ip->tos;
 
 	/* Like flanneld's proxy: the inner TTL drops by one on the way out. */
 	fl_decrement_ttl(ip);
-
-	/* A flow hash (the kernel's, from the inner 5-tuple) picks the outer source port, so that a
-	 * receiver's RSS/RPS spreads flows across queues; flanneld itself always sends from 8285, but a
-	 * receiver (flanneld's socket or our decap) looks only at the destination port. */
-	__u32 hash = bpf_get_hash_recalc(skb);
+	o.hash = bpf_get_hash_recalc(skb); /* the outer source port: see fl_push_outer */
 
 	/* Room for an Ethernet header in front of the L3 packet: redirect_neigh needs a MAC header. */
-	if (bpf_skb_change_head(skb, FL_ETH_HLEN, 0) < 0) {
+	if (bpf_skb_change_head(skb, FL_ETH_HLEN, 0) < 0 ||
+	    fl_push_outer(skb, &o) < 0) {
 		fl_count(FL_ENCAP_ERROR, pkt_len);
 		return TC_ACT_SHOT;
 	}
-	/* 28 bytes between the MAC header and the inner IPv4 header. FIXED_GSO keeps gso_size (the
-	 * route MTU already leaves room); the ENCAP flags mark the skb as UDP-tunnelled so that GSO/TSO
-	 * and checksum offload still work on the inner packet. */
-	if (bpf_skb_adjust_room(skb, FL_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
-					BPF_F_ADJ_ROOM_ENCAP_L4_UDP) < 0) {
-		fl_count(FL_ENCAP_ERROR, pkt_len);
-		return TC_ACT_SHOT;
-	}
-
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
-	if (data + FL_ETH_HLEN + FL_ENCAP_LEN > data_end) {
+	struct ethhdr *eth = data; /* offset 0; fl_push_outer checked that the headers are in the head */
+	if ((void *)(eth + 1) > data_end) {
 		fl_count(FL_ENCAP_ERROR, pkt_len);
 		return TC_ACT_SHOT;
 	}
-	struct ethhdr *eth = data;                           /* offset 0 */
-	struct iphdr *outer = data + FL_ETH_HLEN;            /* offset 14 */
-	struct udphdr *udp = data + FL_ETH_HLEN + FL_IP_HLEN; /* offset 34; inner IPv4 at 42 */
-
 	/* Placeholder MACs (zero is not multicast, which redirect_neigh would refuse); it rewrites them. */
 	__builtin_memset(eth->h_dest, 0, ETH_ALEN);
 	__builtin_memset(eth->h_source, 0, ETH_ALEN);
 	eth->h_proto = fl_htons(FL_ETH_P_IP);
-
-	outer->version = 4;
-	outer->ihl = 5;
-	outer->tos = tos; /* DSCP and ECN follow the inner packet (RFC 6040 normal mode) */
-	outer->tot_len = fl_htons(inner_len + FL_ENCAP_LEN);
-	outer->id = 0;                          /* DF is set: no fragment to identify */
-	/* Always DF, whatever the inner packet says: a receiver's XDP/tc decap never sees a reassembled
-	 * datagram (decap.h), so a router fragmenting the outer packet would lose it silently. The whole
-	 * underlay path must carry the underlay MTU (flannel0's MTU is 28 below it). */
-	outer->frag_off = fl_htons(FL_IP_DF);
-	outer->ttl = 64;
-	outer->protocol = IPPROTO_UDP;
-	outer->check = 0;
-	outer->saddr = outer_saddr;
-	outer->daddr = outer_daddr;
-	outer->check = fl_ipv4_csum(outer);
-
-	udp->source = fl_htons(49152 | (hash & 0x3fff)); /* IANA's dynamic range 49152-65535 */
-	udp->dest = port;
-	udp->len = fl_htons(inner_len + FL_UDP_HLEN);
-	udp->check = 0; /* legal over IPv4; the inner packet carries its own checksums */
 
 	fl_count(FL_ENCAP_OK, pkt_len);
 	return fl_redirect_neigh(underlay_ifindex, 0, 0, 0);

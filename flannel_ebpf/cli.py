@@ -280,6 +280,7 @@ def agent_options(args: argparse.Namespace) -> Any:
             udp_datapath=args.udp_datapath,
             udp_decap=args.udp_decap,
             udp_delivery=args.udp_delivery,
+            udp_encap=args.udp_encap,
             udp_allow_foreign_source=args.udp_allow_foreign_source,
             xdp_mode=args.xdp_mode,
             loader=args.loader,

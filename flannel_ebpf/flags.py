@@ -95,6 +95,14 @@ FLAGS = (
         "choice",
         ("port", "bridge", "peer"),
     ),
+    Flag(
+        "udp-encap",
+        "underlay",
+        "where the eBPF udp path encapsulates: underlay (peers on the underlay's own networks are routed "
+        "straight to it and encapsulated on its egress; others through flannel0), flannel0 (every peer)",
+        "choice",
+        ("underlay", "flannel0"),
+    ),
     Flag("xdp-mode", "auto", "XDP attach mode for --udp-decap xdp", "choice", ("auto", "native", "generic")),
     Flag(
         "udp-allow-foreign-source",

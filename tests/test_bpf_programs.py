@@ -286,7 +286,7 @@ def routed_to_bridge(inner: bytes, dst_mac: str = ENDPOINT_MAC, from_underlay: b
 def test_reasons_and_layout_match_the_c_header() -> None:
     header = (BPF_SOURCE_DIR / "lib" / "flannel.h").read_text()
     in_c = {
-        m.group(1): int(m.group(2)) for m in re.finditer(r"FL_((?:ENCAP|DECAP|DELIVER)_[A-Z0-9_]+) = (\d+)", header)
+        m.group(1): int(m.group(2)) for m in re.finditer(r"FL_((?:ENCAP|UL|DECAP|DELIVER)_[A-Z0-9_]+) = (\d+)", header)
     }
     assert in_c == {r.name: r.value for r in Reason}
     for spec in ALL_MAPS:
@@ -299,6 +299,7 @@ def test_plain_clang_builds_objects_for_the_elf_loader(tmp_path: Path) -> None:
 
     expected_section = {
         "udp_encap.c": "tc",
+        "udp_encap_underlay.c": "tc",
         "udp_decap_xdp.c": "xdp.frags",
         "udp_decap_tc.c": "tc",
         "udp_deliver_tc.c": "tc",
@@ -395,6 +396,12 @@ def test_programs_on_crafted_packets(netns: str) -> None:
         {"burst": 200, "prog": "flannel_encap", "packet": inner_echo(dst="10.60.9.9").hex()},
         {"configure": True, "allow_foreign_source": True},
         *[decap(prog, overlay_frame(foreign)) for prog in ("flannel_xdp_in", "flannel_tc_in")],
+        # the underlay's egress, where the kernel routed a peer's packet straight (--udp-encap underlay)
+        decap("flannel_ul_out", eth(echo)),  # a peer's: encapsulated in place
+        decap("flannel_ul_out", eth(inner_echo(dst="10.60.9.9"))),  # in the Network, no peer: untouched
+        decap("flannel_ul_out", eth(ipv4(OWN, PEER, 17, udp(53, b"dns?")))),  # the host's own: untouched
+        decap("flannel_ul_out", eth(b"\x60" + bytes(39), proto=0x86DD)),  # IPv6: untouched
+        decap("flannel_ul_out", eth(inner_echo(ttl=1))),  # TTL
     ]
     results = run_cases(netns, cases)
 
@@ -512,6 +519,29 @@ def test_programs_on_crafted_packets(netns: str) -> None:
         assert results[i]["retval"] == passed and delta(i) == {"decap_ok": 1}, i
         assert bytes.fromhex(results[i]["data"]) == eth(with_ttl(foreign, 63))
         i += 1
+
+    # encapsulation on the underlay's egress: the Ethernet header the kernel resolved is kept
+    r = results[i]
+    assert r["retval"] == TC_ACT_OK and delta(i) == {"encap_ok": 1}
+    out = bytes.fromhex(r["data"])
+    assert out[:14] == eth(echo)[:14] and len(out) == 14 + 28 + len(echo)
+    outer, udph, inner = out[14:34], out[34:42], out[42:]
+    assert inner == with_ttl(echo, 63) and csum(inner[:20]) == 0
+    assert outer[12:16] == IPv4Address(OWN).packed and outer[16:20] == IPv4Address(PEER).packed
+    assert csum(outer) == 0 and struct.unpack("!H", outer[2:4])[0] == 28 + len(echo)
+    assert struct.unpack("!H", outer[6:8])[0] == 0x4000 and outer[9] == 17  # DF, UDP
+    sport, dport, length, _check = struct.unpack("!HHHH", udph)
+    assert sport >= 49152 and dport == PORT and length == 8 + len(echo)
+    i += 1
+    for reason, frame in (
+        ("ul_pass_no_peer", eth(inner_echo(dst="10.60.9.9"))),
+        ("ul_pass_other", eth(ipv4(OWN, PEER, 17, udp(53, b"dns?")))),
+        ("ul_pass_other", eth(b"\x60" + bytes(39), proto=0x86DD)),
+    ):
+        assert results[i]["retval"] == TC_ACT_OK and delta(i) == {reason: 1}, i
+        assert bytes.fromhex(results[i]["data"]) == frame  # untouched
+        i += 1
+    assert results[i]["retval"] == TC_ACT_SHOT and delta(i) == {"encap_ttl_expired": 1}
 
     # every reason but the helper-failure ones was exercised
     seen = {k for k, v in results[-1]["counters"].items() if v}

@@ -68,6 +68,18 @@ def test_all_pairs_ping_and_tcp_both_ways(lab_factory, decap, topology, loader):
     assert all(p.get("prog_id", 0) > 0 for p in programs), programs  # ids as bpftool shows them
     c = counters(lab, "h1")
     assert c["encap_ok"] > 0 and c["decap_ok"] > 0
+    # --udp-encap underlay (default): h1 routes the peers on its own segment straight to eth0, with
+    # flannel0's MTU and address; a peer behind the router goes through flannel0
+    subnets = {h: lab.subnet_env(h).subnet.network for h in lab.host_names}
+    direct = {str(subnets[h]): lab.host(h).underlay_ip for h in lab.host_names[1:]}
+    if topology == "routed":
+        direct.pop(str(subnets["h3"]))
+    routes = lab.exec("h1", ["ip", "-4", "route", "show", "proto", "102"]).stdout
+    own = subnets["h1"].network_address
+    for subnet, gateway in direct.items():
+        want = rf"^{re.escape(subnet)} .*via {gateway} dev eth0 .*src {own}\b.*mtu 1472"
+        assert re.search(want, routes, re.M), routes
+    assert len(re.findall(r" dev eth0 ", routes)) == len(direct), routes
     for host in lab.host_names:  # the loader asked for is the one that loaded the programs
         assert lab.agent_status(host)["live"].get("loader") == loader
         assert f"programs loaded by the {loader} loader" in lab.agent_log(host)
@@ -150,17 +162,46 @@ def test_down_leaves_nothing_behind(lab_factory):
     assert lab.exec("h1", ["sysctl", "-n", "net.ipv4.conf.eth0.rp_filter"]).stdout.strip() == "2"
     pin_dir = str(lab.pin_dir("h1"))
     assert os.path.isdir(pin_dir)
+    assert " dev eth0 " in lab.exec("h1", ["ip", "route", "show", "proto", "102"]).stdout  # a direct route
     assert lab.stop_agent("h1") == 0
     assert lab.agent_down("h1", ["--release-lease"]).ok
     links = json.loads(lab.exec("h1", ["ip", "-j", "-d", "link", "show"]).stdout)
     assert not any(link["ifname"] == "flannel0" for link in links)
     assert not any("xdp" in link for link in links), "no XDP program left on any device"
     assert lab.exec("h1", ["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout.strip() == ""
+    assert lab.exec("h1", ["tc", "filter", "show", "dev", "eth0", "egress"]).stdout.strip() == ""
     assert lab.exec("h1", ["ip", "route", "show", "proto", "102"]).stdout.strip() == ""
     assert not os.path.exists(pin_dir)
     assert gro(lab, "h1") == gro_before  # what the agent changed on the interface is put back
     assert lab.exec("h1", ["sysctl", "-n", "net.ipv4.conf.eth0.rp_filter"]).stdout.strip() == "1"
     assert len(lab.etcd_get_prefix(f"{PREFIX}/subnets/")) == 1
+
+
+def test_udp_encap_flannel0_and_back_moves_the_peers_routes_and_keeps_every_pair(lab_factory):
+    """A restart with --udp-encap flannel0 removes the direct routes and the underlay's encap program, and
+    the peer is reached through flannel0; back to the default, both return. Every pair pings throughout."""
+    lab = bring_up(lab_factory, "tc", hosts=2)
+    peer_container = str(lab.containers[1].ip)
+
+    def path() -> tuple[str, str, str]:
+        route = lab.exec("h1", ["ip", "-4", "route", "get", peer_container]).stdout
+        egress = lab.exec("h1", ["tc", "filter", "show", "dev", "eth0", "egress"]).stdout
+        direct = [r for r in lab.exec("h1", ["ip", "-4", "route", "show", "proto", "102"]).stdout.splitlines()
+                  if " dev eth0 " in r]  # fmt: skip
+        return route, egress, "\n".join(direct)
+
+    route, egress, direct = path()
+    assert " dev eth0 " in route and "mtu 1472" in route and "flannel_ul_out" in egress and direct, (route, direct)
+    for encap, device in (("flannel0", "flannel0"), ("underlay", "eth0")):
+        assert lab.stop_agent("h1") == 0
+        lab.start_agent("h1", ["--udp-decap", "tc", "--udp-encap", encap])
+        lab.wait_ready("h1", 60)
+        route, egress, direct = path()
+        assert f" dev {device} " in route, route
+        assert ("flannel_ul_out" in egress) == (encap == "underlay"), egress
+        assert bool(direct) == (encap == "underlay"), direct
+        matrix = lab.ping_matrix()
+        assert matrix.all_ok, matrix.failures()
 
 
 def test_status_through_ip_netns_exec_says_bpffs_is_hidden_not_unpinned(lab_factory):

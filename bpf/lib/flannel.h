@@ -30,8 +30,8 @@ struct fl_config {
 	__be32 tun_addr;         /* flannel0's address: the source of our ICMP errors */
 	__be32 local_subnet;     /* this host's lease (network address) */
 	__be32 local_mask;       /* its netmask */
-	__be32 network;          /* the whole overlay (config's Network): shown by `status`, */
-	__be32 network_mask;     /* not read by the programs */
+	__be32 network;          /* the whole overlay (config's Network): what the underlay's */
+	__be32 network_mask;     /* egress encapsulates, if a peer leases it */
 	__u32 underlay_ifindex;  /* where encapsulated packets leave */
 	__u32 underlay_mtu;      /* shown by `status`; frag-needed uses bpf_check_mtu's answer */
 	__be16 port;             /* UDP destination port (8285), network order */
@@ -73,7 +73,7 @@ struct fl_counter {
 
 enum fl_reason {
 	/* tc egress on flannel0 (encapsulation) */
-	FL_ENCAP_OK = 0,             /* encapsulated and redirected to the underlay */
+	FL_ENCAP_OK = 0,             /* encapsulated: redirected to the underlay, or on its egress already */
 	FL_ENCAP_NOT_IPV4 = 1,       /* not IPv4 (e.g. IPv6 router solicitations): dropped */
 	FL_ENCAP_MALFORMED = 2,      /* truncated or bad IPv4 header: dropped */
 	FL_ENCAP_NO_PEER_ICMP = 3,   /* no peer leases the destination: ICMP net unreachable sent */
@@ -87,6 +87,9 @@ enum fl_reason {
 					* is no unicast host (0/8, 127/8, 224/4, 240/4): none sent, dropped */
 	FL_ENCAP_ICMP_RATE_LIMITED = 11, /* an ICMP error was due but this CPU's token bucket was empty
 					  * (1000/s, burst 50, as icmp_msgs_per_sec/_burst): dropped */
+	/* tc egress on the underlay (the peers routed straight to it; encapsulated: FL_ENCAP_OK) */
+	FL_UL_PASS_NO_PEER = 12,     /* a destination in the Network that no peer leases: untouched */
+	FL_UL_PASS_OTHER = 13,       /* not for the overlay (the host's own traffic): untouched */
 	/* XDP or tc ingress on the underlay (decapsulation) */
 	FL_DECAP_OK = 16,            /* decapsulated, handed to the stack */
 	FL_DECAP_PASS_OTHER = 17,    /* not overlay traffic: untouched */

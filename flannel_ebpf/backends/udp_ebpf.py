@@ -2,13 +2,15 @@
 
     flannel0 (TUN, nobody reads it)   route <Network> dev flannel0, MTU = underlay - 28
       tc egress: flannel_encap         inner packet -> [IPv4][UDP :Port][inner]  -> redirect_neigh(underlay)
-    underlay NIC
+    underlay NIC                       routes <peer subnet> via <PublicIP> for peers on its own networks
+      tc egress: flannel_ul_out        the same 28 bytes for those (udp/direct.py; --udp-encap underlay)
       tc ingress: flannel_tc_in (or XDP: flannel_xdp_in)   strip 28 bytes -> the stack forwards
     container bridge (docker0/cni0, found by the gateway address it holds)
       tc egress: flannel_br_out   hand the routed packet whole to the container's port (udp/delivery.py)
 
 Kernel state left by this backend, all found again by name: the device flannel0 (its address, the
-route, the tc filter go with it), our filter/XDP program on the underlay, and the maps pinned under
+route, the tc filter go with it), our filters/XDP program on the underlay, the direct routes (proto 102
+with an `mtu`, via the underlay), and the maps pinned under
 --bpf-pin-dir. stop() leaves all of it in place so that traffic keeps flowing while the agent is down;
 a restarted agent reloads the programs (adopting the pinned maps, whose entries are live), swaps them in
 atomically and reconciles the peers.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections import Counter
 from ipaddress import IPv4Address, IPv4Network
@@ -32,6 +35,7 @@ from flannel_ebpf.backends.base import Backend, BackendError, PeerBook
 from flannel_ebpf.backends.udp.delivery import DELIVERY_MODES, EndpointSync, detach_handoff_everywhere
 from flannel_ebpf.backends.udp.device import DEVICE, OVERHEAD, configure_device, route_network, route_to_other_tun
 from flannel_ebpf.backends.udp.device_guard import DeviceGuard
+from flannel_ebpf.backends.udp.direct import ENCAP_MODES, DirectRoutes
 from flannel_ebpf.backends.udp.underlay import (
     SETTINGS_FILE,
     driver,
@@ -48,6 +52,7 @@ from flannel_ebpf.loaders import LoaderError, make_loader
 from flannel_ebpf.loaders import attach as hooks
 from flannel_ebpf.loaders.base import Attachment, Loader, foreign_xdp_refusal
 from flannel_ebpf.loaders.probes import KernelFeatures, probe_kernel
+from flannel_ebpf.netlink.routes import MAIN_TABLE, ROUTE_PROTOCOL, delete_route
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
 DEFAULT_PORT = 8285
@@ -76,6 +81,8 @@ class UdpEbpfBackend(Backend):
             raise BackendError(
                 "--udp-delivery peer needs tc decapsulation (bpf_redirect_peer is tc-only): --udp-decap tc"
             )
+        if options.udp_encap not in ENCAP_MODES:
+            raise BackendError(f"--udp-encap must be one of {', '.join(ENCAP_MODES)}, got {options.udp_encap!r}")
         if options.xdp_mode not in ("auto", "native", "generic"):
             raise BackendError(f"--xdp-mode must be auto, native or generic, got {options.xdp_mode!r}")
         self.pin_dir = Path(options.bpf_pin_dir)
@@ -94,6 +101,7 @@ class UdpEbpfBackend(Backend):
         self._encap_pending: int | None = None  # flannel0's ifindex while the encap waits for the first sync
         self._decap_pending: int | None = None  # the underlay's, while the tc decap waits likewise
         self._guard: DeviceGuard | None = None  # makes flannel0 again if it goes (a flanneld taken over)
+        self._direct: DirectRoutes | None = None  # --udp-encap underlay: the peers routed straight to it
 
     # --- Backend --------------------------------------------------------------------------------
     def overhead(self) -> int:
@@ -128,6 +136,7 @@ class UdpEbpfBackend(Backend):
             {"program": a.program, "ifindex": a.ifindex, "hook": a.hook, "prog_id": a.prog_id, "xdp_mode": a.xdp_mode}
             for a in (encap, decap)
         ]
+        self._start_direct(local)
         if self._encap_pending is None:  # a restart: the encap is on flannel0 already, the route may be too
             route_network(tun_index, local.network)
         mode = f" ({decap.xdp_mode})" if decap.xdp_mode else ""
@@ -143,6 +152,29 @@ class UdpEbpfBackend(Backend):
         )
         self._start_delivery(local)
         self._guard = DeviceGuard(DEVICE, lambda: self._restore_device(local)).start()
+
+    def _start_direct(self, local: LocalNetwork) -> None:
+        """--udp-encap underlay: the encap on the underlay's egress, then the direct routes of the peers
+        a previous run left in fl_peers. flannel0: a previous run's direct routes go before its program."""
+        direct = DirectRoutes(local)
+        try:
+            if self.options.udp_encap == "underlay":
+                self._attach_from_pin(layout.PROG_ENCAP_UNDERLAY, local.ext.index, "egress")
+                direct.reconcile(self._peers)
+                self._direct = direct
+                self._attachments.append(
+                    {"program": layout.PROG_ENCAP_UNDERLAY, "ifindex": local.ext.index, "hook": "tc-egress",
+                     "prog_id": self._pinned_id(layout.PROG_ENCAP_UNDERLAY), "xdp_mode": None}
+                )  # fmt: skip
+                logger.info("udp (eBPF): encap also on {} egress, for the peers routed straight to it", local.ext.name)
+                return
+            if direct.remove_all():
+                logger.info("udp (eBPF): direct routes removed (--udp-encap flannel0)")
+            direct.close()
+            hooks.tc_detach(local.ext.index, "egress", layout.PROG_ENCAP_UNDERLAY)
+        except (hooks.AttachError, bpfsys.BpfError, OSError) as e:
+            direct.close()
+            raise BackendError(f"udp (eBPF): encapsulation on {local.ext.name}: {e}") from e
 
     def _restore_device(self, local: LocalNetwork) -> int:
         """flannel0 again (ours: persistent), with the pinned encap program on its egress."""
@@ -165,6 +197,7 @@ class UdpEbpfBackend(Backend):
         delivery = self.options.udp_delivery
         programs = [layout.PROG_ENCAP, decap_program, layout.PROG_PROBE_DECAP]
         programs += [layout.PROG_DELIVER] if delivery == "port" else []
+        programs += [layout.PROG_ENCAP_UNDERLAY] if self.options.udp_encap == "underlay" else []
         loader: Loader = self._make_loader(programs)
         self._loader_name = loader.name
         try:
@@ -243,8 +276,10 @@ class UdpEbpfBackend(Backend):
                 desired[lease.subnet] = lease.public_ip
         self.book.prune({lease.subnet for lease in peers})
         current = maps.read_peers()
-        # Room first: departed peers leave the map before new ones go in.
+        # Room first: departed peers leave the map before new ones go in (their direct routes before them).
         for subnet in current.keys() - desired.keys():
+            if self._direct is not None:
+                self._direct.remove(subnet)
             maps.delete_peer(subnet)
         desired = self._within_capacity(desired, current)
         for subnet, public_ip in desired.items():
@@ -256,6 +291,8 @@ class UdpEbpfBackend(Backend):
         self._peers = {subnet: ip for subnet, ip in maps.read_peers().items() if desired.get(subnet) == ip}
         self._leases_of = Counter(self._peers.values())
         self._sync_members()
+        if self._direct is not None:
+            self._direct.reconcile(self._peers)
         logger.debug("udp (eBPF): {} peers after sync", len(desired))
 
     def _within_capacity(
@@ -300,6 +337,8 @@ class UdpEbpfBackend(Backend):
             if previous is not None:
                 self._leases_of[previous] -= 1
         maps.set_peer(lease.subnet, lease.public_ip)
+        if self._direct is not None:
+            self._direct.add(lease.subnet, lease.public_ip)
         self._update_member(lease.public_ip)
         if previous is not None and previous != lease.public_ip:
             self._update_member(previous)
@@ -314,6 +353,8 @@ class UdpEbpfBackend(Backend):
         public_ip = self._peers.pop(subnet, None)
         if public_ip is not None:
             self._leases_of[public_ip] -= 1
+        if self._direct is not None:
+            self._direct.remove(subnet)  # before the map entry: nothing leaves the underlay unencapsulated
         maps.delete_peer(subnet)
         if public_ip is not None:
             self._update_member(public_ip)
@@ -327,6 +368,9 @@ class UdpEbpfBackend(Backend):
         if self._endpoint_sync is not None:
             self._endpoint_sync.stop()
             self._endpoint_sync = None
+        if self._direct is not None:  # the routes stay, with the program that encapsulates for them
+            self._direct.close()
+            self._direct = None
         if self._maps is not None:
             self._maps.close()
             self._maps = None
@@ -341,6 +385,11 @@ class UdpEbpfBackend(Backend):
             route_to_other_tun(local.network)
         with IPRoute() as ipr:
             links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        # The direct routes first, while their program still encapsulates: then flannel0's route (or the
+        # flanneld's it was moved to) carries every peer.
+        removed = self._remove_direct_routes(local, links)
+        if removed:
+            logger.info("udp (eBPF): {} direct routes removed", removed)
         # Our decap programs, wherever they are: the recorded underlay, else every device (after a crash
         # or with no state file, and a device renamed or re-indexed since).
         # The hand-off sits on the container bridge: every device is looked at for it (its egress only).
@@ -359,6 +408,8 @@ class UdpEbpfBackend(Backend):
                     logger.info("udp (eBPF): XDP decap removed from {}", links.get(index))
                 if hooks.tc_detach(index, "ingress", layout.PROG_DECAP_TC):
                     logger.info("udp (eBPF): tc decap removed from {}", links.get(index))
+                if hooks.tc_detach(index, "egress", layout.PROG_ENCAP_UNDERLAY):
+                    logger.info("udp (eBPF): encap removed from {} egress", links.get(index))
                 self._remove_empty_clsact(index, links[index], record)
             except (hooks.AttachError, bpfsys.BpfError) as e:
                 logger.warning("udp (eBPF): cannot clean {}: {}", links.get(index), e)
@@ -377,6 +428,27 @@ class UdpEbpfBackend(Backend):
         remove_pins(self.pin_dir)
         restore_settings(self._settings_file)
 
+    @staticmethod
+    def _remove_direct_routes(local: LocalNetwork | None, links: dict[int, str]) -> int:
+        """This network's direct routes; with no state (`local` None), those of every device that carries
+        our underlay encap: proto 102 with an `mtu`, which host-gw's and vxlan's routes never have."""
+        if local is not None and local.ext.index in links:
+            direct = DirectRoutes(local)
+            try:
+                return direct.remove_all()
+            finally:
+                direct.close()
+        devices = {i for i in links if any(f.name == layout.PROG_ENCAP_UNDERLAY for f in hooks.tc_filters(i, "egress"))}
+        with IPRoute() as ipr:
+            count = 0
+            for route in ipr.get_routes(family=socket.AF_INET, proto=ROUTE_PROTOCOL, table=MAIN_TABLE):
+                metrics = route.get_attr("RTA_METRICS")
+                mtu = metrics.get_attr("RTAX_MTU") if metrics is not None else None
+                if route.get_attr("RTA_OIF") in devices and mtu:
+                    dst = IPv4Network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}")
+                    count += delete_route(ipr, dst)
+            return count
+
     @property
     def _settings_file(self) -> Path:
         return Path(self.options.state_dir) / SETTINGS_FILE
@@ -389,6 +461,7 @@ class UdpEbpfBackend(Backend):
             "port": self.port,
             "decap": self._decap or self.options.udp_decap,
             "delivery": self.options.udp_delivery,
+            "encap": self.options.udp_encap,
             "loader": self._loader_name,  # None in a process that did not load them (cli fills it in)
             "peers_refused_map_full": self._refused_full,
             "skipped": {str(subnet): why for subnet, why in sorted(self.book.skipped.items())},

@@ -69,6 +69,8 @@ class Reason(IntEnum):
     ENCAP_ERROR = 9
     ENCAP_ICMP_BAD_SOURCE = 10
     ENCAP_ICMP_RATE_LIMITED = 11
+    UL_PASS_NO_PEER = 12
+    UL_PASS_OTHER = 13
     DECAP_OK = 16
     DECAP_PASS_OTHER = 17
     DECAP_FRAGMENT = 18
@@ -98,6 +100,8 @@ PASS_REASONS = frozenset(
         Reason.ENCAP_OK,
         Reason.ENCAP_NO_PEER_ICMP,
         Reason.ENCAP_TOO_BIG_ICMP,
+        Reason.UL_PASS_NO_PEER,
+        Reason.UL_PASS_OTHER,
         Reason.DECAP_OK,
         Reason.DECAP_PASS_OTHER,
         Reason.DECAP_FRAGMENT,  # left untouched to the kernel's reassembly (never decapsulated)
@@ -112,14 +116,16 @@ PASS_REASONS = frozenset(
 
 # Program names (the C function names; the kernel keeps the first 15 characters) and attach points.
 PROG_ENCAP = "flannel_encap"  # tc egress on flannel0
+PROG_ENCAP_UNDERLAY = "flannel_ul_out"  # tc egress on the underlay: the peers routed straight to it
 PROG_DECAP_XDP = "flannel_xdp_in"  # XDP on the underlay
 PROG_DECAP_TC = "flannel_tc_in"  # tc ingress on the underlay
 PROG_DELIVER = "flannel_br_out"  # tc egress on the container bridge: hand-off to the bridge port
 PROG_PROBE_DECAP = "flannel_probe_decap"  # never attached: run once to probe the kernel
-PROGRAM_NAMES = (PROG_ENCAP, PROG_DECAP_XDP, PROG_DECAP_TC, PROG_DELIVER, PROG_PROBE_DECAP)
+PROGRAM_NAMES = (PROG_ENCAP, PROG_ENCAP_UNDERLAY, PROG_DECAP_XDP, PROG_DECAP_TC, PROG_DELIVER, PROG_PROBE_DECAP)
 #: C source of each program (one file per attach point)
 PROGRAM_SOURCES = {
     PROG_ENCAP: "udp_encap.c",
+    PROG_ENCAP_UNDERLAY: "udp_encap_underlay.c",
     PROG_DECAP_XDP: "udp_decap_xdp.c",
     PROG_DECAP_TC: "udp_decap_tc.c",
     PROG_DELIVER: "udp_deliver_tc.c",

@@ -37,7 +37,8 @@ NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 NLM_F_REPLACE, NLM_F_CREATE = 0x100, 0x400
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_METRICS, RTA_TABLE = 1, 4, 5, 6, 7, 8, 15
+RTAX_MTU = 2  # inside RTA_METRICS
 NDA_DST, NDA_LLADDR = 1, 2
 RT_SCOPE_UNIVERSE, RTN_UNICAST, RTN_LOCAL = 0, 1, 2
 RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
@@ -80,8 +81,23 @@ class Request:
     body: bytes
 
 
-def route_replace(dst: IPv4Network, gateway: IPv4Address, oif: int, onlink: bool, proto: int, table: int) -> Request:
-    """`ip route replace <dst> via <gateway> dev <oif> [onlink] proto <proto> table <table>`."""
+def _route_extras(mtu: int, prefsrc: IPv4Address | None) -> bytes:
+    """`mtu <mtu>` (0: none) and `src <prefsrc>` (None: none) of a route."""
+    extras = _attr(RTA_METRICS, _attr(RTAX_MTU, _U32.pack(mtu))) if mtu else b""
+    return extras + (_attr(RTA_PREFSRC, prefsrc.packed) if prefsrc is not None else b"")
+
+
+def route_replace(
+    dst: IPv4Network,
+    gateway: IPv4Address,
+    oif: int,
+    onlink: bool,
+    proto: int,
+    table: int,
+    mtu: int = 0,
+    prefsrc: IPv4Address | None = None,
+) -> Request:
+    """`ip route replace <dst> via <gateway> dev <oif> [onlink] proto <proto> table <table> [mtu] [src]`."""
     head = _RTMSG.pack(socket.AF_INET, dst.prefixlen, 0, 0, table if table < 256 else 252, proto,
                        RT_SCOPE_UNIVERSE, RTN_UNICAST, RTNH_F_ONLINK if onlink else 0)  # fmt: skip
     body = (
@@ -90,6 +106,7 @@ def route_replace(dst: IPv4Network, gateway: IPv4Address, oif: int, onlink: bool
         + _attr(RTA_DST, dst.network_address.packed)
         + _attr(RTA_GATEWAY, gateway.packed)
         + _attr(RTA_OIF, _U32.pack(oif))
+        + _route_extras(mtu, prefsrc)
     )
     return Request(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
 
@@ -111,8 +128,10 @@ def nexthop_delete(nh_id: int) -> Request:
     )
 
 
-def route_via_nexthop(dst: IPv4Network, nh_id: int, proto: int, table: int) -> Request:
-    """`ip route replace <dst> nhid <nh_id> proto <proto> table <table>`."""
+def route_via_nexthop(
+    dst: IPv4Network, nh_id: int, proto: int, table: int, mtu: int = 0, prefsrc: IPv4Address | None = None
+) -> Request:
+    """`ip route replace <dst> nhid <nh_id> proto <proto> table <table> [mtu <mtu>] [src <prefsrc>]`."""
     head = _RTMSG.pack(socket.AF_INET, dst.prefixlen, 0, 0, table if table < 256 else 252, proto,
                        RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)  # fmt: skip
     body = (
@@ -120,6 +139,7 @@ def route_via_nexthop(dst: IPv4Network, nh_id: int, proto: int, table: int) -> R
         + _attr(RTA_TABLE, _U32.pack(table))
         + _attr(RTA_DST, dst.network_address.packed)
         + _attr(RTA_NH_ID, _U32.pack(nh_id))
+        + _route_extras(mtu, prefsrc)
     )
     return Request(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
 
@@ -156,6 +176,8 @@ class Route:
     table: int
     type: int
     priority: int
+    mtu: int = 0  # the route's `mtu` metric (0: none)
+    prefsrc: IPv4Address | None = None
 
 
 @dataclass(frozen=True)
@@ -316,6 +338,8 @@ def _parse_route(payload: bytes) -> Route:
     dst = attrs.get(RTA_DST, b"\0\0\0\0")
     gateway = attrs.get(RTA_GATEWAY)
     oif = attrs.get(RTA_OIF)
+    metrics = dict(_attrs(attrs.get(RTA_METRICS, b"")))
+    prefsrc = attrs.get(RTA_PREFSRC)
     return Route(
         dst=IPv4Network((int.from_bytes(dst, "big"), dst_len), strict=False),
         gateway=IPv4Address(gateway) if gateway and len(gateway) == 4 else None,
@@ -325,6 +349,8 @@ def _parse_route(payload: bytes) -> Route:
         table=_U32.unpack(attrs[RTA_TABLE])[0] if len(attrs.get(RTA_TABLE, b"")) == 4 else table,
         type=kind,
         priority=_U32.unpack(attrs[RTA_PRIORITY])[0] if len(attrs.get(RTA_PRIORITY, b"")) == 4 else 0,
+        mtu=_U32.unpack(metrics[RTAX_MTU])[0] if len(metrics.get(RTAX_MTU, b"")) == 4 else 0,
+        prefsrc=IPv4Address(prefsrc) if prefsrc and len(prefsrc) == 4 else None,
     )
 
 

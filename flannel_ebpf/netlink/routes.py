@@ -36,15 +36,19 @@ RTN_LOCAL = 2
 
 @dataclass(frozen=True)
 class RouteSpec:
-    """One IPv4 route as flannel-ebpf programs it: `<dst> via <gateway> dev <oif> [onlink] proto 102`."""
+    """One IPv4 route as flannel-ebpf programs it: `<dst> via <gateway> dev <oif> [onlink] proto 102`, with
+    `mtu` and `src` where the udp path routes a peer straight to the underlay."""
 
     dst: IPv4Network
     gateway: IPv4Address
     oif: int
     onlink: bool = False
+    mtu: int = 0  # 0: the device's
+    prefsrc: IPv4Address | None = None
 
     def describe(self) -> str:
-        return f"{self.dst} via {self.gateway} dev #{self.oif}{' onlink' if self.onlink else ''}"
+        extras = f"{' onlink' if self.onlink else ''}{f' mtu {self.mtu}' if self.mtu else ''}"
+        return f"{self.dst} via {self.gateway} dev #{self.oif}{extras}{f' src {self.prefsrc}' if self.prefsrc else ''}"
 
 
 def host_gw_route(subnet: IPv4Network, public_ip: IPv4Address, ext_index: int) -> RouteSpec:
@@ -79,7 +83,7 @@ def list_our_routes(bulk: BulkNetlink) -> tuple[dict[IPv4Network, RouteSpec], li
         if route.gateway is None or route.oif is None or route.dst in ours:
             odd.append(route)
         else:
-            ours[route.dst] = RouteSpec(route.dst, route.gateway, route.oif, route.onlink)
+            ours[route.dst] = RouteSpec(route.dst, route.gateway, route.oif, route.onlink, route.mtu, route.prefsrc)
     return ours, odd
 
 
@@ -194,9 +198,13 @@ class RouteTable:
             nh = nexthop_id(spec.gateway)
             return [
                 netlink_bulk.nexthop_replace(nh, spec.gateway, spec.oif, spec.onlink, ROUTE_PROTOCOL),
-                netlink_bulk.route_via_nexthop(spec.dst, nh, ROUTE_PROTOCOL, MAIN_TABLE),
+                netlink_bulk.route_via_nexthop(spec.dst, nh, ROUTE_PROTOCOL, MAIN_TABLE, spec.mtu, spec.prefsrc),
             ]
-        return [netlink_bulk.route_replace(spec.dst, spec.gateway, spec.oif, spec.onlink, ROUTE_PROTOCOL, MAIN_TABLE)]
+        return [
+            netlink_bulk.route_replace(
+                spec.dst, spec.gateway, spec.oif, spec.onlink, ROUTE_PROTOCOL, MAIN_TABLE, spec.mtu, spec.prefsrc
+            )
+        ]
 
     def replace(self, specs: Sequence[RouteSpec]) -> dict[IPv4Network, int]:
         """Install or overwrite in place (no window without a route) every route; {dst: errno} of the
