@@ -62,6 +62,7 @@ needs_root = pytest.mark.skipif(
 #: the section each program's object puts it in
 SECTIONS = {
     layout.PROG_ENCAP: "tc",
+    layout.PROG_ENCAP_UNDERLAY: "tc",
     layout.PROG_DECAP_XDP: "xdp.frags",
     layout.PROG_DECAP_TC: "tc",
     layout.PROG_DELIVER: "tc",

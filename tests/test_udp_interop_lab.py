@@ -16,6 +16,8 @@ import json
 
 import pytest
 
+from tests.helpers import wait_delivery_settled
+
 pytestmark = pytest.mark.lab
 
 UDP = {"Network": "10.5.0.0/16", "Backend": {"Type": "udp"}}
@@ -37,6 +39,7 @@ def bring_up(lab_factory, h2_datapath: str = "ebpf", h2_extra: tuple[str, ...] =
         # (drivers drop checksum offload for unknown UDP tunnels) or virtio (the hypervisor fills it in)
         # completes them; here the eBPF host's container sends complete checksums, as it would through one.
         lab.exec(lab.containers_of("h2")[0], ["ethtool", "-K", "eth0", "tx", "off"])
+        wait_delivery_settled(lab, ["h2"])  # the bridge hook's clsact costs one packet when it is added
     return lab
 
 
