@@ -97,11 +97,12 @@ FLAGS = (
     ),
     Flag(
         "udp-encap",
-        "underlay",
-        "where the eBPF udp path encapsulates: underlay (peers on the underlay's own networks are routed "
-        "straight to it and encapsulated on its egress; others through flannel0), flannel0 (every peer)",
+        "flannel0",
+        "where the eBPF udp path encapsulates: flannel0 (every peer), underlay (peers on the underlay's own "
+        "networks are routed straight to it and encapsulated on its egress; a MASQUERADE of overlay traffic "
+        "then picks the underlay's address, which receivers drop)",
         "choice",
-        ("underlay", "flannel0"),
+        ("flannel0", "underlay"),
     ),
     Flag("xdp-mode", "auto", "XDP attach mode for --udp-decap xdp", "choice", ("auto", "native", "generic")),
     Flag(

@@ -22,9 +22,9 @@ PREFIX = "/coreos.com/network"
 FLOOD_COUNT = 3000  # 2 ms apart: at least 6 s, well past the kill (wanted: 1000 pings after it)
 
 
-def bring_up(lab_factory, decap, hosts=3, topology="flat", segments=None, loader="auto"):
+def bring_up(lab_factory, decap, hosts=3, topology="flat", segments=None, loader="auto", encap="flannel0"):
     lab = lab_factory(hosts, topology=topology, segments=segments, network_config=UDP)
-    lab.start_agents(["--udp-decap", decap, "--loader", loader, "--lease-check-interval", "1"])
+    lab.start_agents(["--udp-decap", decap, "--loader", loader, "--lease-check-interval", "1", "--udp-encap", encap])
     lab.wait_all_ready(60)
     for host in lab.host_names:
         lab.add_container(host)
@@ -44,7 +44,7 @@ def counters(lab, host) -> dict[str, int]:
 )  # fmt: skip
 def test_all_pairs_ping_and_tcp_both_ways(lab_factory, decap, topology, loader):
     segments = ["a", "a", "b"] if topology == "routed" else None
-    lab = bring_up(lab_factory, decap, topology=topology, segments=segments, loader=loader)
+    lab = bring_up(lab_factory, decap, topology=topology, segments=segments, loader=loader, encap="underlay")
     assert all(lab.subnet_env(h).mtu == 1472 for h in lab.host_names)  # underlay 1500 - 28
     matrix = lab.ping_matrix()
     print(matrix.format())
@@ -68,7 +68,7 @@ def test_all_pairs_ping_and_tcp_both_ways(lab_factory, decap, topology, loader):
     assert all(p.get("prog_id", 0) > 0 for p in programs), programs  # ids as bpftool shows them
     c = counters(lab, "h1")
     assert c["encap_ok"] > 0 and c["decap_ok"] > 0
-    # --udp-encap underlay (default): h1 routes the peers on its own segment straight to eth0, with
+    # --udp-encap underlay: h1 routes the peers on its own segment straight to eth0, with
     # flannel0's MTU and address; a peer behind the router goes through flannel0
     subnets = {h: lab.subnet_env(h).subnet.network for h in lab.host_names}
     direct = {str(subnets[h]): lab.host(h).underlay_ip for h in lab.host_names[1:]}
@@ -156,7 +156,7 @@ def test_down_leaves_nothing_behind(lab_factory):
     lab = lab_factory(2, network_config=UDP)
     gro_before = gro(lab, "h1")
     lab.exec("h1", ["sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=1"])  # strict, as on RHEL
-    lab.start_agents(["--udp-decap", "xdp"])
+    lab.start_agents(["--udp-decap", "xdp", "--udp-encap", "underlay"])
     lab.wait_all_ready(60)
     assert gro(lab, "h1") == "on"  # native XDP on a veth: switched on by the agent
     assert lab.exec("h1", ["sysctl", "-n", "net.ipv4.conf.eth0.rp_filter"]).stdout.strip() == "2"
@@ -180,7 +180,7 @@ def test_down_leaves_nothing_behind(lab_factory):
 def test_udp_encap_flannel0_and_back_moves_the_peers_routes_and_keeps_every_pair(lab_factory):
     """A restart with --udp-encap flannel0 removes the direct routes and the underlay's encap program, and
     the peer is reached through flannel0; back to the default, both return. Every pair pings throughout."""
-    lab = bring_up(lab_factory, "tc", hosts=2)
+    lab = bring_up(lab_factory, "tc", hosts=2, encap="underlay")
     peer_container = str(lab.containers[1].ip)
 
     def path() -> tuple[str, str, str]:

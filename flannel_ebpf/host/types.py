@@ -36,7 +36,7 @@ class BackendOptions:
     udp_datapath: str = "ebpf"  # "ebpf" | "tun": which udp implementation
     udp_decap: str = "auto"  # "auto" | "xdp" | "tc": where the eBPF udp path decapsulates
     udp_delivery: str = "port"  # "port" | "bridge" | "peer": how decapsulated packets reach containers
-    udp_encap: str = "underlay"  # "underlay" | "flannel0": where the eBPF udp path encapsulates (udp/direct.py)
+    udp_encap: str = "flannel0"  # "flannel0" | "underlay": where the eBPF udp path encapsulates (udp/direct.py)
     udp_allow_foreign_source: bool = False  # eBPF decap accepts any inner source from a member (flanneld's way)
     xdp_mode: str = "auto"  # "auto" | "native" | "generic"
     loader: str = "auto"  # "auto" (elf when precompiled objects are present, else bcc) | "elf" | "bcc"

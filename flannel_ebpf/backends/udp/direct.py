@@ -1,4 +1,4 @@
-"""Peers routed straight to the underlay (`--udp-encap underlay`, the default).
+"""Peers routed straight to the underlay (`--udp-encap underlay`, opt-in).
 
 A peer host on one of the underlay's own networks (the kernel reaches its PublicIP without a router, as
 host-gw requires) gets the route `<subnet> via <PublicIP> dev <underlay> mtu <underlay MTU - 28> src
