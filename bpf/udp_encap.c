@@ -50,26 +50,11 @@ int flannel_encap(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 	}
-	ip = data;
-	__u32 inner_len = fl_ntohs(ip->tot_len);
-	if (ip->version != 4 || ip->ihl < 5 || inner_len < (__u32)ip->ihl * 4 || inner_len > pkt_len) {
+	__u32 inner_len;
+	ip = fl_inner_datagram(skb, 0, &inner_len);
+	if (!ip) {
 		fl_count(FL_ENCAP_MALFORMED, pkt_len);
 		return TC_ACT_SHOT;
-	}
-	/* Bytes after the datagram (padding, or a forged length) are cut: the MTU check below measures
-	 * the datagram, and an skb longer than that would be dropped silently by the underlay device. */
-	if (pkt_len > inner_len) {
-		if (bpf_skb_change_tail(skb, inner_len, 0) < 0) {
-			fl_count(FL_ENCAP_MALFORMED, pkt_len);
-			return TC_ACT_SHOT;
-		}
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		ip = data;
-		if (data + FL_IP_HLEN > data_end) {
-			fl_count(FL_ENCAP_MALFORMED, pkt_len);
-			return TC_ACT_SHOT;
-		}
 	}
 
 	peer = fl_lookup_peer(ip->daddr);
@@ -85,15 +70,9 @@ int flannel_encap(struct __sk_buff *skb)
 		fl_count(why, pkt_len);
 		return TC_ACT_SHOT;
 	}
-	if (ip->ttl <= 1) {
-		fl_count(FL_ENCAP_TTL_EXPIRED, pkt_len);
-		return TC_ACT_SHOT;
-	}
-
-	/* The outer length fields have 16 bits: a packet over 65507 bytes (a GRO'd one forwarded into
-	 * the overlay) cannot be carried whole, and a wrapped length would be a malformed packet. */
-	if (inner_len > 0xffff - FL_ENCAP_LEN) {
-		fl_count(FL_ENCAP_TOO_BIG_DROP, pkt_len);
+	__u32 why = fl_carry_problem(ip, inner_len);
+	if (why) {
+		fl_count(why, pkt_len);
 		return TC_ACT_SHOT;
 	}
 
@@ -104,7 +83,7 @@ int flannel_encap(struct __sk_buff *skb)
 		__u32 mtu = inner_len;
 		if (bpf_check_mtu(skb, cfg->underlay_ifindex, &mtu, FL_ENCAP_LEN, 0) != 0) {
 			int dont_fragment = (fl_ntohs(ip->frag_off) & FL_IP_DF) != 0;
-			__u32 why = FL_ENCAP_TOO_BIG_DROP;
+			why = FL_ENCAP_TOO_BIG_DROP;
 			if (dont_fragment && mtu > FL_ENCAP_LEN)
 				why = fl_icmp_check(skb, FL_ENCAP_TOO_BIG_DROP);
 			if (why == 0) {

@@ -55,32 +55,15 @@ int flannel_ul_out(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
-	__u32 inner_len = fl_ntohs(ip->tot_len);
-	if (ip->version != 4 || ip->ihl < 5 || inner_len < (__u32)ip->ihl * 4 || inner_len + FL_ETH_HLEN > pkt_len) {
+	__u32 inner_len;
+	ip = fl_inner_datagram(skb, FL_ETH_HLEN, &inner_len); /* cut to the datagram, as on flannel0 */
+	if (!ip) {
 		fl_count(FL_ENCAP_MALFORMED, pkt_len);
 		return TC_ACT_SHOT;
 	}
-	/* Bytes after the datagram (padding, or a forged length) are cut, as on flannel0. */
-	if (pkt_len > inner_len + FL_ETH_HLEN) {
-		if (bpf_skb_change_tail(skb, inner_len + FL_ETH_HLEN, 0) < 0) {
-			fl_count(FL_ENCAP_MALFORMED, pkt_len);
-			return TC_ACT_SHOT;
-		}
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		ip = data + FL_ETH_HLEN;
-		if ((void *)(ip + 1) > data_end) {
-			fl_count(FL_ENCAP_MALFORMED, pkt_len);
-			return TC_ACT_SHOT;
-		}
-	}
-	if (ip->ttl <= 1) {
-		fl_count(FL_ENCAP_TTL_EXPIRED, pkt_len);
-		return TC_ACT_SHOT;
-	}
-	/* The outer length fields have 16 bits (see udp_encap.c). */
-	if (inner_len > 0xffff - FL_ENCAP_LEN) {
-		fl_count(FL_ENCAP_TOO_BIG_DROP, pkt_len);
+	__u32 why = fl_carry_problem(ip, inner_len);
+	if (why) {
+		fl_count(why, pkt_len);
 		return TC_ACT_SHOT;
 	}
 	/* The route's MTU (28 below the underlay's) keeps forwarded and local packets within bounds, and

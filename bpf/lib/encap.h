@@ -5,6 +5,47 @@
 
 #include "flannel.h"
 
+/* The inner IPv4 header at `offset` (0 on flannel0, an L3 device; 14 behind an Ethernet header), with
+ * the skb cut to the datagram's length: bytes after it (padding, or a forged length) would make the
+ * MTU check measure the wrong packet, and the underlay device drop it silently. Returns the header and
+ * the datagram's length in *inner_len, or NULL for a malformed packet (the skb may be changed). */
+static __always_inline struct iphdr *fl_inner_datagram(struct __sk_buff *skb, __u32 offset, __u32 *inner_len)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + offset;
+	__u32 skb_len = skb->len;
+
+	if ((void *)(ip + 1) > data_end)
+		return 0;
+	__u32 len = fl_ntohs(ip->tot_len);
+	if (ip->version != 4 || ip->ihl < 5 || len < (__u32)ip->ihl * 4 || len + offset > skb_len)
+		return 0;
+	if (skb_len > len + offset) {
+		if (bpf_skb_change_tail(skb, len + offset, 0) < 0)
+			return 0;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		ip = data + offset;
+		if ((void *)(ip + 1) > data_end)
+			return 0;
+	}
+	*inner_len = len;
+	return ip;
+}
+
+/* Why a datagram with a peer cannot be carried (a fl_reason), or 0: its TTL would reach 0, or it is
+ * over 65507 bytes (a GRO'd packet forwarded into the overlay), which the outer 16-bit length fields
+ * cannot hold whole (a wrapped length would be a malformed packet). */
+static __always_inline __u32 fl_carry_problem(const struct iphdr *ip, __u32 inner_len)
+{
+	if (ip->ttl <= 1)
+		return FL_ENCAP_TTL_EXPIRED;
+	if (inner_len > 0xffff - FL_ENCAP_LEN)
+		return FL_ENCAP_TOO_BIG_DROP;
+	return 0;
+}
+
 /* [Ethernet 14][inner IPv4 ...] -> [Ethernet 14][outer IPv4 20][UDP 8][inner IPv4 ...].
  * The Ethernet header is left as it is. Returns 0, or -1 if a helper failed (the skb may be changed).
  *
