@@ -20,12 +20,12 @@ from ipaddress import IPv4Address, IPv4Network
 
 from loguru import logger
 
+from flannel_ebpf.backends.udp.device import OVERHEAD
 from flannel_ebpf.host.types import LocalNetwork
 from flannel_ebpf.netlink.peers import KernelNetlink
 from flannel_ebpf.netlink.routes import RouteSpec, list_our_routes, reachability_of_many
 
 ENCAP_MODES = ("underlay", "flannel0")
-OVERHEAD = 28
 
 
 class DirectRoutes:
