@@ -360,14 +360,19 @@ class GuardedListener:
                 except OSError:
                     break  # BlockingIOError: none left; anything else: the next sock_accept meets it
                 self._admit(sock, peer)
+            # sock_accept returns without yielding while the backlog holds more: let the loop close what
+            # was cut and start what was admitted, or cut sockets pile up until accept meets EMFILE
+            await asyncio.sleep(0)
 
     def _evict(self, among: set[_Connection] | None = None) -> bool:
-        """Cut the connection (of `among`, else of all) that has waited longest for its client: for its
-        request, or idle since its last answer. None whose request is being answered."""
+        """Cut the connection (of `among`, else of the address holding the most) that has waited longest
+        for its client: for its request, or idle since its last answer. None whose request is being
+        answered. Taking from the biggest holder keeps a flood from one address off everyone else's."""
         waiting = [c for c in (self._conns if among is None else among) if c.waiting_since is not None]
         if not waiting:
             return False
-        victim = min(waiting, key=lambda c: c.waiting_since or 0.0)
+        held = {source: len(conns) for source, conns in self._by_source.items()}
+        victim = min(waiting, key=lambda c: (-held.get(c.source, 0), c.waiting_since or 0.0))
         self._forget(victim)  # its slot is free now, not when asyncio gets round to connection_lost
         victim.cut()
         return True

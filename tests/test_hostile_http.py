@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from flannel_ebpf.http_limits import RequestFraming
+from flannel_ebpf.http_limits import PLAIN_TEXT, ConnectionLimits, RequestFraming, ThreadedHttpServer
 from tests.helpers import wait_for
 from tests.test_agent_lab import HOSTGW, routes
 from tests.test_remote_lab import Server
@@ -163,7 +164,61 @@ def test_slow_loris_on_the_lease_server_and_healthz_leaves_both_answering(lab_fa
         agent_lines = h1.agent_log.read_text()[sizes["agent"] :].count("healthz (at most 256 connections)")
         assert 1 <= agent_lines <= ATTACK_SECONDS / 10 + 2
         assert agent.running and lab.agent("h1").health().stdout.startswith("ready")
+        # the servers closed what they cut before taking more: never out of descriptors
+        assert "accepts failed" not in server_log and "accepts failed" not in h1.agent_log.read_text()
     finally:
+        server.stop()
+
+
+def _connect(source: str, port: int, first_bytes: bytes) -> socket.socket:
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(first_bytes)
+    return sock
+
+
+def test_a_flood_at_the_cap_replaces_its_own_connections_not_another_clients():
+    # 8 slots, 6 per address: the honest client's request has waited longest when the flood fills the
+    # last slot, yet the connection cut is the flood's, as the flood holds the most
+    limits = ConnectionLimits(max_connections=8, max_per_source=6, request_seconds=30.0)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    server = ThreadedHttpServer("127.0.0.1", port, {"/x": lambda accept: (200, "ok\n", PLAIN_TEXT)}, limits, "t")
+    server.start()
+    socks: list[socket.socket] = []
+    try:
+        honest = _connect("127.0.0.3", port, b"GET /x HTTP/1.1\r\nHost: x\r\n")
+        socks.append(honest)
+        other = _connect("127.0.0.4", port, b"GET /x HTTP/1.1\r\n")
+        socks.append(other)
+        time.sleep(0.2)  # both accepted and waiting for the rest of their requests
+        flood = [_connect("127.0.0.2", port, b"GET /x HTTP/1.1\r\n") for _ in range(6)]  # 8 of 8 slots
+        socks.extend(flood)
+        time.sleep(0.2)
+        socks.append(_connect("127.0.0.2", port, b"GET /x HTTP/1.1\r\n"))  # over the per-address cap
+        socks.append(_connect("127.0.0.5", port, b"GET /x HTTP/1.1\r\n"))  # over the cap: one must go
+        time.sleep(0.2)
+        cut = []
+        for i, sock in enumerate(flood):
+            sock.settimeout(0.01)
+            try:
+                if sock.recv(1) == b"":
+                    cut.append(i)
+            except (TimeoutError, BlockingIOError):
+                pass
+            except ConnectionResetError:
+                cut.append(i)
+        assert cut == [0, 1], cut  # the flood's two oldest made room: one at its own cap, one at the server's
+        for sock in (honest, other):
+            sock.sendall(b"Host: x\r\n\r\n" if sock is other else b"\r\n")
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200"), sock
+    finally:
+        for sock in socks:
+            sock.close()
         server.stop()
 
 
