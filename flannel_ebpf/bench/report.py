@@ -29,9 +29,12 @@ from typing import Any
 from loguru import logger
 
 #: Every backend the benchmark runs, in the order the report shows them.
-BACKENDS: tuple[str, ...] = ("udp-ebpf", "udp-ebpf-xdp", "udp-ebpf-peer", "udp-tun", "vxlan", "host-gw", "none")
+BACKENDS: tuple[str, ...] = (
+    "udp-ebpf", "udp-ebpf-underlay", "udp-ebpf-xdp", "udp-ebpf-peer", "udp-tun", "vxlan", "host-gw", "none"
+)  # fmt: skip
 BACKEND_LABELS: dict[str, str] = {
     "udp-ebpf": "udp, eBPF (default flags)",
+    "udp-ebpf-underlay": "udp, eBPF (--udp-encap underlay)",
     "udp-ebpf-xdp": "udp, eBPF (XDP decap)",
     "udp-ebpf-peer": "udp, eBPF (peer delivery: bypasses host netfilter)",
     "udp-tun": "udp, userspace TUN (flannel's classic)",
@@ -312,6 +315,7 @@ def render_chart(results: ResultsInput, meta: RunMetadata, path: Path) -> Path:
     axes = grid[: len(METRICS)]
     colours = {
         "udp-ebpf": "#2a9d8f",
+        "udp-ebpf-underlay": "#264653",
         "udp-ebpf-xdp": "#52b788",
         "udp-ebpf-peer": "#95d5b2",
         "udp-tun": "#e76f51",

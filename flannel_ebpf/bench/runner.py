@@ -112,6 +112,7 @@ SPECS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
         BackendSpec("udp-ebpf", "udp"),  # what a user gets: --udp-decap auto, --udp-delivery port
+        BackendSpec("udp-ebpf-underlay", "udp", ("--udp-encap", "underlay")),
         BackendSpec("udp-ebpf-xdp", "udp", ("--udp-decap", "xdp")),
         BackendSpec("udp-ebpf-peer", "udp", ("--udp-delivery", "peer")),
         BackendSpec("udp-tun", "udp", ("--udp-datapath", "tun")),
@@ -243,6 +244,8 @@ def _bench_backend(
         probe = _wait_for_ebpf_delivery(lab, d.ping_ready_timeout, say)
         if probe:
             probes.setdefault("kernel_features", probe)
+        if "underlay" in spec.agent_args:
+            _check_route_on_the_underlay(lab, endpoints)
     values: dict[str, float | None] = {}
     failures: list[str] = []
 
@@ -379,6 +382,16 @@ def _wait_for_ebpf_delivery(lab: Lab, timeout: float, say: Callable[[str], None]
     if probe:
         say(probe.group(0))
     return probe.group(0) if probe else None
+
+
+def _check_route_on_the_underlay(lab: Lab, e: Endpoints) -> None:
+    """--udp-encap underlay measured only if it is in use: the peer container is routed out of the
+    underlay interface itself (else the figures would be flannel0's under another name)."""
+    client = lab.host(lab.host_names[0])
+    found = lab.exec(client, ["ip", "-4", "-o", "route", "get", e.server_ip], check=False).stdout.split()
+    device = found[found.index("dev") + 1] if "dev" in found else None
+    if device != client.iface:
+        raise BackendFailed(f"--udp-encap underlay: {e.server_ip} is routed out of {device}, not the underlay")
 
 
 def _wait_for_ping(e: Endpoints, timeout: float) -> None:
