@@ -177,6 +177,25 @@ def test_down_leaves_nothing_behind(lab_factory):
     assert len(lab.etcd_get_prefix(f"{PREFIX}/subnets/")) == 1
 
 
+def test_down_after_a_crash_that_lost_the_state_removes_the_direct_routes_and_encap(lab_factory):
+    """kill -9, then the state dir is lost: `down` finds the direct routes by the device whose egress holds
+    flannel_ul_out and removes them, and nothing of the underlay encap is left."""
+    lab = lab_factory(2, network_config=UDP)
+    lab.start_agents(["--udp-decap", "tc", "--udp-encap", "underlay"])
+    lab.wait_all_ready(60)
+    assert " dev eth0 " in lab.exec("h1", ["ip", "route", "show", "proto", "102"]).stdout  # a direct route
+    lab.kill_agent("h1")
+    state = lab.host("h1").state_dir / "state.json"
+    assert state.exists()
+    state.unlink()
+    down = lab.agent_down("h1")
+    assert down.ok, down.stderr
+    assert "direct routes removed" in down.stderr + down.stdout, down.stderr
+    assert lab.exec("h1", ["ip", "route", "show", "proto", "102"]).stdout.strip() == ""
+    assert lab.exec("h1", ["tc", "filter", "show", "dev", "eth0", "egress"]).stdout.strip() == ""
+    assert "flannel0" not in lab.exec("h1", ["ip", "-o", "link", "show"]).stdout
+
+
 def test_udp_encap_flannel0_and_back_moves_the_peers_routes_and_keeps_every_pair(lab_factory):
     """A restart with --udp-encap flannel0 removes the direct routes and the underlay's encap program, and
     the peer is reached through flannel0; back to the default, both return. Every pair pings throughout."""

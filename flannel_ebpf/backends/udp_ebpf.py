@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections import Counter
 from ipaddress import IPv4Address, IPv4Network
@@ -35,7 +34,7 @@ from flannel_ebpf.backends.base import Backend, BackendError, PeerBook
 from flannel_ebpf.backends.udp.delivery import DELIVERY_MODES, EndpointSync, detach_handoff_everywhere
 from flannel_ebpf.backends.udp.device import DEVICE, OVERHEAD, configure_device, route_network, route_to_other_tun
 from flannel_ebpf.backends.udp.device_guard import DeviceGuard
-from flannel_ebpf.backends.udp.direct import ENCAP_MODES, DirectRoutes
+from flannel_ebpf.backends.udp.direct import ENCAP_MODES, DirectRoutes, remove_direct_routes_on
 from flannel_ebpf.backends.udp.underlay import (
     SETTINGS_FILE,
     driver,
@@ -52,7 +51,6 @@ from flannel_ebpf.loaders import LoaderError, make_loader
 from flannel_ebpf.loaders import attach as hooks
 from flannel_ebpf.loaders.base import Attachment, Loader, foreign_xdp_refusal
 from flannel_ebpf.loaders.probes import KernelFeatures, probe_kernel
-from flannel_ebpf.netlink.routes import MAIN_TABLE, ROUTE_PROTOCOL, delete_route
 from flannel_ebpf.subnet.lease import Lease, LeaseAttrs
 
 DEFAULT_PORT = 8285
@@ -431,7 +429,7 @@ class UdpEbpfBackend(Backend):
     @staticmethod
     def _remove_direct_routes(local: LocalNetwork | None, links: dict[int, str]) -> int:
         """This network's direct routes; with no state (`local` None), those of every device that carries
-        our underlay encap: proto 102 with an `mtu`, which host-gw's and vxlan's routes never have."""
+        our underlay encap."""
         if local is not None and local.ext.index in links:
             direct = DirectRoutes(local)
             try:
@@ -439,15 +437,7 @@ class UdpEbpfBackend(Backend):
             finally:
                 direct.close()
         devices = {i for i in links if any(f.name == layout.PROG_ENCAP_UNDERLAY for f in hooks.tc_filters(i, "egress"))}
-        with IPRoute() as ipr:
-            count = 0
-            for route in ipr.get_routes(family=socket.AF_INET, proto=ROUTE_PROTOCOL, table=MAIN_TABLE):
-                metrics = route.get_attr("RTA_METRICS")
-                mtu = metrics.get_attr("RTAX_MTU") if metrics is not None else None
-                if route.get_attr("RTA_OIF") in devices and mtu:
-                    dst = IPv4Network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}")
-                    count += delete_route(ipr, dst)
-            return count
+        return remove_direct_routes_on(devices)
 
     @property
     def _settings_file(self) -> Path:

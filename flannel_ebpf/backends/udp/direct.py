@@ -113,3 +113,21 @@ class DirectRoutes:
 
     def close(self) -> None:
         self.netlink.close()
+
+
+def remove_direct_routes_on(devices: set[int]) -> int:
+    """With no state (`down` after a lost state dir): the direct routes on `devices`, those carrying
+    flannel_ul_out. A direct route is proto 102 with an `mtu`, which host-gw's and vxlan's never have."""
+    if not devices:
+        return 0
+    netlink = KernelNetlink()
+    try:
+        table = netlink.routes
+        table.refresh()
+        found = list_our_routes(table.bulk)[0]
+        direct = {dst for dst, spec in found.items() if spec.oif in devices and spec.mtu}
+        count = sum(netlink.delete_route(dst) for dst in direct)
+        table.collect((), also_keep=[spec for dst, spec in found.items() if dst not in direct])
+        return count
+    finally:
+        netlink.close()
