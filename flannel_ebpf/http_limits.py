@@ -371,8 +371,7 @@ class GuardedListener:
         waiting = [c for c in (self._conns if among is None else among) if c.waiting_since is not None]
         if not waiting:
             return False
-        held = {source: len(conns) for source, conns in self._by_source.items()}
-        victim = min(waiting, key=lambda c: (-held.get(c.source, 0), c.waiting_since or 0.0))
+        victim = min(waiting, key=lambda c: (-len(self._by_source.get(c.source, ())), c.waiting_since or 0.0))
         self._forget(victim)  # its slot is free now, not when asyncio gets round to connection_lost
         victim.cut()
         return True

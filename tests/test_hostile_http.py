@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from flannel_ebpf.http_limits import PLAIN_TEXT, ConnectionLimits, RequestFraming, ThreadedHttpServer
+from flannel_ebpf.lab.etcd import free_port
 from tests.helpers import wait_for
 from tests.test_agent_lab import HOSTGW, routes
 from tests.test_remote_lab import Server
@@ -183,10 +184,7 @@ def test_a_flood_at_the_cap_replaces_its_own_connections_not_another_clients():
     # 8 slots, 6 per address: the honest client's request has waited longest when the flood fills the
     # last slot, yet the connection cut is the flood's, as the flood holds the most
     limits = ConnectionLimits(max_connections=8, max_per_source=6, request_seconds=30.0)
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     server = ThreadedHttpServer("127.0.0.1", port, {"/x": lambda accept: (200, "ok\n", PLAIN_TEXT)}, limits, "t")
     server.start()
     socks: list[socket.socket] = []

@@ -15,7 +15,7 @@ only the output device differs (the underlay, not flannel0).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
 from loguru import logger
@@ -103,11 +103,7 @@ class DirectRoutes:
 
     def remove_all(self) -> int:
         """Every direct route of this network (teardown, or `--udp-encap flannel0` now); how many went."""
-        table = self.netlink.routes
-        table.refresh()
-        found = list_our_routes(table.bulk)[0]
-        count = sum(self.netlink.delete_route(dst) for dst, spec in found.items() if self._ours(spec))
-        table.collect((), also_keep=[spec for spec in found.values() if not self._ours(spec)])
+        count = _remove_our_routes(self.netlink, self._ours)
         self.routes.clear()
         return count
 
@@ -122,12 +118,16 @@ def remove_direct_routes_on(devices: set[int]) -> int:
         return 0
     netlink = KernelNetlink()
     try:
-        table = netlink.routes
-        table.refresh()
-        found = list_our_routes(table.bulk)[0]
-        direct = {dst for dst, spec in found.items() if spec.oif in devices and spec.mtu}
-        count = sum(netlink.delete_route(dst) for dst in direct)
-        table.collect((), also_keep=[spec for dst, spec in found.items() if dst not in direct])
-        return count
+        return _remove_our_routes(netlink, lambda spec: spec.oif in devices and bool(spec.mtu))
     finally:
         netlink.close()
+
+
+def _remove_our_routes(netlink: KernelNetlink, which: Callable[[RouteSpec], bool]) -> int:
+    """Delete the proto-102 routes `which` picks, and the nexthop objects only they used; how many went."""
+    table = netlink.routes
+    table.refresh()
+    found = list_our_routes(table.bulk)[0]
+    count = sum(netlink.delete_route(dst) for dst, spec in found.items() if which(spec))
+    table.collect((), also_keep=[spec for spec in found.values() if not which(spec)])
+    return count
