@@ -18,6 +18,39 @@
 #include "lib/encap.h"
 #include "lib/icmp_reply.h"
 
+/* Out of the underlay towards the peer. bpf_redirect_neigh() without a next hop routes every skb
+ * again (ip_route_output_flow: a route lookup and a dst per skb); given the next hop it only hands the
+ * skb to that neighbour. bpf_fib_lookup() finds the next hop for less: the lookup the helper would make
+ * (output on the underlay, the outer addresses, UDP, TOS).
+ *
+ * Only while the neighbour is valid (REACHABLE, STALE, DELAY, PROBE: the lookup says NO_NEIGH
+ * otherwise): then neigh_output() sends at once and keeps the neighbour's state machine going. An
+ * unresolved neighbour queues the skb, and the queue re-sends it through the neighbour of the skb's
+ * dst, which here is still flannel0's route (a device without ARP), so it would leave without its
+ * Ethernet header: measured, one ping lost per resolution. The helper's own lookup sets the dst to
+ * the underlay's route. It also takes whatever is not a plain unicast route on the underlay (no
+ * route, a gateway of another family, forwarding off) and a marked skb (the FIB lookup here would
+ * ignore its mark). */
+static __always_inline long fl_redirect_to_peer(struct __sk_buff *skb, const struct fl_outer *o, __u32 underlay)
+{
+	if (skb->mark == 0) {
+		struct bpf_fib_lookup fib = {
+			.family = FL_AF_INET,
+			.l4_protocol = IPPROTO_UDP,
+			.ifindex = underlay,
+			.tos = o->tos,
+			.ipv4_src = o->saddr,
+			.ipv4_dst = o->daddr,
+		};
+		long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+		if (rc == BPF_FIB_LKUP_RET_SUCCESS && fib.family == FL_AF_INET && fib.ifindex == underlay) {
+			struct bpf_redir_neigh nh = {.nh_family = FL_AF_INET, .ipv4_nh = fib.ipv4_dst};
+			return fl_redirect_neigh(underlay, &nh, sizeof(nh), 0);
+		}
+	}
+	return fl_redirect_neigh(underlay, 0, 0, 0);
+}
+
 FL_PROG("tc")
 int flannel_encap(struct __sk_buff *skb)
 {
@@ -127,7 +160,7 @@ int flannel_encap(struct __sk_buff *skb)
 	eth->h_proto = fl_htons(FL_ETH_P_IP);
 
 	fl_count(FL_ENCAP_OK, pkt_len);
-	return fl_redirect_neigh(underlay_ifindex, 0, 0, 0);
+	return fl_redirect_to_peer(skb, &o, underlay_ifindex);
 }
 
 FL_LICENSE

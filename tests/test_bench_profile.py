@@ -136,6 +136,9 @@ def test_aggregate_counts_iperf3_and_network_softirq_and_leaves_out_the_rest() -
     }
     assert agg.event == "cpu-clock"
     assert agg.span == pytest.approx(15042.119201 - 15042.118201)
+    # CPU 0: three samples, one of them the idle halt; CPU 1: four, the idle task's one in softirq (busy).
+    assert agg.cpu_cycles == {0: 3 * PER_SAMPLE, 1: 4 * PER_SAMPLE}
+    assert agg.cpu_idle_cycles == {0: PER_SAMPLE, 1: 0.0}
 
 
 def test_skbs_in_window_scales_the_counted_rate_to_perfs_span() -> None:
@@ -163,6 +166,7 @@ def test_backend_profile_divides_cycles_by_the_skbs_of_the_window() -> None:
     assert prof.idle_share == pytest.approx(1 / 7)
     assert prof.softirq_elsewhere_share == pytest.approx(2 / 5)
     assert prof.cycles_per_unit == 2.0
+    assert prof.cpu_busy == {0: pytest.approx(2 / 3), 1: 1.0}
 
 
 def test_caller_chain_follows_the_most_frequent_caller_up_the_stack() -> None:
@@ -221,6 +225,8 @@ def test_markdown_puts_host_gw_first_and_shows_a_failed_backend() -> None:
     assert "| fib_table_lookup | 1,000 | 2,500 | +1,500 |" in text
     assert "| vxlan | failed: agents not ready |" in text
     assert "| stage, with its callees (cycles per skb) |" in text
+    assert "| backend | TCP 1 stream (Gbit/s) |" in text
+    assert "| backend | TCP 4 streams (Gbit/s) |" in render_markdown(SIDE_BY_SIDE, {}, streams=4)
     payload = json.loads(json.dumps(report_json([SIDE_BY_SIDE[0], failed], {"kernel": "6.18"})))
     assert payload["backends"][1]["error"] == "agents not ready"
     assert payload["backends"][0]["cycles_per_skb"]["br_dev_xmit"] == 800

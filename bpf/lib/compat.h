@@ -96,6 +96,8 @@ static long (*bpf_xdp_adjust_head)(struct xdp_md *xdp_md, int delta) = (void *)B
 static __u64 (*bpf_xdp_get_buff_len)(struct xdp_md *xdp_md) = (void *)BPF_FUNC_xdp_get_buff_len;
 static long (*bpf_redirect_peer)(__u32 ifindex, __u64 flags) = (void *)BPF_FUNC_redirect_peer;
 static __u64 (*bpf_ktime_get_ns)(void) = (void *)BPF_FUNC_ktime_get_ns;
+static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen, __u32 flags) =
+	(void *)BPF_FUNC_fib_lookup;
 #endif /* FLANNEL_BCC */
 
 /* bpf_redirect_neigh takes 4 arguments in the kernel (ifindex, params, plen, flags); bcc 0.26's
@@ -112,6 +114,7 @@ static __u64 (*bpf_ktime_get_ns)(void) = (void *)BPF_FUNC_ktime_get_ns;
 #define FL_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
 #define FL_ADJ_ROOM_DECAP_L4_UDP (1ULL << 10)
 #define FL_EINVAL 22 /* what helpers return, negated, for flags they do not know */
+#define FL_AF_INET 2 /* sys/socket.h's, for bpf_fib_lookup() and bpf_redirect_neigh() */
 
 /* Byte order: BPF runs in the host's order (little endian on x86-64); packets are big endian. */
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__

@@ -1,10 +1,10 @@
-"""Where the cycles go, per skb: `perf record -a -g` of one TCP stream per backend, side by side.
+"""Where the cycles go, per skb: `perf record -a -g` of TCP per backend, side by side.
 
-    python -m flannel_ebpf.bench.profile [--backends host-gw,udp,vxlan] [--seconds N]
+    python -m flannel_ebpf.bench.profile [--backends host-gw,udp,vxlan] [--seconds N] [--streams N]
 
 The same lab as `make bench` (runner.py brings each backend up and tears it down): 2 hosts on a veth
-underlay, one container per host on docker0. Per backend, one iperf3 TCP stream from the container on h1
-to the container on h2 runs for N seconds; inside that run `perf record -a -g` samples the whole machine
+underlay, one container per host on docker0. Per backend, iperf3 TCP (one stream, or `--streams`) from the
+container on h1 to the container on h2 runs for N seconds; inside that run `perf record -a -g` samples the whole machine
 for N - 1.5 s (after 1 s of ramp-up, ending before iperf3 does). A sample counts when it was taken in
 one of the two iperf3 processes or in network softirq work (`net_rx_action` / `net_tx_action` on its
 call chain, whichever task it interrupted); the rest of the machine's work is left out and its share
@@ -63,6 +63,7 @@ SUBJECT = "udp-ebpf"
 LABELS = {"udp-ebpf": "udp eBPF"}
 DEFAULT_SECONDS = 8
 MAX_SECONDS = 8  # a shared machine: no measured run longer than this
+MAX_STREAMS = 8
 RAMP_UP_SECONDS = 1.0  # connection set up and past slow start before perf starts
 TAIL_SECONDS = 0.5  # perf ends before iperf3 does
 TOP_ROWS = 30
@@ -190,6 +191,8 @@ class Aggregate:
     excluded_cycles: float = 0.0
     idle_cycles: float = 0.0  # of the excluded: the idle task outside softirq
     in_iperf3_cycles: float = 0.0  # counted in the iperf3 processes (the rest: softirq in other tasks)
+    cpu_cycles: dict[int, float] = field(default_factory=dict)  # CPU -> cycles of all its samples
+    cpu_idle_cycles: dict[int, float] = field(default_factory=dict)  # CPU -> of those, the idle task's
     first_time: float | None = None
     last_time: float | None = None
     event: str = ""
@@ -219,6 +222,8 @@ def aggregate(samples: Iterable[Sample], traffic_pids: frozenset[int], cpu_mhz: 
     inclusive: defaultdict[str, float] = defaultdict(float)
     callers: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
     factors: dict[str, float] = {}
+    cpu_cycles: defaultdict[int, float] = defaultdict(float)
+    cpu_idle: defaultdict[int, float] = defaultdict(float)
     for s in samples:
         if s.event not in factors:
             factors[s.event] = cycles_per_unit(s.event, cpu_mhz)
@@ -226,6 +231,7 @@ def aggregate(samples: Iterable[Sample], traffic_pids: frozenset[int], cpu_mhz: 
         c = s.period * factors[s.event]
         agg.first_time = s.time if agg.first_time is None else min(agg.first_time, s.time)
         agg.last_time = s.time if agg.last_time is None else max(agg.last_time, s.time)
+        cpu_cycles[s.cpu] += c
         if counts(s, traffic_pids):
             cycles[s.leaf] += c
             names = [symbol_name(f) for f in s.frames]
@@ -241,7 +247,10 @@ def aggregate(samples: Iterable[Sample], traffic_pids: frozenset[int], cpu_mhz: 
             agg.excluded_cycles += c
             if s.pid == 0:
                 agg.idle_cycles += c
+                cpu_idle[s.cpu] += c
     agg.cycles = dict(cycles)
+    agg.cpu_cycles = dict(cpu_cycles)
+    agg.cpu_idle_cycles = {cpu: cpu_idle.get(cpu, 0.0) for cpu in cpu_cycles}
     agg.inclusive = dict(inclusive)
     agg.callers = {leaf: dict(by) for leaf, by in callers.items()}
     return agg
@@ -273,6 +282,7 @@ class BackendProfile:
     excluded_share: float  # of all samples' cycles: idle and other work on the machine
     idle_share: float  # of all samples' cycles: the idle task
     softirq_elsewhere_share: float  # of the counted cycles: network softirq run in other tasks
+    cpu_busy: dict[int, float] = field(default_factory=dict)  # CPU -> share of its samples not idle
     error: str | None = None
 
     @classmethod
@@ -306,6 +316,7 @@ def backend_profile(
         excluded_share=agg.excluded_cycles / all_cycles if all_cycles else 0.0,
         idle_share=agg.idle_cycles / all_cycles if all_cycles else 0.0,
         softirq_elsewhere_share=1 - agg.in_iperf3_cycles / agg.total if agg.total else 0.0,
+        cpu_busy={cpu: 1 - agg.cpu_idle_cycles.get(cpu, 0.0) / c for cpu, c in sorted(agg.cpu_cycles.items()) if c > 0},
     )
 
 
@@ -433,7 +444,17 @@ def _caller_cell(row: Row, profiles: Sequence[BackendProfile], depth: int) -> st
     return ""
 
 
-def render_markdown(profiles: Sequence[BackendProfile], meta: dict[str, str], top: int = TOP_ROWS) -> str:
+def _streams(n: int) -> str:
+    return f"{n} stream" + ("s" if n != 1 else "")
+
+
+def _cpus_busy(p: BackendProfile) -> str:
+    return ", ".join(f"{share:.0%}" for _, share in sorted(p.cpu_busy.items()))
+
+
+def render_markdown(
+    profiles: Sequence[BackendProfile], meta: dict[str, str], top: int = TOP_ROWS, streams: int = 1
+) -> str:
     names = column_order([p.name for p in profiles])
     ordered = sorted(profiles, key=lambda p: names.index(p.name))
     ok = [p for p in ordered if p.error is None]
@@ -441,17 +462,18 @@ def render_markdown(profiles: Sequence[BackendProfile], meta: dict[str, str], to
     diff_label = f"difference ({LABELS.get(SUBJECT, SUBJECT)} - {REFERENCE})"
     out = ["# Where the cycles go, per skb", ""]
     out += [f"- {k}: {v}" for k, v in meta.items()]
-    out += ["", "| backend | TCP 1 stream (Gbit/s) | skbs in the window | bytes per skb | perf window (s) |"
-            " idle (of all samples) | other tasks, left out | counted softirq that ran in other tasks |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    out += ["", f"| backend | TCP {_streams(streams)} (Gbit/s) | skbs in the window | bytes per skb | perf window (s) |"
+            " idle (of all samples) | other tasks, left out | counted softirq that ran in other tasks |"
+            " each CPU busy |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for p in ordered:
         if p.error is not None:
-            out.append(f"| {LABELS.get(p.name, p.name)} | failed: {p.error} | | | | | | |")
+            out.append(f"| {LABELS.get(p.name, p.name)} | failed: {p.error} | | | | | | | |")
             continue
         out.append(
             f"| {LABELS.get(p.name, p.name)} | {p.gbps:.2f} | {p.skbs:,.0f} | {p.bytes_per_skb:,.0f} | "
             f"{p.span_s:.2f} | {p.idle_share:.0%} | {p.excluded_share - p.idle_share:.0%} | "
-            f"{p.softirq_elsewhere_share:.0%} |"
+            f"{p.softirq_elsewhere_share:.0%} | {_cpus_busy(p)} |"
         )
     if not ok:
         return "\n".join(out) + "\n"
@@ -503,6 +525,7 @@ def report_json(profiles: Sequence[BackendProfile], meta: dict[str, str]) -> dic
 class ProfileOptions:
     backends: Sequence[str] = DEFAULT_BACKENDS
     seconds: int = DEFAULT_SECONDS
+    streams: int = 1
     out_dir: Path = DEFAULT_OUT_DIR
     stem: str | None = None
 
@@ -531,10 +554,17 @@ def _perf_script(data: Path, traffic_pids: frozenset[int], mhz: float) -> Aggreg
 
 
 def profile_backend(
-    lab: Lab, spec: BackendSpec, seconds: int, index: int, workdir: Path, mhz: float, say: Callable[[str], None]
+    lab: Lab,
+    spec: BackendSpec,
+    seconds: int,
+    streams: int,
+    index: int,
+    workdir: Path,
+    mhz: float,
+    say: Callable[[str], None],
 ) -> BackendProfile:
-    """Bring the backend up (the bench's way), one TCP stream under `perf record -a -g`, and the cycles per
-    skb of every leaf symbol. The perf data file is deleted before returning."""
+    """Bring the backend up (the bench's way), `streams` TCP streams under `perf record -a -g`, and the
+    cycles per skb of every leaf symbol. The perf data file is deleted before returning."""
     endpoints: Endpoints = _bring_up(lab, spec, DEFAULT_DURATIONS, index, say)
     if spec.backend_type == "udp":
         _wait_for_ebpf_delivery(lab, DEFAULT_DURATIONS.ping_ready_timeout, say)
@@ -544,7 +574,7 @@ def profile_backend(
     try:
         assert server.proc is not None
         argv = [*NICE, "iperf3", "-c", endpoints.server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
-                "--connect-timeout", "3000"]  # fmt: skip
+                "-P", str(streams), "--connect-timeout", "3000"]  # fmt: skip
         client = endpoints.client.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             time.sleep(RAMP_UP_SECONDS)
@@ -566,7 +596,7 @@ def profile_backend(
         pids = frozenset({client.pid, server.proc.pid})
     finally:
         server.stop()
-    say(f"TCP 1 stream {gbps:.2f} Gbit/s; {p1 - p0:,} skbs in {t1 - t0:.2f} s; reading the profile")
+    say(f"TCP {_streams(streams)} {gbps:.2f} Gbit/s; {p1 - p0:,} skbs in {t1 - t0:.2f} s; reading the profile")
     try:
         agg = _perf_script(data, pids, mhz)
     finally:
@@ -598,7 +628,7 @@ def run_profile(options: ProfileOptions, say: Callable[[str], None] | None = Non
                 say(f"{tag}: {message}")
 
             try:
-                profiles.append(profile_backend(lab, spec, seconds, index, workdir, mhz, say_tagged))
+                profiles.append(profile_backend(lab, spec, seconds, options.streams, index, workdir, mhz, say_tagged))
             except Exception as e:  # one backend failing keeps the others
                 say_tagged(f"FAILED: {_one_line(e)}")
                 logger.debug("{} failed", name, exc_info=True)
@@ -615,7 +645,8 @@ def run_profile(options: ProfileOptions, say: Callable[[str], None] | None = Non
         "cpus": str(os.cpu_count()),
         "lab": "make bench's: 2 hosts (namespaces) on a veth underlay (MTU 1500), one container each on docker0, "
         "default agent flags",
-        "load": f"iperf3 TCP, 1 stream, container h1 -> container h2, {seconds:g} s; everything at nice 19",
+        "load": f"iperf3 TCP, {_streams(options.streams)}, container h1 -> container h2, {seconds:g} s; "
+        "everything at nice 19",
         "perf": f"`perf record -a -g` for {seconds - RAMP_UP_SECONDS - TAIL_SECONDS:g} s from {RAMP_UP_SECONDS:g} s "
         f"into the run; event {', '.join(events) or '?'}"
         + (f" (no PMU: ns turned into cycles at {mhz:g} MHz)" if "cpu-clock" in events else ""),
@@ -630,7 +661,7 @@ def run_profile(options: ProfileOptions, say: Callable[[str], None] | None = Non
         meta["notes"] = " | ".join(notes)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     md, js = options.out_dir / f"{stem}.md", options.out_dir / f"{stem}.json"
-    md.write_text(render_markdown(profiles, meta))
+    md.write_text(render_markdown(profiles, meta, streams=options.streams))
     js.write_text(json.dumps(report_json(profiles, meta), indent=2) + "\n")
     say(f"written: {md}, {js}")
     return md, js
@@ -642,13 +673,16 @@ def run_profile(options: ProfileOptions, say: Callable[[str], None] | None = Non
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flannel_ebpf.bench.profile",
-        description="perf profile of one TCP stream per backend, cycles per skb side by side (needs root).",
+        description="perf profile of TCP container to container per backend, cycles per skb side by side (needs root).",
     )
     parser.add_argument(
         "--backends", default=",".join(DEFAULT_BACKENDS), help="comma-separated (udp = udp-ebpf; default: %(default)s)"
     )
     parser.add_argument(
         "--seconds", type=int, default=DEFAULT_SECONDS, help=f"the iperf3 run per backend (at most {MAX_SECONDS:g})"
+    )
+    parser.add_argument(
+        "--streams", type=int, default=1, help=f"parallel TCP streams (iperf3 -P, 1 to {MAX_STREAMS}; default 1)"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="output directory (%(default)s)")
     parser.add_argument("--stem", default=None, help="file name stem (default profile-<UTC timestamp>)")
@@ -663,13 +697,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown backends {bad}; choose among udp, {', '.join(n for n, s in SPECS.items() if s.overlay)}")
     if not 3 <= args.seconds <= MAX_SECONDS:
         parser.error(f"--seconds must be between 3 and {MAX_SECONDS:g}")
+    if not 1 <= args.streams <= MAX_STREAMS:
+        parser.error(f"--streams must be between 1 and {MAX_STREAMS}")
     if os.geteuid() != 0:
         parser.error("the profile needs root (network namespaces, perf -a)")
     for tool in (PERF, "iperf3"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (Debian: apt-get install linux-perf iperf3)")
     os.nice(19)  # the lab, the agents and the iperf3 server inherit it; the measured commands say it again
-    md, _ = run_profile(ProfileOptions(backends, args.seconds, args.out, args.stem))
+    md, _ = run_profile(ProfileOptions(backends, args.seconds, args.streams, args.out, args.stem))
     print(md.read_text())
     return 0
 
