@@ -42,9 +42,11 @@ bench-quick: setup bpf
 	$(PY) -m flannel_ebpf.bench --quick
 
 # perf record -a -g of one TCP stream per backend (host-gw, udp eBPF, vxlan): self cycles per skb of each
-# kernel function side by side (bench/results/profile-*.{md,json}); PROFILE_SECONDS= shortens the runs.
+# kernel function side by side (bench/results/profile-*.{md,json}); PROFILE_SECONDS= shortens the runs,
+# PROFILE_STREAMS= runs that many streams.
 bench-profile: setup bpf
-	nice -n 19 $(PY) -m flannel_ebpf.bench.profile $(if $(PROFILE_SECONDS),--seconds $(PROFILE_SECONDS))
+	nice -n 19 $(PY) -m flannel_ebpf.bench.profile $(if $(PROFILE_SECONDS),--seconds $(PROFILE_SECONDS)) \
+		$(if $(PROFILE_STREAMS),--streams $(PROFILE_STREAMS))
 
 # 10,000 flanneld-format leases in a real etcd, one agent per backend: start to ready, listing, sync,
 # a 1,000-lease burst, a periodic relist, event-loop stalls, memory (bench/results/scale-*.md).
