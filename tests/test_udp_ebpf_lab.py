@@ -124,8 +124,9 @@ def test_agent_kill_9_under_flood_loses_nothing_and_restart_adopts(lab_factory, 
 @pytest.mark.parametrize("topology", ["flat", "routed"])
 def test_packets_that_wait_for_the_underlays_arp_are_all_delivered(lab_factory, topology):
     """The default encapsulation (on flannel0) towards a peer on the same segment and one behind the router:
-    each round starts with h1's neighbour table on the underlay flushed, so the first packets wait in the
-    kernel's queue for ARP (to the peer, or to the router) and are sent from there; none may be lost."""
+    each round starts with h1's neighbour entry for the next hop (the peer, or the router; nothing else of h1's
+    goes there) deleted, so the first packets wait in the kernel's queue for ARP and are sent from there;
+    none may be lost."""
     routed = topology == "routed"
     lab = bring_up(lab_factory, "tc", hosts=3 if routed else 2, topology=topology,
                    segments=["a", "a", "b"] if routed else None)  # fmt: skip
@@ -134,7 +135,7 @@ def test_packets_that_wait_for_the_underlays_arp_are_all_delivered(lab_factory, 
     next_hop = route.get("gateway", route["dst"])
     assert (next_hop != route["dst"]) == routed, route
     for round_no in range(3):
-        lab.exec("h1", ["ip", "neigh", "del", next_hop, "dev", "eth0"], check=False)  # absent after a loss
+        lab.exec("h1", ["ip", "neigh", "del", next_hop, "dev", "eth0"], check=False)  # may have aged out
         assert lab.exec("h1", ["ip", "neigh", "show", next_hop, "dev", "eth0"]).stdout.strip() == ""
         r = count_flood(lab.node(h1c), str(target.ip), 50, deadline=20)
         assert (r.sent, r.received) == (50, 50), (round_no, next_hop, r)
