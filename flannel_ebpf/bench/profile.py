@@ -189,10 +189,9 @@ class Aggregate:
     counted_samples: int = 0
     excluded_samples: int = 0
     excluded_cycles: float = 0.0
-    idle_cycles: float = 0.0  # of the excluded: the idle task outside softirq
     in_iperf3_cycles: float = 0.0  # counted in the iperf3 processes (the rest: softirq in other tasks)
     cpu_cycles: dict[int, float] = field(default_factory=dict)  # CPU -> cycles of all its samples
-    cpu_idle_cycles: dict[int, float] = field(default_factory=dict)  # CPU -> of those, the idle task's
+    cpu_idle_cycles: dict[int, float] = field(default_factory=dict)  # CPU -> the idle task's, outside softirq
     first_time: float | None = None
     last_time: float | None = None
     event: str = ""
@@ -200,6 +199,11 @@ class Aggregate:
     @property
     def total(self) -> float:
         return sum(self.cycles.values())
+
+    @property
+    def idle_cycles(self) -> float:
+        """Of the excluded: the idle task outside softirq, on every CPU."""
+        return sum(self.cpu_idle_cycles.values())
 
     @property
     def span(self) -> float:
@@ -246,7 +250,6 @@ def aggregate(samples: Iterable[Sample], traffic_pids: frozenset[int], cpu_mhz: 
             agg.excluded_samples += 1
             agg.excluded_cycles += c
             if s.pid == 0:
-                agg.idle_cycles += c
                 cpu_idle[s.cpu] += c
     agg.cycles = dict(cycles)
     agg.cpu_cycles = dict(cpu_cycles)
