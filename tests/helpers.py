@@ -14,6 +14,12 @@ from flannel_ebpf.datapath import bpfsys, layout
 _LOG_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ")
 
 
+def backends_from_env(variable: str, default: str = "udp") -> list[str]:
+    """The backends a long lab test runs on: `make test` keeps CI's time bounded with the default, the
+    comma-separated variable adds more."""
+    return [b for b in os.environ.get(variable, default).split(",") if b]
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
     """Poll until `predicate()` is true; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 
 from flannel_ebpf.bench.soak import Soak, render, write_report
+from tests.helpers import backends_from_env
 
 pytestmark = pytest.mark.lab
 
 SEED = 28
 MINUTES = 3.0
 CHECK_EVERY = 30.0
-BACKENDS = [b for b in os.environ.get("FLANNEL_EBPF_SOAK_BACKENDS", "udp").split(",") if b]
+BACKENDS = backends_from_env("FLANNEL_EBPF_SOAK_BACKENDS")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -28,7 +28,6 @@ The measured numbers (per pair, per step) are printed in one table per backend.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -38,7 +37,7 @@ import pytest
 from flannel_ebpf.lab.netns import stop_process
 from flannel_ebpf.lab.traffic import PairFloods
 from tests.flanneld_helpers import NETWORK, subnet_of
-from tests.helpers import logged_at, wait_for
+from tests.helpers import backends_from_env, logged_at, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -231,7 +230,7 @@ ROLL_INTERVAL = 0.05  # 20 probes a second per pair, 30 pairs: the load a 2-core
 ROLL_COUNT = 200  # >= 10 s per step
 # udp eBPF, the path whose takeover overlaps flanneld's, in `make test` (CI's time is bounded: each backend
 # takes about 1.6 minutes); FLANNEL_EBPF_ROLL_BACKENDS=udp,vxlan adds vxlan.
-ROLL_BACKENDS = [b for b in os.environ.get("FLANNEL_EBPF_ROLL_BACKENDS", "udp").split(",") if b]
+ROLL_BACKENDS = backends_from_env("FLANNEL_EBPF_ROLL_BACKENDS")
 
 
 def step_table(steps: list[tuple[str, dict[str, int]]], labels: list[str]) -> str:
