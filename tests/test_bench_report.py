@@ -86,6 +86,9 @@ def test_missing_backends_and_failed_baselines_never_crash(tmp_path: Path) -> No
     assert all(v is None for per in table.values() for v in per.values())
     markdown = render_markdown(rows, META)
     assert "No ratios: vxlan has no result" in markdown and "No ratios: udp-tun has no result" in markdown
+    status = {line.split(" | ")[0]: line.rsplit(" | ", 1)[1] for line in markdown.splitlines() if line.startswith("| ")}
+    assert status["| host-gw (no encapsulation)"] == "not run |"  # not asked for, not a failure
+    assert status["| kernel vxlan"] == "failed: no vxlan module |"
     files = write_report(rows, META, tmp_path)
     assert files.png is not None and files.png.exists()
     json.loads(files.json.read_text())  # valid JSON, no NaN

@@ -43,6 +43,8 @@ BACKEND_LABELS: dict[str, str] = {
     "none": "no overlay",
 }
 VXLAN, TUN = "vxlan", "udp-tun"
+#: the error of a backend this run was not asked to measure (`--backends`): listed, but not as a failure
+NOT_RUN = "not run"
 SCHEMA_VERSION = 1
 
 
@@ -171,7 +173,7 @@ def normalize(results: ResultsInput) -> list[BackendResult]:
         else:
             result = BackendResult(name="?", error=f"unreadable result: {item!r}")
         by_name[result.name] = result
-    ordered = [by_name.pop(name, BackendResult(name=name, error="not run")) for name in BACKENDS]
+    ordered = [by_name.pop(name, BackendResult(name=name, error=NOT_RUN)) for name in BACKENDS]
     return ordered + list(by_name.values())  # backends this module does not know, after the known ones
 
 
@@ -249,7 +251,7 @@ def render_markdown(results: ResultsInput, meta: RunMetadata) -> str:
     ]
     for r in rows:
         cells = [_cell(r.value(m.key), m.decimals) for m in METRICS]
-        status = "ok" if r.ok else f"failed: {_escape(r.error or '')}"
+        status = "ok" if r.ok else NOT_RUN if r.error == NOT_RUN else f"failed: {_escape(r.error or '')}"
         lines.append(f"| {_label(r.name)} | " + " | ".join(cells) + f" | {status} |")
     for baseline, title in ((VXLAN, "kernel vxlan"), (TUN, "the userspace TUN udp path (udp-tun)")):
         table = ratios(rows, baseline)
