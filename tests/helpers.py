@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -18,6 +20,14 @@ def backends_from_env(variable: str, default: str = "udp") -> list[str]:
     """The backends a long lab test runs on: `make test` keeps CI's time bounded with the default, the
     comma-separated variable adds more."""
     return [b for b in os.environ.get(variable, default).split(",") if b]
+
+
+def close_pipes(proc: subprocess.Popen[Any]) -> None:
+    """Close an ended child's pipes: each is an open file of the test process until collected."""
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:

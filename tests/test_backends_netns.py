@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import close_pipes
+
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
@@ -138,6 +140,7 @@ class Lab:
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=5)
+            close_pipes(p)
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
         leftovers = [n for n in sh("ip", "netns", "list").stdout.split() if n.startswith(self.prefix)]
@@ -199,6 +202,7 @@ class Driver:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=5)
+        close_pipes(self.proc)
         self.errors.close()
 
 

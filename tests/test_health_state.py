@@ -18,6 +18,7 @@ import pytest
 from flannel_ebpf import state as state_file
 from flannel_ebpf.cli import agent_options, build_parser, main
 from flannel_ebpf.lab.agent import cli_env
+from tests.helpers import close_pipes
 
 
 def ready_state(state_dir: Path, **fields: object) -> state_file.AgentState:
@@ -167,4 +168,5 @@ def test_one_lock_holder_at_a_time_and_none_after_a_crash(tmp_path: Path) -> Non
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+        close_pipes(holder)
     state_file.InstanceLock.acquire(str(tmp_path)).release()

@@ -98,7 +98,8 @@ def test_config_acquire_renew_as_a_v05_client_sends_them(etcd, prefix):
             async with http.put(f"{base}/leases/{key}", json=thief) as r:
                 assert r.status == 409 and "held by 192.168.60.7" in await r.text()
             assert "192.168.60.7" in etcd.ctl("get", "--print-value-only", f"{prefix}/subnets/{key}")
-            async with http.put(f"{base}/leases/{key}", json={**lease, "Subnet": "10.5.3.0/24"}) as r:
+            other = next(s for s in ("10.5.3.0/24", "10.5.4.0/24") if s != lease["Subnet"])  # not the URL's
+            async with http.put(f"{base}/leases/{key}", json={**lease, "Subnet": other}) as r:
                 assert r.status == 400
             async with http.put(f"{base}/leases/10.6.0.0-24", json={**lease, "Subnet": "10.6.0.0/24"}) as r:
                 assert r.status == 400 and "does not fit" in await r.text()
@@ -178,7 +179,7 @@ def test_lease_manager_over_the_remote_registry(etcd, prefix):
             a, b = manager(A), manager(B)
             lease_a = await a.acquire(IPv4Network("10.5.77.0/24"))
             assert lease_a.subnet == IPv4Network("10.5.77.0/24") and lease_a.expiration is not None
-            lease_b = await b.acquire()
+            lease_b = await b.acquire(IPv4Network("10.5.78.0/24"))  # never the fixed 10.5.90.0/24 below
             sink = RecordingSink()
             async with running(a.run_watch(sink), a.run_maintenance()):
                 await eventually(lambda: lease_b.subnet in sink.peers, what="peer B listed")

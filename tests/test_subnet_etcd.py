@@ -20,6 +20,9 @@ from flannel_ebpf.subnet.registry import SubnetRegistry
 CONFIG = parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}')
 A = LeaseAttrs(IPv4Address("192.168.50.1"), "host-gw")
 B = LeaseAttrs(IPv4Address("192.168.50.2"), "host-gw")
+# A manager's own subnet, as from a subnet file, where a test then creates peers on fixed subnets: a random
+# pick (among the first 100 free) would be one of them once in a hundred runs, and that create would fail.
+OWN = IPv4Network("10.5.250.0/24")
 
 
 @pytest.fixture
@@ -84,9 +87,7 @@ async def running(*coros):
 async def watching(etcd, prefix):
     """A manager holding a lease, its watch running into a RecordingSink, past the first listing."""
     m = manager(etcd, prefix)
-    # A fixed subnet of its own, as from a subnet file: a random one (among the first 100 free) would be
-    # one of the tests' fixed peer subnets once in a hundred runs, and that peer's create would fail.
-    await m.acquire(IPv4Network("10.5.250.0/24"))
+    await m.acquire(OWN)
     sink = RecordingSink()
     async with running(m.run_watch(sink)):
         await eventually(lambda: sink.calls, what="initial sync")
@@ -228,7 +229,7 @@ def test_watch_resumes_after_compaction_by_relisting(etcd, prefix):
             CONFIG, A, registry(etcd, prefix), SubnetRegistry([proxy.endpoint], prefix),
             LeaseOptions(check_interval=0.5, retry_interval=0.1),
         )  # fmt: skip
-        await m.acquire()
+        await m.acquire(OWN)
         sink = RecordingSink()
         async with running(m.run_watch(sink)):
             await eventually(lambda: set(sink.peers) == {gone.subnet}, what="initial sync")
@@ -252,7 +253,7 @@ def test_watch_resumes_after_compaction_by_relisting(etcd, prefix):
 def test_duplicate_public_ip_is_never_a_peer(etcd, prefix):
     async def body():
         m = manager(etcd, prefix)
-        await m.acquire()
+        await m.acquire(OWN)
         await registry(etcd, prefix).create_lease(IPv4Network("10.5.88.0/24"), A, 60)  # same PublicIP as us
         sink = RecordingSink()
         async with running(m.run_watch(sink)):

@@ -28,7 +28,8 @@ from flannel_ebpf.subnet.etcd_v2_store import (
 )
 from flannel_ebpf.subnet.lease import LeaseAttrs
 from flannel_ebpf.subnet.manager import LeaseManager, LeaseOptions
-from tests.test_subnet_etcd import RecordingSink, eventually, run, running
+from tests.test_subnet_etcd import OWN, RecordingSink, eventually, running
+from tests.test_subnet_etcd import run as run_with_timeout
 
 CONFIG = parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}', "v0.5")
 A = LeaseAttrs(IPv4Address("192.168.50.1"), "host-gw")
@@ -62,8 +63,26 @@ def v2(etcd, method: str, key: str, **params: str) -> dict:
         return json.loads(e.read())
 
 
-def registry(etcd, prefix, **kw) -> EtcdV2Registry:
-    return EtcdV2Registry([etcd.endpoint], prefix, **kw)
+_opened: list[EtcdV2Registry] = []
+
+
+def registry(etcd, prefix, endpoint: str = "", **kw) -> EtcdV2Registry:
+    reg = EtcdV2Registry([endpoint or etcd.endpoint], prefix, **kw)
+    _opened.append(reg)
+    return reg
+
+
+def run(coro):
+    """The test's coroutine, then every registry() it made closed (no HTTP session left open)."""
+
+    async def closing():
+        try:
+            return await coro
+        finally:
+            while _opened:
+                await _opened.pop().close()
+
+    return run_with_timeout(closing())
 
 
 def manager(etcd, prefix, attrs=A, **opts) -> LeaseManager:
@@ -216,10 +235,10 @@ def test_watch_relists_when_its_index_was_cleared_from_etcd_history(etcd2, prefi
         reg = registry(etcd2, prefix)
         gone = await reg.create_lease(IPv4Network("10.5.50.0/24"), B, 60)
         m = LeaseManager(
-            CONFIG, A, registry(etcd2, prefix), EtcdV2Registry([proxy.endpoint], prefix, watch_poll=1.0),
+            CONFIG, A, registry(etcd2, prefix), registry(etcd2, prefix, proxy.endpoint, watch_poll=1.0),
             LeaseOptions(check_interval=0.5, retry_interval=0.1),
         )  # fmt: skip
-        await m.acquire()
+        await m.acquire(OWN)
         sink = RecordingSink()
         async with running(m.run_watch(sink)):
             await eventually(lambda: set(sink.peers) == {gone.subnet}, what="initial sync")

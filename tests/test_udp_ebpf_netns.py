@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from flannel_ebpf.lab.netns import Netns
-from tests.helpers import wait_for
+from tests.helpers import close_pipes, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 NETWORK = "10.50.0.0/16"
@@ -131,6 +131,7 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        close_pipes(self.proc)
 
 
 @dataclass

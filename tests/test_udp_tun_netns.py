@@ -37,7 +37,7 @@ from flannel_ebpf.backends.udp.tun_proxy import (
     decrement_ttl,
     internet_checksum,
 )
-from tests.helpers import wait_for
+from tests.helpers import close_pipes, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -352,6 +352,7 @@ class Lab:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            close_pipes(proc)
         for pid in self.proxy_pids:  # forwarding processes the runners started, should any outlive them
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b""

@@ -20,7 +20,7 @@ from flannel_ebpf.lab.faults import CuttableProxy
 from flannel_ebpf.subnet.lease import LeaseAttrs
 from flannel_ebpf.subnet.manager import Backoff, LeaseManager, LeaseOptions
 from flannel_ebpf.subnet.registry import SubnetRegistry, WatchCanceled
-from tests.test_subnet_etcd import CONFIG, A, RecordingSink, eventually, registry, run, running
+from tests.test_subnet_etcd import CONFIG, OWN, A, RecordingSink, eventually, registry, run, running
 
 PEER = LeaseAttrs(IPv4Address("192.168.50.7"), "host-gw")
 NET1, NET2, NET3 = (IPv4Network(f"10.5.{i}.0/24") for i in (61, 62, 63))
@@ -86,7 +86,7 @@ def test_silent_watch_stream_is_noticed_and_resumed(etcd, prefix, logs):
         await proxy.start()
         watcher = SubnetRegistry([proxy.endpoint], prefix, timeout=1.0, watch_idle=0.3, watch_progress_timeout=0.5)
         m = LeaseManager(CONFIG, A, registry(etcd, prefix), watcher, options())
-        await m.acquire()
+        await m.acquire(OWN)
         sink = RecordingSink()
         try:
             async with running(m.run_watch(sink)):
@@ -160,7 +160,7 @@ def test_watch_canceled_by_etcd_is_noticed_and_relisted(short_token_etcd, prefix
         await bare.close()
 
         m = LeaseManager(CONFIG, A, reg(), reg(IdleBeforeFirstWatch), options())
-        await m.acquire()
+        await m.acquire(OWN)
         sink = RecordingSink()
         async with running(m.run_watch(sink)):
             await eventually(lambda: sink.calls, what="initial sync")
@@ -178,7 +178,7 @@ def test_watch_canceled_by_etcd_is_noticed_and_relisted(short_token_etcd, prefix
 def test_periodic_relist_reconciles_what_the_watch_got_wrong(etcd, prefix, logs):
     async def body():
         m = LeaseManager(CONFIG, A, registry(etcd, prefix), registry(etcd, prefix), options(relist_interval=0.5))
-        await m.acquire()
+        await m.acquire(OWN)
         real = await registry(etcd, prefix).create_lease(NET1, PEER, 60)
         sink = RecordingSink()
         async with running(m.run_watch(sink)):
@@ -212,7 +212,7 @@ def test_recovery_after_an_outage_takes_one_bounded_backoff(etcd, prefix):
 
     async def body():
         m = LeaseManager(CONFIG, A, registry(etcd, prefix), registry(etcd, prefix), options())
-        await m.acquire()
+        await m.acquire(OWN)
         sink = RecordingSink()
         async with running(m.run_watch(sink), m.run_maintenance()):
             await eventually(lambda: sink.calls, what="initial sync")

@@ -551,7 +551,8 @@ class Lab:
         return SubnetEnv.read(path) if path.exists() else None
 
     def write_subnet_env(self, host: Host | str, network: str, subnet: str, mtu: int = 1500) -> SubnetEnv:
-        """A hand-written subnet file, for tests that run without an agent."""
+        """A hand-written subnet file: for tests that run without an agent, or the subnet an agent is to
+        take (it reuses the subnet file's as its previous one when that is free)."""
         path = self.host(host).subnet_file
         path.write_text(SubnetEnv.render(network, subnet, mtu))
         return SubnetEnv.read(path)
