@@ -18,7 +18,6 @@ import pytest
 from flannel_ebpf import state as state_file
 from flannel_ebpf.cli import agent_options, build_parser, main
 from flannel_ebpf.lab.agent import cli_env
-from tests.helpers import close_pipes
 
 
 def ready_state(state_dir: Path, **fields: object) -> state_file.AgentState:
@@ -155,18 +154,16 @@ def test_one_lock_holder_at_a_time_and_none_after_a_crash(tmp_path: Path) -> Non
         assert r.returncode == 3 and f"pid {os.getpid()}" in r.stdout, (r.stdout, r.stderr)
     # Released: taken again. A holder killed with SIGKILL leaves no stale lock.
     state_file.InstanceLock.acquire(str(tmp_path)).release()
-    holder = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from flannel_ebpf import state\n"
          "lock = state.InstanceLock.acquire(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
          str(tmp_path)],
         stdout=subprocess.PIPE, text=True, env=cli_env(),
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(state_file.AlreadyRunning, match=f"pid {holder.pid}"):
-            state_file.InstanceLock.acquire(str(tmp_path))
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-        close_pipes(holder)
+    ) as holder:  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+            with pytest.raises(state_file.AlreadyRunning, match=f"pid {holder.pid}"):
+                state_file.InstanceLock.acquire(str(tmp_path))
+        finally:
+            holder.send_signal(signal.SIGKILL)  # the with's exit waits for it and closes its pipe
     state_file.InstanceLock.acquire(str(tmp_path)).release()

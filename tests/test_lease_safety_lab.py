@@ -117,10 +117,7 @@ def test_watch_relists_after_compaction_while_cut_off(lab_factory):
         # ... and meanwhile h3 leaves for good and comes back with a new subnet, and etcd compacts its history.
         assert lab.stop_agent("h3") == 0
         assert lab.agent_down("h3", ["--release-lease"]).ok
-        # A random pick (among the first 100 free) could be the one just released: the subnet file names it.
-        taken = {old_h3, subnet_of(lab, "h1"), subnet_of(lab, "h2")}
-        new_h3 = next(s for s in (f"10.5.{i}.0/24" for i in range(200, 204)) if s not in taken)
-        lab.write_subnet_env("h3", HOSTGW["Network"], new_h3.replace(".0/24", ".1/24"))
+        new_h3 = lab.pin_subnet("h3", HOSTGW["Network"], {old_h3, subnet_of(lab, "h1"), subnet_of(lab, "h2")})
         lab.start_agent("h3", FAST)
         lab.wait_ready("h3", 30)
         assert subnet_of(lab, "h3") == new_h3

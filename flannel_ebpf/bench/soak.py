@@ -478,11 +478,9 @@ class Soak:
     def _do_host_add(self, event: Event) -> str:
         h = event.target
         self.lab.add_host(h)
-        # Its subnet named in its subnet file (the agent takes it as its previous one): a random pick could be
-        # the removed host's, and everything of the new host on it would count as left of the removed one.
+        # Not the removed host's subnet: everything of the new host on it would count as left of the removed one.
         held = {self._subnet(o) for o in self.live} | {self.report.removed.subnet if self.report.removed else ""}
-        subnet = next(s for s in (f"10.5.{i}.0/24" for i in range(200, 256)) if s not in held)
-        self.lab.write_subnet_env(h, NETWORK, subnet.replace(".0/24", ".1/24"))
+        self.lab.pin_subnet(h, NETWORK, held)
         self.lab.start_agent(h, list(AGENT_FLAGS))
         self._track_pid(h)
         self.lab.wait_ready(h, 90)

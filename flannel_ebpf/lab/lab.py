@@ -24,9 +24,9 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -551,11 +551,19 @@ class Lab:
         return SubnetEnv.read(path) if path.exists() else None
 
     def write_subnet_env(self, host: Host | str, network: str, subnet: str, mtu: int = 1500) -> SubnetEnv:
-        """A hand-written subnet file: for tests that run without an agent, or the subnet an agent is to
-        take (it reuses the subnet file's as its previous one when that is free)."""
+        """A hand-written subnet file, for tests that run without an agent."""
         path = self.host(host).subnet_file
         path.write_text(SubnetEnv.render(network, subnet, mtu))
         return SubnetEnv.read(path)
+
+    def pin_subnet(self, host: Host | str, network: str, avoid: Iterable[str]) -> str:
+        """The /24 the host's next agent takes, named in its subnet file (it reuses that one when free):
+        the last of `network` not in `avoid`. An agent's own pick, at random among the first 100 free
+        subnets, could be one just released."""
+        avoided = set(avoid)
+        subnet = next(s for s in reversed(list(IPv4Network(network).subnets(new_prefix=24))) if str(s) not in avoided)
+        self.write_subnet_env(host, network, f"{subnet.network_address + 1}/24")
+        return str(subnet)
 
     # ---------------------------------------------------------------- containers
 
